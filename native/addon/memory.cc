@@ -1,0 +1,158 @@
+// mmap-backed Buffers and the batch copy of dirty runs.
+//
+// Buffers made here point at memory the addon mapped; their finalizer
+// munmaps. releaseMapping() drops the underlying file/memory early without
+// leaving a dangling Buffer: the range is replaced in place by an anonymous
+// read-only mapping of zeros (reads give 0, nothing is held), and the
+// finalizer later unmaps that.
+#include "common.h"
+
+#include <sys/mman.h>
+
+#include <mutex>
+#include <unordered_map>
+
+namespace hydra {
+namespace {
+
+std::mutex g_lock;
+std::unordered_map<uintptr_t, size_t> g_maps;  // address -> mapped length
+
+void Track(void *p, size_t len) {
+  std::lock_guard<std::mutex> l(g_lock);
+  g_maps[(uintptr_t)p] = len;
+}
+
+void Unmap(Napi::Env, uint8_t *p) {
+  size_t len = 0;
+  {
+    std::lock_guard<std::mutex> l(g_lock);
+    auto it = g_maps.find((uintptr_t)p);
+    if (it == g_maps.end()) return;
+    len = it->second;
+    g_maps.erase(it);
+  }
+  munmap(p, len);
+}
+
+uint64_t RoundUp(uint64_t v) { return (v + PageSize() - 1) & ~(PageSize() - 1); }
+
+Napi::Buffer<uint8_t> Wrap(Napi::Env env, void *p, size_t len, size_t mapped) {
+  Track(p, mapped);
+  return Napi::Buffer<uint8_t>::New(env, (uint8_t *)p, len, Unmap);
+}
+
+// mmapFile(fd, len, offset, writable=false) -> Buffer over a MAP_SHARED mapping.
+Napi::Value MmapFile(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  uint64_t len = ArgU64(info, 1, "len");
+  uint64_t off = ArgU64(info, 2, "offset");
+  bool writable = info.Length() > 3 && info[3].ToBoolean().Value();
+  if (len == 0 || off & (PageSize() - 1)) ThrowType(env, "len must be > 0 and offset page aligned");
+  size_t mapped = RoundUp(len);
+  void *p = mmap(nullptr, mapped, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, (off_t)off);
+  if (p == MAP_FAILED) ThrowErrno(env, "mmap", errno);
+  return Wrap(env, p, len, mapped);
+}
+
+// allocStaging(bytes) -> Buffer of private anonymous memory, pre-faulted with
+// MAP_POPULATE so the first checkpoint pause does not take the page faults.
+Napi::Value AllocStaging(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  uint64_t len = ArgU64(info, 0, "bytes");
+  if (len == 0) ThrowType(env, "bytes must be > 0");
+  size_t mapped = RoundUp(len);
+  void *p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  if (p == MAP_FAILED) ThrowErrno(env, "mmap(MAP_POPULATE)", errno);
+  return Wrap(env, p, len, mapped);
+}
+
+// releaseMapping(buf) -> true if buf was an addon mapping and is now released.
+Napi::Value ReleaseMapping(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  Napi::Buffer<uint8_t> b = ArgBuffer(info, 0, "buffer");
+  size_t len = 0;
+  {
+    std::lock_guard<std::mutex> l(g_lock);
+    auto it = g_maps.find((uintptr_t)b.Data());
+    if (it == g_maps.end()) return Napi::Boolean::New(env, false);
+    len = it->second;
+  }
+  void *p = mmap(b.Data(), len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) ThrowErrno(env, "mmap(MAP_FIXED) to release a mapping", errno);
+  return Napi::Boolean::New(env, true);
+}
+
+// copyRuns(src, runs: Float64Array [offset, length]*, dst, dstOffset=0) -> bytes
+// Copies each run of src, in order, contiguously into dst from dstOffset.
+// All bounds are checked before the first byte moves.
+Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  Napi::Buffer<uint8_t> src = ArgBuffer(info, 0, "src");
+  if (info.Length() < 2 || !info[1].IsTypedArray() ||
+      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    ThrowType(env, "runs must be a Float64Array of [offset, length] pairs");
+  Napi::Float64Array runs = info[1].As<Napi::Float64Array>();
+  Napi::Buffer<uint8_t> dst = ArgBuffer(info, 2, "dst");
+  uint64_t dstOff = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "dstOffset") : 0;
+  size_t n = runs.ElementLength();
+  if (n % 2) ThrowType(env, "runs must hold [offset, length] pairs");
+  const double *r = runs.Data();
+  uint64_t total = 0;
+  for (size_t i = 0; i < n; i += 2) {
+    double o = r[i], l = r[i + 1];
+    if (!(o >= 0) || !(l >= 0) || o != (double)(uint64_t)o || l != (double)(uint64_t)l)
+      ThrowType(env, "run offsets/lengths must be non-negative integers");
+    if ((uint64_t)o > src.Length() || (uint64_t)l > src.Length() - (uint64_t)o)
+      ThrowType(env, "run [" + std::to_string((uint64_t)o) + ", +" + std::to_string((uint64_t)l) + ") is outside src");
+    total += (uint64_t)l;
+  }
+  if (dstOff > dst.Length() || total > dst.Length() - dstOff)
+    ThrowType(env, "dst too small: needs " + std::to_string(total) + " bytes from offset " + std::to_string(dstOff) +
+                       ", has " + std::to_string(dst.Length()));
+  uint8_t *d = dst.Data() + dstOff;
+  const uint8_t *s = src.Data();
+  for (size_t i = 0; i < n; i += 2) {
+    size_t o = (size_t)r[i], l = (size_t)r[i + 1];
+    memcpy(d, s + o, l);
+    d += l;
+  }
+  return Napi::Number::New(env, (double)total);
+}
+
+// lseek(fd, offset, whence) with whence "data" | "hole" -> offset, or -1 when
+// there is no data at or after offset (ENXIO). Finds populated runs of a memfd.
+Napi::Value Lseek(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  uint64_t off = ArgU64(info, 1, "offset");
+  std::string w = info.Length() > 2 && info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "";
+  int whence = w == "data" ? SEEK_DATA : w == "hole" ? SEEK_HOLE : -1;
+  if (whence < 0) ThrowType(env, "whence must be \"data\" or \"hole\"");
+  off_t r = lseek(fd, (off_t)off, whence);
+  if (r < 0) {
+    if (errno == ENXIO) return Napi::Number::New(env, -1);
+    ThrowErrno(env, whence == SEEK_DATA ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)", errno);
+  }
+  return Napi::Number::New(env, (double)r);
+}
+
+// Address of a Buffer's first byte (diagnostics and tests).
+Napi::Value BufferAddress(const Napi::CallbackInfo &info) {
+  Napi::Buffer<uint8_t> b = ArgBuffer(info, 0, "buffer");
+  return Napi::Number::New(info.Env(), (double)(uintptr_t)b.Data());
+}
+
+}  // namespace
+
+void InitMemory(Napi::Env env, Napi::Object exports) {
+  exports.Set("mmapFile", Napi::Function::New(env, MmapFile));
+  exports.Set("allocStaging", Napi::Function::New(env, AllocStaging));
+  exports.Set("releaseMapping", Napi::Function::New(env, ReleaseMapping));
+  exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
+  exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("bufferAddress", Napi::Function::New(env, BufferAddress));
+}
+
+}  // namespace hydra

@@ -1,0 +1,282 @@
+import fs from 'node:fs';
+import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
+import { connectWhenReady, type QmpClient } from '../qmp/index.js';
+import { DirtyTracker } from '../tracker/index.js';
+import { StoreClient } from '../protocol/index.js';
+import { vmLog } from '../util/log.js';
+import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
+import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
+
+const PAGE = 4096;
+/** Page data per protocol frame. */
+const BATCH_BYTES = 8 * 1024 * 1024;
+
+export interface CheckpointerOptions {
+  vm: string;
+  qemuPid: number;
+  /** QMP monitor reserved for the checkpointer. */
+  qmpSocket: string;
+  /** Where QEMU writes the device state during the pause (small, rewritten each time). */
+  devstateFile: string;
+  store: string;
+  secret: string;
+  generation: number;
+  intervalMs: number;
+  /** The VM's launch configuration, kept with the image so a restore can start the same devices. */
+  config: unknown;
+  /** Pre-faulted staging buffer: dirty pages beyond it are sent while the VM stays paused. */
+  stagingBytes?: number;
+  /** Called after every state change and commit. */
+  onStatus?: (status: ProtectionStatus) => void;
+  /** Optional disk freezer (issue: disk state); called while the VM is paused. */
+  freezeDisks?: (epoch: number) => Promise<string[]>;
+}
+
+/**
+ * The checkpoint daemon of one VM (the paper's `hacp`): one full checkpoint
+ * taken while the VM runs, then every interval an incremental one:
+ * stop -> collect and copy dirty pages -> device state -> cont -> ship.
+ * A checkpoint starts only when its predecessor is durable on the store.
+ */
+export class Checkpointer {
+  private readonly opts: CheckpointerOptions;
+  private readonly log;
+  private tracker!: DirtyTracker;
+  private qmp!: QmpClient;
+  private client: StoreClient | undefined;
+  private staging!: Buffer;
+  private bounce!: Buffer;
+  private stopped = false;
+  private wake: (() => void) | undefined;
+  /** Runs of checkpoints sent but not acknowledged: re-sent from current memory if the store loses them. */
+  private unacked: Run[] = [];
+  private needFull = true;
+  private history: CheckpointStats[] = [];
+  private lastStart: number | null = null;
+  readonly status: ProtectionStatus;
+
+  constructor(opts: CheckpointerOptions) {
+    this.opts = opts;
+    this.log = vmLog(opts.vm);
+    this.status = {
+      vm: opts.vm,
+      store: opts.store,
+      generation: opts.generation,
+      state: 'starting',
+      pid: process.pid,
+      configuredIntervalMs: opts.intervalMs,
+      committedEpoch: 0,
+      lastCommitAt: null,
+      recent: summarize([]),
+      updatedAt: Date.now(),
+    };
+  }
+
+  /** Ask the loop to end after the current checkpoint. */
+  stop(): void {
+    this.stopped = true;
+    this.wake?.();
+  }
+
+  private publish(patch: Partial<ProtectionStatus> = {}): void {
+    Object.assign(this.status, patch, { recent: summarize(this.history), updatedAt: Date.now() });
+    this.opts.onStatus?.(this.status);
+  }
+
+  private async sleep(ms: number): Promise<void> {
+    if (this.stopped || ms <= 0) return;
+    await new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, ms);
+      this.wake = () => { clearTimeout(t); resolve(); };
+    });
+    this.wake = undefined;
+  }
+
+  async run(): Promise<void> {
+    const { vm } = this.opts;
+    this.tracker = await DirtyTracker.attach(this.opts.qemuPid);
+    try {
+      this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
+      this.staging = this.tracker.allocStaging(Math.min(this.opts.stagingBytes ?? 256 * 1024 * 1024, this.tracker.ramSize));
+      this.bounce = this.tracker.allocStaging(BATCH_BYTES);
+      this.log.info({ ramSize: this.tracker.ramSize, store: this.opts.store, generation: this.opts.generation }, 'protection started');
+      let backoff = 250;
+      while (!this.stopped) {
+        try {
+          await this.connectStore();
+          if (this.needFull) await this.fullCheckpoint();
+          backoff = 250;
+          while (!this.stopped) {
+            const wait = this.lastStart === null ? 0 : this.lastStart + this.opts.intervalMs - Date.now();
+            await this.sleep(wait);
+            if (this.stopped) break;
+            await this.checkpoint(this.status.committedEpoch + 1, 'incremental');
+          }
+        } catch (err) {
+          if (!this.retryable(err)) throw err;
+          this.log.warn({ err: (err as Error).message, unackedBytes: totalBytes(this.unacked) }, 'store connection failed; retrying');
+          this.publish({ state: 'retrying', reason: (err as Error).message });
+          await this.client?.close().catch(() => undefined);
+          this.client = undefined;
+          await this.sleep(backoff);
+          backoff = Math.min(backoff * 2, 5000);
+        }
+      }
+      this.publish({ state: 'stopped', reason: 'unprotected' });
+    } catch (err) {
+      this.publish({ state: 'failed', reason: (err as Error).message });
+      throw err;
+    } finally {
+      await this.client?.close().catch(() => undefined);
+      this.qmp?.close();
+      this.tracker.close();
+    }
+  }
+
+  /** QEMU gone or this incarnation fenced: stop. Store trouble: retry. */
+  private retryable(err: unknown): boolean {
+    if (err instanceof QmpClosedError) return false;
+    if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER/.test(err.code)) return false;
+    if (err instanceof CheckpointError) return false;
+    return true;
+  }
+
+  private async connectStore(): Promise<void> {
+    this.client = await StoreClient.connect({
+      address: this.opts.store,
+      secret: this.opts.secret,
+      vm: this.opts.vm,
+      generation: this.opts.generation,
+      role: 'checkpointer',
+    });
+    const meta = await this.client.getMeta();
+    const storeEpoch = meta && meta.generation === this.opts.generation ? meta.committedEpoch : 0;
+    if (storeEpoch === 0) {
+      this.needFull = true;
+      this.status.committedEpoch = 0;
+    } else if (storeEpoch !== this.status.committedEpoch) {
+      // The store is ahead (it committed what we never heard acknowledged) or behind (lost data):
+      // either way only a full checkpoint is certain to match memory.
+      this.log.warn({ storeEpoch, ours: this.status.committedEpoch }, 'store epoch differs from ours; taking a full checkpoint');
+      this.needFull = true;
+      this.status.committedEpoch = storeEpoch;
+    }
+  }
+
+  /** Full checkpoint: copy all RAM while the VM runs, then one pause captures what changed meanwhile. */
+  private async fullCheckpoint(): Promise<void> {
+    const client = this.client!;
+    const epoch = this.status.committedEpoch + 1;
+    const t0 = Date.now();
+    // Re-arm first so every write after this instant shows up in the closing pause.
+    this.tracker.collect();
+    // Only pages the memfd holds: reading never-touched pages through the mapping would allocate them all.
+    const runs = this.tracker.populatedRuns();
+    const total = totalBytes(runs);
+    this.publish({ state: 'initial-copy', initialCopy: { bytesSent: 0, bytesTotal: total } });
+    this.log.info({ epoch, bytes: total }, 'initial full checkpoint: copying guest RAM while the VM runs');
+    await client.begin(epoch, 'full', { ramSize: this.tracker.ramSize, config: this.opts.config });
+    let sent = 0;
+    let lastReport = 0;
+    for (const batch of batchRuns(runs, BATCH_BYTES)) {
+      if (this.stopped) return;
+      const n = this.tracker.copyRuns(batch, this.bounce);
+      await client.sendPages(batch, this.bounce.subarray(0, n));
+      sent += n;
+      if (Date.now() - lastReport > 500) {
+        lastReport = Date.now();
+        this.publish({ initialCopy: { bytesSent: sent, bytesTotal: total } });
+      }
+    }
+    this.publish({ initialCopy: { bytesSent: sent, bytesTotal: total, ms: Date.now() - t0 } });
+    await this.checkpoint(epoch, 'full', true);
+    this.needFull = false;
+    this.log.info({ epoch, ms: Date.now() - t0 }, 'initial full checkpoint committed');
+  }
+
+  /**
+   * One checkpoint's pause and shipping. `continued`: the BEGIN (and the bulk
+   * of the pages) were already sent by the full checkpoint.
+   */
+  private async checkpoint(epoch: number, kind: 'full' | 'incremental', continued = false): Promise<void> {
+    const client = this.client!;
+    const startedAt = Date.now();
+    const intervalMs = this.lastStart === null ? null : startedAt - this.lastStart;
+    this.lastStart = startedAt;
+    const wasRunning = (await this.qmp.execute<{ status: string }>('query-status')).status === 'running';
+
+    const t0 = performance.now();
+    if (wasRunning) await this.qmp.execute('stop');
+    const t1 = performance.now();
+    const runs = mergeRuns(this.unacked, this.tracker.collect());
+    const t2 = performance.now();
+    // What fits the staging buffer is copied now and sent after `cont`; the rest goes out while paused.
+    let staged = 0;
+    let split = runs.length;
+    for (let i = 0; i < runs.length; i++) {
+      if (staged + runs[i]!.length > this.staging.length) { split = i; break; }
+      staged += runs[i]!.length;
+    }
+    const stagedRuns = runs.slice(0, split);
+    const overflow = runs.slice(split);
+    this.tracker.copyRuns(stagedRuns, this.staging);
+    const t3 = performance.now();
+    let devstateMs = 0;
+    let diskMs = 0;
+    let disks: string[] | undefined;
+    let contMs = 0;
+    let t5 = t3;
+    try {
+      await this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false });
+      devstateMs = performance.now() - t3;
+      if (this.opts.freezeDisks) {
+        const td = performance.now();
+        disks = await this.opts.freezeDisks(epoch);
+        diskMs = performance.now() - td;
+      }
+      if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
+      for (const batch of batchRuns(overflow, BATCH_BYTES)) {
+        const n = this.tracker.copyRuns(batch, this.bounce);
+        await client.sendPages(batch, this.bounce.subarray(0, n));
+      }
+    } finally {
+      const t4 = performance.now();
+      if (wasRunning) await this.qmp.execute('cont');
+      t5 = performance.now();
+      contMs = t5 - t4;
+    }
+    this.unacked = runs;
+    const devstate = fs.readFileSync(this.opts.devstateFile);
+
+    const ts = performance.now();
+    let pos = 0;
+    for (const batch of batchRuns(stagedRuns, BATCH_BYTES)) {
+      const n = totalBytes(batch);
+      await client.sendPages(batch, this.staging.subarray(pos, pos + n));
+      pos += n;
+    }
+    await client.sendDeviceState(devstate);
+    if (disks) await client.sendDisks(disks);
+    const te = performance.now();
+    const ack = await client.commit();
+    const tc = performance.now();
+    if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
+    this.unacked = [];
+
+    const bytes = totalBytes(runs);
+    const stats: CheckpointStats = {
+      epoch, kind, startedAt,
+      pauseMs: t5 - t0, stopMs: t1 - t0, collectMs: t2 - t1, copyMs: t3 - t2, devstateMs, diskMs, contMs,
+      pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
+      sendMs: te - ts, commitMs: tc - te, intervalMs,
+    };
+    this.history.push(stats);
+    if (this.history.length > 200) this.history.shift();
+    this.publish({ state: 'protected', reason: undefined, committedEpoch: epoch, lastCommitAt: Date.now(), last: stats });
+    this.log.debug(stats, 'checkpoint committed');
+  }
+
+  get recentHistory(): readonly CheckpointStats[] {
+    return this.history;
+  }
+}

@@ -1,0 +1,137 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { cliEntry } from '../config/paths.js';
+import { loadSecret } from '../config/secret.js';
+import { CheckpointError, VmNotFoundError } from '../errors.js';
+import { vmPaths, readState, isLive, pidAlive } from '../vm/runtime.js';
+import { vmLog } from '../util/log.js';
+import { Checkpointer } from './checkpointer.js';
+import type { ProtectionStatus } from './stats.js';
+
+/**
+ * Protection of one VM runs in its own detached process (like the VM's
+ * supervisor) so it outlives `hydravm protect`. Its files, beside the VM's:
+ *   protect.json      what was asked (store, interval, generation)
+ *   protection.json   ProtectionStatus, rewritten after every commit
+ *   checkpointer.log  its log
+ *   devstate.bin      scratch: QEMU writes the device state here in each pause
+ */
+export interface ProtectRequest {
+  vm: string;
+  store: string;
+  intervalMs: number;
+  generation: number;
+  secretFile?: string;
+  stagingBytes?: number;
+}
+
+function files(vm: string) {
+  const dir = vmPaths(vm).dir;
+  return {
+    request: path.join(dir, 'protect.json'),
+    status: path.join(dir, 'protection.json'),
+    log: path.join(dir, 'checkpointer.log'),
+    devstate: path.join(dir, 'devstate.bin'),
+  };
+}
+
+export function readProtection(vm: string): ProtectionStatus | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(files(vm).status, 'utf8')) as ProtectionStatus;
+  } catch {
+    return undefined;
+  }
+}
+
+function writeProtection(status: ProtectionStatus): void {
+  const file = files(status.vm).status;
+  const tmp = `${file}.tmp`;
+  fs.writeFileSync(tmp, JSON.stringify(status, null, 2) + '\n');
+  fs.renameSync(tmp, file);
+}
+
+export function isProtected(vm: string): boolean {
+  const s = readProtection(vm);
+  return !!s && pidAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
+}
+
+/**
+ * Start protecting a running VM; resolves once the initial full checkpoint is
+ * committed (calling `onProgress` meanwhile), or rejects with the reason.
+ */
+export async function protectVm(req: ProtectRequest, onProgress?: (s: ProtectionStatus) => void, timeoutMs = 300_000): Promise<ProtectionStatus> {
+  const state = readState(req.vm);
+  if (!state || !isLive(state) || state.lifecycle !== 'running') throw new VmNotFoundError(req.vm);
+  if (isProtected(req.vm)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${readProtection(req.vm)!.pid})`);
+  loadSecret({ secretFile: req.secretFile });
+  const f = files(req.vm);
+  fs.writeFileSync(f.request, JSON.stringify(req, null, 2) + '\n');
+  fs.rmSync(f.status, { force: true });
+  const logFd = fs.openSync(f.log, 'a');
+  const child = spawn(process.execPath, [cliEntry, 'internal-checkpoint', req.vm], { detached: true, stdio: ['ignore', logFd, logFd] });
+  fs.closeSync(logFd);
+  child.unref();
+  const deadline = Date.now() + timeoutMs;
+  let lastUpdate = 0;
+  for (;;) {
+    const s = readProtection(req.vm);
+    if (s && s.updatedAt !== lastUpdate) {
+      lastUpdate = s.updatedAt;
+      onProgress?.(s);
+    }
+    if (s?.state === 'protected') return s;
+    if (s?.state === 'failed') throw new CheckpointError('HYDRA_CKPT_FAILED', `protecting VM "${req.vm}" failed: ${s.reason} (see ${f.log})`);
+    if (!pidAlive(child.pid)) throw new CheckpointError('HYDRA_CKPT_FAILED', `checkpointer of VM "${req.vm}" exited during start (see ${f.log})`);
+    if (Date.now() > deadline) {
+      process.kill(child.pid!, 'SIGTERM');
+      throw new CheckpointError('HYDRA_CKPT_TIMEOUT', `VM "${req.vm}": initial checkpoint not committed within ${timeoutMs / 1000} s (see ${f.log})`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<ProtectionStatus | undefined> {
+  const s = readProtection(vm);
+  if (!s || !pidAlive(s.pid)) return s;
+  process.kill(s.pid, 'SIGTERM');
+  const deadline = Date.now() + timeoutMs;
+  while (pidAlive(s.pid)) {
+    if (Date.now() > deadline) {
+      process.kill(s.pid, 'SIGKILL');
+      break;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return readProtection(vm);
+}
+
+/** Body of the detached checkpointer process. */
+export async function runCheckpointerProcess(vm: string): Promise<void> {
+  const f = files(vm);
+  const req = JSON.parse(fs.readFileSync(f.request, 'utf8')) as ProtectRequest;
+  const state = readState(vm);
+  if (!state?.qemuPid || !isLive(state)) throw new VmNotFoundError(vm);
+  const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as unknown;
+  const cp = new Checkpointer({
+    vm,
+    qemuPid: state.qemuPid,
+    qmpSocket: vmPaths(vm).hydraQmpSocket,
+    devstateFile: f.devstate,
+    store: req.store,
+    secret: loadSecret({ secretFile: req.secretFile }),
+    generation: req.generation,
+    intervalMs: req.intervalMs,
+    config,
+    stagingBytes: req.stagingBytes,
+    onStatus: writeProtection,
+  });
+  process.on('SIGTERM', () => cp.stop());
+  process.on('SIGINT', () => cp.stop());
+  try {
+    await cp.run();
+  } catch (err) {
+    vmLog(vm).error({ err: (err as Error).message }, 'protection failed');
+    process.exitCode = 1;
+  }
+}

@@ -1,0 +1,59 @@
+/** Per-checkpoint measurements, and the protection status file built from them. */
+export interface CheckpointStats {
+  epoch: number;
+  kind: 'full' | 'incremental';
+  startedAt: number;
+  /** VM paused: from `stop` sent to `cont` answered. */
+  pauseMs: number;
+  stopMs: number;
+  collectMs: number;
+  copyMs: number;
+  devstateMs: number;
+  diskMs: number;
+  contMs: number;
+  pages: number;
+  bytes: number;
+  devstateBytes: number;
+  /** Handing the checkpoint to the store (after the VM resumed). */
+  sendMs: number;
+  /** From the end of sending to the store's durable acknowledgement. */
+  commitMs: number;
+  /** Time since the previous checkpoint started. */
+  intervalMs: number | null;
+}
+
+export interface ProtectionStatus {
+  vm: string;
+  store: string;
+  generation: number;
+  state: 'starting' | 'initial-copy' | 'protected' | 'retrying' | 'stopped' | 'failed';
+  reason?: string;
+  pid: number;
+  configuredIntervalMs: number;
+  committedEpoch: number;
+  lastCommitAt: number | null;
+  initialCopy?: { bytesSent: number; bytesTotal: number; ms?: number };
+  last?: CheckpointStats;
+  /** Medians over the recent window. */
+  recent: { count: number; medianPauseMs: number | null; p99PauseMs: number | null; medianIntervalMs: number | null; medianBytes: number | null };
+  updatedAt: number;
+}
+
+export function quantile(values: number[], q: number): number | null {
+  if (values.length === 0) return null;
+  const s = [...values].sort((a, b) => a - b);
+  const idx = Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1));
+  return s[idx]!;
+}
+
+export function summarize(history: CheckpointStats[]): ProtectionStatus['recent'] {
+  const incr = history.filter((h) => h.kind === 'incremental');
+  const intervals = incr.map((h) => h.intervalMs).filter((v): v is number => v !== null);
+  return {
+    count: history.length,
+    medianPauseMs: quantile(incr.map((h) => h.pauseMs), 0.5),
+    p99PauseMs: quantile(incr.map((h) => h.pauseMs), 0.99),
+    medianIntervalMs: quantile(intervals, 0.5),
+    medianBytes: quantile(incr.map((h) => h.bytes), 0.5),
+  };
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env node
+import { Command, Option } from 'commander';
+import { HydraError } from '../errors.js';
+import { registerVmCommands } from './vm-commands.js';
+import { registerSetupCommands } from './setup-commands.js';
+import { registerDemoCommand } from './demo-command.js';
+import { registerProtectCommands } from './protect-commands.js';
+import { registerStoreCommand } from './store-command.js';
+import { registerRestoreCommand } from './restore-command.js';
+
+const program = new Command();
+program
+  .name('hydravm')
+  .description('High availability for QEMU VMs without backup memory')
+  .version('0.1.0')
+  .showHelpAfterError();
+
+registerSetupCommands(program);
+registerVmCommands(program);
+registerStoreCommand(program);
+registerProtectCommands(program);
+registerRestoreCommand(program);
+registerDemoCommand(program);
+
+program
+  .command('internal-supervise', { hidden: true })
+  .argument('<name>')
+  .addOption(new Option('--x').hideHelp())
+  .action(async (name: string) => {
+    const { runSupervisor } = await import('../vm/supervisor.js');
+    await runSupervisor(name);
+    // The VM is over: nothing this process holds open should keep it around.
+    process.exit(0);
+  });
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof HydraError) {
+    process.stderr.write(`hydravm: error: ${err.message}\n`);
+    process.exitCode = 1;
+  } else {
+    process.stderr.write(`hydravm: unexpected error: ${(err as Error)?.stack ?? String(err)}\n`);
+    process.exitCode = 70;
+  }
+}

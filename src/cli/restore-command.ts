@@ -1,0 +1,43 @@
+import type { Command } from 'commander';
+import { ms } from './format.js';
+import { parseDuration } from './duration.js';
+import { SpecError } from '../errors.js';
+
+export function registerRestoreCommand(program: Command): void {
+  program.command('restore')
+    .description('slim restore of a VM from its newest committed checkpoint on this host; memory follows on demand')
+    .argument('<name>', 'VM name')
+    .requiredOption('--store <addr>', 'checkpoint store address host:port')
+    .option('--mode <mode>', 'file: map the image file (needs --store-dir); network: fetch pages from the store', 'network')
+    .option('--store-dir <dir>', 'file mode: the store directory as this host sees it')
+    .option('--generation <n>', 'image generation to restore (default: newest)')
+    .option('--no-prefetch', 'network mode: only fetch pages the guest faults on')
+    .option('--protect', 'protect the restored VM again, as a new generation')
+    .option('--interval <duration>', 'checkpoint interval when protecting again', '2s')
+    .option('--secret-file <file>', 'cluster secret file')
+    .action(async (name: string, opts: { store: string; mode: string; storeDir?: string; generation?: string; prefetch: boolean; protect?: boolean; interval: string; secretFile?: string }) => {
+      if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
+      const { restoreVm } = await import('../restore/index.js');
+      const { loadSecret } = await import('../config/secret.js');
+      const { nextGeneration } = await import('../checkpoint/generation.js');
+      const generation = opts.generation === undefined ? undefined : Number(opts.generation);
+      const secret = loadSecret({ secretFile: opts.secretFile });
+      const newGeneration = opts.protect ? await nextGeneration(name, opts.store, opts.secretFile) : undefined;
+      const r = await restoreVm({
+        vm: name, store: opts.store, secret, mode: opts.mode, storeDir: opts.storeDir, generation, newGeneration,
+        prefetch: opts.prefetch,
+        onProgress: (m) => process.stderr.write(`${m}\n`),
+      });
+      process.stdout.write(`VM ${name} restored from generation ${r.generation} epoch ${r.epoch} (${r.mode} mode): running ${ms(r.timings.spawnToRunningMs)} after QEMU was spawned (device load ${ms(r.timings.deviceLoadMs)})\n`);
+      if (r.pager) {
+        // Keep serving memory until it is complete; the VM needs this process until then.
+        const stats = await r.pager.done;
+        process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched\n`);
+      }
+      if (opts.protect && newGeneration) {
+        const { protectVm } = await import('../checkpoint/protection.js');
+        const s = await protectVm({ vm: name, store: opts.store, intervalMs: parseDuration(opts.interval, '--interval'), generation: newGeneration, secretFile: opts.secretFile });
+        process.stdout.write(`VM ${name} protected again as generation ${s.generation}\n`);
+      }
+    });
+}

@@ -1,0 +1,53 @@
+/**
+ * Front door to the native layer: loads the addon (native/addon, built to
+ * native/build/Release/hydra_native.node) and locates the LD_PRELOAD shim
+ * (native/shim, built to native/build/libhydra_shim.so).
+ *
+ * Build both with `make -C native` (or `hydravm setup`); `buildNative()` below
+ * does it on demand (tests use it).
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { nativeAddonPath, shimPath } from '../config/paths.js';
+import { NativeError } from '../errors.js';
+import type { RawAddon } from './raw.js';
+
+export type { RawAddon, RawNativeError, ScanResult, UffdApiResult, WaitFaultsResult, RawConstants } from './raw.js';
+export { isRawNativeError } from './raw.js';
+export { nativeAddonPath, shimPath };
+
+let cached: RawAddon | undefined;
+
+/** The loaded addon. Throws NativeError HYDRA_NATIVE_NOT_BUILT naming the path tried. */
+export function loadNative(): RawAddon {
+  if (cached) return cached;
+  const require = createRequire(import.meta.url);
+  try {
+    cached = require(nativeAddonPath) as RawAddon;
+  } catch (err) {
+    const why = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    throw new NativeError(
+      'HYDRA_NATIVE_NOT_BUILT',
+      `cannot load the HydraVM native addon from ${nativeAddonPath} (${why}); run \`hydravm setup\` (or \`make -C native\`) to build it`,
+      { cause: err },
+    );
+  }
+  return cached;
+}
+
+/**
+ * Path of the LD_PRELOAD shim to give QEMU. Throws NativeError
+ * HYDRA_NATIVE_SHIM_MISSING if it was not built.
+ *
+ * Shim contract: when preloaded it creates HYDRAVM_SHIM_UFFDS (default 2)
+ * userfaultfds inside the process and keeps them open; HYDRAVM_SHIM=0 disables
+ * it; after fork() the child makes its own (so -daemonize is safe).
+ */
+export function requireShim(): string {
+  if (!existsSync(shimPath)) {
+    throw new NativeError('HYDRA_NATIVE_SHIM_MISSING', `the userfaultfd shim ${shimPath} is missing; run \`hydravm setup\` (or \`make -C native shim\`) to build it`);
+  }
+  return shimPath;
+}
+
+export { buildNative, nativeBuildIsFresh } from './build.js';

@@ -1,0 +1,106 @@
+/**
+ * The raw interface of native/build/Release/hydra_native.node (sources in
+ * native/addon). One function per kernel operation, no policy. Numbers that are
+ * addresses or lengths are exact JS numbers (user addresses are < 2^48).
+ *
+ * Every function throws a `RawNativeError` (a plain Error with errno / code /
+ * syscall) when the kernel refuses; src/native/index.ts and the tracker turn
+ * those into HydraVM errors.
+ */
+export interface RawNativeError extends Error {
+  errno: number;
+  /** errno name, e.g. "ESRCH". */
+  code: string;
+  /** What was called, e.g. "ioctl(PAGEMAP_SCAN)". */
+  syscall: string;
+}
+
+export interface UffdApiResult {
+  /** Features the kernel granted (the ones asked for that it supports). */
+  features: number;
+  /** Bitmask of the uffd ioctls available (bit _UFFDIO_xxx). */
+  ioctls: number;
+}
+
+export interface ScanResult {
+  /** [offset, length] pairs relative to `start`, ascending, adjacent runs merged. */
+  runs: Float64Array;
+  /** PAGEMAP_SCAN calls it took (the kernel may stop early; the scan loops). */
+  calls: number;
+  /** Pages reported written. */
+  pages: number;
+}
+
+export interface WaitFaultsResult {
+  /** Page-aligned faulting addresses, in arrival order (may repeat). */
+  addresses: Float64Array;
+  /** The cancel eventfd was signalled. */
+  cancelled: boolean;
+  /** The pidfd became readable: the process exited. */
+  exited: boolean;
+  timedOut: boolean;
+  /** uffd messages that were not page faults (none are asked for). */
+  otherEvents: number;
+}
+
+export interface RawConstants {
+  UFFD_FEATURE_WP_HUGETLBFS_SHMEM: number;
+  UFFD_FEATURE_WP_UNPOPULATED: number;
+  UFFD_FEATURE_WP_ASYNC: number;
+  UFFDIO_REGISTER_MODE_MISSING: number;
+  UFFDIO_REGISTER_MODE_WP: number;
+  /** Bit index of UFFDIO_COPY in an ioctls mask. */
+  UFFDIO_COPY_IOCTL_BIT: number;
+  /** Bit index of UFFDIO_WRITEPROTECT in an ioctls mask. */
+  UFFDIO_WRITEPROTECT_IOCTL_BIT: number;
+}
+
+export interface RawAddon {
+  readonly pageSize: number;
+  readonly constants: RawConstants;
+
+  // process / fds
+  pidfdOpen(pid: number): number;
+  /** Duplicate `targetFd` of the process behind `pidfd` into this process. */
+  pidfdGetfd(pidfd: number, targetFd: number): number;
+  close(fd: number): void;
+  setNonblock(fd: number): void;
+  eventfdCreate(): number;
+  eventfdSignal(fd: number): void;
+
+  // userfaultfd
+  /** UFFDIO_API; allowed once per uffd (EINVAL after). */
+  uffdApi(uffd: number, features: number): UffdApiResult;
+  /** Features this kernel supports, from a throw-away uffd of this process. */
+  probeUffdFeatures(): number;
+  /** UFFDIO_REGISTER; returns the ioctls mask available on the range. */
+  uffdRegister(uffd: number, start: number, len: number, mode: number): number;
+  uffdUnregister(uffd: number, start: number, len: number): void;
+  uffdWriteProtect(uffd: number, start: number, len: number, protect?: boolean): void;
+  uffdWake(uffd: number, start: number, len: number): void;
+  /** UFFDIO_COPY of src[srcOffset, +len) to dst; EEXIST pages skipped (then woken), EAGAIN retried. */
+  uffdCopy(uffd: number, dst: number, src: Buffer, srcOffset: number, len: number): { copied: number; existed: number };
+  /** poll() in the threadpool on uffd (+ cancel eventfd, + pidfd; -1 = none), then read all pending messages. */
+  waitFaults(uffd: number, cancelFd: number, pidfd: number, timeoutMs: number): Promise<WaitFaultsResult>;
+
+  // pagemap
+  /** PAGEMAP_SCAN (WP_MATCHING | CHECK_WPASYNC, PAGE_IS_WRITTEN) looped until walk_end == end. */
+  scanWritten(pagemapFd: number, start: number, end: number, vecLen?: number): ScanResult;
+
+  // memory
+  /** MAP_SHARED mapping of fd as an external Buffer (finalizer munmaps). Read-only unless writable. */
+  mmapFile(fd: number, len: number, offset: number, writable?: boolean): Buffer;
+  /** Private anonymous memory, pre-faulted (MAP_POPULATE). */
+  allocStaging(bytes: number): Buffer;
+  /** Replace an addon mapping in place by zeros (drops the file/memory); false if buf is not one. */
+  releaseMapping(buf: Buffer): boolean;
+  /** memcpy each [offset, length] run of src, in order, contiguously into dst from dstOffset. */
+  copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number): number;
+  /** lseek SEEK_DATA / SEEK_HOLE; -1 when nothing at or after offset (ENXIO). */
+  lseek(fd: number, offset: number, whence: 'data' | 'hole'): number;
+  bufferAddress(buf: Buffer): number;
+}
+
+export function isRawNativeError(e: unknown): e is RawNativeError {
+  return e instanceof Error && typeof (e as Partial<RawNativeError>).errno === 'number' && typeof (e as Partial<RawNativeError>).syscall === 'string';
+}

@@ -1,0 +1,2 @@
+export { QmpClient, connectWhenReady } from './client.js';
+export type { QmpEvent, QmpGreeting, QmpConnectOptions } from './client.js';

@@ -1,0 +1,2 @@
+export { restoreVm, type RestoreOptions, type RestoreResult, type RestoreTimings, type RestoreMode } from './restore.js';
+export { NetworkPager, type PagerStats } from './network-pager.js';

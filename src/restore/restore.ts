@@ -1,0 +1,183 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import { RestoreError, HydraError } from '../errors.js';
+import { StoreClient, type StoreMeta } from '../protocol/index.js';
+import { startVm, stopVm } from '../vm/manager.js';
+import { vmPaths, readState, isLive } from '../vm/runtime.js';
+import { connectWhenReady, type QmpClient } from '../qmp/index.js';
+import type { LaunchFile } from '../vm/supervisor.js';
+import { chooseAccel } from '../vm/accel.js';
+import { vmLog } from '../util/log.js';
+import { NetworkPager, type PagerStats } from './network-pager.js';
+
+export type RestoreMode = 'file' | 'network';
+
+export interface RestoreOptions {
+  vm: string;
+  /** Store address host:port (both modes read metadata and, in network mode, pages from it). */
+  store: string;
+  secret: string;
+  mode: RestoreMode;
+  /** File mode: the store's directory as this host sees it (shared filesystem). */
+  storeDir?: string;
+  /** Image generation to restore; default: the newest the store holds. */
+  generation?: number;
+  /** The new incarnation's generation (the image generation it will be protected under). */
+  newGeneration?: number;
+  /** Protect the restored VM again, under `newGeneration`. */
+  protect?: { intervalMs: number; secretFile?: string };
+  /** Network mode: background prefetch (on by default). */
+  prefetch?: boolean;
+  /** Disk overlays to open instead of the spec's disks (prepared from the checkpoint's frozen layers). */
+  diskFiles?: string[];
+  /** Progress lines (prefetch). */
+  onProgress?: (msg: string) => void;
+}
+
+export interface RestoreTimings {
+  /** Reading and checking the image metadata and device state. */
+  prepareMs: number;
+  /** QEMU spawned to QMP answering. */
+  spawnMs: number;
+  /** migrate-incoming of the device state until completed. */
+  deviceLoadMs: number;
+  /** QEMU spawned until the guest runs again. */
+  spawnToRunningMs: number;
+  /** From the call to the guest running. */
+  totalMs: number;
+}
+
+export interface RestoreResult {
+  vm: string;
+  mode: RestoreMode;
+  generation: number;
+  epoch: number;
+  newGeneration: number | null;
+  timings: RestoreTimings;
+  /** Network mode: the pager keeps serving memory after this returns. */
+  pager?: NetworkPager;
+}
+
+/**
+ * Slim restore (the paper's `hart`): start QEMU with the VM's recorded
+ * configuration and `-incoming defer`, load only the device state of the
+ * newest committed checkpoint, resume at once. Guest memory comes on demand:
+ * from the image file mapped privately (file mode) or from the store through
+ * userfaultfd (network mode).
+ */
+export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
+  const log = vmLog(opts.vm);
+  const t0 = performance.now();
+  const existing = readState(opts.vm);
+  if (isLive(existing)) throw new RestoreError('HYDRA_RESTORE_VM_ALIVE', `VM "${opts.vm}" is still running on this host (QEMU pid ${existing!.qemuPid}); stop it before restoring`);
+
+  const client = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
+    .catch((err: unknown) => { throw new RestoreError('HYDRA_RESTORE_STORE_UNREACHABLE', `VM "${opts.vm}": cannot reach the store at ${opts.store}: ${(err as Error).message}`, { cause: err }); });
+  let keepClient = false;
+  try {
+    const meta = await client.getMeta(opts.generation);
+    if (!meta) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": the store at ${opts.store} holds no committed image${opts.generation ? ` of generation ${opts.generation}` : ''}`);
+    if (meta.committedEpoch < 1) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": generation ${meta.generation} has no committed checkpoint`);
+    const launchFile = meta.config as LaunchFile;
+    if (!launchFile?.spec || !launchFile.launch) throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": the image of generation ${meta.generation} carries no VM configuration`);
+    if (launchFile.spec.memoryBytes !== meta.ramSize) throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": image RAM ${meta.ramSize} bytes does not match its spec's ${launchFile.spec.memoryBytes}`);
+
+    const paths = vmPaths(opts.vm);
+    fs.mkdirSync(paths.dir, { recursive: true });
+    const devstateFile = path.join(paths.dir, `restore-devstate-g${meta.generation}-e${meta.committedEpoch}.bin`);
+    let memoryPath: string | undefined;
+    if (opts.mode === 'file') {
+      if (!opts.storeDir) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', 'file mode needs the store directory (--store-dir) as this host sees it');
+      const { openVmImage } = await import('../store/index.js');
+      const image = await openVmImage(opts.storeDir, opts.vm, meta.generation);
+      if (image.meta.committedEpoch !== meta.committedEpoch) {
+        throw new RestoreError('HYDRA_RESTORE_EPOCH_MISMATCH', `VM "${opts.vm}": store reports epoch ${meta.committedEpoch}, image file holds ${image.meta.committedEpoch}`);
+      }
+      memoryPath = image.memoryPath;
+      fs.copyFileSync(image.devstatePath, devstateFile);
+    } else {
+      fs.writeFileSync(devstateFile, await client.getDeviceState(meta.generation));
+    }
+    const devstate = fs.readFileSync(devstateFile);
+    const digest = crypto.createHash('sha256').update(devstate).digest('hex');
+    if (digest !== meta.devstate.sha256 || devstate.length !== meta.devstate.size) {
+      throw new RestoreError('HYDRA_RESTORE_TORN_IMAGE', `VM "${opts.vm}": device state of epoch ${meta.committedEpoch} does not match its checksum (${devstate.length} bytes, sha256 ${digest.slice(0, 12)}…, expected ${meta.devstate.sha256.slice(0, 12)}…)`);
+    }
+    const prepareMs = performance.now() - t0;
+
+    const spec = launchFile.spec;
+    const accel = chooseAccel(spec.accel, spec.name);
+    const tSpawn = performance.now();
+    await startVm(spec, {
+      launch: {
+        accel,
+        ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
+        incomingDefer: true,
+        diskFiles: opts.diskFiles,
+      },
+    });
+    const spawnMs = performance.now() - tSpawn;
+    const state = readState(opts.vm)!;
+
+    let pager: NetworkPager | undefined;
+    let qmp: QmpClient | undefined;
+    try {
+      if (opts.mode === 'network') {
+        // The pager must own the guest RAM before QEMU touches it while loading devices.
+        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, client, meta, prefetch: opts.prefetch ?? true, onProgress: opts.onProgress });
+        keepClient = true;
+      }
+      qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
+      const tLoad = performance.now();
+      await qmp.execute('migrate-incoming', { uri: `file:${devstateFile}` });
+      await waitMigration(qmp, opts.vm);
+      const deviceLoadMs = performance.now() - tLoad;
+      await qmp.execute('cont');
+      const tRun = performance.now();
+      const timings: RestoreTimings = {
+        prepareMs,
+        spawnMs,
+        deviceLoadMs,
+        spawnToRunningMs: tRun - tSpawn,
+        totalMs: tRun - t0,
+      };
+      log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');
+      qmp.close();
+      fs.rmSync(devstateFile, { force: true });
+      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration: opts.newGeneration ?? null, timings, pager };
+      if (opts.protect && opts.newGeneration) {
+        // Write-protect tracking needs the range free of the pager's missing-page registration.
+        if (pager) await pager.done;
+        const { protectVm } = await import('../checkpoint/protection.js');
+        await protectVm({ vm: opts.vm, store: opts.store, intervalMs: opts.protect.intervalMs, generation: opts.newGeneration, secretFile: opts.protect.secretFile });
+      }
+      return result;
+    } catch (err) {
+      qmp?.close();
+      await pager?.stop();
+      keepClient = false;
+      await stopVm(opts.vm).catch(() => undefined);
+      if (err instanceof HydraError) throw err;
+      throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
+    }
+  } finally {
+    if (!keepClient) await client.close().catch(() => undefined);
+  }
+}
+
+/** Poll the incoming migration (events need a capability; polling is simpler and just as fast here). */
+async function waitMigration(qmp: QmpClient, vm: string): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const info = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+    if (info.status === 'completed') return;
+    if (info.status === 'failed' || info.status === 'cancelled') {
+      throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": QEMU failed to load the device state: ${info['error-desc'] ?? info.status} (see qemu.log)`);
+    }
+    if (Date.now() > deadline) throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": device state load did not complete within 30 s`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+export type { PagerStats, StoreMeta };

@@ -1,0 +1,336 @@
+/**
+ * Dirty-page tracking of a QEMU process's guest RAM with userfaultfd
+ * write-protect (async mode) and PAGEMAP_SCAN. See DESIGN.md "Dirty-page
+ * tracking (verified)".
+ *
+ *   const t = await DirtyTracker.attach(qemuPid);   // armed: everything clean from now
+ *   ... full copy of t.ram (or of t.populatedRuns()) ...
+ *   // each checkpoint, VM paused:
+ *   const runs = t.collect();                        // written since last collect, re-armed
+ *   const n = t.copyRuns(runs, staging);             // packed into staging
+ *
+ * Offsets are byte offsets into the RAM block (= into the memfd), page aligned;
+ * they are not guest-physical addresses (q35 splits RAM around the PCI hole).
+ *
+ * `ram` is a read-only MAP_SHARED view of the guest RAM: writing to it kills
+ * the process (SIGSEGV). Reading a page the guest never touched allocates it
+ * (shmem), so a full copy should skip holes: see populatedRuns().
+ */
+import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
+import { constants as bufferConstants } from 'node:buffer';
+import { TrackerError } from '../errors.js';
+import { loadNative, type RawAddon } from '../native/index.js';
+import { findGuestRam, mappingStillThere, processStartTime, type GuestRamMapping, type GuestRamSelector } from './guest-ram.js';
+import { errnoCode, errnoText, processGoneError, takeUffd } from './uffd.js';
+
+export interface DirtyRun {
+  /** Byte offset into guest RAM, page aligned. */
+  offset: number;
+  /** Bytes, a multiple of the page size. */
+  length: number;
+}
+
+export interface DirtyTrackerOptions extends GuestRamSelector {}
+
+export interface CollectStats {
+  /** PAGEMAP_SCAN calls the last collect() needed. */
+  scanCalls: number;
+  pages: number;
+  runs: number;
+  ms: number;
+}
+
+export class DirtyTracker {
+  readonly pid: number;
+  readonly ramSize: number;
+  /** Host address of guest RAM in the QEMU process. */
+  readonly ramStart: number;
+  readonly pageSize: number;
+  /** Read-only view of the whole guest RAM. Never write to it. */
+  readonly ram: Buffer;
+  readonly mapping: GuestRamMapping;
+  /** Stats of the last collect(). */
+  lastCollect: CollectStats = { scanCalls: 0, pages: 0, runs: 0, ms: 0 };
+
+  readonly #native: RawAddon;
+  readonly #uffd: number;
+  readonly #pidfd: number;
+  readonly #pagemapFd: number;
+  readonly #ramFd: number;
+  readonly #ramIno: number;
+  readonly #startTime: number | undefined;
+  #closed = false;
+
+  private constructor(a: {
+    native: RawAddon; pid: number; mapping: GuestRamMapping; ram: Buffer; uffd: number; pidfd: number;
+    pagemapFd: number; ramFd: number; ramIno: number; startTime: number | undefined;
+  }) {
+    this.#native = a.native;
+    this.pid = a.pid;
+    this.mapping = a.mapping;
+    this.ramStart = a.mapping.start;
+    this.ramSize = a.mapping.size;
+    this.pageSize = a.native.pageSize;
+    this.ram = a.ram;
+    this.#uffd = a.uffd;
+    this.#pidfd = a.pidfd;
+    this.#pagemapFd = a.pagemapFd;
+    this.#ramFd = a.ramFd;
+    this.#ramIno = a.ramIno;
+    this.#startTime = a.startTime;
+  }
+
+  /**
+   * Find the RAM mapping of `qemuPid`, take its userfaultfd (from the shim),
+   * map RAM once, and arm write-protect over all of it. Errors (TrackerError):
+   * HYDRA_TRACKER_PROCESS_GONE, HYDRA_TRACKER_NO_RAM, HYDRA_TRACKER_NO_UFFD,
+   * HYDRA_TRACKER_KERNEL_UNSUPPORTED, HYDRA_TRACKER_RANGE_BUSY,
+   * HYDRA_TRACKER_RANGE_CHANGED, HYDRA_TRACKER_ARM_FAILED; NativeError if the
+   * addon is not built.
+   */
+  static async attach(qemuPid: number, opts: DirtyTrackerOptions = {}): Promise<DirtyTracker> {
+    const native = loadNative();
+    const C = native.constants;
+    const pid = qemuPid;
+    const startTime = processStartTime(pid);
+    if (startTime === undefined) throw processGoneError(pid, `no live process ${pid}`);
+    const mapping = findGuestRam(pid, opts);
+    if (mapping.size > bufferConstants.MAX_LENGTH) {
+      throw new TrackerError('HYDRA_TRACKER_RAM_TOO_LARGE', `guest RAM of process ${pid} is ${mapping.size} bytes, more than a Node Buffer can view (${bufferConstants.MAX_LENGTH})`);
+    }
+    const taken = takeUffd(pid, 'wp', C.UFFD_FEATURE_WP_ASYNC, native);
+    const cleanup: Array<() => void> = [() => native.close(taken.fd), () => native.close(taken.pidfd)];
+    const fail = (err: unknown): never => {
+      for (const f of cleanup.reverse()) {
+        try { f(); } catch { /* best effort */ }
+      }
+      throw err;
+    };
+    try {
+      // The RAM file, through the mapping itself (root: map_files).
+      let ramFd: number;
+      try {
+        ramFd = openSync(mapping.mapFilesPath, fsConstants.O_RDONLY);
+      } catch (err) {
+        if (processStartTime(pid) !== startTime) throw processGoneError(pid, `opening ${mapping.mapFilesPath}`, err);
+        throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping ${mapping.mapFilesPath} vanished while attaching: ${errnoText(err)}`, { cause: err });
+      }
+      cleanup.push(() => closeSync(ramFd));
+      const ramIno = fstatSync(ramFd).ino;
+      let pagemapFd: number;
+      try {
+        pagemapFd = openSync(`/proc/${pid}/pagemap`, fsConstants.O_RDONLY);
+      } catch (err) {
+        throw processGoneError(pid, `opening /proc/${pid}/pagemap`, err);
+      }
+      cleanup.push(() => closeSync(pagemapFd));
+
+      // Arm: API (unless re-attaching to a uffd already set up), REGISTER, WRITEPROTECT.
+      const want = C.UFFD_FEATURE_WP_ASYNC | C.UFFD_FEATURE_WP_UNPOPULATED | C.UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+      if (taken.features === 0) {
+        let granted: number;
+        try {
+          granted = native.uffdApi(taken.fd, want).features;
+        } catch (err) {
+          throw DirtyTracker.#unsupported(native, pid, want, err);
+        }
+        if ((granted & want) !== want) throw DirtyTracker.#unsupported(native, pid, want, undefined, granted);
+      }
+      let ioctls: number;
+      try {
+        ioctls = native.uffdRegister(taken.fd, mapping.start, mapping.size, C.UFFDIO_REGISTER_MODE_WP);
+      } catch (err) {
+        throw DirtyTracker.#armError(pid, mapping, 'UFFDIO_REGISTER (write-protect)', err, startTime);
+      }
+      if (Math.floor(ioctls / 2 ** C.UFFDIO_WRITEPROTECT_IOCTL_BIT) % 2 !== 1) {
+        throw new TrackerError('HYDRA_TRACKER_KERNEL_UNSUPPORTED', `process ${pid}: UFFDIO_WRITEPROTECT is not available on its RAM mapping ${mapping.path} (ioctls 0x${ioctls.toString(16)})`);
+      }
+      cleanup.push(() => native.uffdUnregister(taken.fd, mapping.start, mapping.size));
+      try {
+        native.uffdWriteProtect(taken.fd, mapping.start, mapping.size, true);
+      } catch (err) {
+        throw DirtyTracker.#armError(pid, mapping, 'UFFDIO_WRITEPROTECT', err, startTime);
+      }
+      // Still the same mapping after arming (cheap, catches a race with a remap).
+      if (!mappingStillThere(mapping, ramIno)) {
+        throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping at 0x${mapping.start.toString(16)} changed while attaching`);
+      }
+      let ram: Buffer;
+      try {
+        ram = native.mmapFile(ramFd, mapping.size, mapping.fileOffset, false);
+      } catch (err) {
+        throw new TrackerError('HYDRA_TRACKER_MAP_FAILED', `process ${pid}: mapping its guest RAM (${mapping.size} bytes of ${mapping.path}): ${errnoText(err)}`, { cause: err });
+      }
+      return new DirtyTracker({ native, pid, mapping, ram, uffd: taken.fd, pidfd: taken.pidfd, pagemapFd, ramFd, ramIno, startTime });
+    } catch (err) {
+      return fail(err);
+    }
+  }
+
+  static #unsupported(native: RawAddon, pid: number, want: number, err?: unknown, granted?: number): TrackerError {
+    let supported: number | undefined = granted;
+    try { supported ??= native.probeUffdFeatures(); } catch { /* keep undefined */ }
+    const missing = supported === undefined ? want : want & ~supported;
+    const names = Object.entries(native.constants)
+      .filter(([k, v]) => k.startsWith('UFFD_FEATURE_') && (missing & v) !== 0)
+      .map(([k]) => k)
+      .join(', ');
+    return new TrackerError(
+      'HYDRA_TRACKER_KERNEL_UNSUPPORTED',
+      `process ${pid}: the kernel does not offer userfaultfd ${names || `features 0x${want.toString(16)}`} (needs Linux 6.7+ for async write-protect and PAGEMAP_SCAN)${err ? `: ${errnoText(err)}` : ''}`,
+      { cause: err },
+    );
+  }
+
+  static #armError(pid: number, m: GuestRamMapping, step: string, err: unknown, startTime: number | undefined): TrackerError {
+    const code = errnoCode(err);
+    if (code === 'ESRCH' || processStartTime(pid) !== startTime) return processGoneError(pid, step, err);
+    const where = `guest RAM 0x${m.start.toString(16)}+${m.size} (${m.path})`;
+    if (code === 'EBUSY') {
+      return new TrackerError('HYDRA_TRACKER_RANGE_BUSY', `process ${pid}: ${step} on ${where}: the range is registered with another userfaultfd (a restore still serving missing pages must unregister first): ${errnoText(err)}`, { cause: err });
+    }
+    if (code === 'ENOMEM') {
+      return new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: ${step} on ${where}: the range is not (or no longer) mapped in the process that created the userfaultfd (QEMU run with -daemonize without the shim's fork handling?): ${errnoText(err)}`, { cause: err });
+    }
+    if (code === 'EINVAL') {
+      return new TrackerError('HYDRA_TRACKER_KERNEL_UNSUPPORTED', `process ${pid}: ${step} on ${where} refused (memory type not supported for write-protect?): ${errnoText(err)}`, { cause: err });
+    }
+    return new TrackerError('HYDRA_TRACKER_ARM_FAILED', `process ${pid}: ${step} on ${where}: ${errnoText(err)}`, { cause: err });
+  }
+
+  #check(what: string): void {
+    if (this.#closed) throw new TrackerError('HYDRA_TRACKER_CLOSED', `dirty tracker of process ${this.pid} is closed (${what})`);
+  }
+
+  /** True while the tracked process is alive (same process, not a zombie). */
+  isAlive(): boolean {
+    return processStartTime(this.pid) === this.#startTime;
+  }
+
+  /**
+   * Pages written since attach or the previous collect(), as merged runs in
+   * ascending order; they are re-protected in the same kernel walk. Call it
+   * with the VM paused for a consistent checkpoint.
+   */
+  collect(): DirtyRun[] {
+    const flat = this.collectFlat();
+    const out: DirtyRun[] = new Array(flat.length / 2);
+    for (let i = 0, j = 0; i < flat.length; i += 2, j++) out[j] = { offset: flat[i]!, length: flat[i + 1]! };
+    return out;
+  }
+
+  /** collect() as [offset, length] pairs (what the native layer returns). */
+  collectFlat(vecLen?: number): Float64Array {
+    this.#check('collect');
+    const t0 = performance.now();
+    let res;
+    try {
+      res = this.#native.scanWritten(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, vecLen);
+    } catch (err) {
+      throw this.#runtimeError('PAGEMAP_SCAN', err);
+    }
+    if (!mappingStillThere(this.mapping, this.#ramIno)) {
+      // An unmapped range scans as empty without error: one stat makes sure the result is real.
+      throw this.#runtimeError('PAGEMAP_SCAN', undefined);
+    }
+    this.lastCollect = { scanCalls: res.calls, pages: res.pages, runs: res.runs.length / 2, ms: performance.now() - t0 };
+    return res.runs;
+  }
+
+  #runtimeError(step: string, err: unknown): TrackerError {
+    if (!this.isAlive() || errnoCode(err) === 'ESRCH') return processGoneError(this.pid, step, err);
+    const code = errnoCode(err);
+    if (err === undefined || code === 'EPERM' || code === 'ENOENT' || !mappingStillThere(this.mapping, this.#ramIno)) {
+      return new TrackerError(
+        'HYDRA_TRACKER_RANGE_CHANGED',
+        `process ${this.pid}: ${step}: guest RAM mapping 0x${this.ramStart.toString(16)}+${this.ramSize} is no longer the write-protected one${err ? `: ${errnoText(err)}` : ''}`,
+        { cause: err },
+      );
+    }
+    if (code === 'ENOTTY' || code === 'EINVAL') {
+      return new TrackerError('HYDRA_TRACKER_KERNEL_UNSUPPORTED', `process ${this.pid}: ${step}: ${errnoText(err)} (PAGEMAP_SCAN needs Linux 6.7+)`, { cause: err });
+    }
+    return new TrackerError('HYDRA_TRACKER_SCAN_FAILED', `process ${this.pid}: ${step}: ${errnoText(err)}`, { cause: err });
+  }
+
+  /** Copy the runs of guest RAM contiguously into dst (from dstOffset); returns bytes copied. */
+  copyRuns(runs: DirtyRun[] | Float64Array, dst: Buffer, dstOffset = 0): number {
+    this.#check('copyRuns');
+    let flat: Float64Array;
+    if (runs instanceof Float64Array) flat = runs;
+    else {
+      flat = new Float64Array(runs.length * 2);
+      for (let i = 0; i < runs.length; i++) {
+        flat[2 * i] = runs[i]!.offset;
+        flat[2 * i + 1] = runs[i]!.length;
+      }
+    }
+    try {
+      return this.#native.copyRuns(this.ram, flat, dst, dstOffset);
+    } catch (err) {
+      throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: copying dirty runs: ${errnoText(err)}`, { cause: err });
+    }
+  }
+
+  /** A pre-faulted (MAP_POPULATE) buffer for staging checkpoint pages; allocate once, reuse. */
+  allocStaging(bytes: number): Buffer {
+    try {
+      return this.#native.allocStaging(bytes);
+    } catch (err) {
+      throw new TrackerError('HYDRA_TRACKER_NO_MEMORY', `allocating a ${bytes}-byte staging buffer: ${errnoText(err)}`, { cause: err });
+    }
+  }
+
+  /**
+   * Runs of guest RAM that hold pages at all (SEEK_DATA/SEEK_HOLE on the RAM
+   * file). Holes read as zeros; copying only these keeps a full checkpoint
+   * from allocating the guest's untouched memory.
+   */
+  populatedRuns(): DirtyRun[] {
+    this.#check('populatedRuns');
+    return populatedRunsOf(this.#native, this.#ramFd, this.mapping.fileOffset, this.ramSize);
+  }
+
+  /** Cheap check that the mapping is still the one armed. */
+  mappingUnchanged(): boolean {
+    return mappingStillThere(this.mapping, this.#ramIno);
+  }
+
+  /**
+   * Stop tracking: unregister write-protect (if the process lives), release
+   * the RAM view (reads of `ram` then give zeros) and close the fds. The
+   * process's uffd stays set up for async write-protect, so a later attach()
+   * re-arms it. Idempotent.
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const n = this.#native;
+    if (this.isAlive()) {
+      try { n.uffdUnregister(this.#uffd, this.ramStart, this.ramSize); } catch { /* mapping gone: nothing to undo */ }
+    }
+    try { n.releaseMapping(this.ram); } catch { /* finalizer unmaps later */ }
+    for (const fd of [this.#uffd, this.#pidfd]) {
+      try { n.close(fd); } catch { /* already closed */ }
+    }
+    for (const fd of [this.#pagemapFd, this.#ramFd]) {
+      try { closeSync(fd); } catch { /* already closed */ }
+    }
+  }
+}
+
+/** Populated [offset, length) runs of a file region via SEEK_DATA / SEEK_HOLE, relative to base. */
+export function populatedRunsOf(native: RawAddon, fd: number, base: number, size: number): DirtyRun[] {
+  const out: DirtyRun[] = [];
+  const end = base + size;
+  let pos = base;
+  while (pos < end) {
+    const data = native.lseek(fd, pos, 'data');
+    if (data < 0 || data >= end) break;
+    let hole = native.lseek(fd, data, 'hole');
+    if (hole < 0 || hole > end) hole = end;
+    out.push({ offset: data - base, length: hole - data });
+    pos = hole;
+  }
+  return out;
+}

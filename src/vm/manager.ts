@@ -1,0 +1,211 @@
+import fs from 'node:fs';
+import http from 'node:http';
+import { spawn, execFileSync } from 'node:child_process';
+import { cliEntry, shimPath } from '../config/paths.js';
+import { QemuError, SpecError, VmExistsError, VmNotFoundError } from '../errors.js';
+import { chooseAccel } from './accel.js';
+import type { QemuLaunchOptions } from './qemu-args.js';
+import { vmPaths, readState, isLive, listVmNames, pidAlive, removeStaleSockets, type VmState } from './runtime.js';
+import { checkSpecFiles, type VmSpec } from './spec.js';
+import type { LaunchFile } from './supervisor.js';
+
+export const QEMU_BINARY = process.env.HYDRAVM_QEMU ?? 'qemu-system-x86_64';
+
+/** Find the QEMU binary or say how to get it. */
+export function findQemu(): string {
+  try {
+    execFileSync(QEMU_BINARY, ['--version'], { stdio: 'ignore' });
+    return QEMU_BINARY;
+  } catch {
+    throw new QemuError(`QEMU binary "${QEMU_BINARY}" not found or not runnable (run \`hydravm setup\`, or set HYDRAVM_QEMU)`);
+  }
+}
+
+export interface StartOptions {
+  /** Override launch details (restore uses this). */
+  launch?: Partial<QemuLaunchOptions>;
+  /** How long to wait for QEMU to answer QMP. */
+  timeoutMs?: number;
+}
+
+function createDisks(spec: VmSpec): void {
+  for (const disk of spec.disks) {
+    if (fs.existsSync(disk.path)) continue;
+    try {
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk.path, String(disk.size)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (err) {
+      const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
+      throw new QemuError(`VM "${spec.name}": cannot create disk ${disk.path}: ${stderr || (err as Error).message}`);
+    }
+  }
+}
+
+/**
+ * Start a VM under its own supervisor and wait until QEMU answers QMP.
+ * On any failure nothing stays behind: no QEMU, no supervisor, no socket.
+ */
+export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<VmState> {
+  const accel = opts.launch?.accel ?? chooseAccel(spec.accel, spec.name);
+  const qemuBinary = findQemu();
+  if (!fs.existsSync(shimPath)) throw new QemuError(`the userfaultfd shim ${shimPath} is not built (run \`hydravm setup\`)`);
+  checkSpecFiles(spec);
+  const paths = vmPaths(spec.name);
+
+  // Claim the name: mkdir is atomic, so two racing starts cannot both win.
+  fs.mkdirSync(paths.dir.replace(/\/[^/]+$/, ''), { recursive: true });
+  const lockDir = `${paths.dir}.starting`;
+  try {
+    fs.mkdirSync(lockDir);
+  } catch {
+    throw new VmExistsError(spec.name);
+  }
+  try {
+    const previous = readState(spec.name);
+    if (isLive(previous)) throw new VmExistsError(spec.name);
+    fs.mkdirSync(paths.dir, { recursive: true });
+    removeStaleSockets(spec.name);
+    fs.rmSync(paths.state, { force: true });
+    createDisks(spec);
+    const launch: QemuLaunchOptions = { accel, ...opts.launch };
+    const launchFile: LaunchFile = { spec, launch, qemuBinary };
+    fs.writeFileSync(paths.spec, JSON.stringify(launchFile, null, 2) + '\n');
+
+    const logFd = fs.openSync(paths.supervisorLog, 'a');
+    const child = spawn(process.execPath, [cliEntry, 'internal-supervise', spec.name], {
+      detached: true,
+      stdio: ['ignore', logFd, logFd],
+      env: process.env,
+    });
+    fs.closeSync(logFd);
+    child.unref();
+
+    const deadline = Date.now() + (opts.timeoutMs ?? 20_000);
+    for (;;) {
+      const state = readState(spec.name);
+      if (state && state.lifecycle !== 'starting') {
+        if (state.lifecycle === 'running') return state;
+        await waitGone(state, 5000);
+        throw new QemuError(`VM "${spec.name}" failed to start: ${state.reason ?? state.lifecycle} (see ${paths.qemuLog})`);
+      }
+      if (!pidAlive(child.pid) && !(state && pidAlive(state.qemuPid))) {
+        throw new QemuError(`VM "${spec.name}": supervisor exited during start (see ${paths.supervisorLog})`);
+      }
+      if (Date.now() > deadline) {
+        if (state) killHard(state);
+        else if (child.pid) killPid(child.pid);
+        throw new QemuError(`VM "${spec.name}" did not start within ${(opts.timeoutMs ?? 20_000) / 1000} s (see ${paths.qemuLog})`);
+      }
+      await sleep(25);
+    }
+  } finally {
+    fs.rmSync(lockDir, { recursive: true, force: true });
+  }
+}
+
+function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    /* already gone */
+  }
+}
+
+function killHard(state: VmState): void {
+  killPid(state.supervisorPid);
+  if (state.qemuPid) killPid(state.qemuPid);
+  removeStaleSockets(state.name);
+}
+
+async function waitGone(state: VmState, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (isLive(state)) {
+    if (Date.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function controlRequest<T>(name: string, method: string, urlPath: string, timeoutMs = 10_000): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ socketPath: vmPaths(name).controlSocket, method, path: urlPath, timeout: timeoutMs }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => {
+        try {
+          resolve(JSON.parse(body) as T);
+        } catch (err) {
+          reject(err);
+        }
+      });
+    });
+    req.on('timeout', () => req.destroy(new Error(`control socket of VM "${name}" did not answer in ${timeoutMs} ms`)));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** Stop a VM: ask its supervisor, escalate to signals if it does not answer. */
+export async function stopVm(name: string, opts: { timeoutMs?: number } = {}): Promise<VmState> {
+  const state = readState(name);
+  if (!state) throw new VmNotFoundError(name);
+  if (!isLive(state)) return state;
+  try {
+    await controlRequest(name, 'POST', '/stop', opts.timeoutMs ?? 10_000);
+  } catch {
+    killPid(state.supervisorPid, 'SIGTERM');
+  }
+  if (!(await waitGone(state, opts.timeoutMs ?? 10_000))) killHard(state);
+  await waitGone(state, 2000);
+  return readState(name) ?? state;
+}
+
+export interface VmStatus extends VmState {
+  /** QEMU's run state from QMP (running, paused, inmigrate...) when live. */
+  runState?: string;
+  live: boolean;
+  qmpSocket: string;
+  serialLog: string;
+  dir: string;
+}
+
+export async function vmStatus(name: string): Promise<VmStatus> {
+  const state = readState(name);
+  if (!state) throw new VmNotFoundError(name);
+  const paths = vmPaths(name);
+  const live = isLive(state);
+  let runState: string | undefined;
+  let current = state;
+  if (live) {
+    try {
+      const s = await controlRequest<VmState & { runState?: string }>(name, 'GET', '/status', 3000);
+      runState = s.runState;
+      current = { ...state, ...s };
+    } catch {
+      runState = undefined;
+    }
+  } else if (state.lifecycle === 'running' || state.lifecycle === 'starting' || state.lifecycle === 'stopping') {
+    // Supervisor and QEMU are gone without recording it (e.g. SIGKILL of both).
+    current = { ...state, lifecycle: 'crashed', reason: state.reason ?? 'supervisor and QEMU are gone' };
+  }
+  return { ...current, runState, live, qmpSocket: paths.qmpSocket, serialLog: paths.serialLog, dir: paths.dir };
+}
+
+export async function listVms(): Promise<VmStatus[]> {
+  const out: VmStatus[] = [];
+  for (const name of listVmNames()) {
+    try {
+      out.push(await vmStatus(name));
+    } catch {
+      /* a directory without state: a start in progress or debris */
+    }
+  }
+  return out;
+}
+
+export function assertVmName(name: string): void {
+  if (!/^[a-z0-9][a-z0-9_-]{0,31}$/i.test(name)) throw new SpecError(`"${name}" is not a valid VM name`);
+}

@@ -1,0 +1,72 @@
+import type { VmSpec } from './spec.js';
+import type { Accel } from './accel.js';
+
+/** Where the per-VM runtime files live; see src/vm/runtime.ts. */
+export interface QemuRuntimePaths {
+  /** QMP for users and scripts. */
+  qmpSocket: string;
+  /** QMP kept by the VM's supervisor (status, stop). */
+  supervisorQmpSocket: string;
+  /** QMP reserved for HydraVM's checkpointer (one client per QMP monitor). */
+  hydraQmpSocket: string;
+  serialLog: string;
+}
+
+/** How guest RAM is backed. Protection needs a shared, named mapping the tracker can map. */
+export type RamBacking =
+  | { kind: 'memfd' }
+  | { kind: 'file-private'; path: string };
+
+export interface QemuLaunchOptions {
+  accel: Accel;
+  ram?: RamBacking;
+  /** Restore: wait for `migrate-incoming` instead of booting. */
+  incomingDefer?: boolean;
+  /** Block node names and files to open instead of the spec's disks (restore overlays). */
+  diskFiles?: string[];
+}
+
+export const RAM_BACKEND_ID = 'ram0';
+
+/**
+ * The QEMU command line for a VM. Primary and restored VMs must present the
+ * same device configuration, or the saved device state will not load: keep
+ * every device here, parameterised only by what legitimately differs.
+ */
+export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuLaunchOptions): string[] {
+  const mem = `${spec.memoryBytes / (1024 * 1024)}M`;
+  const ram = opts.ram ?? { kind: 'memfd' };
+  const backend = ram.kind === 'memfd'
+    ? `memory-backend-memfd,id=${RAM_BACKEND_ID},size=${mem},share=on`
+    : `memory-backend-file,id=${RAM_BACKEND_ID},size=${mem},mem-path=${ram.path},share=off`;
+  const args = [
+    '-name', `${spec.name},debug-threads=on`,
+    '-accel', opts.accel,
+    '-machine', `q35,memory-backend=${RAM_BACKEND_ID},suppress-vmdesc=on`,
+    '-cpu', opts.accel === 'kvm' ? 'host' : 'qemu64',
+    '-smp', String(spec.vcpus),
+    '-m', mem,
+    '-object', backend,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+    '-chardev', `file,id=serial0,path=${paths.serialLog},append=on`,
+    '-serial', 'chardev:serial0',
+    '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
+    '-qmp', `unix:${paths.supervisorQmpSocket},server=on,wait=off`,
+    '-qmp', `unix:${paths.hydraQmpSocket},server=on,wait=off`,
+    '-kernel', spec.kernel,
+    '-append', spec.cmdline,
+  ];
+  if (spec.initrd) args.push('-initrd', spec.initrd);
+  const diskFiles = opts.diskFiles ?? spec.disks.map((d) => d.path);
+  diskFiles.forEach((file, i) => {
+    args.push(
+      '-blockdev', `driver=file,filename=${file},node-name=disk${i}-file,cache.direct=off`,
+      '-blockdev', `driver=qcow2,file=disk${i}-file,node-name=disk${i}`,
+      '-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}`,
+    );
+  });
+  if (opts.incomingDefer) {
+    args.push('-incoming', 'defer', '-global', 'migration.send-configuration=off');
+  }
+  return args;
+}

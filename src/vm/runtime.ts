@@ -1,0 +1,112 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { vmDir, vmsDir } from '../config/paths.js';
+import type { QemuRuntimePaths } from './qemu-args.js';
+
+/**
+ * The runtime directory of one VM: $HYDRAVM_HOME/vms/NAME/
+ *
+ *   spec.json        the validated spec it was started with
+ *   state.json       VmState below, rewritten atomically by the supervisor
+ *   qmp.sock         QMP for users and scripts
+ *   supervisor.qmp   QMP kept by the supervisor
+ *   hydra.qmp        QMP reserved for the checkpointer
+ *   control.sock     the supervisor's HTTP control API (status, stop)
+ *   serial.log       the guest's serial console
+ *   qemu.log         QEMU's stderr
+ *   supervisor.log   the supervisor's own log (JSON lines)
+ */
+export interface VmPaths extends QemuRuntimePaths {
+  dir: string;
+  spec: string;
+  state: string;
+  controlSocket: string;
+  qemuLog: string;
+  supervisorLog: string;
+}
+
+export function vmPaths(name: string): VmPaths {
+  const dir = vmDir(name);
+  return {
+    dir,
+    spec: path.join(dir, 'spec.json'),
+    state: path.join(dir, 'state.json'),
+    qmpSocket: path.join(dir, 'qmp.sock'),
+    supervisorQmpSocket: path.join(dir, 'supervisor.qmp'),
+    hydraQmpSocket: path.join(dir, 'hydra.qmp'),
+    controlSocket: path.join(dir, 'control.sock'),
+    serialLog: path.join(dir, 'serial.log'),
+    qemuLog: path.join(dir, 'qemu.log'),
+    supervisorLog: path.join(dir, 'supervisor.log'),
+  };
+}
+
+/** Lifecycle as the supervisor records it. "running"/"paused" come live from QMP in status. */
+export type VmLifecycle = 'starting' | 'running' | 'stopping' | 'stopped' | 'crashed' | 'failed';
+
+export interface VmState {
+  name: string;
+  lifecycle: VmLifecycle;
+  supervisorPid: number;
+  qemuPid?: number;
+  accel?: string;
+  memoryBytes?: number;
+  startedAt?: string;
+  endedAt?: string;
+  /** Why it stopped or failed to start, in words. */
+  reason?: string;
+  exitCode?: number | null;
+  exitSignal?: string | null;
+}
+
+export function readState(name: string): VmState | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(vmPaths(name).state, 'utf8')) as VmState;
+  } catch {
+    return undefined;
+  }
+}
+
+export function writeState(state: VmState): void {
+  const file = vmPaths(state.name).state;
+  const tmp = `${file}.tmp-${process.pid}`;
+  fs.writeFileSync(tmp, JSON.stringify(state, null, 2) + '\n');
+  fs.renameSync(tmp, file);
+}
+
+export function pidAlive(pid: number | undefined | null): boolean {
+  if (!pid) return false;
+  try {
+    process.kill(pid, 0);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  // A zombie has exited; it only waits for its parent (or init) to reap it.
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+/** A VM counts as live while its supervisor or its QEMU process exists. */
+export function isLive(state: VmState | undefined): boolean {
+  return !!state && (pidAlive(state.supervisorPid) || pidAlive(state.qemuPid));
+}
+
+export function listVmNames(): string[] {
+  try {
+    return fs.readdirSync(vmsDir(), { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name).sort();
+  } catch {
+    return [];
+  }
+}
+
+/** Remove sockets a dead QEMU left behind, so the next start binds cleanly. */
+export function removeStaleSockets(name: string): void {
+  const p = vmPaths(name);
+  for (const f of [p.qmpSocket, p.supervisorQmpSocket, p.hydraQmpSocket, p.controlSocket]) {
+    fs.rmSync(f, { force: true });
+  }
+}

@@ -1,0 +1,138 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import YAML from 'yaml';
+import { SpecError } from '../errors.js';
+import { guestArtifactsDir } from '../config/paths.js';
+
+/**
+ * A VM spec file (YAML or JSON):
+ *
+ *   name: demo
+ *   memory: 512M          # bytes, or with K/M/G suffix
+ *   vcpus: 1
+ *   accel: auto           # auto | tcg | kvm
+ *   kernel: guest:vmlinuz # "guest:" = from the built guest artifacts; else a path relative to the spec
+ *   initrd: guest:initrd.img
+ *   cmdline: "console=ttyS0 hydra.run=memcheck memcheck.mb=64"
+ *   disks: [{ path: disk0.qcow2, size: 256M }]   # qcow2; created at start when missing and size is given
+ */
+
+const sizeRe = /^(\d+)\s*([KMGT]i?B?|B)?$/i;
+
+export function parseSize(value: string | number, what: string): number {
+  if (typeof value === 'number') {
+    if (!Number.isInteger(value) || value <= 0) throw new SpecError(`${what}: ${value} is not a positive integer size`);
+    return value;
+  }
+  const m = sizeRe.exec(value.trim());
+  if (!m) throw new SpecError(`${what}: "${value}" is not a size (use e.g. 512M, 1G, or bytes)`);
+  const n = Number(m[1]);
+  const unit = (m[2] ?? 'B').toUpperCase()[0];
+  const mult = unit === 'K' ? 1024 : unit === 'M' ? 1024 ** 2 : unit === 'G' ? 1024 ** 3 : unit === 'T' ? 1024 ** 4 : 1;
+  return n * mult;
+}
+
+const nameSchema = z.string().regex(/^[a-z0-9][a-z0-9_-]{0,31}$/i, 'must be 1-32 letters, digits, "-" or "_", starting with a letter or digit');
+const sizeSchema = z.union([z.string(), z.number()]);
+
+const diskSchema = z.object({
+  path: z.string().min(1),
+  size: sizeSchema.optional(),
+}).strict();
+
+const specSchema = z.object({
+  name: nameSchema,
+  memory: sizeSchema,
+  vcpus: z.number().int().min(1).max(64).default(1),
+  accel: z.enum(['auto', 'tcg', 'kvm']).default('auto'),
+  kernel: z.string().min(1),
+  initrd: z.string().min(1).optional(),
+  cmdline: z.string().default('console=ttyS0'),
+  disks: z.array(diskSchema).default([]),
+}).strict();
+
+export interface DiskSpec {
+  /** Absolute path of the qcow2 file. */
+  path: string;
+  /** Size in bytes for creating it when missing. */
+  size?: number;
+}
+
+/** A validated spec with every path absolute and every size in bytes. */
+export interface VmSpec {
+  name: string;
+  memoryBytes: number;
+  vcpus: number;
+  accel: 'auto' | 'tcg' | 'kvm';
+  kernel: string;
+  initrd?: string;
+  cmdline: string;
+  disks: DiskSpec[];
+}
+
+function resolveArtifact(ref: string, baseDir: string): string {
+  if (ref.startsWith('guest:')) return path.join(guestArtifactsDir(), ref.slice('guest:'.length));
+  return path.resolve(baseDir, ref);
+}
+
+/** Validate a parsed spec object. `baseDir` anchors relative paths. Throws SpecError naming the field. */
+export function validateSpec(raw: unknown, baseDir: string, source = 'spec'): VmSpec {
+  const parsed = specSchema.safeParse(raw);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    const where = issue.path.length ? issue.path.join('.') : '(top level)';
+    throw new SpecError(`${source}: ${where}: ${issue.message}`);
+  }
+  const s = parsed.data;
+  const memoryBytes = parseSize(s.memory, `${source}: memory`);
+  if (memoryBytes < 32 * 1024 ** 2) throw new SpecError(`${source}: memory: ${s.memory} is too small (at least 32M)`);
+  if (memoryBytes % (2 * 1024 ** 2) !== 0) throw new SpecError(`${source}: memory: ${s.memory} must be a multiple of 2M`);
+  return {
+    name: s.name,
+    memoryBytes,
+    vcpus: s.vcpus,
+    accel: s.accel,
+    kernel: resolveArtifact(s.kernel, baseDir),
+    initrd: s.initrd ? resolveArtifact(s.initrd, baseDir) : undefined,
+    cmdline: s.cmdline,
+    disks: s.disks.map((d, i) => ({
+      path: path.resolve(baseDir, d.path),
+      size: d.size === undefined ? undefined : parseSize(d.size, `${source}: disks.${i}.size`),
+    })),
+  };
+}
+
+/** Read, parse and validate a spec file. */
+export function loadSpecFile(file: string): VmSpec {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new SpecError(`cannot read VM spec ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  let raw: unknown;
+  try {
+    raw = file.endsWith('.json') ? JSON.parse(text) : YAML.parse(text);
+  } catch (err) {
+    throw new SpecError(`VM spec ${file} is not valid ${file.endsWith('.json') ? 'JSON' : 'YAML'}: ${(err as Error).message}`, { cause: err });
+  }
+  return validateSpec(raw, path.dirname(path.resolve(file)), file);
+}
+
+/** Check the files the spec points to exist, before anything is started. */
+export function checkSpecFiles(spec: VmSpec): void {
+  const need: [string, string][] = [['kernel', spec.kernel]];
+  if (spec.initrd) need.push(['initrd', spec.initrd]);
+  for (const [what, file] of need) {
+    if (!fs.existsSync(file)) {
+      const hint = file.startsWith(guestArtifactsDir()) ? ' (run `hydravm setup` to build the guest artifacts)' : '';
+      throw new SpecError(`VM "${spec.name}": ${what} ${file} does not exist${hint}`);
+    }
+  }
+  spec.disks.forEach((d, i) => {
+    if (!fs.existsSync(d.path) && d.size === undefined) {
+      throw new SpecError(`VM "${spec.name}": disks.${i}: ${d.path} does not exist and no size is given to create it`);
+    }
+  });
+}

@@ -1,0 +1,163 @@
+import fs from 'node:fs';
+import http from 'node:http';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { shimPath } from '../config/paths.js';
+import { connectWhenReady, type QmpClient } from '../qmp/index.js';
+import { vmLog } from '../util/log.js';
+import { buildQemuArgs, type QemuLaunchOptions } from './qemu-args.js';
+import { vmPaths, writeState, readState, removeStaleSockets, type VmState } from './runtime.js';
+import type { VmSpec } from './spec.js';
+
+/** What `vm start` (or a restore) hands to the supervisor through spec.json. */
+export interface LaunchFile {
+  spec: VmSpec;
+  launch: QemuLaunchOptions;
+  qemuBinary: string;
+}
+
+/**
+ * The VM supervisor: one detached process per VM that owns its QEMU. It exists
+ * because QEMU must not `-daemonize` (the fork leaves the shim's userfaultfd
+ * bound to the dead parent, see docs/design.md), yet the VM must outlive the
+ * command that started it. It records the VM's lifecycle in state.json, sees
+ * QEMU's death at once, and serves status/stop on control.sock.
+ */
+export async function runSupervisor(name: string): Promise<void> {
+  const paths = vmPaths(name);
+  const logger = vmLog(name);
+  const launchFile = JSON.parse(fs.readFileSync(paths.spec, 'utf8')) as LaunchFile;
+  const { spec, launch } = launchFile;
+  removeStaleSockets(name);
+
+  const state: VmState = {
+    name,
+    lifecycle: 'starting',
+    supervisorPid: process.pid,
+    accel: launch.accel,
+    memoryBytes: spec.memoryBytes,
+    startedAt: new Date().toISOString(),
+  };
+  const save = () => writeState(state);
+
+  const qemuErr = fs.openSync(paths.qemuLog, 'a');
+  const args = buildQemuArgs(spec, paths, launch);
+  logger.info({ qemu: launchFile.qemuBinary, args }, 'starting QEMU');
+  let qemu: ChildProcess;
+  try {
+    qemu = spawn(launchFile.qemuBinary, args, {
+      stdio: ['ignore', qemuErr, qemuErr],
+      env: { ...process.env, LD_PRELOAD: shimPath },
+    });
+  } catch (err) {
+    state.lifecycle = 'failed';
+    state.reason = `cannot start ${launchFile.qemuBinary}: ${(err as Error).message}`;
+    save();
+    return;
+  }
+  let qemuExited = false;
+  let stopping = false;
+  const exited = new Promise<void>((resolve) => {
+    qemu.on('error', (err) => {
+      qemuExited = true;
+      state.lifecycle = 'failed';
+      state.reason = `cannot start ${launchFile.qemuBinary}: ${err.message}`;
+      resolve();
+    });
+    qemu.on('exit', (code, signal) => {
+      qemuExited = true;
+      state.exitCode = code;
+      state.exitSignal = signal;
+      state.endedAt = new Date().toISOString();
+      if (state.lifecycle === 'starting') {
+        state.lifecycle = 'failed';
+        state.reason = `QEMU exited during start (code ${code}, signal ${signal}): ${lastLines(paths.qemuLog)}`;
+      } else if (stopping) {
+        state.lifecycle = 'stopped';
+        state.reason = 'stopped by request';
+      } else if (code === 0) {
+        state.lifecycle = 'stopped';
+        state.reason = 'guest shut down';
+      } else {
+        state.lifecycle = 'crashed';
+        state.reason = `QEMU died (code ${code}, signal ${signal})`;
+      }
+      resolve();
+    });
+  });
+  state.qemuPid = qemu.pid;
+  save();
+
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await connectWhenReady(paths.supervisorQmpSocket, { label: `VM ${name}`, deadlineMs: 15_000, isAlive: () => !qemuExited });
+    const status = await qmp.execute<{ status: string }>('query-status');
+    logger.info({ status: status.status, qemuPid: qemu.pid }, 'QEMU is up');
+    state.lifecycle = 'running';
+    save();
+  } catch (err) {
+    if (!qemuExited) {
+      state.lifecycle = 'failed';
+      state.reason = `QEMU did not become ready: ${(err as Error).message}`;
+      save();
+      qemu.kill('SIGKILL');
+    }
+  }
+
+  const stop = async () => {
+    if (stopping || qemuExited) return;
+    stopping = true;
+    state.lifecycle = 'stopping';
+    save();
+    logger.info('stopping QEMU');
+    qemu.kill('SIGTERM');
+    const timer = setTimeout(() => qemu.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+  };
+  process.on('SIGTERM', () => void stop());
+  process.on('SIGINT', () => void stop());
+
+  const control = http.createServer((req, res) => {
+    void (async () => {
+      const reply = (code: number, body: unknown) => {
+        res.writeHead(code, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(body));
+      };
+      if (req.method === 'GET' && req.url === '/status') {
+        let run: string | undefined;
+        try {
+          run = qmp && !qmp.closed ? (await qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 2000 })).status : undefined;
+        } catch {
+          run = undefined;
+        }
+        reply(200, { ...readState(name), runState: run });
+      } else if (req.method === 'POST' && req.url === '/stop') {
+        await stop();
+        reply(200, { stopped: true });
+      } else {
+        reply(404, { error: `no route ${req.method} ${req.url}` });
+      }
+    })();
+  });
+  if (!qemuExited) {
+    await new Promise<void>((resolve) => control.listen(paths.controlSocket, resolve));
+  }
+
+  await exited;
+  qmp?.close();
+  control.close();
+  control.closeAllConnections();
+  removeStaleSockets(name);
+  save();
+  logger.info({ lifecycle: state.lifecycle, reason: state.reason }, 'VM ended');
+  fs.closeSync(qemuErr);
+}
+
+function lastLines(file: string, n = 3): string {
+  try {
+    const lines = fs.readFileSync(file, 'utf8').trim().split('\n').filter(Boolean);
+    return lines.slice(-n).join(' | ') || '(no output)';
+  } catch {
+    return '(no output)';
+  }
+}

@@ -1,0 +1,127 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawnSync, spawn } from 'node:child_process';
+import { cliEntry } from '../src/config/paths.js';
+
+/**
+ * Test harness: each test file gets its own HYDRAVM_HOME so runs never see
+ * each other's VMs, and drives HydraVM through its real CLI as a user would.
+ */
+export interface Lab {
+  home: string;
+  env: NodeJS.ProcessEnv;
+  cli(args: string[], opts?: { env?: NodeJS.ProcessEnv; timeoutMs?: number }): { code: number; stdout: string; stderr: string };
+  cliAsync(args: string[], opts?: { env?: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<{ code: number; stdout: string; stderr: string }>;
+  writeSpec(name: string, fields: Record<string, unknown>): string;
+  cleanup(): void;
+}
+
+export function makeLab(prefix: string): Lab {
+  // Short path: unix socket paths are limited to 108 bytes.
+  const home = fs.mkdtempSync(path.join('/tmp', `hv-${prefix}-`));
+  const env = { ...process.env, HYDRAVM_HOME: home, HYDRAVM_SECRET: 'test-secret-0123456789abcdef' };
+  const lab: Lab = {
+    home,
+    env,
+    cli(args, opts = {}) {
+      const r = spawnSync(process.execPath, [cliEntry, ...args], { env: { ...env, ...opts.env }, encoding: 'utf8', timeout: opts.timeoutMs ?? 120_000 });
+      return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+    },
+    cliAsync(args, opts = {}) {
+      return new Promise((resolve) => {
+        const child = spawn(process.execPath, [cliEntry, ...args], { env: { ...env, ...opts.env } });
+        let stdout = '';
+        let stderr = '';
+        child.stdout.on('data', (d) => (stdout += d));
+        child.stderr.on('data', (d) => (stderr += d));
+        const t = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 300_000);
+        child.on('close', (code) => { clearTimeout(t); resolve({ code: code ?? -1, stdout, stderr }); });
+      });
+    },
+    writeSpec(name, fields) {
+      const file = path.join(home, `${name}.json`);
+      fs.writeFileSync(file, JSON.stringify({
+        name,
+        memory: '256M',
+        vcpus: 1,
+        accel: 'auto',
+        kernel: 'guest:vmlinux',
+        initrd: 'guest:initrd.img',
+        cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=32 memcheck.rate=8',
+        ...fields,
+      }, null, 2));
+      return file;
+    },
+    cleanup() {
+      // Stop whatever a failed test left running, then remove the lab.
+      const vms = path.join(home, 'vms');
+      for (const name of fs.existsSync(vms) ? fs.readdirSync(vms) : []) {
+        try {
+          const st = JSON.parse(fs.readFileSync(path.join(vms, name, 'state.json'), 'utf8'));
+          for (const pid of [st.supervisorPid, st.qemuPid]) if (pid) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+        } catch { /* no state */ }
+        try {
+          const pr = JSON.parse(fs.readFileSync(path.join(vms, name, 'protection.json'), 'utf8'));
+          if (pr.pid) try { process.kill(pr.pid, 'SIGKILL'); } catch { /* gone */ }
+        } catch { /* not protected */ }
+      }
+      fs.rmSync(home, { recursive: true, force: true });
+    },
+  };
+  return lab;
+}
+
+export { pidAlive } from '../src/vm/runtime.js';
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export function tmpDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+/** A checkpoint store started through the CLI, as a user would. */
+export async function startStore(lab: Lab, dir: string, port = 0): Promise<{ address: string; proc: import('node:child_process').ChildProcess; stop(): Promise<void> }> {
+  const { spawn } = await import('node:child_process');
+  const proc = spawn(process.execPath, [cliEntry, 'store', '--dir', dir, '--listen', `127.0.0.1:${port}`], { env: lab.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  proc.stderr!.on('data', (d) => (err += d));
+  const address = await new Promise<string>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`store did not start: ${err}`)), 15_000);
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      const m = /listening on (\S+),/.exec(out);
+      if (m) { clearTimeout(t); resolve(m[1]!); }
+    });
+    proc.on('exit', (code) => { clearTimeout(t); reject(new Error(`store exited with ${code}: ${err}`)); });
+  });
+  return {
+    address,
+    proc,
+    stop: () => new Promise<void>((resolve) => {
+      if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+      proc.once('exit', () => resolve());
+      proc.kill('SIGTERM');
+    }),
+  };
+}
+
+export function readJson<T>(file: string): T | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Wait until `fn` returns a truthy value. */
+export async function until<T>(fn: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs: number, what: string): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(50);
+  }
+}
