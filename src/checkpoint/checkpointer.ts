@@ -28,6 +28,8 @@ export interface CheckpointerOptions {
   stagingBytes?: number;
   /** Called after every state change and commit. */
   onStatus?: (status: ProtectionStatus) => void;
+  /** Called with each committed checkpoint's measurements. */
+  onCheckpoint?: (stats: CheckpointStats) => void;
   /** Optional disk freezer (issue: disk state); called while the VM is paused. */
   freezeDisks?: (epoch: number) => Promise<string[]>;
 }
@@ -271,6 +273,7 @@ export class Checkpointer {
       sendMs: te - ts, commitMs: tc - te, intervalMs,
     };
     this.history.push(stats);
+    this.opts.onCheckpoint?.(stats);
     if (this.history.length > 200) this.history.shift();
     this.publish({ state: 'protected', reason: undefined, committedEpoch: epoch, lastCommitAt: Date.now(), last: stats });
     this.log.debug(stats, 'checkpoint committed');

@@ -7,7 +7,7 @@ import { CheckpointError, VmNotFoundError } from '../errors.js';
 import { vmPaths, readState, isLive, pidAlive } from '../vm/runtime.js';
 import { vmLog } from '../util/log.js';
 import { Checkpointer } from './checkpointer.js';
-import type { ProtectionStatus } from './stats.js';
+import type { CheckpointStats, ProtectionStatus } from './stats.js';
 
 /**
  * Protection of one VM runs in its own detached process (like the VM's
@@ -15,6 +15,7 @@ import type { ProtectionStatus } from './stats.js';
  *   protect.json      what was asked (store, interval, generation)
  *   protection.json   ProtectionStatus, rewritten after every commit
  *   checkpointer.log  its log
+ *   checkpoints.jsonl one line of measurements per committed checkpoint
  *   devstate.bin      scratch: QEMU writes the device state here in each pause
  */
 export interface ProtectRequest {
@@ -33,6 +34,7 @@ function files(vm: string) {
     status: path.join(dir, 'protection.json'),
     log: path.join(dir, 'checkpointer.log'),
     devstate: path.join(dir, 'devstate.bin'),
+    history: path.join(dir, 'checkpoints.jsonl'),
   };
 }
 
@@ -49,6 +51,15 @@ function writeProtection(status: ProtectionStatus): void {
   const tmp = `${file}.tmp`;
   fs.writeFileSync(tmp, JSON.stringify(status, null, 2) + '\n');
   fs.renameSync(tmp, file);
+}
+
+/** Measurements of every checkpoint committed for this VM on this host. */
+export function readCheckpointHistory(vm: string): (CheckpointStats & { generation: number })[] {
+  try {
+    return fs.readFileSync(files(vm).history, 'utf8').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l));
+  } catch {
+    return [];
+  }
 }
 
 export function isProtected(vm: string): boolean {
@@ -125,6 +136,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     config,
     stagingBytes: req.stagingBytes,
     onStatus: writeProtection,
+    onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
   });
   process.on('SIGTERM', () => cp.stop());
   process.on('SIGINT', () => cp.stop());

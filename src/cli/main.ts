@@ -7,6 +7,7 @@ import { registerDemoCommand } from './demo-command.js';
 import { registerProtectCommands } from './protect-commands.js';
 import { registerStoreCommand } from './store-command.js';
 import { registerRestoreCommand } from './restore-command.js';
+import { registerBenchCommand } from './bench-command.js';
 
 const program = new Command();
 program
@@ -20,6 +21,7 @@ registerVmCommands(program);
 registerStoreCommand(program);
 registerProtectCommands(program);
 registerRestoreCommand(program);
+registerBenchCommand(program);
 registerDemoCommand(program);
 
 program

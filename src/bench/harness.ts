@@ -1,0 +1,77 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { cliEntry } from '../config/paths.js';
+import { quantile } from '../checkpoint/stats.js';
+
+/** Shared pieces of the benchmarks: an isolated HydraVM home, a store process, stats. */
+export interface BenchEnv {
+  home: string;
+  storeDir: string;
+  store: { address: string; proc: ChildProcess };
+  close(): Promise<void>;
+}
+
+export async function benchEnv(prefix: string): Promise<BenchEnv> {
+  const home = fs.mkdtempSync(path.join('/tmp', `hv-bench-${prefix}-`));
+  process.env.HYDRAVM_HOME = home;
+  process.env.HYDRAVM_SECRET ??= 'bench-secret-0123456789abcdef';
+  const storeDir = path.join(home, 'store');
+  const proc = spawn(process.execPath, [cliEntry, 'store', '--dir', storeDir, '--listen', '127.0.0.1:0'], { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  proc.stderr!.on('data', (d) => (err += d));
+  const address = await new Promise<string>((resolve, reject) => {
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      const m = /listening on (\S+),/.exec(out);
+      if (m) resolve(m[1]!);
+    });
+    proc.on('exit', (code) => reject(new Error(`store exited (${code}): ${err}`)));
+  });
+  return {
+    home,
+    storeDir,
+    store: { address, proc },
+    async close() {
+      proc.kill('SIGTERM');
+      await new Promise((r) => proc.once('exit', r));
+      fs.rmSync(home, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface Summary {
+  n: number;
+  median: number | null;
+  p99: number | null;
+  min: number | null;
+  max: number | null;
+}
+
+export function summary(values: number[]): Summary {
+  return {
+    n: values.length,
+    median: quantile(values, 0.5),
+    p99: quantile(values, 0.99),
+    min: values.length ? Math.min(...values) : null,
+    max: values.length ? Math.max(...values) : null,
+  };
+}
+
+export const fmt = (v: number | null | undefined, digits = 1) => (v === null || v === undefined ? '-' : v.toFixed(digits));
+
+export function writeResults(outDir: string, name: string, json: unknown, markdown: string, charts: Record<string, string>): string[] {
+  fs.mkdirSync(outDir, { recursive: true });
+  const files = [path.join(outDir, `${name}.json`), path.join(outDir, `${name}.md`)];
+  fs.writeFileSync(files[0]!, JSON.stringify(json, null, 2) + '\n');
+  fs.writeFileSync(files[1]!, markdown);
+  for (const [file, svg] of Object.entries(charts)) {
+    const p = path.join(outDir, file);
+    fs.writeFileSync(p, svg);
+    files.push(p);
+  }
+  return files;
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -1,0 +1,121 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { crc32 } from 'node:zlib';
+import {
+  FrameDecoder, FrameFlag, FrameType, FRAME_HEADER_SIZE, PROTOCOL_VERSION, encodeFrame,
+  batchRuns, decodeJson, decodePages, encodePages, encodeRunTable, helloSchema,
+} from './index.js';
+
+const code = (c: string) => (e: unknown) => (e as { code?: string }).code === c;
+
+test('frame golden bytes', () => {
+  assert.equal(PROTOCOL_VERSION, 1);
+  const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'), { flags: FrameFlag.MORE });
+  // magic "HVMP", version 1, type 10 (COMMIT), flags 1, length 2, crc32("{}") = 0xa3a6bf43, payload "{}"
+  assert.equal(f.toString('hex'), '48564d50' + '0001' + '000a' + '00000001' + '00000002' + 'a3a6bf43' + '7b7d');
+  const [d] = new FrameDecoder().push(Buffer.from('48564d500001000a0000000100000002a3a6bf437b7d', 'hex'));
+  assert.equal(d!.type, FrameType.COMMIT);
+  assert.equal(d!.flags, FrameFlag.MORE);
+  assert.equal(d!.payload.toString(), '{}');
+});
+
+test('golden: fixed HELLO frame decodes', () => {
+  const payload = Buffer.from('{"minVersion":1,"maxVersion":1,"vm":"web1","generation":3,"role":"checkpointer"}');
+  const hex = '48564d50' + '0001' + '0001' + '00000000' + payload.length.toString(16).padStart(8, '0') + crc32(payload).toString(16).padStart(8, '0');
+  const bytes = Buffer.concat([Buffer.from(hex, 'hex'), payload]);
+  assert.equal(bytes.length, FRAME_HEADER_SIZE + payload.length);
+  const [f] = new FrameDecoder().push(bytes);
+  assert.equal(f!.type, FrameType.HELLO);
+  assert.deepEqual(decodeJson(f!.type, f!.payload, helloSchema), { minVersion: 1, maxVersion: 1, vm: 'web1', generation: 3, role: 'checkpointer' });
+  assert.deepEqual(encodeFrame(FrameType.HELLO, payload), bytes);
+});
+
+test('decoder reassembles frames split at every byte', () => {
+  const a = encodeFrame(FrameType.PAGES, encodePages([{ offset: 4096, length: 8 }], Buffer.from('abcdefgh')));
+  const b = encodeFrame(FrameType.DEVSTATE, Buffer.from('xyz'));
+  const all = Buffer.concat([a, b]);
+  const d = new FrameDecoder();
+  const frames = [];
+  for (let i = 0; i < all.length; i++) frames.push(...d.push(all.subarray(i, i + 1)));
+  assert.equal(frames.length, 2);
+  const p = decodePages(frames[0]!.payload);
+  assert.deepEqual(p.runs, [{ offset: 4096, length: 8 }]);
+  assert.equal(p.data.toString(), 'abcdefgh');
+  assert.equal(frames[1]!.payload.toString(), 'xyz');
+  assert.equal(d.midFrame, false);
+});
+
+test('bad magic is refused', () => {
+  const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'));
+  f[0] = 0x47;
+  assert.throws(() => new FrameDecoder().push(f), code('HYDRA_PROTOCOL_BAD_MAGIC'));
+});
+
+test('bad crc is refused', () => {
+  const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'));
+  f[f.length - 1] ^= 1;
+  assert.throws(() => new FrameDecoder().push(f), code('HYDRA_PROTOCOL_BAD_CRC'));
+});
+
+test('truncated frame yields nothing and is reported as mid-frame', () => {
+  const f = encodeFrame(FrameType.DEVSTATE, Buffer.alloc(100, 1));
+  const d = new FrameDecoder();
+  assert.deepEqual(d.push(f.subarray(0, 10)), []);
+  assert.equal(d.midFrame, true);
+  assert.deepEqual(d.push(f.subarray(10, 60)), []);
+  assert.equal(d.midFrame, true);
+  assert.equal(d.push(f.subarray(60)).length, 1);
+});
+
+test('oversize length is an error, not an allocation', () => {
+  const h = encodeFrame(FrameType.PAGES, Buffer.alloc(0));
+  h.writeUInt32BE(0xfffffff0, 12);
+  assert.throws(() => new FrameDecoder().push(h), (e: unknown) => code('HYDRA_PROTOCOL_FRAME_TOO_LARGE')(e) && /4294967280/.test((e as Error).message));
+  const small = new FrameDecoder({ maxPayload: 10 });
+  assert.throws(() => small.push(encodeFrame(FrameType.DEVSTATE, Buffer.alloc(11))), code('HYDRA_PROTOCOL_FRAME_TOO_LARGE'));
+});
+
+test('version mismatch names both versions; HELLO and ERROR pass at any version', () => {
+  const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'), { version: 9 });
+  assert.throws(() => new FrameDecoder().push(f), (e: unknown) => code('HYDRA_PROTOCOL_VERSION')(e) && /version 9/.test((e as Error).message) && /version 1/.test((e as Error).message));
+  assert.equal(new FrameDecoder().push(encodeFrame(FrameType.HELLO, Buffer.from('{}'), { version: 9 })).length, 1);
+  assert.equal(new FrameDecoder().push(encodeFrame(FrameType.ERROR, Buffer.from('{}'), { version: 9 })).length, 1);
+});
+
+test('unknown frame type is refused', () => {
+  const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'));
+  f.writeUInt16BE(999, 6);
+  assert.throws(() => new FrameDecoder().push(f), code('HYDRA_PROTOCOL_BAD_TYPE'));
+});
+
+test('a failed decoder stays failed', () => {
+  const d = new FrameDecoder();
+  assert.throws(() => d.push(Buffer.from('garbage-garbage-garbage')));
+  assert.throws(() => d.push(encodeFrame(FrameType.COMMIT, Buffer.from('{}'))), code('HYDRA_PROTOCOL_DECODER_FAILED'));
+});
+
+test('PAGES payload layout and validation', () => {
+  const p = encodePages([{ offset: 0x100000000, length: 2 }, { offset: 8192, length: 1 }], Buffer.from('abc'));
+  assert.equal(p.toString('hex'), '00000002' + '0000000100000000' + '00000002' + '0000000000002000' + '00000001' + '616263');
+  const d = decodePages(p);
+  assert.deepEqual(d.runs, [{ offset: 0x100000000, length: 2 }, { offset: 8192, length: 1 }]);
+  assert.throws(() => decodePages(p.subarray(0, p.length - 1)), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+  assert.throws(() => decodePages(Buffer.from('00000100', 'hex')), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+  assert.throws(() => encodePages([{ offset: 0, length: 4 }], Buffer.from('abc')), code('HYDRA_PROTOCOL_BAD_RUN'));
+  const t = encodeRunTable([{ offset: 4096, length: 4096 }]);
+  assert.deepEqual(decodePages(t, false).runs, [{ offset: 4096, length: 4096 }]);
+  assert.throws(() => decodePages(Buffer.concat([t, Buffer.from('x')]), false), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+});
+
+test('batchRuns splits by data size without copying', () => {
+  const data = Buffer.from('aaaabbbbccccdddd');
+  const runs = [{ offset: 0, length: 4 }, { offset: 4, length: 4 }, { offset: 100, length: 8 }];
+  const out = [...batchRuns(runs, data, 6)];
+  assert.deepEqual(out.map((b) => b.runs), [[{ offset: 0, length: 6 }], [{ offset: 6, length: 2 }, { offset: 100, length: 4 }], [{ offset: 104, length: 4 }]]);
+  assert.deepEqual(out.map((b) => b.data!.toString()), ['aaaabb', 'bbcccc', 'dddd']);
+});
+
+test('JSON payload validation names the frame', () => {
+  assert.throws(() => decodeJson(FrameType.HELLO, Buffer.from('{"vm":"x"}'), helloSchema), (e: unknown) => code('HYDRA_PROTOCOL_BAD_PAYLOAD')(e) && /HELLO/.test((e as Error).message));
+  assert.throws(() => decodeJson(FrameType.HELLO, Buffer.from('not json'), helloSchema), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+});

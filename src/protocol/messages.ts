@@ -1,0 +1,227 @@
+/**
+ * HydraVM store protocol: message payloads. Control messages are UTF-8 JSON
+ * validated with zod; bulk messages are binary:
+ *
+ *   PAGES / READ_PAGES payload:
+ *     u32 BE  run count N
+ *     N x { u64 BE offset, u32 BE length }   (12 bytes each)
+ *     data: the runs' bytes, contiguous, in run order (PAGES only; sum of lengths)
+ *   DEVSTATE payload: raw device-state bytes; FrameFlag.MORE on all chunks but the last.
+ *
+ * Changing any payload layout requires a PROTOCOL_VERSION bump.
+ */
+import { z } from 'zod';
+import { ProtocolError } from '../errors.js';
+import { FrameType, frameTypeName } from './frames.js';
+
+export type Role = 'checkpointer' | 'reader';
+export type CheckpointKind = 'full' | 'incremental';
+
+export interface PageRun {
+  offset: number;
+  length: number;
+}
+
+const int = z.number().int().nonnegative();
+const vmName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, 'VM name: letters, digits, . _ -, at most 64 characters');
+
+export const helloSchema = z.object({
+  minVersion: int,
+  maxVersion: int,
+  vm: vmName,
+  generation: int,
+  role: z.enum(['checkpointer', 'reader']),
+});
+export const challengeSchema = z.object({ version: int, nonce: z.string().regex(/^[0-9a-f]{64}$/) });
+export const authSchema = z.object({ hmac: z.string().regex(/^[0-9a-f]{64}$/) });
+export const welcomeSchema = z.object({
+  version: int,
+  vm: z.string(),
+  generation: int,
+  highestGeneration: int,
+  committedEpoch: int.nullable(),
+});
+export const beginSchema = z.object({
+  epoch: z.number().int().positive(),
+  kind: z.enum(['full', 'incremental']),
+  ramSize: z.number().int().positive(),
+  pageSize: z.number().int().positive().optional(),
+  config: z.unknown().optional(),
+});
+export const begunSchema = z.object({ epoch: int });
+export const disksSchema = z.object({ ids: z.array(z.string().max(4096)).max(4096) });
+export const commitSchema = z.object({ epoch: int.optional() });
+export const committedSchema = z.object({
+  epoch: int,
+  durableAt: z.number(),
+  applyMs: z.number(),
+  bytes: int,
+  pages: int,
+});
+export const errorSchema = z.object({
+  code: z.string(),
+  message: z.string(),
+  /** true when the error was not the reply to a request (e.g. ENOSPC while PAGES streamed). */
+  unsolicited: z.boolean().optional(),
+  committedEpoch: int.nullable().optional(),
+});
+export const getMetaSchema = z.object({ generation: int.optional() });
+export const getDevstateSchema = z.object({ generation: int.optional() });
+export const abortSchema = z.object({});
+
+export const epochStatSchema = z.object({
+  epoch: int,
+  kind: z.enum(['full', 'incremental']),
+  pages: int,
+  bytes: int,
+  committedAt: z.string(),
+  applyMs: z.number(),
+});
+
+/** What the store says about one VM generation's image (the meta.json body; also the META reply). */
+export const storeMetaSchema = z.object({
+  vm: z.string(),
+  generation: int,
+  committedEpoch: int,
+  ramSize: z.number().int().positive(),
+  pageSize: z.number().int().positive(),
+  /** File name of the RAM image inside the generation directory (normally "memory.img"). */
+  memoryFile: z.string(),
+  devstate: z.object({ file: z.string(), size: int, sha256: z.string().regex(/^[0-9a-f]{64}$/) }),
+  /** Disk layer ids of the committed epoch (opaque to the store). */
+  disks: z.array(z.string()),
+  /** The VM spec as the checkpointer sent it with the full checkpoint (opaque). */
+  config: z.unknown(),
+  createdAt: z.string(),
+  committedAt: z.string(),
+  /** Most recent checkpoints, newest last (bounded). */
+  epochs: z.array(epochStatSchema),
+});
+export type StoreMeta = z.infer<typeof storeMetaSchema>;
+export const metaReplySchema = z.object({ meta: storeMetaSchema.nullable() });
+
+export type Hello = z.infer<typeof helloSchema>;
+export type Welcome = z.infer<typeof welcomeSchema>;
+export type Begin = z.infer<typeof beginSchema>;
+export type Committed = z.infer<typeof committedSchema>;
+export type ErrorMessage = z.infer<typeof errorSchema>;
+
+export function encodeJson(value: unknown): Buffer {
+  return Buffer.from(JSON.stringify(value), 'utf8');
+}
+
+/** Parse a JSON payload against its schema; a bad payload is a ProtocolError naming the frame type. */
+export function decodeJson<T>(type: FrameType, payload: Buffer, schema: z.ZodType<T>): T {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(payload.toString('utf8'));
+  } catch (err) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `${frameTypeName(type)} payload is not JSON`, { cause: err });
+  }
+  const r = schema.safeParse(raw);
+  if (!r.success) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `${frameTypeName(type)} payload invalid: ${r.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`);
+  }
+  return r.data;
+}
+
+const RUN_SIZE = 12;
+
+/** Encode a run table (READ_PAGES) or a run table plus data (PAGES). Returns [table, data?] to avoid copying data. */
+export function encodeRunTable(runs: readonly PageRun[]): Buffer {
+  const b = Buffer.allocUnsafe(4 + runs.length * RUN_SIZE);
+  b.writeUInt32BE(runs.length, 0);
+  let p = 4;
+  for (const r of runs) {
+    if (!Number.isSafeInteger(r.offset) || r.offset < 0 || !Number.isInteger(r.length) || r.length < 0 || r.length > 0xffffffff) {
+      throw new ProtocolError('HYDRA_PROTOCOL_BAD_RUN', `bad page run offset=${r.offset} length=${r.length}`);
+    }
+    b.writeBigUInt64BE(BigInt(r.offset), p);
+    b.writeUInt32BE(r.length, p + 8);
+    p += RUN_SIZE;
+  }
+  return b;
+}
+
+export function runsBytes(runs: readonly PageRun[]): number {
+  let n = 0;
+  for (const r of runs) n += r.length;
+  return n;
+}
+
+/** Encode a PAGES payload: table then data (one buffer; the data is copied once). */
+export function encodePages(runs: readonly PageRun[], data: Buffer): Buffer {
+  const total = runsBytes(runs);
+  if (total !== data.length) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_RUN', `page runs cover ${total} bytes but ${data.length} data bytes were given`);
+  }
+  const table = encodeRunTable(runs);
+  return Buffer.concat([table, data], table.length + data.length);
+}
+
+export interface DecodedPages {
+  runs: PageRun[];
+  /** The runs' bytes (a view into the payload). */
+  data: Buffer;
+  /** Offset of the data inside the payload. */
+  dataOffset: number;
+}
+
+/** Decode a PAGES payload (or, with expectData=false, a READ_PAGES run table). */
+export function decodePages(payload: Buffer, expectData = true): DecodedPages {
+  if (payload.length < 4) throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `page-run payload of ${payload.length} bytes is shorter than its count field`);
+  const n = payload.readUInt32BE(0);
+  const tableEnd = 4 + n * RUN_SIZE;
+  if (tableEnd > payload.length) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `page-run table of ${n} runs needs ${tableEnd} bytes, payload has ${payload.length}`);
+  }
+  const runs: PageRun[] = new Array(n);
+  let total = 0;
+  for (let i = 0, p = 4; i < n; i++, p += RUN_SIZE) {
+    const off = payload.readBigUInt64BE(p);
+    if (off > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError('HYDRA_PROTOCOL_BAD_RUN', `page run offset ${off} too large`);
+    const length = payload.readUInt32BE(p + 8);
+    runs[i] = { offset: Number(off), length };
+    total += length;
+  }
+  if (expectData && total !== payload.length - tableEnd) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `page runs cover ${total} bytes but the frame carries ${payload.length - tableEnd} data bytes`);
+  }
+  if (!expectData && tableEnd !== payload.length) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `READ_PAGES payload has ${payload.length - tableEnd} trailing bytes`);
+  }
+  return { runs, data: payload.subarray(tableEnd), dataOffset: tableEnd };
+}
+
+/**
+ * Split runs + contiguous data into batches of at most maxData bytes of data
+ * each (a run longer than maxData is split). Data buffers are views, not copies.
+ */
+export function* batchRuns(runs: readonly PageRun[], data: Buffer | null, maxData: number): Generator<{ runs: PageRun[]; data: Buffer | null; bytes: number }> {
+  let batch: PageRun[] = [];
+  let batchStart = 0; // data offset where the batch starts
+  let batchBytes = 0;
+  let dataPos = 0;
+  for (const r of runs) {
+    let off = r.offset;
+    let left = r.length;
+    while (left > 0) {
+      const room = maxData - batchBytes;
+      const k = Math.min(room, left);
+      const last = batch[batch.length - 1];
+      if (last && last.offset + last.length === off) last.length += k;
+      else batch.push({ offset: off, length: k });
+      batchBytes += k;
+      off += k;
+      left -= k;
+      dataPos += k;
+      if (batchBytes === maxData) {
+        yield { runs: batch, data: data ? data.subarray(batchStart, dataPos) : null, bytes: batchBytes };
+        batch = [];
+        batchStart = dataPos;
+        batchBytes = 0;
+      }
+    }
+  }
+  if (batch.length > 0) yield { runs: batch, data: data ? data.subarray(batchStart, dataPos) : null, bytes: batchBytes };
+}

@@ -1,0 +1,113 @@
+/** Small file-system steps, each failing with an error that names the step and the file. */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { ioStepError } from '../errors.js';
+import type { FaultInjector, CrashPoint } from './faults.js';
+
+export async function step<T>(name: string, subject: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if ((err as { code?: string })?.code?.startsWith('HYDRA_')) throw err;
+    throw ioStepError(name, subject, err);
+  }
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  await step('fsync directory', dir, async () => {
+    const fh = await fs.open(dir, 'r');
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+  });
+}
+
+export async function mkdirDurable(dir: string): Promise<void> {
+  const parent = path.dirname(dir);
+  let created = false;
+  await step('mkdir', dir, async () => {
+    try {
+      await fs.mkdir(dir);
+      created = true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+  });
+  if (created) await fsyncDir(parent);
+}
+
+/** Write all of `buf` at `position`, crash-injectable (a due crash writes half then dies). */
+export async function pwriteAll(fh: fs.FileHandle, buf: Buffer, position: number, file: string, faults?: FaultInjector, point?: CrashPoint): Promise<void> {
+  if (faults && point) await faults.hitWrite(point, async () => { await fh.write(buf, 0, buf.length >> 1, position); });
+  await step('write', file, async () => {
+    let off = 0;
+    while (off < buf.length) {
+      const { bytesWritten } = await fh.write(buf, off, buf.length - off, position + off);
+      if (bytesWritten <= 0) throw new Error(`short write (${off} of ${buf.length} bytes)`);
+      off += bytesWritten;
+    }
+  });
+}
+
+export async function preadAll(fh: fs.FileHandle, buf: Buffer, position: number, file: string): Promise<void> {
+  await step('read', file, async () => {
+    let off = 0;
+    while (off < buf.length) {
+      const { bytesRead } = await fh.read(buf, off, buf.length - off, position + off);
+      if (bytesRead === 0) {
+        buf.fill(0, off); // past EOF of a sparse image: zeros
+        return;
+      }
+      off += bytesRead;
+    }
+  });
+}
+
+/**
+ * Atomically replace `file` with `data`: write a temp file, fsync it, rename it
+ * over `file`, fsync the directory. Crash points: meta-write (torn temp),
+ * meta-rename, meta-dirsync.
+ */
+export async function writeFileAtomic(file: string, data: Buffer, faults?: FaultInjector): Promise<void> {
+  const tmp = `${file}.tmp-${process.pid}`;
+  await step('write', tmp, async () => {
+    const fh = await fs.open(tmp, 'w');
+    try {
+      await pwriteAll(fh, data, 0, tmp, faults, 'meta-write');
+      await step('fsync', tmp, () => fh.sync());
+    } finally {
+      await fh.close();
+    }
+  });
+  faults?.hit('meta-rename');
+  await step('rename', `${tmp} -> ${file}`, () => fs.rename(tmp, file));
+  faults?.hit('meta-dirsync');
+  await fsyncDir(path.dirname(file));
+}
+
+export async function exists(p: string): Promise<boolean> {
+  try {
+    await fs.access(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** A tiny async mutex (FIFO). */
+export class Mutex {
+  private tail: Promise<void> = Promise.resolve();
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.tail;
+    let release!: () => void;
+    this.tail = new Promise<void>((r) => (release = r));
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}

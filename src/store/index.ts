@@ -1,0 +1,10 @@
+/**
+ * The checkpoint store: daemon, on-disk image/journal/meta formats, offline access.
+ * Formats: docs/formats.md.
+ */
+export { startStoreServer, parseAddress, type StoreServer, type StoreServerOptions } from './server.js';
+export { openVmImage, listVms, dropGeneration, fenceGeneration, type OpenedImage } from './offline.js';
+export { Store, GenStore, type StableImage, type VmSummary, type CommitResult as StoreCommitResult } from './vm-store.js';
+export { storeMetrics, storeRegistry, type StoreMetrics } from './metrics.js';
+export { CRASH_POINTS, FaultInjector, type CrashPoint } from './faults.js';
+export type { StoreMeta } from '../protocol/index.js';
