@@ -7,6 +7,8 @@ import { makeLab, startStore, readJson, until, sleep, pidAlive } from './helpers
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
+import { openVmImage } from '../src/store/index.js';
+import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 
 const lab = makeLab('prot');
 const storeDir = path.join(lab.home, 'store');
@@ -70,7 +72,7 @@ test('image equals memory: after commits of a paused VM the image is byte for by
     assert.fail(`${diff} pages of the image differ from guest RAM at epoch ${p.committedEpoch}`);
   }
   // The committed device state equals a fresh save of the paused VM.
-  const meta = readJson<{ devstate: { file: string; sha256: string } }>(path.join(storeDir, 'vms', 'img1', `gen-${p.generation}`, 'meta.json'))!;
+  const { meta } = await openVmImage(storeDir, 'img1', p.generation);
   const fresh = path.join(lab.home, 'fresh-devstate.bin');
   await qmp.execute('xen-save-devices-state', { filename: fresh, live: false });
   assert.equal(sha(fs.readFileSync(fresh)), meta.devstate.sha256, 'device state equals a fresh save');
@@ -84,11 +86,17 @@ for (const mode of ['network', 'file'] as const) {
     const vm = `fo-${mode}`;
     await startProtected(vm);
     await until(() => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000, 'epoch 3');
-    // Kill right after a commit at a moment that varies from run to run.
+    // Sample the guest's printed step over time, to know what it had reached when a checkpoint began.
+    const samples: { at: number; step: number }[] = [];
+    const sampler = setInterval(() => {
+      const p = lastMemcheckProgress(serialOf(vm));
+      if (p) samples.push({ at: Date.now(), step: p.step });
+    }, 20);
+    // Kill after a commit, at a moment that varies from run to run.
     const e = protection(vm)!.committedEpoch;
     await until(() => protection(vm)!.committedEpoch > e, 30_000, 'next commit');
     await sleep(Math.floor(Math.random() * 800));
-    const before = lastMemcheckProgress(serialOf(vm))!;
+    clearInterval(sampler);
     const killedAt = fs.statSync(serialOf(vm)).size;
     process.kill(vmState(vm).qemuPid, 'SIGKILL');
     await until(() => vmState(vm).lifecycle === 'crashed', 10_000, 'crash recorded');
@@ -101,10 +109,14 @@ for (const mode of ['network', 'file'] as const) {
     assert.match(r.stdout, new RegExp(`VM ${vm} restored from generation \\d+ epoch \\d+ \\(${mode} mode\\)`));
     if (mode === 'network') assert.match(r.stdout, /memory complete after/);
 
-    // The guest continues from its checkpointed step (at or before the kill), and keeps going.
+    // The guest continues from the newest committed checkpoint: it had printed
+    // at least `floor` before that checkpoint's pause began, so it resumes at or after it.
+    const restoredEpoch = Number(/epoch (\d+)/.exec(r.stdout)![1]);
+    const ckpt = readCheckpointHistory(vm).find((h) => h.epoch === restoredEpoch)!;
+    assert.ok(ckpt, `history has epoch ${restoredEpoch}`);
+    const floor = samples.filter((x) => x.at < ckpt.startedAt - 50).at(-1)?.step ?? 0;
     const resumed = await waitForMemcheckStep(serialOf(vm), 1, 30_000, killedAt);
-    assert.ok(resumed.step <= before.step + 1, `resumed at step ${resumed.step}, killed at ${before.step}`);
-    assert.ok(resumed.step > 0);
+    assert.ok(resumed.step >= floor, `resumed at step ${resumed.step}, but the guest had reached ${floor} before checkpoint ${restoredEpoch}`);
     await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, killedAt);
     assert.equal(countViolations(serialOf(vm)), 0, readSerial(serialOf(vm)).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
     assert.doesNotMatch(readSerial(serialOf(vm)).slice(killedAt), /memcheck: start/, 'the guest did not reboot');

@@ -4,6 +4,7 @@ import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker } from '../tracker/index.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
+import { DiskFreezer } from '../disk/index.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 
@@ -30,8 +31,11 @@ export interface CheckpointerOptions {
   onStatus?: (status: ProtectionStatus) => void;
   /** Called with each committed checkpoint's measurements. */
   onCheckpoint?: (stats: CheckpointStats) => void;
-  /** Optional disk freezer (issue: disk state); called while the VM is paused. */
-  freezeDisks?: (epoch: number) => Promise<string[]>;
+  /**
+   * The VM's qcow2 disks: one layer is frozen per checkpoint, inside the pause,
+   * so every committed epoch has a disk state that matches its memory.
+   */
+  disks?: { paths: { path: string }[]; layerDir: string };
 }
 
 /**
@@ -44,6 +48,7 @@ export class Checkpointer {
   private readonly opts: CheckpointerOptions;
   private readonly log;
   private tracker!: DirtyTracker;
+  private freezer: DiskFreezer | undefined;
   private qmp!: QmpClient;
   private client: StoreClient | undefined;
   private staging!: Buffer;
@@ -99,6 +104,11 @@ export class Checkpointer {
     this.tracker = await DirtyTracker.attach(this.opts.qemuPid);
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
+      if (this.opts.disks && this.opts.disks.paths.length > 0) {
+        // Shares the checkpointer's QMP connection: a QMP monitor serves one client.
+        this.freezer = await DiskFreezer.open({ vm, qmp: this.qmp, disks: this.opts.disks.paths, layerDir: this.opts.disks.layerDir });
+        await this.freezer.prepare();
+      }
       this.staging = this.tracker.allocStaging(Math.min(this.opts.stagingBytes ?? 256 * 1024 * 1024, this.tracker.ramSize));
       this.bounce = this.tracker.allocStaging(BATCH_BYTES);
       this.log.info({ ramSize: this.tracker.ramSize, store: this.opts.store, generation: this.opts.generation }, 'protection started');
@@ -130,6 +140,7 @@ export class Checkpointer {
       throw err;
     } finally {
       await this.client?.close().catch(() => undefined);
+      await this.freezer?.close().catch(() => undefined);
       this.qmp?.close();
       this.tracker.close();
     }
@@ -138,7 +149,7 @@ export class Checkpointer {
   /** QEMU gone or this incarnation fenced: stop. Store trouble: retry. */
   private retryable(err: unknown): boolean {
     if (err instanceof QmpClosedError) return false;
-    if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER/.test(err.code)) return false;
+    if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
     if (err instanceof CheckpointError) return false;
     return true;
   }
@@ -205,6 +216,8 @@ export class Checkpointer {
     const startedAt = Date.now();
     const intervalMs = this.lastStart === null ? null : startedAt - this.lastStart;
     this.lastStart = startedAt;
+    // Outside the pause: the next disk overlay must exist before the VM stops.
+    await this.freezer?.prepare();
     const wasRunning = (await this.qmp.execute<{ status: string }>('query-status')).status === 'running';
 
     const t0 = performance.now();
@@ -231,9 +244,9 @@ export class Checkpointer {
     try {
       await this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false });
       devstateMs = performance.now() - t3;
-      if (this.opts.freezeDisks) {
+      if (this.freezer) {
         const td = performance.now();
-        disks = await this.opts.freezeDisks(epoch);
+        disks = await this.freezer.freeze(epoch);
         diskMs = performance.now() - td;
       }
       if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
@@ -264,6 +277,7 @@ export class Checkpointer {
     const tc = performance.now();
     if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
     this.unacked = [];
+    this.freezer?.committed(epoch);
 
     const bytes = totalBytes(runs);
     const stats: CheckpointStats = {
@@ -271,6 +285,7 @@ export class Checkpointer {
       pauseMs: t5 - t0, stopMs: t1 - t0, collectMs: t2 - t1, copyMs: t3 - t2, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
+      diskChainLength: this.freezer?.chainLength() ?? 0,
     };
     this.history.push(stats);
     this.opts.onCheckpoint?.(stats);

@@ -1,5 +1,6 @@
 import { loadSecret } from '../config/secret.js';
 import { StoreClient } from '../protocol/index.js';
+import { StoreError } from '../errors.js';
 
 /**
  * A new protection starts a new image generation: the guest's memory no longer
@@ -7,7 +8,8 @@ import { StoreClient } from '../protocol/index.js';
  * incarnation at the store.
  */
 export async function nextGeneration(vm: string, store: string, secretFile?: string): Promise<number> {
-  const client = await StoreClient.connect({ address: store, secret: loadSecret({ secretFile }), vm, generation: 0, role: 'reader' });
+  const client = await StoreClient.connect({ address: store, secret: loadSecret({ secretFile }), vm, generation: 0, role: 'reader' })
+    .catch((err: unknown) => { throw new StoreError('HYDRA_STORE_UNREACHABLE', `VM "${vm}": cannot reach the store at ${store}: ${(err as Error).message}`, { cause: err }); });
   try {
     return client.welcome.highestGeneration + 1;
   } finally {

@@ -8,6 +8,7 @@ import { vmPaths, readState, isLive, pidAlive } from '../vm/runtime.js';
 import { vmLog } from '../util/log.js';
 import { Checkpointer } from './checkpointer.js';
 import type { CheckpointStats, ProtectionStatus } from './stats.js';
+import type { LaunchFile } from '../vm/supervisor.js';
 
 /**
  * Protection of one VM runs in its own detached process (like the VM's
@@ -25,6 +26,8 @@ export interface ProtectRequest {
   generation: number;
   secretFile?: string;
   stagingBytes?: number;
+  /** Shared directory for frozen disk layers; default .hydravm-layers beside the first disk. */
+  layerDir?: string;
 }
 
 function files(vm: string) {
@@ -123,7 +126,9 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   const req = JSON.parse(fs.readFileSync(f.request, 'utf8')) as ProtectRequest;
   const state = readState(vm);
   if (!state?.qemuPid || !isLive(state)) throw new VmNotFoundError(vm);
-  const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as unknown;
+  const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as LaunchFile;
+  // A restored VM runs on overlays, not on the disks its spec names.
+  const diskPaths = config.launch.diskFiles ?? config.spec.disks.map((d) => d.path);
   const cp = new Checkpointer({
     vm,
     qemuPid: state.qemuPid,
@@ -135,6 +140,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     intervalMs: req.intervalMs,
     config,
     stagingBytes: req.stagingBytes,
+    disks: diskPaths.length ? { paths: diskPaths.map((p) => ({ path: p })), layerDir: req.layerDir ?? path.join(path.dirname(diskPaths[0]!), '.hydravm-layers') } : undefined,
     onStatus: writeProtection,
     onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
   });

@@ -20,6 +20,8 @@ export interface CheckpointStats {
   commitMs: number;
   /** Time since the previous checkpoint started. */
   intervalMs: number | null;
+  /** Layers in the longest disk chain after this checkpoint (0 without disks). */
+  diskChainLength: number;
 }
 
 export interface ProtectionStatus {

@@ -19,6 +19,8 @@ export interface StatusRow {
   p99PauseMs: number | null;
   bytesPerCheckpoint: number | null;
   lastCommitMs: number | null;
+  lastDiskFreezeMs: number | null;
+  diskChainLength: number | null;
 }
 
 /** One row per VM on this host, from the files its supervisor and checkpointer keep. */
@@ -43,6 +45,8 @@ export function collectStatus(now = Date.now()): StatusRow[] {
       p99PauseMs: p?.recent.p99PauseMs ?? null,
       bytesPerCheckpoint: p?.recent.medianBytes ?? p?.last?.bytes ?? null,
       lastCommitMs: p?.last?.commitMs ?? null,
+      lastDiskFreezeMs: p?.last?.diskMs ?? null,
+      diskChainLength: p?.last?.diskChainLength ?? null,
     };
   });
 }
@@ -60,6 +64,8 @@ export async function renderPrometheus(rows: StatusRow[]): Promise<string> {
   const bytesG = g('hydravm_checkpoint_bytes', 'Bytes of guest memory per checkpoint (median of recent)');
   const commit = g('hydravm_checkpoint_commit_seconds', 'Time from end of sending to durable acknowledgement, last checkpoint');
   const protectedG = g('hydravm_vm_protected', '1 while the VM has a live checkpointer');
+  const freeze = g('hydravm_checkpoint_disk_freeze_seconds', 'Part of the last pause spent freezing the disk layers');
+  const chain = g('hydravm_disk_chain_length', 'Layers in the longest disk chain');
   for (const r of rows) {
     const l = { vm: r.vm };
     protectedG.set(l, r.protection === 'protected' ? 1 : 0);
@@ -71,6 +77,8 @@ export async function renderPrometheus(rows: StatusRow[]): Promise<string> {
     if (r.medianPauseMs !== null) pauseMed.set(l, r.medianPauseMs / 1000);
     if (r.bytesPerCheckpoint !== null) bytesG.set(l, r.bytesPerCheckpoint);
     if (r.lastCommitMs !== null) commit.set(l, r.lastCommitMs / 1000);
+    if (r.lastDiskFreezeMs !== null) freeze.set(l, r.lastDiskFreezeMs / 1000);
+    if (r.diskChainLength !== null) chain.set(l, r.diskChainLength);
   }
   return registry.metrics();
 }

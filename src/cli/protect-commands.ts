@@ -11,7 +11,8 @@ export function registerProtectCommands(program: Command): void {
     .option('--interval <duration>', 'checkpoint interval', '2s')
     .option('--generation <n>', 'image generation (default: one above what the store holds)')
     .option('--secret-file <file>', 'cluster secret file (default $HYDRAVM_HOME/cluster.secret or $HYDRAVM_SECRET)')
-    .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string }) => {
+    .option('--layer-dir <dir>', 'shared directory for frozen disk layers (default: .hydravm-layers beside the first disk)')
+    .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string; layerDir?: string }) => {
       const { protectVm } = await import('../checkpoint/protection.js');
       const { nextGeneration } = await import('../checkpoint/generation.js');
       const intervalMs = parseDuration(opts.interval, '--interval');
@@ -23,7 +24,7 @@ export function registerProtectCommands(program: Command): void {
         generation = await nextGeneration(name, opts.store, opts.secretFile);
       }
       const tty = process.stderr.isTTY;
-      const status = await protectVm({ vm: name, store: opts.store, intervalMs, generation, secretFile: opts.secretFile }, (s) => {
+      const status = await protectVm({ vm: name, store: opts.store, intervalMs, generation, secretFile: opts.secretFile, layerDir: opts.layerDir }, (s) => {
         if (s.state === 'initial-copy' && s.initialCopy) {
           const pct = s.initialCopy.bytesTotal ? Math.floor((100 * s.initialCopy.bytesSent) / s.initialCopy.bytesTotal) : 100;
           const line = `initial checkpoint of ${name}: ${bytes(s.initialCopy.bytesSent)} / ${bytes(s.initialCopy.bytesTotal)} (${pct}%)`;
@@ -54,10 +55,10 @@ export function registerProtectCommands(program: Command): void {
       if (opts.json) return printJson(rows);
       if (rows.length === 0) return void process.stdout.write('no VMs\n');
       process.stdout.write(table(
-        ['VM', 'STATE', 'PROTECTION', 'GEN', 'EPOCH', 'AGE', 'INTERVAL', 'PAUSE', 'PAUSE p50', 'BYTES/CKPT'],
+        ['VM', 'STATE', 'PROTECTION', 'GEN', 'EPOCH', 'AGE', 'INTERVAL', 'PAUSE', 'PAUSE p50', 'BYTES/CKPT', 'DISK CHAIN'],
         rows.map((r) => [r.vm, r.vmState, r.protection ?? 'unprotected', r.generation ?? undefined, r.epoch ?? undefined, r.ageMs === null ? undefined : ms(r.ageMs),
           r.achievedIntervalMs === null ? undefined : ms(r.achievedIntervalMs), r.lastPauseMs === null ? undefined : ms(r.lastPauseMs),
-          r.medianPauseMs === null ? undefined : ms(r.medianPauseMs), r.bytesPerCheckpoint === null ? undefined : bytes(r.bytesPerCheckpoint)]),
+          r.medianPauseMs === null ? undefined : ms(r.medianPauseMs), r.bytesPerCheckpoint === null ? undefined : bytes(r.bytesPerCheckpoint), r.diskChainLength || undefined]),
       ) + '\n');
     });
 

@@ -22,7 +22,8 @@ export function registerRestoreCommand(program: Command): void {
       const { nextGeneration } = await import('../checkpoint/generation.js');
       const generation = opts.generation === undefined ? undefined : Number(opts.generation);
       const secret = loadSecret({ secretFile: opts.secretFile });
-      const newGeneration = opts.protect ? await nextGeneration(name, opts.store, opts.secretFile) : undefined;
+      // The restored VM is a new incarnation: its generation fences the old one at the store.
+      const newGeneration = await nextGeneration(name, opts.store, opts.secretFile);
       const r = await restoreVm({
         vm: name, store: opts.store, secret, mode: opts.mode, storeDir: opts.storeDir, generation, newGeneration,
         prefetch: opts.prefetch,
@@ -34,7 +35,7 @@ export function registerRestoreCommand(program: Command): void {
         const stats = await r.pager.done;
         process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched\n`);
       }
-      if (opts.protect && newGeneration) {
+      if (opts.protect) {
         const { protectVm } = await import('../checkpoint/protection.js');
         const s = await protectVm({ vm: name, store: opts.store, intervalMs: parseDuration(opts.interval, '--interval'), generation: newGeneration, secretFile: opts.secretFile });
         process.stdout.write(`VM ${name} protected again as generation ${s.generation}\n`);

@@ -67,7 +67,7 @@ export class StoreClient {
   /** What the store said at the handshake. */
   welcome!: Welcome;
 
-  private constructor(private readonly sock: net.Socket, opts: StoreClientOptions) {
+  private constructor(private readonly sock: net.Socket, private readonly opts: StoreClientOptions) {
     this.closed = new Promise((resolve) => sock.once('close', () => resolve()));
     sock.on('data', (chunk: Buffer) => this.onData(chunk));
     sock.on('error', (err) => this.shutdown(new StoreError('HYDRA_STORE_CONNECTION_LOST', `connection to store ${opts.address} failed: ${err.message}`, { cause: err })));
@@ -171,7 +171,12 @@ export class StoreClient {
     if (this.closedError) throw new StoreError(this.closedError.code, `${what}: ${this.closedError.message}`, { cause: this.closedError });
   }
 
-  /** Write one frame (header + payload parts, without copying); resolves when the socket has room again. */
+  /**
+   * Write one frame (header + payload parts, without copying). Resolves once
+   * the kernel has taken every byte: callers reuse their buffers (the
+   * checkpointer's bounce buffer) as soon as this returns, and a socket write
+   * that is merely queued still reads from them.
+   */
   private async write(type: FrameType, parts: Buffer[], flags = 0, version = this.version): Promise<void> {
     this.alive(frameTypeName(type));
     let len = 0;
@@ -182,25 +187,17 @@ export class StoreClient {
     }
     const [h] = encodeFrameParts(type, Buffer.alloc(0), { flags, version, crc });
     h.writeUInt32BE(len, 12);
-    this.sock.cork();
-    this.sock.write(h);
-    let ok = true;
-    for (const p of parts) ok = this.sock.write(p);
-    this.sock.uncork();
-    if (!ok) await this.drain();
-  }
-
-  private drain(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const done = () => {
-        this.sock.off('drain', done);
-        this.sock.off('close', done);
-        if (this.closedError) reject(new StoreError(this.closedError.code, this.closedError.message, { cause: this.closedError }));
-        else resolve();
-      };
-      this.sock.on('drain', done);
-      this.sock.on('close', done);
+    const flushed = new Promise<void>((resolve, reject) => {
+      this.sock.cork();
+      this.sock.write(h);
+      parts.forEach((p, i) => {
+        if (i < parts.length - 1) this.sock.write(p);
+        else this.sock.write(p, (err) => (err ? reject(new StoreError('HYDRA_STORE_CONNECTION_LOST', `writing to store ${this.opts.address}: ${err.message}`, { cause: err })) : resolve()));
+      });
+      if (parts.length === 0) resolve();
+      this.sock.uncork();
     });
+    await flushed;
   }
 
   private request(type: FrameType, payload: Buffer, expect: FrameType, what: string, version?: number): Promise<Frame[]> {

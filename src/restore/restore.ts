@@ -104,6 +104,21 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     if (digest !== meta.devstate.sha256 || devstate.length !== meta.devstate.size) {
       throw new RestoreError('HYDRA_RESTORE_TORN_IMAGE', `VM "${opts.vm}": device state of epoch ${meta.committedEpoch} does not match its checksum (${devstate.length} bytes, sha256 ${digest.slice(0, 12)}…, expected ${meta.devstate.sha256.slice(0, 12)}…)`);
     }
+    if (opts.newGeneration) {
+      if (opts.newGeneration <= meta.generation) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${opts.newGeneration} must be above the image's ${meta.generation}`);
+      // Fence first: from here on the store refuses every checkpoint of older
+      // incarnations, so a primary that was only partitioned cannot change the
+      // image under the VM we are about to start from it.
+      const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.newGeneration, role: 'checkpointer' });
+      await fence.close();
+    }
+    let diskFiles = opts.diskFiles;
+    if (!diskFiles && meta.disks.length > 0) {
+      const { prepareRestoreDisks, parseLayerId } = await import('../disk/index.js');
+      // A fresh overlay on exactly the layer frozen with this epoch: the failed primary's later writes are never seen.
+      const overlayDir = path.join(path.dirname(parseLayerId(meta.disks[0]!).layer), 'restored');
+      diskFiles = await prepareRestoreDisks(meta.disks, { vm: opts.vm, overlayDir });
+    }
     const prepareMs = performance.now() - t0;
 
     const spec = launchFile.spec;
@@ -114,7 +129,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         accel,
         ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
         incomingDefer: true,
-        diskFiles: opts.diskFiles,
+        diskFiles,
       },
     });
     const spawnMs = performance.now() - tSpawn;
@@ -126,7 +141,9 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       if (opts.mode === 'network') {
         // The pager must own the guest RAM before QEMU touches it while loading devices.
         pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, client, meta, prefetch: opts.prefetch ?? true, onProgress: opts.onProgress });
+        // The pager reads through this connection until memory is complete.
         keepClient = true;
+        pager.done.finally(() => client.close().catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
       const tLoad = performance.now();

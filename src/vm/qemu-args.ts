@@ -48,6 +48,9 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
     '-m', mem,
     '-object', backend,
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+    // The RTC follows the VM's clock: a stopped VM's device state is then the
+    // same whenever it is saved, and the guest never reads the RTC after boot.
+    '-rtc', 'base=utc,clock=vm',
     '-chardev', `file,id=serial0,path=${paths.serialLog},append=on`,
     '-serial', 'chardev:serial0',
     '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
