@@ -138,3 +138,37 @@ test('restore refuses a VM that is still running, and a store without its image'
   lab.cli(['unprotect', 'ref1']);
   lab.cli(['vm', 'stop', 'ref1']);
 });
+
+test('protected again: a restored VM checkpoints as a new generation, survives a second failure, and the old incarnation is fenced', async () => {
+  const vm = 'again1';
+  await startProtected(vm);
+  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000, 'epoch 2');
+  const gen1 = protection(vm)!.generation;
+  process.kill(vmState(vm).qemuPid, 'SIGKILL');
+  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+  const r1 = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network', '--protect', '--interval', '1s']);
+  assert.equal(r1.code, 0, r1.stderr);
+  assert.match(r1.stdout, new RegExp(`protected again as generation ${gen1 + 1}`));
+
+  // The old generation is fenced at the store: its checkpointer may not write any more.
+  const { StoreClient } = await import('../src/protocol/index.js');
+  const stale = await StoreClient.connect({ address: store.address, secret: lab.env.HYDRAVM_SECRET!, vm, generation: gen1, role: 'checkpointer' }).then(
+    async (c) => { await c.close(); return null; },
+    (err: Error) => err,
+  );
+  assert.ok(stale && /stale|fenced/i.test(stale.message), `old generation refused: ${stale?.message}`);
+
+  await until(() => (protection(vm)?.generation === gen1 + 1 && protection(vm)!.committedEpoch >= 3) || undefined, 60_000, 'new generation epoch 3');
+  const offset = fs.statSync(serialOf(vm)).size;
+  const stepBefore = lastMemcheckProgress(serialOf(vm))!.step;
+  process.kill(vmState(vm).qemuPid, 'SIGKILL');
+  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+  const r2 = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network']);
+  assert.equal(r2.code, 0, r2.stderr);
+  assert.match(r2.stdout, new RegExp(`restored from generation ${gen1 + 1} epoch`));
+  const resumed = await waitForMemcheckStep(serialOf(vm), 1, 30_000, offset);
+  assert.ok(resumed.step > 0 && resumed.step >= stepBefore - 200, `resumed at ${resumed.step}, was at ${stepBefore}`);
+  await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, offset);
+  assert.equal(countViolations(serialOf(vm)), 0);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});

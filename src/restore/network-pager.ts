@@ -6,8 +6,11 @@ import { MissingPageHandler } from './page-fault-handler.js';
 const PAGE = 4096;
 /** Pages fetched around each fault: the paper saw strong spatial locality. */
 const FAULT_WINDOW_PAGES = 16;
-/** Background prefetch unit. */
+/** After a fault, the surrounding region is prefetched before anything else. */
+const NEIGHBOURHOOD_BYTES = 2 * 1024 * 1024;
+/** Background prefetch unit, and how many such requests are in flight at once. */
 const PREFETCH_BYTES = 2 * 1024 * 1024;
+const PREFETCH_DEPTH = 4;
 const FETCH_RETRIES = 3;
 
 export interface PagerStats {
@@ -19,7 +22,7 @@ export interface PagerStats {
   pagesPresent: number;
   /** ms from start until every page was present (null while incomplete). */
   completeMs: number | null;
-  /** Fault service latency, ms. */
+  /** Slowest fault service (fetch + fill), ms. */
   maxFaultMs: number;
   prefetch: boolean;
 }
@@ -27,35 +30,45 @@ export interface PagerStats {
 export interface PagerOptions {
   vm: string;
   qemuPid: number;
-  client: StoreClient;
+  /** Connection for faults: a faulting vCPU must not wait behind background prefetch. */
+  urgent: StoreClient;
+  /** Connection for background prefetch (may be the same when prefetch is off). */
+  background: StoreClient;
   meta: StoreMeta;
   prefetch: boolean;
-  /** Pages to prefetch first (offsets), e.g. the VM's hottest pages before failure. */
+  /** Page offsets to prefetch first, e.g. the pages the VM wrote most before it failed. */
   hotOffsets?: number[];
   onProgress?: (msg: string) => void;
 }
 
 /**
  * Network-mode memory for a restored VM (the paper's `odpf`): guest RAM is
- * shared memory registered for missing-page faults; each fault is answered
- * with a window of pages fetched from the store, and while no fault waits the
- * rest streams in the background, so the working set arrives before it is
- * asked for. A page that cannot be fetched is never replaced by zeros: after
- * retries the VM is stopped loudly (its QEMU killed), since running on a wrong
- * page would corrupt the guest silently.
+ * shared memory registered for missing-page faults. Each fault is answered
+ * with a window of pages fetched over a dedicated connection; meanwhile a
+ * background stream fills the rest over a second one, several requests deep:
+ * first the region around recent faults, then the hottest pages of the last
+ * epochs, then everything else in order. Every page is requested exactly
+ * once. A page that cannot be fetched is never replaced by zeros: after
+ * retries the VM is stopped loudly (its QEMU killed), since a guest running on
+ * a wrong page corrupts itself silently.
  */
 export class NetworkPager {
   readonly stats: PagerStats;
   readonly done: Promise<PagerStats>;
   private readonly opts: PagerOptions;
   private readonly handler: MissingPageHandler;
-  private readonly present: Uint8Array;
+  /** 0 missing, 1 requested, 2 present. */
+  private readonly page: Uint8Array;
   private readonly t0 = performance.now();
   private stopped = false;
+  private finished = false;
   private cursor = 0;
-  private hot: number[];
+  private readonly priority: number[] = [];
+  private inflight = 0;
   private resolveDone!: (s: PagerStats) => void;
   private rejectDone!: (e: Error) => void;
+  private wakePrefetch: (() => void) | undefined;
+  private lastReport = 0;
   private readonly log;
 
   private constructor(opts: PagerOptions, handler: MissingPageHandler) {
@@ -63,8 +76,8 @@ export class NetworkPager {
     this.handler = handler;
     this.log = vmLog(opts.vm);
     const pages = opts.meta.ramSize / PAGE;
-    this.present = new Uint8Array(pages);
-    this.hot = [...(opts.hotOffsets ?? [])];
+    this.page = new Uint8Array(pages);
+    this.priority.push(...(opts.hotOffsets ?? []));
     this.stats = { faults: 0, faultPagesFetched: 0, pagesPrefetched: 0, bytesFetched: 0, pagesTotal: pages, pagesPresent: 0, completeMs: null, maxFaultMs: 0, prefetch: opts.prefetch };
     this.done = new Promise((resolve, reject) => { this.resolveDone = resolve; this.rejectDone = reject; });
     this.done.catch(() => undefined);
@@ -77,16 +90,26 @@ export class NetworkPager {
       throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": guest RAM is ${handler.ramSize} bytes but the image holds ${opts.meta.ramSize}`);
     }
     const pager = new NetworkPager(opts, handler);
-    void pager.loop().catch((err: Error) => pager.fail(err));
+    void pager.faultLoop().catch((err: Error) => pager.fail(err));
+    if (opts.prefetch) void pager.prefetchLoop().catch((err: Error) => pager.fail(err));
     return pager;
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.wakePrefetch?.();
+    this.handler.close();
     await this.done.catch(() => undefined);
+    if (!this.finished) {
+      this.finished = true;
+      this.resolveDone(this.stats);
+    }
   }
 
   private fail(err: Error): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.stopped = true;
     this.log.error({ err: err.message }, 'page fetch failed for good: stopping the VM rather than let it run on missing memory');
     try {
       process.kill(this.opts.qemuPid, 'SIGKILL');
@@ -97,75 +120,101 @@ export class NetworkPager {
     this.rejectDone(err);
   }
 
-  private async loop(): Promise<void> {
-    let lastReport = 0;
-    while (!this.stopped) {
-      const complete = this.stats.pagesPresent === this.stats.pagesTotal;
-      // Block for faults only when nothing is left to prefetch.
-      const faults = await this.handler.waitFaults(this.opts.prefetch && !complete ? 0 : 100);
-      if (faults.length) {
-        await this.serveFaults(faults);
-      } else if (this.opts.prefetch && !complete) {
-        await this.prefetchNext();
-      }
-      if (this.stats.pagesPresent === this.stats.pagesTotal && this.stats.completeMs === null) {
-        this.stats.completeMs = performance.now() - this.t0;
-        this.report();
-        this.handler.unregister();
-        this.resolveDone(this.stats);
-        this.handler.close();
-        return;
-      }
-      if (performance.now() - lastReport > 1000) {
-        lastReport = performance.now();
-        this.report();
-      }
-    }
+  private complete(): boolean {
+    return this.stats.pagesPresent === this.stats.pagesTotal;
+  }
+
+  private checkComplete(): void {
+    if (!this.complete() || this.finished) return;
+    this.finished = true;
+    this.stopped = true;
+    this.stats.completeMs = performance.now() - this.t0;
+    this.report(true);
+    // Free the range for write-protect tracking (protection of the new incarnation).
+    this.handler.unregister();
     this.handler.close();
+    this.wakePrefetch?.();
     this.resolveDone(this.stats);
   }
 
-  private report(): void {
+  private report(force = false): void {
+    const now = performance.now();
+    if (!force && now - this.lastReport < 1000) return;
+    this.lastReport = now;
     const s = this.stats;
     const pct = Math.floor((100 * s.pagesPresent) / s.pagesTotal);
     this.opts.onProgress?.(`memory of ${this.opts.vm}: ${pct}% present (${s.faults} faults served, ${s.pagesPrefetched} pages prefetched)${s.completeMs !== null ? `, complete after ${s.completeMs.toFixed(0)} ms` : ''}`);
   }
 
-  private async serveFaults(faults: number[]): Promise<void> {
-    const t = performance.now();
-    const windows = new Set<number>();
-    for (const off of faults) {
-      this.stats.faults++;
-      windows.add(Math.floor(off / (FAULT_WINDOW_PAGES * PAGE)) * FAULT_WINDOW_PAGES * PAGE);
-    }
-    for (const w of windows) {
-      const end = Math.min(w + FAULT_WINDOW_PAGES * PAGE, this.opts.meta.ramSize);
-      const n = await this.fetchAndFill(w, end);
-      this.stats.faultPagesFetched += n;
-    }
-    this.stats.maxFaultMs = Math.max(this.stats.maxFaultMs, performance.now() - t);
-  }
-
-  private async prefetchNext(): Promise<void> {
-    while (this.hot.length) {
-      const off = this.hot.shift()!;
-      if (!this.present[off / PAGE]) {
-        this.stats.pagesPrefetched += await this.fetchAndFill(off, Math.min(off + PREFETCH_BYTES, this.opts.meta.ramSize));
-        return;
+  private async faultLoop(): Promise<void> {
+    while (!this.stopped) {
+      const faults = await this.handler.waitFaults(100);
+      if (this.stopped) break;
+      if (faults.length === 0) continue;
+      const t = performance.now();
+      const windows = new Set<number>();
+      for (const off of faults) {
+        this.stats.faults++;
+        windows.add(Math.floor(off / (FAULT_WINDOW_PAGES * PAGE)) * FAULT_WINDOW_PAGES * PAGE);
+        // The neighbourhood goes to the front of the background queue.
+        this.priority.unshift(Math.floor(off / NEIGHBOURHOOD_BYTES) * NEIGHBOURHOOD_BYTES);
       }
+      await Promise.all([...windows].map(async (w) => {
+        this.stats.faultPagesFetched += await this.fetchAndFill(this.opts.urgent, w, Math.min(w + FAULT_WINDOW_PAGES * PAGE, this.opts.meta.ramSize));
+      }));
+      this.stats.maxFaultMs = Math.max(this.stats.maxFaultMs, performance.now() - t);
+      this.wakePrefetch?.();
+      this.report();
+      this.checkComplete();
     }
-    const pages = this.present.length;
-    while (this.cursor < pages && this.present[this.cursor]) this.cursor++;
-    if (this.cursor >= pages) return;
-    const start = this.cursor * PAGE;
-    this.stats.pagesPrefetched += await this.fetchAndFill(start, Math.min(start + PREFETCH_BYTES, this.opts.meta.ramSize));
   }
 
-  /** Fetch the missing pages of [start, end) in one request and copy them in; returns pages filled. */
-  private async fetchAndFill(start: number, end: number): Promise<number> {
+  private async prefetchLoop(): Promise<void> {
+    const running = new Set<Promise<void>>();
+    while (!this.stopped) {
+      while (running.size < PREFETCH_DEPTH && !this.stopped) {
+        const range = this.nextPrefetchRange();
+        if (!range) break;
+        const p: Promise<void> = this.fetchAndFill(this.opts.background, range[0], range[1]).then((n) => {
+          this.stats.pagesPrefetched += n;
+          running.delete(p);
+          this.report();
+          this.checkComplete();
+        });
+        running.add(p);
+      }
+      if (running.size === 0) {
+        if (this.complete() || this.stopped) break;
+        // Everything missing is already requested by the fault path: wait for news.
+        await new Promise<void>((resolve) => { this.wakePrefetch = resolve; setTimeout(resolve, 50); });
+        this.wakePrefetch = undefined;
+        continue;
+      }
+      await Promise.race(running);
+    }
+    await Promise.all(running);
+  }
+
+  /** The next range with missing, unrequested pages: fault neighbourhoods, hot pages, then in order. */
+  private nextPrefetchRange(): [number, number] | undefined {
+    const size = this.opts.meta.ramSize;
+    while (this.priority.length) {
+      const start = this.priority.shift()!;
+      const end = Math.min(start + PREFETCH_BYTES, size);
+      for (let p = start / PAGE; p < end / PAGE; p++) if (this.page[p] === 0) return [start, end];
+    }
+    while (this.cursor < this.page.length && this.page[this.cursor] !== 0) this.cursor++;
+    if (this.cursor >= this.page.length) return undefined;
+    const start = this.cursor * PAGE;
+    return [start, Math.min(start + PREFETCH_BYTES, size)];
+  }
+
+  /** Request the missing, unrequested pages of [start, end) and copy them in; returns pages filled. */
+  private async fetchAndFill(client: StoreClient, start: number, end: number): Promise<number> {
     const runs: { offset: number; length: number }[] = [];
     for (let p = start / PAGE; p < end / PAGE; p++) {
-      if (this.present[p]) continue;
+      if (this.page[p] !== 0) continue;
+      this.page[p] = 1;
       const last = runs[runs.length - 1];
       if (last && last.offset + last.length === p * PAGE) last.length += PAGE;
       else runs.push({ offset: p * PAGE, length: PAGE });
@@ -175,24 +224,21 @@ export class NetworkPager {
     let lastErr: unknown;
     for (let attempt = 0; attempt < FETCH_RETRIES && !data; attempt++) {
       try {
-        data = await this.opts.client.readPages(runs);
+        data = await client.readPages(runs);
       } catch (err) {
         lastErr = err;
         await new Promise((r) => setTimeout(r, 50 * (attempt + 1)));
       }
     }
-    if (!data) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch pages at ${start}..${end} from the store after ${FETCH_RETRIES} tries: ${(lastErr as Error)?.message}`, { cause: lastErr });
+    if (!data) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages ${start}..${end} from the store after ${FETCH_RETRIES} tries: ${(lastErr as Error)?.message}`, { cause: lastErr });
+    if (this.finished) return 0;
     let pos = 0;
     let filled = 0;
     for (const r of runs) {
-      this.handler.fill(r.offset, data.subarray(pos, pos + r.length));
+      this.handler.fill(r.offset, data, pos, r.length);
       pos += r.length;
-      for (let p = r.offset / PAGE; p < (r.offset + r.length) / PAGE; p++) {
-        if (!this.present[p]) {
-          this.present[p] = 1;
-          filled++;
-        }
-      }
+      for (let p = r.offset / PAGE; p < (r.offset + r.length) / PAGE; p++) this.page[p] = 2;
+      filled += r.length / PAGE;
     }
     this.stats.pagesPresent += filled;
     this.stats.bytesFetched += pos;

@@ -140,10 +140,14 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     try {
       if (opts.mode === 'network') {
         // The pager must own the guest RAM before QEMU touches it while loading devices.
-        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, client, meta, prefetch: opts.prefetch ?? true, onProgress: opts.onProgress });
-        // The pager reads through this connection until memory is complete.
+        const prefetch = opts.prefetch ?? true;
+        const background = prefetch
+          ? await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' })
+          : client;
+        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, onProgress: opts.onProgress });
+        // The pager reads through these connections until memory is complete.
         keepClient = true;
-        pager.done.finally(() => client.close().catch(() => undefined)).catch(() => undefined);
+        pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
       const tLoad = performance.now();
