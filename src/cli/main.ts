@@ -8,6 +8,7 @@ import { registerProtectCommands } from './protect-commands.js';
 import { registerStoreCommand } from './store-command.js';
 import { registerRestoreCommand } from './restore-command.js';
 import { registerBenchCommand } from './bench-command.js';
+import { registerHaCommands } from './ha-commands.js';
 
 const program = new Command();
 program
@@ -22,6 +23,7 @@ registerStoreCommand(program);
 registerProtectCommands(program);
 registerRestoreCommand(program);
 registerBenchCommand(program);
+registerHaCommands(program);
 registerDemoCommand(program);
 
 program

@@ -1,0 +1,214 @@
+import path from 'node:path';
+import type { Command } from 'commander';
+import { bytes, ms, printJson, table } from './format.js';
+import { parseDuration } from './duration.js';
+import { SpecError } from '../errors.js';
+
+/** etcd endpoint: --etcd, else HYDRAVM_ETCD, else the embedded cluster's (--dir or the default dir). */
+async function resolveEtcd(opts: { etcd?: string; dir?: string }): Promise<string> {
+  if (opts.etcd) return opts.etcd;
+  if (process.env.HYDRAVM_ETCD) return process.env.HYDRAVM_ETCD;
+  const { readClusterInfo, defaultClusterDir } = await import('../ha/embedded.js');
+  const info = readClusterInfo(opts.dir ?? defaultClusterDir());
+  if (info) return info.etcdUrl;
+  throw new SpecError('no etcd endpoint: give --etcd URL, set HYDRAVM_ETCD, or start an embedded cluster with `hydravm cluster up`');
+}
+
+function positiveInt(v: string, what: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new SpecError(`${what}: "${v}" is not a positive integer`);
+  return n;
+}
+
+/** Run until SIGTERM/SIGINT, then stop cleanly. */
+function untilSignal(stop: () => Promise<void>): Promise<void> {
+  return new Promise((resolve) => {
+    let stopping = false;
+    const handler = () => {
+      if (stopping) return;
+      stopping = true;
+      void stop().finally(resolve);
+    };
+    process.on('SIGTERM', handler);
+    process.on('SIGINT', handler);
+  });
+}
+
+export function registerHaCommands(program: Command): void {
+  program.command('agent')
+    .description('run the host agent in the foreground: lease, VM death reports, restores, fencing')
+    .requiredOption('--host <name>', 'this host\'s name in the cluster')
+    .option('--etcd <urls>', 'etcd endpoint(s), comma-separated (default $HYDRAVM_ETCD)')
+    .option('--home <dir>', 'this host\'s HYDRAVM_HOME (default $HYDRAVM_HOME)')
+    .option('--memory <size>', 'memory this host offers to VMs, e.g. 4G (default: all)')
+    .option('--address <addr>', 'address announced for this host')
+    .option('--lease-ttl <seconds>', 'lease TTL', '1')
+    .option('--secret-file <file>', 'cluster secret for restores (default $HYDRAVM_HOME/cluster.secret or $HYDRAVM_SECRET)')
+    .action(async (opts: { host: string; etcd?: string; home?: string; memory?: string; address?: string; leaseTtl: string; secretFile?: string }) => {
+      // Restore and protection act on HYDRAVM_HOME: this process is the host.
+      if (opts.home) process.env.HYDRAVM_HOME = path.resolve(opts.home);
+      const { parseSize } = await import('../vm/spec.js');
+      const { HostAgent } = await import('../ha/agent.js');
+      const etcd = await resolveEtcd(opts);
+      const agent = new HostAgent({
+        host: opts.host,
+        etcd,
+        home: opts.home,
+        address: opts.address,
+        memoryBytes: opts.memory ? parseSize(opts.memory, '--memory') : undefined,
+        leaseTtlSec: positiveInt(opts.leaseTtl, '--lease-ttl'),
+        secretFile: opts.secretFile,
+      });
+      await agent.start();
+      await untilSignal(() => agent.stop());
+    });
+
+  program.command('manager')
+    .description('run a fail-over manager in the foreground (several may run: one is elected)')
+    .option('--etcd <urls>', 'etcd endpoint(s), comma-separated (default $HYDRAVM_ETCD)')
+    .option('--id <id>', 'name announced in the election (default HOSTNAME:PID)')
+    .option('--leader-ttl <seconds>', 'election lease TTL', '2')
+    .option('--restore-timeout <duration>', 'a restore taking longer is retried elsewhere', '120s')
+    .action(async (opts: { etcd?: string; id?: string; leaderTtl: string; restoreTimeout: string }) => {
+      const { FailoverManager } = await import('../ha/manager.js');
+      const m = new FailoverManager({
+        etcd: await resolveEtcd(opts),
+        id: opts.id,
+        leaderTtlSec: positiveInt(opts.leaderTtl, '--leader-ttl'),
+        restoreTimeoutMs: parseDuration(opts.restoreTimeout, '--restore-timeout'),
+      });
+      await m.start();
+      await untilSignal(() => m.stop());
+    });
+
+  const cluster = program.command('cluster').description('the HA cluster: embedded etcd + manager + agents, status, protection');
+
+  cluster.command('up')
+    .description('start an embedded cluster on this machine: etcd, a manager and N agents (each a "host" with its own HYDRAVM_HOME), detached')
+    .option('--dir <dir>', 'cluster directory (pid files in run/, logs in logs/, hosts in hosts/)', undefined)
+    .option('--hosts <n|names>', 'number of hosts, or comma-separated names', '2')
+    .option('--host-memory <size>', 'memory each host offers to VMs, e.g. 2G')
+    .option('--etcd-port <port>', 'etcd client port (default: a free one)')
+    .option('--lease-ttl <seconds>', 'host lease TTL', '1')
+    .option('--secret-file <file>', 'cluster secret (default DIR/cluster.secret, created)')
+    .option('--json', 'print the cluster description as JSON')
+    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl: string; secretFile?: string; json?: boolean }) => {
+      const { startEmbeddedCluster } = await import('../ha/embedded.js');
+      const { parseSize } = await import('../vm/spec.js');
+      const hosts = /^\d+$/.test(opts.hosts) ? positiveInt(opts.hosts, '--hosts') : opts.hosts.split(',').map((s) => s.trim()).filter(Boolean);
+      const c = await startEmbeddedCluster({
+        dir: opts.dir,
+        hosts,
+        hostMemoryBytes: opts.hostMemory ? parseSize(opts.hostMemory, '--host-memory') : undefined,
+        etcdPort: opts.etcdPort ? positiveInt(opts.etcdPort, '--etcd-port') : undefined,
+        leaseTtlSec: positiveInt(opts.leaseTtl, '--lease-ttl'),
+        secretFile: opts.secretFile,
+      });
+      c.cluster.close();
+      const { cluster: _c, stop: _s, ...info } = c;
+      if (opts.json) return printJson(info);
+      process.stdout.write(`cluster up in ${c.dir}\n  etcd     ${c.etcdUrl} (pid ${c.etcd.pid})\n  manager  pid ${c.manager?.pid}\n`);
+      for (const h of c.hosts) process.stdout.write(`  ${h.host.padEnd(8)} pid ${h.pid}, HYDRAVM_HOME=${h.home}\n`);
+      process.stdout.write(`  logs     ${path.join(c.dir, 'logs')}\n  export HYDRAVM_ETCD=${c.etcdUrl}\n`);
+    });
+
+  cluster.command('down')
+    .description('stop the embedded cluster: manager, agents (they kill their HA VMs), etcd')
+    .option('--dir <dir>', 'cluster directory')
+    .action(async (opts: { dir?: string }) => {
+      const { stopEmbeddedCluster, defaultClusterDir } = await import('../ha/embedded.js');
+      const dir = opts.dir ?? defaultClusterDir();
+      process.stdout.write((await stopEmbeddedCluster(dir)) ? `cluster in ${dir} stopped\n` : `no cluster in ${dir}\n`);
+    });
+
+  cluster.command('status')
+    .description('hosts (liveness, free memory), VMs (host, generation, state), the active manager, recent events')
+    .option('--etcd <urls>', 'etcd endpoint(s)')
+    .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
+    .option('--events <n>', 'recent events to show', '10')
+    .option('--json', 'machine-readable output')
+    .action(async (opts: { etcd?: string; dir?: string; events: string; json?: boolean }) => {
+      const { Cluster } = await import('../ha/cluster.js');
+      const { clusterStatus } = await import('../ha/client.js');
+      const c = new Cluster(await resolveEtcd(opts));
+      try {
+        const s = await clusterStatus(c, { events: Number(opts.events) || 0 });
+        if (opts.json) return printJson(s);
+        process.stdout.write(`manager: ${s.leader ?? 'NONE ELECTED'}\n\n`);
+        process.stdout.write(table(['HOST', 'ALIVE', 'FREE', 'TOTAL', 'VMS', 'HOME'], s.hosts.map((h) => h.alive
+          ? [h.name, 'yes', bytes(h.freeMemoryBytes), bytes(h.totalMemoryBytes), h.vms.join(',') || '-', h.home]
+          : [h.name, 'NO', undefined, undefined, undefined, h.home])) + '\n\n');
+        if (s.vms.length === 0) process.stdout.write('no VMs under HA\n');
+        else process.stdout.write(table(['VM', 'HOST', 'GEN', 'IMAGE', 'STATE', 'STORE', 'MODE', 'REASON'], s.vms.map((v) => [
+          v.name, v.hostAlive ? v.host : `${v.host} (dead)`, v.generation, v.imageGeneration, v.state, v.store, v.mode, v.reason,
+        ])) + '\n');
+        if (s.events.length) {
+          process.stdout.write('\nrecent events:\n');
+          for (const e of s.events) process.stdout.write(`  ${new Date(e.at).toISOString()}  ${e.kind.padEnd(15)} ${e.message}\n`);
+        }
+      } finally {
+        c.close();
+      }
+    });
+
+  cluster.command('protect')
+    .description('put a running VM under HA: its host\'s agent protects it (new generation) and the manager fails it over')
+    .argument('<vm>', 'VM name')
+    .requiredOption('--host <name>', 'host (agent) the VM runs on')
+    .requiredOption('--store <addr>', 'checkpoint store address host:port')
+    .option('--store-dir <dir>', 'the store\'s directory, for file-mode restores on this machine')
+    .option('--mode <mode>', 'restore mode: file | network', 'file')
+    .option('--interval <duration>', 'checkpoint interval', '2s')
+    .option('--etcd <urls>', 'etcd endpoint(s)')
+    .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
+    .option('--no-wait', 'return once registered, without waiting for the first checkpoint')
+    .action(async (vm: string, opts: { host: string; store: string; storeDir?: string; mode: string; interval: string; etcd?: string; dir?: string; wait: boolean }) => {
+      if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
+      const { Cluster } = await import('../ha/cluster.js');
+      const { protectInCluster } = await import('../ha/client.js');
+      const c = new Cluster(await resolveEtcd(opts));
+      try {
+        const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval') }, { wait: opts.wait });
+        process.stdout.write(`VM ${vm} on ${r.host}: ${r.state}${r.state === 'protected' ? ` at generation ${r.generation}` : ''}\n`);
+      } finally {
+        c.close();
+      }
+    });
+
+  cluster.command('forget')
+    .description('take a VM out of HA (it keeps running, no longer guarded)')
+    .argument('<vm>')
+    .option('--etcd <urls>', 'etcd endpoint(s)')
+    .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
+    .action(async (vm: string, opts: { etcd?: string; dir?: string }) => {
+      const { Cluster } = await import('../ha/cluster.js');
+      const { forgetVm } = await import('../ha/client.js');
+      const c = new Cluster(await resolveEtcd(opts));
+      try {
+        process.stdout.write((await forgetVm(c, vm)) ? `VM ${vm} removed from the cluster\n` : `VM ${vm} was not in the cluster\n`);
+      } finally {
+        c.close();
+      }
+    });
+
+  cluster.command('timings')
+    .description('fail-over timings recorded by the manager and agents (detection, restore, total)')
+    .argument('[vm]')
+    .option('--etcd <urls>', 'etcd endpoint(s)')
+    .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
+    .option('--json', 'machine-readable output')
+    .action(async (vm: string | undefined, opts: { etcd?: string; dir?: string; json?: boolean }) => {
+      const { Cluster } = await import('../ha/cluster.js');
+      const c = new Cluster(await resolveEtcd(opts));
+      try {
+        const ts = await c.timings(vm);
+        if (opts.json) return printJson(ts);
+        if (ts.length === 0) return void process.stdout.write('no fail-overs recorded\n');
+        process.stdout.write(table(['VM', 'GEN', 'CAUSE', 'FROM', 'TO', 'DETECT', 'ASSIGN', 'RESTORE', 'SPAWN→RUN', 'TOTAL', 'ERROR'], ts.map((t) => [
+          t.vm, t.generation, t.cause, t.fromHost, t.toHost, ms(t.detectionMs), ms(t.assignedAt - t.detectedAt), ms(t.restoreMs), ms(t.spawnToRunningMs), ms(t.totalMs), t.error,
+        ])) + '\n');
+      } finally {
+        c.close();
+      }
+    });
+}

@@ -1,0 +1,113 @@
+import { Cluster, keys, ON_HOST, FAILOVER_PENDING, type Assignment, type ClusterEvent, type FailoverTiming, type HostRecord, type KnownHost, type RestoreMode, type VmRecord } from './cluster.js';
+import { HaError } from './errors.js';
+
+/**
+ * What users, the demo and the bench do with a cluster: put a VM under HA,
+ * take it out, look at the state, wait for a fail-over, read its timings.
+ */
+export interface ProtectInClusterRequest {
+  vm: string;
+  /** The host (agent) the VM runs on now. */
+  host: string;
+  store: string;
+  storeDir?: string;
+  mode?: RestoreMode;
+  intervalMs?: number;
+}
+
+/**
+ * Ask `host`'s agent to protect its running VM `vm`: it allocates the
+ * generation (above what etcd and the store have seen), starts protection and
+ * marks the VM `protected`. Resolves with the record once protected (unless
+ * `wait` is false); rejects if the agent reports it could not.
+ */
+export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRequest, opts: { wait?: boolean; timeoutMs?: number } = {}): Promise<VmRecord> {
+  const e = cluster.etcd;
+  const cur = await cluster.vm(req.vm);
+  if (cur && !['stopped', 'unprotected', 'lost'].includes(cur.value.state)) {
+    throw new HaError('HYDRA_HA_VM_MANAGED', `VM "${req.vm}" is already managed by the cluster (host ${cur.value.host}, state ${cur.value.state}); \`hydravm cluster forget ${req.vm}\` first`);
+  }
+  const hosts = await cluster.hosts();
+  if (!hosts.has(req.host)) throw new HaError('HYDRA_HA_NO_HOST', `host "${req.host}" has no live agent (known: ${[...hosts.keys()].join(', ') || 'none'})`);
+  const counter = await cluster.generationCounter(req.vm);
+  const now = Date.now();
+  const record: VmRecord = {
+    name: req.vm,
+    host: req.host,
+    generation: counter.value,
+    store: req.store,
+    storeDir: req.storeDir,
+    mode: req.mode ?? 'file',
+    intervalMs: req.intervalMs ?? 2000,
+    state: 'protecting',
+    updatedAt: now,
+  };
+  const assignment: Assignment = { kind: 'protect', vm: req.vm, host: req.host, generation: 0, store: req.store, storeDir: req.storeDir, mode: record.mode, intervalMs: record.intervalMs, createdAt: now, by: 'cli' };
+  const r = await e
+    .if(keys.vm(req.vm), 'Mod', '==', cur?.modRevision ?? '0')
+    .then(e.put(keys.vm(req.vm)).value(JSON.stringify(record)), e.put(keys.assignment(req.host, req.vm)).value(JSON.stringify(assignment)))
+    .commit();
+  if (!r.succeeded) throw new HaError('HYDRA_HA_CONTENDED', `VM "${req.vm}" changed while being registered; try again`);
+  if (opts.wait === false) return record;
+  const done = await waitForVm(cluster, req.vm, (v) => v.state !== 'protecting', opts.timeoutMs ?? 300_000);
+  if (done.state !== 'protected') throw new HaError('HYDRA_HA_PROTECT_FAILED', `VM "${req.vm}" could not be protected on ${req.host}: ${done.reason ?? done.state}`);
+  return done;
+}
+
+/** Take a VM out of the cluster (it keeps running, unguarded). The generation counter stays. */
+export async function forgetVm(cluster: Cluster, vm: string): Promise<boolean> {
+  const cur = await cluster.vm(vm);
+  if (!cur) return false;
+  await cluster.etcd.delete().key(keys.vm(vm));
+  const all = await cluster.etcd.getAll().prefix(keys.assignmentsPrefix).keys();
+  for (const k of all) if (k.endsWith(`/${vm}`)) await cluster.etcd.delete().key(k);
+  return true;
+}
+
+/** Poll (every 20 ms) until the VM's record satisfies `pred`. */
+export async function waitForVm(cluster: Cluster, vm: string, pred: (v: VmRecord) => boolean, timeoutMs = 60_000): Promise<VmRecord> {
+  const deadline = Date.now() + timeoutMs;
+  let last: VmRecord | undefined;
+  for (;;) {
+    try {
+      last = (await cluster.vm(vm))?.value;
+      if (last && pred(last)) return last;
+    } catch {
+      /* etcd hiccup: keep polling */
+    }
+    if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `VM "${vm}": condition not reached within ${timeoutMs} ms (last: ${last ? `${last.state} on ${last.host} gen ${last.generation}` : 'no record'})`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Wait until the VM runs again at a generation above `fromGeneration`; returns its record and timing. */
+export async function waitForFailover(cluster: Cluster, vm: string, fromGeneration: number, opts: { timeoutMs?: number; until?: 'running' | 'protected' } = {}): Promise<{ record: VmRecord; timing?: FailoverTiming }> {
+  const want = opts.until ?? 'running';
+  const record = await waitForVm(cluster, vm, (v) => v.generation > fromGeneration && (want === 'running' ? v.state === 'running' || v.state === 'protected' : v.state === 'protected'), opts.timeoutMs ?? 120_000);
+  return { record, timing: await cluster.timing(vm, record.generation) };
+}
+
+export type HostStatus = (HostRecord & { alive: true }) | (KnownHost & { alive: false });
+
+export interface ClusterStatus {
+  leader?: string;
+  hosts: HostStatus[];
+  vms: (VmRecord & { hostAlive: boolean; needsFailover: boolean })[];
+  events: ClusterEvent[];
+}
+
+export async function clusterStatus(cluster: Cluster, opts: { events?: number } = {}): Promise<ClusterStatus> {
+  const [leader, hosts, known, vms, events] = await Promise.all([cluster.leader(), cluster.hosts(), cluster.knownHosts(), cluster.vms(), cluster.events(opts.events ?? 10)]);
+  const all: HostStatus[] = [...hosts.values()].map((h) => ({ ...h, alive: true as const }));
+  for (const k of known.values()) if (!hosts.has(k.name)) all.push({ ...k, alive: false as const });
+  return {
+    leader,
+    hosts: all.sort((a, b) => a.name.localeCompare(b.name)),
+    vms: [...vms.values()].map(({ value: v }) => ({
+      ...v,
+      hostAlive: hosts.has(v.host),
+      needsFailover: FAILOVER_PENDING.has(v.state) || (ON_HOST.has(v.state) && !hosts.has(v.host)),
+    })).sort((a, b) => a.name.localeCompare(b.name)),
+    events,
+  };
+}

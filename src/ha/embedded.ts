@@ -1,0 +1,191 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { hydraHome } from '../config/paths.js';
+import { Cluster } from './cluster.js';
+import { HaError } from './errors.js';
+import { startEtcd, stopPid } from './etcd-process.js';
+
+/**
+ * The embedded cluster for one machine (demo, bench): an etcd member, one
+ * manager and N agents, each agent a "host" with its own HYDRAVM_HOME. All
+ * are detached processes that outlive the command that started them.
+ *
+ * Directory layout (default $HYDRAVM_HOME/cluster, or --dir):
+ *
+ *   cluster.json          EmbeddedClusterInfo: etcd URL, hosts, pids (what `cluster down/status` read)
+ *   cluster.secret        the cluster secret (mode 0600) unless one was given
+ *   etcd/data/            etcd's data directory
+ *   hosts/HOST/           HOST's HYDRAVM_HOME (its VMs under vms/)
+ *   run/NAME.pid          pid files: etcd, manager, agent-HOST
+ *   logs/NAME.log         logs (JSON lines): etcd, manager, agent-HOST
+ */
+export interface EmbeddedClusterOptions {
+  dir?: string;
+  /** Number of hosts (named host1..hostN) or their names. Default 2. */
+  hosts?: number | string[];
+  /** Memory each host offers to VMs (default: the machine's). */
+  hostMemoryBytes?: number;
+  etcdPort?: number;
+  leaseTtlSec?: number;
+  /** Secret file the agents use for restores (default DIR/cluster.secret, created). */
+  secretFile?: string;
+  /** Extra environment for the daemons. */
+  env?: NodeJS.ProcessEnv;
+  /** Start the manager (default true). */
+  manager?: boolean;
+  timeoutMs?: number;
+}
+
+export interface DaemonInfo {
+  name: string;
+  pid: number;
+  log: string;
+  pidFile: string;
+}
+
+export interface EmbeddedHost extends DaemonInfo {
+  host: string;
+  home: string;
+}
+
+export interface EmbeddedClusterInfo {
+  dir: string;
+  etcdUrl: string;
+  secretFile: string;
+  leaseTtlSec: number;
+  etcd: DaemonInfo;
+  manager?: DaemonInfo;
+  hosts: EmbeddedHost[];
+  startedAt: string;
+}
+
+export interface EmbeddedCluster extends EmbeddedClusterInfo {
+  /** A client on the cluster's etcd (closed by stop()). */
+  cluster: Cluster;
+  /** Stop everything: manager, agents (which kill their HA VMs), etcd. */
+  stop(): Promise<void>;
+}
+
+export function defaultClusterDir(): string {
+  return path.join(hydraHome(), 'cluster');
+}
+
+export function readClusterInfo(dir = defaultClusterDir()): EmbeddedClusterInfo | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, 'cluster.json'), 'utf8')) as EmbeddedClusterInfo;
+  } catch {
+    return undefined;
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** How to run this package's HA daemon entry (src/ha/daemon.ts under tsx, or the compiled .js). */
+export function daemonCommand(): { command: string; args: string[] } {
+  const here = fileURLToPath(import.meta.url);
+  const ext = path.extname(here);
+  const entry = path.join(path.dirname(here), `daemon${ext}`);
+  const args = ext === '.ts' ? ['--import', 'tsx', entry] : [entry];
+  return { command: process.execPath, args };
+}
+
+/** Start a detached HA daemon (`agent ...` or `manager ...`) with a pid file and a log. */
+export function spawnDaemon(dir: string, name: string, daemonArgs: string[], env: NodeJS.ProcessEnv): DaemonInfo {
+  const logs = path.join(dir, 'logs');
+  const run = path.join(dir, 'run');
+  fs.mkdirSync(logs, { recursive: true });
+  fs.mkdirSync(run, { recursive: true });
+  const log = path.join(logs, `${name}.log`);
+  const pidFile = path.join(run, `${name}.pid`);
+  const { command, args } = daemonCommand();
+  const fd = fs.openSync(log, 'a');
+  const child = spawn(command, [...args, ...daemonArgs], { detached: true, stdio: ['ignore', fd, fd], env, cwd: process.cwd() });
+  fs.closeSync(fd);
+  child.unref();
+  if (!child.pid) throw new HaError('HYDRA_HA_SPAWN', `cannot start ${name} (see ${log})`);
+  fs.writeFileSync(pidFile, `${child.pid}\n`);
+  return { name, pid: child.pid, log, pidFile };
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): Promise<EmbeddedCluster> {
+  const dir = path.resolve(opts.dir ?? defaultClusterDir());
+  const existing = readClusterInfo(dir);
+  if (existing && pidAlive(existing.etcd.pid)) {
+    throw new HaError('HYDRA_HA_CLUSTER_RUNNING', `an embedded cluster already runs in ${dir} (etcd pid ${existing.etcd.pid}); \`hydravm cluster down --dir ${dir}\` first`);
+  }
+  fs.mkdirSync(dir, { recursive: true });
+  const hostNames = typeof opts.hosts === 'object' ? opts.hosts : Array.from({ length: opts.hosts ?? 2 }, (_, i) => `host${i + 1}`);
+  const ttl = opts.leaseTtlSec ?? 1;
+  let secretFile = opts.secretFile;
+  if (!secretFile) {
+    secretFile = path.join(dir, 'cluster.secret');
+    if (!fs.existsSync(secretFile)) fs.writeFileSync(secretFile, crypto.randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
+  }
+  fs.mkdirSync(path.join(dir, 'logs'), { recursive: true });
+  fs.mkdirSync(path.join(dir, 'run'), { recursive: true });
+  const etcdProc = await startEtcd({ dataDir: path.join(dir, 'etcd', 'data'), clientPort: opts.etcdPort, logFile: path.join(dir, 'logs', 'etcd.log'), detached: true });
+  fs.writeFileSync(path.join(dir, 'run', 'etcd.pid'), `${etcdProc.pid}\n`);
+  const info: EmbeddedClusterInfo = {
+    dir,
+    etcdUrl: etcdProc.url,
+    secretFile,
+    leaseTtlSec: ttl,
+    etcd: { name: 'etcd', pid: etcdProc.pid, log: etcdProc.logFile, pidFile: path.join(dir, 'run', 'etcd.pid') },
+    hosts: [],
+    startedAt: new Date().toISOString(),
+  };
+  const baseEnv = { ...process.env, ...opts.env };
+  try {
+    if (opts.manager !== false) {
+      info.manager = spawnDaemon(dir, 'manager', ['manager', '--etcd', etcdProc.url, '--id', 'manager-1'], baseEnv);
+    }
+    for (const host of hostNames) {
+      const home = path.join(dir, 'hosts', host);
+      fs.mkdirSync(home, { recursive: true });
+      const args = ['agent', '--host', host, '--etcd', etcdProc.url, '--home', home, '--lease-ttl', String(ttl), '--secret-file', secretFile];
+      if (opts.hostMemoryBytes) args.push('--memory', String(opts.hostMemoryBytes));
+      const d = spawnDaemon(dir, `agent-${host}`, args, { ...baseEnv, HYDRAVM_HOME: home });
+      info.hosts.push({ ...d, host, home });
+    }
+    fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+    const cluster = new Cluster(etcdProc.url);
+    const deadline = Date.now() + (opts.timeoutMs ?? 30_000);
+    for (;;) {
+      const [hosts, leader] = await Promise.all([cluster.hosts().catch(() => new Map()), cluster.leader().catch(() => undefined)]);
+      if (hostNames.every((h) => hosts.has(h)) && (opts.manager === false || leader)) break;
+      for (const d of [info.manager, ...info.hosts]) {
+        if (d && !pidAlive(d.pid)) throw new HaError('HYDRA_HA_SPAWN', `${d.name} exited during start (see ${d.log})`);
+      }
+      if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `embedded cluster not up within ${(opts.timeoutMs ?? 30_000) / 1000} s (logs in ${path.join(dir, 'logs')})`);
+      await sleep(50);
+    }
+    return { ...info, cluster, stop: async () => { cluster.close(); await stopEmbeddedCluster(dir); } };
+  } catch (err) {
+    fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+    await stopEmbeddedCluster(dir);
+    throw err;
+  }
+}
+
+/** Stop what `startEmbeddedCluster` started in `dir`: manager, agents, etcd (data stays). */
+export async function stopEmbeddedCluster(dir = defaultClusterDir()): Promise<boolean> {
+  const info = readClusterInfo(dir);
+  if (!info) return false;
+  if (info.manager) await stopPid(info.manager.pid, 3000);
+  await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000)));
+  await stopPid(info.etcd.pid, 3000);
+  for (const d of [info.etcd, info.manager, ...info.hosts]) if (d) fs.rmSync(d.pidFile, { force: true });
+  return true;
+}

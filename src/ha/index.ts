@@ -1,0 +1,17 @@
+/**
+ * HydraVM high availability: failure detection and automatic fail-over, with
+ * cluster state in etcd. See docs/ha.md.
+ */
+export { startEtcd, findEtcd, freePort, etcdHealthy, type EtcdProcess, type EtcdOptions } from './etcd-process.js';
+export {
+  Cluster, connectEtcd, keys, PREFIX, deriveTiming,
+  type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
+} from './cluster.js';
+export { HostAgent, startAgent, type AgentOptions } from './agent.js';
+export { FailoverManager, startManager, assignRestore, type ManagerOptions } from './manager.js';
+export { placeVm, reservations, type PlacementRequest, type PlacementResult } from './placement.js';
+export { fenceLocalVm, readLocalVm, listLocalVms, vmDeath, staleReason, writeHaLocal, type HaLocal, type LocalVm } from './fencing.js';
+export { protectInCluster, forgetVm, waitForVm, waitForFailover, clusterStatus, type ClusterStatus, type ProtectInClusterRequest } from './client.js';
+export { startEmbeddedCluster, stopEmbeddedCluster, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
+export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';
+export { HaError } from './errors.js';

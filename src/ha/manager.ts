@@ -1,0 +1,393 @@
+import os from 'node:os';
+import { EventEmitter } from 'node:events';
+import type { Etcd3, Campaign, Watcher } from 'etcd3';
+import type { Logger } from 'pino';
+import { log as rootLog } from '../util/log.js';
+import { Cluster, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
+import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
+
+/**
+ * The fail-over manager. Any number may run; an etcd election makes exactly
+ * one active, and every decision it writes is a transaction that also
+ * compares its election key, so a deposed manager cannot write.
+ *
+ * The active manager fails a VM over when
+ *  - its agent reported its QEMU dead (state `crashed`), or
+ *  - its host's lease expired (/hydravm/hosts/HOST deleted), or
+ *  - a restore failed (state `restore-failed`) or hangs past `restoreTimeoutMs`.
+ * It then picks a live host with enough free memory (placement.ts), and in ONE
+ * transaction that compares the VM record's and the generation counter's mod
+ * revisions: raises the generation, points the VM record at the new host
+ * (state `restoring`), writes the assignment for that host's agent and a
+ * timing record. A second fail-over of the same VM from the same observation
+ * cannot succeed: the record's revision has moved.
+ */
+export interface ManagerOptions {
+  etcd: string | string[] | Etcd3;
+  /** Announced in the election (default HOSTNAME:PID). */
+  id?: string;
+  /** TTL of the election lease (s): how long a dead manager keeps the role. */
+  leaderTtlSec?: number;
+  /** Full reconciliation period (watches trigger one at once anyway). */
+  reconcileMs?: number;
+  restoreTimeoutMs?: number;
+  /** Restores of one VM in a row before it is given up. */
+  maxAttempts?: number;
+  headroomBytes?: number;
+  logger?: Logger;
+}
+
+export interface ManagerEvents {
+  elected: [{ id: string }];
+  deposed: [{ id: string; reason: string }];
+  assigned: [{ vm: string; host: string; generation: number; cause: FailoverTiming['cause'] }];
+  'no-capacity': [{ vm: string; reason: string }];
+  lost: [{ vm: string; reason: string }];
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export class FailoverManager extends EventEmitter<ManagerEvents> {
+  readonly id: string;
+  readonly cluster: Cluster;
+  private readonly opts: ManagerOptions;
+  private readonly log: Logger;
+  private running = false;
+  private campaign: Campaign | undefined;
+  private leaderKey: { key: string; createRevision: string } | undefined;
+  private watchers: Watcher[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private reconciling = false;
+  private again = false;
+  private hostLostAt = new Map<string, number>();
+  private lastNoCapacity = new Map<string, { reason: string; at: number }>();
+  private lastPrune = 0;
+
+  constructor(opts: ManagerOptions) {
+    super();
+    this.opts = opts;
+    this.id = opts.id ?? `${os.hostname()}:${process.pid}`;
+    this.cluster = new Cluster(opts.etcd);
+    this.log = (opts.logger ?? rootLog).child({ component: 'manager', id: this.id });
+  }
+
+  get isLeader(): boolean {
+    return !!this.leaderKey;
+  }
+
+  async start(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    this.campaignOnce();
+  }
+
+  /** Resolves once this manager is the active one. */
+  waitLeader(timeoutMs = 10_000): Promise<void> {
+    if (this.isLeader) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`manager ${this.id} not elected within ${timeoutMs} ms`)), timeoutMs);
+      this.once('elected', () => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+  }
+
+  async stop(): Promise<void> {
+    if (!this.running) return;
+    this.running = false;
+    await this.stepDown('stopping');
+    const c = this.campaign;
+    this.campaign = undefined;
+    await Promise.race([c?.resign().catch(() => undefined), sleep(1000)]);
+    this.cluster.close();
+  }
+
+  private campaignOnce(): void {
+    if (!this.running) return;
+    const election = this.cluster.etcd.namespace(PREFIX).election(keys.election, this.opts.leaderTtlSec ?? 2);
+    const c = election.campaign(this.id);
+    this.campaign = c;
+    c.on('elected', () => {
+      void (async () => {
+        try {
+          const key = await c.getCampaignKey();
+          const kv = (await this.cluster.etcd.get(key).exec()).kvs[0];
+          if (!kv || c !== this.campaign) throw new Error('election key vanished');
+          this.leaderKey = { key, createRevision: kv.create_revision };
+          this.log.info({ key }, 'elected: this manager is active');
+          await this.cluster.addEvent({ kind: 'manager-elected', message: `manager ${this.id} is active`, manager: this.id }).catch(() => undefined);
+          await this.lead(c);
+          if (this.leaderKey) this.emit('elected', { id: this.id });
+        } catch (err) {
+          c.emit('error', err as Error);
+        }
+      })();
+    });
+    c.on('error', (err) => {
+      if (c !== this.campaign) return;
+      this.log.warn({ err: err.message }, 'campaign failed; campaigning again');
+      this.campaign = undefined;
+      void this.stepDown(`campaign failed: ${err.message}`).then(() => {
+        c.resign().catch(() => undefined);
+        if (this.running) setTimeout(() => this.campaignOnce(), 300);
+      });
+    });
+  }
+
+  private async lead(c: Campaign): Promise<void> {
+    const current = () => this.running && this.campaign === c && !!this.leaderKey;
+    const trigger = () => void this.reconcile();
+    const w1 = await this.cluster.etcd.watch().prefix(keys.hostsPrefix).create();
+    w1.on('delete', (kv) => {
+      const host = kv.key.toString().slice(keys.hostsPrefix.length);
+      this.hostLostAt.set(host, Date.now());
+      this.log.warn({ host }, 'host lease expired');
+      trigger();
+    });
+    w1.on('put', trigger);
+    w1.on('connected', trigger);
+    w1.on('error', () => undefined);
+    const w2 = await this.cluster.etcd.watch().prefix(keys.vmsPrefix).create();
+    w2.on('put', (kv) => {
+      try {
+        const r = JSON.parse(kv.value.toString()) as VmRecord;
+        if (FAILOVER_PENDING.has(r.state)) trigger();
+      } catch {
+        /* ignore */
+      }
+    });
+    w2.on('connected', trigger);
+    w2.on('error', () => undefined);
+    this.watchers.push(w1, w2);
+    if (!current()) {
+      // Stopped or deposed while we were setting up.
+      await Promise.race([Promise.all([w1.cancel(), w2.cancel()]).catch(() => undefined), sleep(1000)]);
+      this.leaderKey = undefined;
+      return;
+    }
+    this.timer = setInterval(trigger, this.opts.reconcileMs ?? 250);
+    trigger();
+  }
+
+  private async stepDown(reason: string): Promise<void> {
+    const was = this.leaderKey;
+    this.leaderKey = undefined;
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    const ws = this.watchers;
+    this.watchers = [];
+    await Promise.race([Promise.all(ws.map((w) => w.cancel().catch(() => undefined))), sleep(1000)]);
+    if (was) {
+      this.log.warn({ reason }, 'no longer the active manager');
+      this.emit('deposed', { id: this.id, reason });
+    }
+  }
+
+  /** One pass over every VM: fail over what needs it. Re-entrant calls coalesce. */
+  async reconcile(): Promise<void> {
+    if (!this.leaderKey) return;
+    if (this.reconciling) {
+      this.again = true;
+      return;
+    }
+    this.reconciling = true;
+    try {
+      do {
+        this.again = false;
+        await this.reconcileOnce();
+      } while (this.again && this.leaderKey);
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, 'reconcile failed');
+    } finally {
+      this.reconciling = false;
+    }
+  }
+
+  private async reconcileOnce(): Promise<void> {
+    const lk = this.leaderKey;
+    if (!lk) return;
+    const own = (await this.cluster.etcd.get(lk.key).exec()).kvs[0];
+    if (!own || own.create_revision !== lk.createRevision) {
+      await this.stepDown('election key is gone');
+      this.campaign?.emit('error', new Error('election key is gone'));
+      return;
+    }
+    const [hosts, vms] = await Promise.all([this.cluster.hosts(), this.cluster.vms()]);
+    const reserved = reservations([...vms.values()].map((v) => v.value));
+    const now = Date.now();
+    for (const v of vms.values()) {
+      const r = v.value;
+      const alive = hosts.has(r.host);
+      if (ON_HOST.has(r.state) && !alive) {
+        await this.failover(v, 'host-lost', hosts, reserved);
+      } else if (r.state === 'crashed') {
+        await this.failover(v, 'qemu-died', hosts, reserved);
+      } else if (r.state === 'host-lost') {
+        await this.failover(v, 'host-lost', hosts, reserved);
+      } else if (r.state === 'restore-failed') {
+        await this.failover(v, 'restore-failed', hosts, reserved);
+      } else if (r.state === 'restoring' && now - r.updatedAt > (this.opts.restoreTimeoutMs ?? 120_000)) {
+        await this.failover({ ...v, value: { ...r, failedHosts: [...new Set([...(r.failedHosts ?? []), r.host])] } }, 'restore-failed', hosts, reserved);
+      }
+    }
+    if (now - this.lastPrune > 10_000) {
+      this.lastPrune = now;
+      await this.cluster.pruneEvents().catch(() => undefined);
+    }
+  }
+
+  private async markLost(v: Versioned<VmRecord>, reason: string): Promise<void> {
+    const lk = this.leaderKey!;
+    const r = await this.cluster.etcd
+      .if(keys.vm(v.value.name), 'Mod', '==', v.modRevision)
+      .and(lk.key, 'Create', '==', lk.createRevision)
+      .then(this.cluster.etcd.put(keys.vm(v.value.name)).value(JSON.stringify({ ...v.value, state: 'lost', reason, updatedAt: Date.now() } satisfies VmRecord)))
+      .commit();
+    if (r.succeeded) {
+      this.log.error({ vm: v.value.name, reason }, 'VM lost');
+      await this.cluster.addEvent({ kind: 'lost', vm: v.value.name, message: reason }).catch(() => undefined);
+      this.emit('lost', { vm: v.value.name, reason });
+    }
+  }
+
+  private async failover(v: Versioned<VmRecord>, cause: FailoverTiming['cause'], hosts: Map<string, HostRecord>, reserved: Map<string, number>): Promise<void> {
+    const r = v.value;
+    const lk = this.leaderKey;
+    if (!lk) return;
+    if (r.imageGeneration === undefined) return this.markLost(v, `VM "${r.name}" failed (${cause}) before its first checkpoint was committed: no image to restore`);
+    const maxAttempts = this.opts.maxAttempts ?? 5;
+    if ((r.attempts ?? 0) >= maxAttempts) return this.markLost(v, `VM "${r.name}": ${r.attempts} restores in a row failed (last: ${r.reason ?? cause})`);
+
+    const sawAt = Date.now();
+    const placement = placeVm(
+      {
+        vm: r.name,
+        memoryBytes: r.memoryBytes ?? 0,
+        exclude: cause === 'host-lost' ? [r.host] : [],
+        avoid: [r.host, ...(r.failedHosts ?? [])],
+        headroomBytes: this.opts.headroomBytes ?? DEFAULT_HEADROOM,
+      },
+      [...hosts.values()],
+      reserved,
+    );
+    if (!placement.ok) {
+      const last = this.lastNoCapacity.get(r.name);
+      if (!last || last.reason !== placement.reason || sawAt - last.at > 10_000) {
+        this.lastNoCapacity.set(r.name, { reason: placement.reason, at: sawAt });
+        this.log.error({ vm: r.name, reason: placement.reason }, 'cannot fail over VM now; retrying');
+        await this.cluster.addEvent({ kind: 'no-capacity', vm: r.name, message: `${placement.reason}; retrying` }).catch(() => undefined);
+        this.emit('no-capacity', { vm: r.name, reason: placement.reason });
+        // Make the failure visible in the VM's record (its host is gone).
+        if (cause === 'host-lost' && r.state !== 'host-lost') {
+          await this.cluster.etcd
+            .if(keys.vm(r.name), 'Mod', '==', v.modRevision)
+            .and(lk.key, 'Create', '==', lk.createRevision)
+            .then(this.cluster.etcd.put(keys.vm(r.name)).value(JSON.stringify({ ...r, state: 'host-lost', reason: placement.reason, detectedAt: r.detectedAt ?? this.hostLostAt.get(r.host) ?? sawAt, updatedAt: Date.now() } satisfies VmRecord)))
+            .commit()
+            .catch(() => undefined);
+        }
+      }
+      return;
+    }
+    this.lastNoCapacity.delete(r.name);
+    const target = placement.host;
+    const counter = await this.cluster.generationCounter(r.name);
+    const generation = Math.max(counter.value, r.generation) + 1;
+    const hostLost = cause === 'host-lost';
+    const detectedAt = hostLost ? (r.state === 'host-lost' && r.detectedAt ? r.detectedAt : this.hostLostAt.get(r.host) ?? sawAt) : r.detectedAt ?? sawAt;
+    const failedAt = hostLost ? undefined : r.failedAt;
+    const assignedAt = Date.now();
+    const record: VmRecord = {
+      ...r,
+      host: target,
+      generation,
+      state: 'restoring',
+      reason: `${cause} on ${r.host}`,
+      previousHost: r.host,
+      attempts: (r.attempts ?? 0) + 1,
+      failedAt,
+      detectedAt,
+      updatedAt: assignedAt,
+    };
+    const assignment: Assignment = {
+      kind: 'restore',
+      vm: r.name,
+      host: target,
+      generation,
+      imageGeneration: r.imageGeneration,
+      store: r.store,
+      storeDir: r.storeDir,
+      mode: r.mode,
+      intervalMs: r.intervalMs,
+      createdAt: assignedAt,
+      by: this.id,
+    };
+    const timing: FailoverTiming = {
+      vm: r.name,
+      generation,
+      fromGeneration: r.generation,
+      imageGeneration: r.imageGeneration,
+      fromHost: r.host,
+      toHost: target,
+      cause,
+      failedAt,
+      detectedAt,
+      managerSawAt: sawAt,
+      assignedAt,
+      detectionMs: failedAt !== undefined ? detectedAt - failedAt : undefined,
+    };
+    const e = this.cluster.etcd;
+    const res = await e
+      .if(keys.vm(r.name), 'Mod', '==', v.modRevision)
+      .and(keys.generation(r.name), 'Mod', '==', counter.modRevision)
+      .and(lk.key, 'Create', '==', lk.createRevision)
+      .then(
+        e.put(keys.generation(r.name)).value(String(generation)),
+        e.put(keys.vm(r.name)).value(JSON.stringify(record)),
+        e.put(keys.assignment(target, r.name)).value(JSON.stringify(assignment)),
+        e.put(keys.timing(r.name, generation)).value(JSON.stringify(timing)),
+      )
+      .commit();
+    if (!res.succeeded) {
+      this.log.info({ vm: r.name }, 'fail-over lost a race (record changed); re-reading');
+      this.again = true;
+      return;
+    }
+    reserved.set(target, (reserved.get(target) ?? 0) + (r.memoryBytes ?? 0));
+    this.log.warn({ vm: r.name, cause, from: r.host, to: target, generation, detectionMs: timing.detectionMs }, 'failing VM over');
+    await this.cluster.addEvent({ kind: 'failover', vm: r.name, host: target, message: `${cause} on ${r.host}: restoring VM "${r.name}" generation ${generation} (image ${r.imageGeneration}) on ${target}`, generation }).catch(() => undefined);
+    this.emit('assigned', { vm: r.name, host: target, generation, cause });
+  }
+}
+
+export async function startManager(opts: ManagerOptions): Promise<FailoverManager> {
+  const m = new FailoverManager(opts);
+  await m.start();
+  return m;
+}
+
+/**
+ * The fail-over assignment as a standalone transaction, for tests and tools:
+ * assign VM `vm`, as read at `modRevision`, to `host` at the next generation.
+ * Succeeds for exactly one of any number of concurrent callers holding the
+ * same observation.
+ */
+export async function assignRestore(cluster: Cluster, observed: Versioned<VmRecord>, host: string, by = 'tool'): Promise<{ ok: boolean; generation: number }> {
+  const r = observed.value;
+  const counter = await cluster.generationCounter(r.name);
+  const generation = Math.max(counter.value, r.generation) + 1;
+  const e = cluster.etcd;
+  const now = Date.now();
+  const assignment: Assignment = { kind: 'restore', vm: r.name, host, generation, imageGeneration: r.imageGeneration, store: r.store, storeDir: r.storeDir, mode: r.mode, intervalMs: r.intervalMs, createdAt: now, by };
+  const res = await e
+    .if(keys.vm(r.name), 'Mod', '==', observed.modRevision)
+    .and(keys.generation(r.name), 'Mod', '==', counter.modRevision)
+    .then(
+      e.put(keys.generation(r.name)).value(String(generation)),
+      e.put(keys.vm(r.name)).value(JSON.stringify({ ...r, host, generation, state: 'restoring', previousHost: r.host, updatedAt: now } satisfies VmRecord)),
+      e.put(keys.assignment(host, r.name)).value(JSON.stringify(assignment)),
+    )
+    .commit();
+  return { ok: res.succeeded, generation };
+}

@@ -1,0 +1,233 @@
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { pino } from 'pino';
+import { startEtcd, type EtcdProcess } from '../src/ha/etcd-process.js';
+import { Cluster, keys, type VmRecord } from '../src/ha/cluster.js';
+import { HostAgent, type AgentOptions } from '../src/ha/agent.js';
+import { writeHaLocal } from '../src/ha/fencing.js';
+import type { RestoreFn } from '../src/ha/restore-adapter.js';
+
+/** Test scaffolding for the HA layer: a real etcd per test, fake VMs made of `sleep` processes. */
+export const GiB = 1024 ** 3;
+export const quiet = pino({ level: process.env.HA_TEST_LOG ?? 'silent' }, pino.destination({ fd: 2, sync: true }));
+
+export function tmpDir(prefix: string): string {
+  return fs.mkdtempSync(path.join('/tmp', `hv-ha-${prefix}-`));
+}
+
+export interface EtcdLab {
+  dir: string;
+  etcd: EtcdProcess;
+  cluster: Cluster;
+  cleanup(): Promise<void>;
+  /** Everything registered here is stopped by cleanup(), in reverse order. */
+  defer(fn: () => unknown): void;
+}
+
+export async function etcdLab(prefix: string): Promise<EtcdLab> {
+  const dir = tmpDir(prefix);
+  const etcd = await startEtcd({ dataDir: path.join(dir, 'etcd'), logFile: path.join(dir, 'etcd.log') });
+  const cluster = new Cluster(etcd.url);
+  const deferred: (() => unknown)[] = [];
+  return {
+    dir,
+    etcd,
+    cluster,
+    defer: (fn) => deferred.push(fn),
+    async cleanup() {
+      for (const fn of deferred.reverse()) {
+        try {
+          await fn();
+        } catch {
+          /* best effort */
+        }
+      }
+      cluster.close();
+      await etcd.stop();
+      killFakeVms(dir);
+      if (!process.env.HA_TEST_KEEP) fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+function sleeper(): number {
+  const p = spawn('sleep', ['600'], { stdio: 'ignore', detached: true });
+  p.unref();
+  return p.pid!;
+}
+
+export interface FakeVm {
+  name: string;
+  home: string;
+  qemuPid: number;
+  supervisorPid: number;
+  checkpointerPid: number;
+}
+
+/**
+ * A VM as the agent sees it: state.json (lifecycle running, live pids),
+ * protection.json and ha.json at `generation`. The "QEMU", "supervisor" and
+ * "checkpointer" are `sleep` processes.
+ */
+export function fakeVm(home: string, name: string, generation: number, host: string, memoryBytes = 128 << 20, withHa = true): FakeVm {
+  const dir = path.join(home, 'vms', name);
+  fs.mkdirSync(dir, { recursive: true });
+  const vm: FakeVm = { name, home, qemuPid: sleeper(), supervisorPid: sleeper(), checkpointerPid: sleeper() };
+  writeJson(path.join(dir, 'state.json'), { name, lifecycle: 'running', supervisorPid: vm.supervisorPid, qemuPid: vm.qemuPid, memoryBytes, startedAt: new Date().toISOString() });
+  writeJson(path.join(dir, 'protection.json'), { vm: name, pid: vm.checkpointerPid, generation, state: 'protected', committedEpoch: 1, updatedAt: Date.now() });
+  if (withHa) writeHaLocal(home, { vm: name, host, generation, updatedAt: Date.now() });
+  return vm;
+}
+
+/** What the supervisor does when QEMU dies: record `crashed`. Returns the kill time. */
+export function crashFakeVm(vm: FakeVm): number {
+  const at = Date.now();
+  process.kill(vm.qemuPid, 'SIGKILL');
+  const file = path.join(vm.home, 'vms', vm.name, 'state.json');
+  const st = JSON.parse(fs.readFileSync(file, 'utf8'));
+  writeJson(file, { ...st, lifecycle: 'crashed', reason: 'QEMU died (code null, signal SIGKILL)', endedAt: new Date(at).toISOString(), exitSignal: 'SIGKILL' });
+  return at;
+}
+
+export function writeJson(file: string, value: unknown): void {
+  fs.writeFileSync(`${file}.tmp`, JSON.stringify(value));
+  fs.renameSync(`${file}.tmp`, file);
+}
+
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Kill every fake VM process under dir (any state.json/protection.json pid). */
+export function killFakeVms(dir: string): void {
+  const walk = (d: string) => {
+    let entries: fs.Dirent[] = [];
+    try {
+      entries = fs.readdirSync(d, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.name === 'state.json' || e.name === 'protection.json') {
+        try {
+          const j = JSON.parse(fs.readFileSync(p, 'utf8'));
+          for (const pid of [j.qemuPid, j.supervisorPid, j.pid]) if (pid && pid !== process.pid) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+        } catch {
+          /* ignore */
+        }
+      }
+    }
+  };
+  walk(dir);
+}
+
+/** A restore that "starts" a fake VM in the agent's home, protected at the new generation. */
+export function fakeRestore(home: string, host: string, delayMs = 30): RestoreFn {
+  return async (req) => {
+    await new Promise((r) => setTimeout(r, delayMs));
+    const dir = path.join(home, 'vms', req.vm);
+    const prevHa = fs.existsSync(path.join(dir, 'ha.json')) ? fs.readFileSync(path.join(dir, 'ha.json'), 'utf8') : undefined;
+    const vm = fakeVm(home, req.vm, req.newGeneration, host, 128 << 20, false);
+    if (prevHa) fs.writeFileSync(path.join(dir, 'ha.json'), prevHa);
+    return { vm: vm.name, generation: req.newGeneration, epoch: 1, timings: { spawnToRunningMs: delayMs } };
+  };
+}
+
+/** Register a VM as protected on `host` at `generation` straight into etcd. */
+export async function registerVm(cluster: Cluster, rec: Partial<VmRecord> & { name: string; host: string; generation: number }): Promise<void> {
+  const full: VmRecord = { store: '127.0.0.1:1', mode: 'file', intervalMs: 1000, state: 'protected', imageGeneration: rec.generation, memoryBytes: 128 << 20, updatedAt: Date.now(), ...rec };
+  await cluster.etcd.put(keys.generation(rec.name)).value(String(rec.generation));
+  await cluster.etcd.put(keys.vm(rec.name)).value(JSON.stringify(full));
+}
+
+export async function inProcessAgent(lab: EtcdLab, host: string, extra: Partial<AgentOptions> = {}): Promise<HostAgent> {
+  const home = extra.home ?? path.join(lab.dir, 'hosts', host);
+  fs.mkdirSync(home, { recursive: true });
+  const agent = new HostAgent({
+    host,
+    etcd: lab.etcd.url,
+    home,
+    memoryBytes: 2 * GiB,
+    supervisorGraceMs: 100,
+    restore: fakeRestore(home, host),
+    protect: async (r) => ({ generation: r.generation }),
+    storeGeneration: async () => undefined,
+    secret: () => 'test-secret',
+    logger: quiet,
+    ...extra,
+  });
+  lab.defer(() => agent.stop());
+  await agent.start();
+  return agent;
+}
+
+export async function until<T>(what: string, fn: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 10_000, everyMs = 10): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let v: T | undefined | false;
+    try {
+      v = await fn();
+    } catch {
+      v = undefined;
+    }
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for: ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** A TCP proxy in front of etcd whose link can be cut (a network partition of whoever uses it). */
+export interface Partitionable {
+  url: string;
+  cut(): void;
+  heal(): void;
+  close(): Promise<void>;
+}
+
+export async function partitionableProxy(target: string): Promise<Partitionable> {
+  const u = new URL(target);
+  const sockets = new Set<net.Socket>();
+  let blocked = false;
+  const server = net.createServer((client) => {
+    if (blocked) return void client.destroy();
+    const upstream = net.connect(Number(u.port), u.hostname);
+    sockets.add(client);
+    sockets.add(upstream);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on('error', drop).on('close', drop);
+    upstream.on('error', drop).on('close', drop);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    cut() {
+      blocked = true;
+      for (const s of sockets) s.destroy();
+      sockets.clear();
+    },
+    heal() {
+      blocked = false;
+    },
+    close: () => new Promise<void>((r) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => r());
+    }),
+  };
+}
