@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { Command, Option } from 'commander';
+import { Command } from 'commander';
 import { HydraError } from '../errors.js';
 import { registerVmCommands } from './vm-commands.js';
 import { registerSetupCommands } from './setup-commands.js';
@@ -25,17 +25,6 @@ registerRestoreCommand(program);
 registerBenchCommand(program);
 registerHaCommands(program);
 registerDemoCommand(program);
-
-program
-  .command('internal-supervise', { hidden: true })
-  .argument('<name>')
-  .addOption(new Option('--x').hideHelp())
-  .action(async (name: string) => {
-    const { runSupervisor } = await import('../vm/supervisor.js');
-    await runSupervisor(name);
-    // The VM is over: nothing this process holds open should keep it around.
-    process.exit(0);
-  });
 
 try {
   await program.parseAsync(process.argv);

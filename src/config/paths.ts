@@ -44,3 +44,4 @@ export function guestArtifactsDir(): string {
 export const nativeAddonPath = path.join(packageRoot, 'native', 'build', 'Release', 'hydra_native.node');
 export const shimPath = path.join(packageRoot, 'native', 'build', 'libhydra_shim.so');
 export const cliEntry = path.join(packageRoot, 'dist', 'src', 'cli', 'main.js');
+export const supervisorEntry = path.join(packageRoot, 'dist', 'src', 'vm', 'supervisor-main.js');

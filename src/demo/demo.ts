@@ -1,15 +1,25 @@
+import fs from 'node:fs';
+import path from 'node:path';
 import { validateSpec } from '../vm/spec.js';
-import { startVm, stopVm, vmStatus } from '../vm/manager.js';
+import { startVm } from '../vm/manager.js';
+import { readState } from '../vm/runtime.js';
 import { waitForMemcheckStep, lastMemcheckProgress, countViolations } from '../vm/serial.js';
 import { checkSetup, runSetup } from '../setup/index.js';
+import { hydraHome, cliEntry } from '../config/paths.js';
+import { readProtection } from '../checkpoint/protection.js';
+import { spawn } from 'node:child_process';
+import { startEmbeddedCluster, stopEmbeddedCluster, protectInCluster, waitForFailover, type EmbeddedCluster, type FailoverTiming } from '../ha/index.js';
 
 export interface DemoOptions {
   memory: string;
   workingSetMb: number;
+  intervalMs: number;
   keep: boolean;
 }
 
-const say = (msg: string) => process.stdout.write(`${msg}\n`);
+const say = (msg: string): void => void process.stdout.write(`${msg}\n`);
+const ms = (v: number | undefined) => (v === undefined ? '-' : `${Math.round(v)} ms`);
+const sleep = (t: number) => new Promise((r) => setTimeout(r, t));
 
 /** The embedded default VM: the test guest with memcheck, nothing to download or write. */
 export function demoSpec(opts: { name?: string; memory: string; workingSetMb: number }) {
@@ -20,35 +30,158 @@ export function demoSpec(opts: { name?: string; memory: string; workingSetMb: nu
     accel: 'auto',
     kernel: 'guest:vmlinux',
     initrd: 'guest:initrd.img',
-    cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${opts.workingSetMb}`,
+    cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${opts.workingSetMb} memcheck.rate=32`,
   }, process.cwd(), 'embedded demo spec');
 }
 
+/**
+ * The whole story on one machine: an embedded cluster (etcd, a manager, two
+ * host agents, a checkpoint store), a VM running memcheck protected by
+ * incremental checkpoints, then two failures: its QEMU is killed, and later
+ * its whole host dies. Each time the cluster restores it elsewhere and the
+ * guest continues with its memory intact.
+ */
 export async function runDemo(opts: DemoOptions): Promise<void> {
   if (!(await checkSetup()).ok) {
     say('== setting up (first run only): QEMU, native parts, guest images');
     await runSetup({ log: (m: string) => say(`   ${m}`) });
   }
-  const spec = demoSpec(opts);
+  const base = path.join(hydraHome(), 'demo');
+  await stopEmbeddedCluster(path.join(base, 'cluster')).catch(() => false);
+  fs.rmSync(base, { recursive: true, force: true });
+  fs.mkdirSync(base, { recursive: true });
+
+  say('== embedded cluster: etcd, a fail-over manager, host agents host1 and host2, a checkpoint store');
+  const cluster = await startEmbeddedCluster({ dir: path.join(base, 'cluster'), hosts: 2 });
+  const store = await startStoreProcess(path.join(base, 'store'), cluster.secretFile);
+  say(`   etcd ${cluster.etcdUrl}, store ${store.address} (log ${store.log}), runtime in ${base}`);
+  const hostHome = (host: string) => cluster.hosts.find((h) => h.host === host)!.home;
+  const serialOn = (host: string) => path.join(hostHome(host), 'vms', 'demo', 'serial.log');
+  let ok = false;
   try {
-    await stopVm(spec.name);
-  } catch {
-    /* no earlier demo VM */
+    const spec = demoSpec(opts);
+    say(`== starting VM "${spec.name}" on host1 (${opts.memory}, memcheck writing ${opts.workingSetMb} MB)`);
+    process.env.HYDRAVM_HOME = hostHome('host1');
+    const t0 = Date.now();
+    const state = await startVm(spec);
+    say(`   QEMU pid ${state.qemuPid}, accel ${state.accel}`);
+    const first = await waitForMemcheckStep(serialOn('host1'), 1, 60_000);
+    say(`   memcheck running after ${((Date.now() - t0) / 1000).toFixed(1)} s (step ${first.step}); console: ${serialOn('host1')}`);
+
+    say(`== protecting it: a full checkpoint, then one every ${opts.intervalMs / 1000} s`);
+    let record = await protectInCluster(cluster.cluster, { vm: 'demo', host: 'host1', store: store.address, mode: 'network', intervalMs: opts.intervalMs });
+    await sleep(4000);
+    showProtection('host1', record.generation, hostHome('host1'));
+
+    say('== failure 1: the VM\'s QEMU is killed (SIGKILL)');
+    const before1 = lastMemcheckProgress(serialOn('host1'))!;
+    let offsets = serialOffsets(cluster);
+    let killedAt = Date.now();
+    process.kill(readState('demo')!.qemuPid!, 'SIGKILL');
+    const f1 = await waitForFailover(cluster.cluster, 'demo', record.generation, { until: 'running' });
+    showFailover(f1.timing, killedAt);
+    await showGuest(serialOn(f1.record.host), before1.step, offsets.get(f1.record.host) ?? 0);
+    const p1 = await waitForFailover(cluster.cluster, 'demo', record.generation, { until: 'protected' });
+    record = p1.record;
+    say(`   protected again on ${record.host} as generation ${record.generation}`);
+    await sleep(3000);
+    showProtection(record.host, record.generation, hostHome(record.host));
+
+    say(`== failure 2: host ${record.host} dies (its agent, QEMU and checkpointer are killed at once)`);
+    const deadHost = record.host;
+    const before2 = lastMemcheckProgress(serialOn(deadHost))!;
+    offsets = serialOffsets(cluster);
+    killedAt = Date.now();
+    killHost(cluster, deadHost);
+    const f2 = await waitForFailover(cluster.cluster, 'demo', record.generation, { until: 'running' });
+    showFailover(f2.timing, killedAt);
+    await showGuest(serialOn(f2.record.host), before2.step, offsets.get(f2.record.host) ?? 0);
+    ok = true;
+    say(`== done: the VM survived two failures with its memory intact${opts.keep ? ' (left running; `hydravm cluster down --dir ' + cluster.dir + '` stops it)' : ''}`);
+  } finally {
+    if (!opts.keep || !ok) {
+      await cluster.stop();
+      await store.stop();
+    }
   }
-  say(`== starting VM "${spec.name}" (${opts.memory}, memcheck over ${opts.workingSetMb} MB)`);
-  const t0 = Date.now();
-  const state = await startVm(spec);
-  const status = await vmStatus(spec.name);
-  say(`   QEMU pid ${state.qemuPid}, accel ${state.accel}, serial log ${status.serialLog}`);
-  const first = await waitForMemcheckStep(status.serialLog, 1, 60_000);
-  say(`   memcheck running after ${((Date.now() - t0) / 1000).toFixed(1)} s (step ${first.step})`);
-  await new Promise((r) => setTimeout(r, 3000));
-  const later = lastMemcheckProgress(status.serialLog);
-  say(`   3 s later: step ${later?.step}, violations ${countViolations(status.serialLog)}`);
-  if (opts.keep) {
-    say(`== VM left running; stop it with: hydravm vm stop ${spec.name}`);
-    return;
+}
+
+function showProtection(host: string, generation: number, home: string): void {
+  process.env.HYDRAVM_HOME = home;
+  const p = readProtection('demo');
+  if (!p) return;
+  say(`   ${host}: generation ${generation}, epoch ${p.committedEpoch}, interval ${ms(p.recent.medianIntervalMs ?? undefined)}, pause median ${ms(p.recent.medianPauseMs ?? undefined)} (last ${ms(p.last?.pauseMs)}), ${((p.last?.bytes ?? 0) / 2 ** 20).toFixed(1)} MB per checkpoint`);
+}
+
+function showFailover(t: FailoverTiming | undefined, killedAt: number): void {
+  if (!t) return say('   (no timing recorded)');
+  const what = t.cause === 'host-lost' ? 'host loss (lease expired)' : 'QEMU death';
+  say(`   ${what} detected after ${ms(t.detectedAt - killedAt)}; restored on ${t.toHost}: QEMU spawn to running ${ms(t.spawnToRunningMs)}; failure to running VM ${ms((t.runningAt ?? NaN) - killedAt)}`);
+}
+
+/** Where each host's copy of the VM console ends now: a restored VM's lines come after. */
+function serialOffsets(cluster: EmbeddedCluster): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const h of cluster.hosts) {
+    try {
+      out.set(h.host, fs.statSync(path.join(h.home, 'vms', 'demo', 'serial.log')).size);
+    } catch {
+      out.set(h.host, 0);
+    }
   }
-  const end = await stopVm(spec.name);
-  say(`== VM ${spec.name} ${end.lifecycle}`);
+  return out;
+}
+
+async function showGuest(serial: string, stepBefore: number, offset: number): Promise<void> {
+  const resumed = await waitForMemcheckStep(serial, 1, 60_000, offset);
+  await sleep(2000);
+  const later = lastMemcheckProgress(serial, offset)!;
+  const violations = countViolations(serial, offset);
+  say(`   guest continues: step ${stepBefore} before the failure, ${resumed.step} right after the restore, ${later.step} 2 s later; ${violations} memory violations`);
+  if (violations > 0) throw new Error(`memcheck reported ${violations} violations after the restore (see ${serial})`);
+}
+
+/** The checkpoint store as its own process, logging to a file. */
+async function startStoreProcess(dir: string, secretFile: string): Promise<{ address: string; log: string; stop(): Promise<void> }> {
+  fs.mkdirSync(dir, { recursive: true });
+  const log = path.join(path.dirname(dir), 'store.log');
+  const fd = fs.openSync(log, 'a');
+  const proc = spawn(process.execPath, [cliEntry, 'store', '--dir', dir, '--listen', '127.0.0.1:0', '--secret-file', secretFile], { stdio: ['ignore', 'pipe', fd] });
+  fs.closeSync(fd);
+  const address = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      const m = /listening on (\S+),/.exec(out);
+      if (m) resolve(m[1]!);
+    });
+    proc.once('exit', (code) => reject(new Error(`checkpoint store exited (code ${code}); see ${log}`)));
+  });
+  return {
+    address,
+    log,
+    stop: () => new Promise<void>((resolve) => {
+      if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+      proc.once('exit', () => resolve());
+      proc.kill('SIGTERM');
+    }),
+  };
+}
+
+/** A whole host's death: its agent and every process of its VMs, at once. */
+function killHost(cluster: EmbeddedCluster, host: string): void {
+  const h = cluster.hosts.find((x) => x.host === host)!;
+  const pids = [h.pid];
+  process.env.HYDRAVM_HOME = h.home;
+  const st = readState('demo');
+  if (st) pids.push(st.supervisorPid, st.qemuPid ?? 0);
+  const p = readProtection('demo');
+  if (p) pids.push(p.pid);
+  for (const pid of pids) {
+    try {
+      if (pid) void process.kill(pid, "SIGKILL");
+    } catch {
+      /* gone */
+    }
+  }
 }

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import { spawn, execFileSync } from 'node:child_process';
-import { cliEntry, shimPath } from '../config/paths.js';
+import { supervisorEntry, shimPath } from '../config/paths.js';
 import { QemuError, SpecError, VmExistsError, VmNotFoundError } from '../errors.js';
 import { chooseAccel } from './accel.js';
 import type { QemuLaunchOptions } from './qemu-args.js';
@@ -71,7 +71,7 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
     fs.writeFileSync(paths.spec, JSON.stringify(launchFile, null, 2) + '\n');
 
     const logFd = fs.openSync(paths.supervisorLog, 'a');
-    const child = spawn(process.execPath, [cliEntry, 'internal-supervise', spec.name], {
+    const child = spawn(process.execPath, [supervisorEntry, spec.name], {
       detached: true,
       stdio: ['ignore', logFd, logFd],
       env: process.env,
@@ -95,7 +95,7 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
         else if (child.pid) killPid(child.pid);
         throw new QemuError(`VM "${spec.name}" did not start within ${(opts.timeoutMs ?? 20_000) / 1000} s (see ${paths.qemuLog})`);
       }
-      await sleep(25);
+      await sleep(5);
     }
   } finally {
     fs.rmSync(lockDir, { recursive: true, force: true });
