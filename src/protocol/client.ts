@@ -14,8 +14,8 @@ import {
   FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName, type Frame,
 } from './frames.js';
 import {
-  batchRuns, challengeSchema, committedSchema, decodeJson, decodePages, encodeJson, encodeRunTable, errorSchema, metaReplySchema, welcomeSchema,
-  type CheckpointKind, type PageRun, type Role, type StoreMeta, type Welcome,
+  FEATURE_HOT, batchRuns, challengeSchema, committedSchema, decodeHot, decodeJson, decodePages, encodeJson, encodeRunTable, errorSchema, metaReplySchema, welcomeSchema,
+  type CheckpointKind, type HotRegion, type PageRun, type Role, type StoreMeta, type Welcome,
 } from './messages.js';
 
 export interface StoreClientOptions {
@@ -287,6 +287,21 @@ export class StoreClient {
   async getDeviceState(generation?: number): Promise<Buffer> {
     const frames = await this.request(FrameType.GET_DEVSTATE, encodeJson(generation !== undefined ? { generation } : {}), FrameType.DEVSTATE, 'GET_DEVSTATE');
     return Buffer.concat(frames.map((f) => f.payload));
+  }
+
+  /**
+   * The 2 MiB regions the VM wrote most in the last epochs of this connection's
+   * generation (or `generation`), hottest first, at most `limit`. Empty when the
+   * store has no (usable) heat record. Rejects with HYDRA_STORE_UNSUPPORTED, without
+   * sending anything, when the store predates GET_HOT (its WELCOME lacks the feature).
+   */
+  async getHotRegions(generation?: number, limit?: number): Promise<HotRegion[]> {
+    if (!this.welcome.features?.includes(FEATURE_HOT)) {
+      throw new StoreError('HYDRA_STORE_UNSUPPORTED', `store ${this.opts.address} does not serve GET_HOT (an older store): no heat record available`);
+    }
+    const q = { ...(generation !== undefined ? { generation } : {}), ...(limit !== undefined ? { limit } : {}) };
+    const frames = await this.request(FrameType.GET_HOT, encodeJson(q), FrameType.HOT, 'GET_HOT');
+    return frames.flatMap((f) => decodeHot(f.payload));
   }
 
   async close(): Promise<void> {

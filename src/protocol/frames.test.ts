@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { crc32 } from 'node:zlib';
 import {
   FrameDecoder, FrameFlag, FrameType, FRAME_HEADER_SIZE, PROTOCOL_VERSION, encodeFrame,
-  batchRuns, decodeJson, decodePages, encodePages, encodeRunTable, helloSchema,
+  batchRuns, decodeHot, decodeJson, decodePages, encodeHot, encodePages, encodeRunTable, helloSchema,
 } from './index.js';
 
 const code = (c: string) => (e: unknown) => (e as { code?: string }).code === c;
@@ -118,4 +118,24 @@ test('batchRuns splits by data size without copying', () => {
 test('JSON payload validation names the frame', () => {
   assert.throws(() => decodeJson(FrameType.HELLO, Buffer.from('{"vm":"x"}'), helloSchema), (e: unknown) => code('HYDRA_PROTOCOL_BAD_PAYLOAD')(e) && /HELLO/.test((e as Error).message));
   assert.throws(() => decodeJson(FrameType.HELLO, Buffer.from('not json'), helloSchema), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+});
+
+test('HOT payload round trip and validation', () => {
+  const regions = [{ offset: 7 * 2 * 1024 * 1024, score: 40 }, { offset: 0, score: 0.0625 }, { offset: 2 ** 40, score: 1e-9 }];
+  const p = encodeHot(regions);
+  assert.equal(p.length, 4 + 3 * 16);
+  assert.equal(p.readUInt32BE(0), 3);
+  assert.deepEqual(decodeHot(p), regions);
+  assert.deepEqual(decodeHot(encodeHot([])), []);
+  assert.throws(() => decodeHot(p.subarray(0, p.length - 1)), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+  assert.throws(() => decodeHot(Buffer.alloc(2)), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+  assert.throws(() => encodeHot([{ offset: -1, score: 1 }]), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+  assert.throws(() => encodeHot([{ offset: 0, score: NaN }]), code('HYDRA_PROTOCOL_BAD_PAYLOAD'));
+  // New frame types decode; old ones keep their numbers.
+  assert.equal(FrameType.ABORT, 17);
+  assert.equal(FrameType.GET_HOT, 18);
+  assert.equal(FrameType.HOT, 19);
+  const [f] = new FrameDecoder().push(encodeFrame(FrameType.HOT, p, { flags: FrameFlag.MORE }));
+  assert.equal(f!.type, FrameType.HOT);
+  assert.deepEqual(decodeHot(f!.payload), regions);
 });

@@ -47,6 +47,9 @@ export enum FrameType {
   READ_PAGES = 15,
   GET_DEVSTATE = 16,
   ABORT = 17,
+  /** Reader request for the heat record (only sent to a store whose WELCOME lists the "hot" feature). */
+  GET_HOT = 18,
+  HOT = 19,
 }
 
 export enum FrameFlag {

@@ -7,6 +7,10 @@
  *     N x { u64 BE offset, u32 BE length }   (12 bytes each)
  *     data: the runs' bytes, contiguous, in run order (PAGES only; sum of lengths)
  *   DEVSTATE payload: raw device-state bytes; FrameFlag.MORE on all chunks but the last.
+ *   HOT payload:
+ *     u32 BE  region count N
+ *     N x { u64 BE offset, f64 BE score }    (16 bytes each; hottest first)
+ *     FrameFlag.MORE on all frames of a reply but the last (at most MAX_HOT_PER_FRAME regions each).
  *
  * Changing any payload layout requires a PROTOCOL_VERSION bump.
  */
@@ -40,6 +44,11 @@ export const welcomeSchema = z.object({
   generation: int,
   highestGeneration: int,
   committedEpoch: int.nullable(),
+  /**
+   * Optional requests this store serves beyond the base set ("hot": GET_HOT).
+   * Absent from older stores; older clients ignore it.
+   */
+  features: z.array(z.string()).optional(),
 });
 export const beginSchema = z.object({
   epoch: z.number().int().positive(),
@@ -68,6 +77,11 @@ export const errorSchema = z.object({
 export const getMetaSchema = z.object({ generation: int.optional() });
 export const getDevstateSchema = z.object({ generation: int.optional() });
 export const abortSchema = z.object({});
+/** GET_HOT: the heat record of this connection's generation (or `generation`), at most `limit` regions. */
+export const getHotSchema = z.object({ generation: int.optional(), limit: int.optional() });
+
+/** WELCOME feature name of stores that serve GET_HOT. */
+export const FEATURE_HOT = 'hot';
 
 export const epochStatSchema = z.object({
   epoch: int,
@@ -123,6 +137,51 @@ export function decodeJson<T>(type: FrameType, payload: Buffer, schema: z.ZodTyp
     throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `${frameTypeName(type)} payload invalid: ${r.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`);
   }
   return r.data;
+}
+
+/** A 2 MiB region of guest RAM (byte offset of its start) and how hot it is (higher: written more, more recently). */
+export interface HotRegion {
+  offset: number;
+  score: number;
+}
+
+const HOT_ENTRY_SIZE = 16;
+/** Regions per HOT frame (8 MiB of payload); a longer reply continues in further frames with MORE. */
+export const MAX_HOT_PER_FRAME = 512 * 1024;
+
+/** Encode one HOT frame payload. */
+export function encodeHot(regions: readonly HotRegion[]): Buffer {
+  const b = Buffer.allocUnsafe(4 + regions.length * HOT_ENTRY_SIZE);
+  b.writeUInt32BE(regions.length, 0);
+  let p = 4;
+  for (const r of regions) {
+    if (!Number.isSafeInteger(r.offset) || r.offset < 0 || !Number.isFinite(r.score)) {
+      throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `bad hot region offset=${r.offset} score=${r.score}`);
+    }
+    b.writeBigUInt64BE(BigInt(r.offset), p);
+    b.writeDoubleBE(r.score, p + 8);
+    p += HOT_ENTRY_SIZE;
+  }
+  return b;
+}
+
+/** Decode one HOT frame payload. */
+export function decodeHot(payload: Buffer): HotRegion[] {
+  if (payload.length < 4) throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `HOT payload of ${payload.length} bytes is shorter than its count field`);
+  const n = payload.readUInt32BE(0);
+  if (payload.length !== 4 + n * HOT_ENTRY_SIZE) {
+    throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `HOT payload of ${payload.length} bytes does not hold exactly ${n} regions`);
+  }
+  const out: HotRegion[] = new Array(n);
+  for (let i = 0, p = 4; i < n; i++, p += HOT_ENTRY_SIZE) {
+    const off = payload.readBigUInt64BE(p);
+    const score = payload.readDoubleBE(p + 8);
+    if (off > BigInt(Number.MAX_SAFE_INTEGER) || !Number.isFinite(score)) {
+      throw new ProtocolError('HYDRA_PROTOCOL_BAD_PAYLOAD', `HOT region ${i}: offset ${off} score ${score} out of range`);
+    }
+    out[i] = { offset: Number(off), score };
+  }
+  return out;
 }
 
 const RUN_SIZE = 12;

@@ -77,7 +77,7 @@ export class NetworkPager {
     this.log = vmLog(opts.vm);
     const pages = opts.meta.ramSize / PAGE;
     this.page = new Uint8Array(pages);
-    this.priority.push(...(opts.hotOffsets ?? []));
+    for (const off of opts.hotOffsets ?? []) this.priority.push(off);
     this.stats = { faults: 0, faultPagesFetched: 0, pagesPrefetched: 0, bytesFetched: 0, pagesTotal: pages, pagesPresent: 0, completeMs: null, maxFaultMs: 0, prefetch: opts.prefetch };
     this.done = new Promise((resolve, reject) => { this.resolveDone = resolve; this.rejectDone = reject; });
     this.done.catch(() => undefined);

@@ -115,7 +115,7 @@ test('crash consistency at every crash point', { timeout: 120_000 }, async () =>
         assert.deepEqual(meta!.disks, committed >= 2 ? [`disk-${committed}`] : []);
         const journal = path.join(genDir, 'journal');
         if (fs.existsSync(journal)) assert.equal(fs.statSync(journal).size, 16, `${spec}: journal reset after recovery`);
-        const leftovers = fs.readdirSync(genDir).filter((n) => !['journal', 'meta.json', meta!.memoryFile, meta!.devstate.file].includes(n));
+        const leftovers = fs.readdirSync(genDir).filter((n) => !['journal', 'meta.json', 'heat.bin', meta!.memoryFile, meta!.devstate.file].includes(n));
         assert.deepEqual(leftovers, [], `${spec}: no stray files`);
         // The store accepts the next checkpoint.
         const next = committed + 1;

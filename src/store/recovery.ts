@@ -19,7 +19,9 @@ import { StoreError } from '../errors.js';
 import { decodePages, type StoreMeta } from '../protocol/index.js';
 import type { Logger } from 'pino';
 import type { FaultInjector } from './faults.js';
+import { log as rootLog } from '../util/log.js';
 import { fsyncDir, preadAll, pwriteAll, step } from './fsutil.js';
+import { HEAT_FILE, countRegions, recordHeat } from './heat.js';
 import { writeRuns, checkRuns } from './image.js';
 import { JOURNAL_HEADER_SIZE, RecordType, scanJournal, encodeJournalHeader, type JournalCheckpoint } from './journal.js';
 import { readMeta, writeMeta } from './meta.js';
@@ -38,7 +40,7 @@ export interface ApplyResult {
   meta: StoreMeta;
   pages: number;
   bytes: number;
-  /** ms per phase: write (runs into the image), sync (image fdatasync), devstate, meta. */
+  /** ms per phase: write (runs into the image), sync (image fdatasync), devstate, meta, heat. */
   phases: Record<string, number>;
 }
 
@@ -57,6 +59,8 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
   const jfh = await step('open', journalPath, () => fs.open(journalPath, 'r'));
   let pages = 0;
   let bytes = 0;
+  /** 2 MiB region index -> pages this epoch wrote there (for heat.bin). */
+  const heat = new Map<number, number>();
   const phases: Record<string, number> = {};
   let tp = performance.now();
   const lap = (name: string) => {
@@ -76,6 +80,7 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
         const { runs, data } = decodePages(body);
         checkRuns(runs, prev.ramSize, prev.pageSize, `journal of ${prev.vm} epoch ${epoch}`);
         await writeRuns(mfh, memoryPath, runs, data, faults, 'apply-write');
+        countRegions(runs, prev.pageSize, heat);
         bytes += data.length;
       }
       pages = bytes / prev.pageSize;
@@ -126,6 +131,9 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
     if (prev.devstate.file !== dsName) await fs.rm(path.join(genDir, prev.devstate.file), { force: true }).catch(() => undefined);
     await fs.rm(marker, { force: true }).catch(() => undefined);
     lap('meta');
+    // Advisory, after the commit point: never fails the apply (recordHeat logs and returns).
+    await recordHeat(genDir, epoch, heat, rootLog.child({ vm: prev.vm, generation: prev.generation }));
+    lap('heat');
     return { meta, pages, bytes, phases };
   } finally {
     await jfh.close();
@@ -197,6 +205,7 @@ async function removeOrphans(genDir: string, meta: StoreMeta | null, logger: Log
   for (const n of names) {
     const orphan =
       n.startsWith(`${META_FILE}.tmp`) ||
+      n.startsWith(`${HEAT_FILE}.tmp`) ||
       n === APPLYING_FILE ||
       (meta !== null && /^devstate-\d+\.bin$/.test(n) && n !== meta.devstate.file) ||
       (meta !== null && /^memory(-\d+)?\.img$/.test(n) && n !== meta.memoryFile);

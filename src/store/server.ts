@@ -14,8 +14,8 @@ import { HydraError, ProtocolError, StoreError } from '../errors.js';
 import { log as rootLog } from '../util/log.js';
 import {
   FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName,
-  authSchema, batchRuns, beginSchema, commitSchema, decodeJson, decodePages, disksSchema, encodeJson, encodeRunTable, getDevstateSchema,
-  getMetaSchema, helloSchema, makeNonce, verifyAuth, type Frame, type Hello,
+  FEATURE_HOT, MAX_HOT_PER_FRAME, authSchema, batchRuns, beginSchema, commitSchema, decodeJson, decodePages, disksSchema, encodeHot, encodeJson, encodeRunTable,
+  getDevstateSchema, getHotSchema, getMetaSchema, helloSchema, makeNonce, verifyAuth, type Frame, type Hello, type HotRegion,
 } from '../protocol/index.js';
 import { FaultInjector } from './faults.js';
 import { storeMetrics } from './metrics.js';
@@ -294,6 +294,7 @@ class Connection {
       generation: this.gen?.generation ?? h.generation,
       highestGeneration: await this.store.highestGeneration(h.vm),
       committedEpoch: this.gen?.meta?.committedEpoch ?? null,
+      features: [FEATURE_HOT],
     }));
   }
 
@@ -371,6 +372,21 @@ class Connection {
           return this.send(FrameType.META, encodeJson({ meta }));
         } catch (err) {
           return this.replyError(err);
+        }
+      }
+      case FrameType.GET_HOT: {
+        const q = decodeJson(f.type, f.payload, getHotSchema);
+        let regions: HotRegion[];
+        try {
+          const g = await this.readerGen(q.generation);
+          regions = g ? await g.hotRegions(q.limit) : [];
+        } catch (err) {
+          return this.replyError(err);
+        }
+        for (let i = 0; ; i += MAX_HOT_PER_FRAME) {
+          const end = Math.min(regions.length, i + MAX_HOT_PER_FRAME);
+          await this.send(FrameType.HOT, encodeHot(regions.slice(i, end)), end < regions.length ? FrameFlag.MORE : 0);
+          if (end >= regions.length) return;
         }
       }
       case FrameType.READ_PAGES: {

@@ -80,9 +80,9 @@ test('end to end: 64 MB full checkpoint + incrementals, byte for byte', async ()
   assert.ok(onDisk.equals(expected), 'memory.img equals the expected RAM');
   assert.ok(fs.readFileSync(img.devstatePath).equals(ds), 'devstate equals');
   assert.equal(path.basename(img.memoryPath), 'memory.img');
-  // Only the committed devstate file remains; the journal is empty.
+  // Only the committed devstate file remains (beside the advisory heat record); the journal is empty.
   const files = fs.readdirSync(path.dirname(img.memoryPath)).sort();
-  assert.deepEqual(files, ['devstate-6.bin', 'journal', 'memory.img', 'meta.json']);
+  assert.deepEqual(files, ['devstate-6.bin', 'heat.bin', 'journal', 'memory.img', 'meta.json']);
   assert.equal(fs.statSync(path.join(path.dirname(img.memoryPath), 'journal')).size, 16);
   // Sparse: most of the never-written hole takes no blocks (incrementals may have written into it).
   const st = fs.statSync(img.memoryPath);

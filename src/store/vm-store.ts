@@ -21,10 +21,11 @@ import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { StoreError } from '../errors.js';
 import { vmLog } from '../util/log.js';
-import { decodePages, type Begin, type PageRun, type StoreMeta } from '../protocol/index.js';
+import { decodePages, type Begin, type HotRegion, type PageRun, type StoreMeta } from '../protocol/index.js';
 import { noFaults, type FaultInjector } from './faults.js';
 import { Mutex, fsyncDir, mkdirDurable, pwriteAll, step } from './fsutil.js';
 import { checkRuns, createImage, readRuns, writeRuns } from './image.js';
+import { loadHeat, scoreHeat } from './heat.js';
 import { JOURNAL_HEADER_SIZE, JournalWriter, RecordType } from './journal.js';
 import { readFence, readMeta, writeFence, writeMeta } from './meta.js';
 import type { StoreMetrics } from './metrics.js';
@@ -372,6 +373,19 @@ export class GenStore {
     return this.lock.run(async () => {
       await this.ensureRecovered();
       return this.meta;
+    });
+  }
+
+  /**
+   * The 2 MiB regions written most in the last incremental epochs (heat.bin),
+   * hottest first. Advisory: an unusable record reads as empty, never an error.
+   * Waits for a running apply so a reply follows every acknowledged commit.
+   */
+  async hotRegions(limit?: number): Promise<HotRegion[]> {
+    return this.lock.run(async () => {
+      if (!this.meta) return [];
+      const epochs = await loadHeat(this.dir, this.log);
+      return scoreHeat(epochs, { upToEpoch: this.meta.committedEpoch, ...(limit !== undefined ? { limit } : {}) });
     });
   }
 
