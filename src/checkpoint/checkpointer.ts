@@ -140,7 +140,8 @@ export class Checkpointer {
       throw err;
     } finally {
       await this.client?.close().catch(() => undefined);
-      await this.freezer?.close().catch(() => undefined);
+      // Unprotected on request: fold the disk layers back into the VM's own disks.
+      await this.freezer?.close({ flatten: this.stopped }).catch(() => undefined);
       this.qmp?.close();
       this.tracker.close();
     }
@@ -290,7 +291,11 @@ export class Checkpointer {
     this.history.push(stats);
     this.opts.onCheckpoint?.(stats);
     if (this.history.length > 200) this.history.shift();
-    this.publish({ state: 'protected', reason: undefined, committedEpoch: epoch, lastCommitAt: Date.now(), last: stats });
+    const merge = this.freezer?.status().merge;
+    this.publish({
+      state: 'protected', reason: undefined, committedEpoch: epoch, lastCommitAt: Date.now(), last: stats,
+      diskMerges: merge && { merges: merge.merges, layersMerged: merge.layersMerged, lastMergeMs: merge.lastMergeMs, totalMergeMs: merge.totalMergeMs, cancelled: merge.cancelled },
+    });
     this.log.debug(stats, 'checkpoint committed');
   }
 

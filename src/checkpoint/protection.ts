@@ -140,7 +140,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     intervalMs: req.intervalMs,
     config,
     stagingBytes: req.stagingBytes,
-    disks: diskPaths.length ? { paths: diskPaths.map((p) => ({ path: p })), layerDir: req.layerDir ?? path.join(path.dirname(diskPaths[0]!), '.hydravm-layers') } : undefined,
+    disks: diskPaths.length ? { paths: diskPaths.map((p) => ({ path: p })), layerDir: req.layerDir ?? config.launch.layerDir ?? path.join(path.dirname(diskPaths[0]!), '.hydravm-layers') } : undefined,
     onStatus: writeProtection,
     onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
   });

@@ -35,6 +35,8 @@ export interface ProtectionStatus {
   committedEpoch: number;
   lastCommitAt: number | null;
   initialCopy?: { bytesSent: number; bytesTotal: number; ms?: number };
+  /** Disk layer merges (background), when the VM has disks. */
+  diskMerges?: { merges: number; layersMerged: number; lastMergeMs: number | null; totalMergeMs: number; cancelled: number };
   last?: CheckpointStats;
   /** Medians over the recent window. */
   recent: { count: number; medianPauseMs: number | null; p99PauseMs: number | null; medianIntervalMs: number | null; medianBytes: number | null };

@@ -10,7 +10,8 @@ export function registerBenchCommand(program: Command): void {
     .option('--intervals <s>', 'comma-separated checkpoint intervals in seconds', '1,2,5,10')
     .option('--checkpoints <n>', 'incremental checkpoints measured per configuration', '10')
     .option('--memory <size>', 'guest memory', '512M')
-    .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string }) => {
+    .option('--no-disk', 'skip the run with a qcow2 disk')
+    .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string; disk: boolean }) => {
       const { runCheckpointBench } = await import('../bench/checkpoint-bench.js');
       const r = await runCheckpointBench({
         outDir: opts.out,
@@ -18,6 +19,34 @@ export function registerBenchCommand(program: Command): void {
         intervalsS: opts.intervals.split(',').map(Number),
         checkpoints: Number(opts.checkpoints),
         memory: opts.memory,
+        disk: opts.disk,
+        log: (m) => process.stderr.write(`${m}\n`),
+      });
+      process.stdout.write(r.markdown);
+      process.stdout.write(`written: ${r.files.join(', ')}\n`);
+    });
+
+  bench.command('failover')
+    .description('fail-over time split (detection, slim restore, guest progress) vs QEMU full save/restore and reboot; network paging; slowdown after restore')
+    .option('--out <dir>', 'output directory', path.join('bench', 'results'))
+    .option('--repeats <n>', 'fail-overs per memory mode (file, network); medians are reported', '3')
+    .option('--memory <size>', 'guest memory', '512M')
+    .option('--working-set <mb>', 'memcheck working set in MB', '64')
+    .option('--rate <mbps>', 'memcheck write rate in MB/s (0 = unlimited)', '32')
+    .option('--interval <s>', 'checkpoint interval in seconds', '1')
+    .option('--window <s>', 'seconds of memcheck progress measured before the kill and after the restore', '10')
+    .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string }) => {
+      const { runFailoverBench } = await import('../bench/failover-bench.js');
+      const r = await runFailoverBench({
+        outDir: opts.out,
+        repeats: Number(opts.repeats),
+        memory: opts.memory,
+        workingSetMb: Number(opts.workingSet),
+        rateMb: Number(opts.rate),
+        intervalMs: Number(opts.interval) * 1000,
+        windowS: Number(opts.window),
+        noPrefetchS: Number(opts.demandOnlySeconds),
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);

@@ -11,6 +11,7 @@ import { HydraError } from '../errors.js';
  *   HYDRA_DISK_LAYER_MISSING    restore: a frozen layer or one of its backing files does not exist
  *   HYDRA_DISK_LAYER_CORRUPT    restore: qemu-img info/check refuses a layer of the chain
  *   HYDRA_DISK_RESTORE_FAILED   restore: creating the overlay failed
+ *   HYDRA_DISK_MERGE_FAILED     merging layers back into the VM disk when protection ends failed (the chain stays usable)
  *
  * (Kept here rather than in src/errors.ts, which another engineer owns; the
  * class extends HydraError so callers match on `code` as everywhere else.)

@@ -496,6 +496,41 @@ export class DiskFreezer {
     await this.writeRecord();
   }
 
+  /**
+   * When protection ends, merge every layer back into the VM's own disk file
+   * (an active block-commit, completed once QEMU mirrors new writes): otherwise
+   * the VM would keep writing into a layer under .hydravm-layers and the disk
+   * its spec names would go stale for the next start.
+   */
+  private async flatten(): Promise<void> {
+    for (const chain of this.chains) {
+      if (chain.layers.length < 2) continue;
+      const job = `${JOB_PREFIX}flat${chain.index}-${this.token}-${++this.jobSeq}`;
+      const active = chain.layers[chain.layers.length - 1]!.node;
+      await this.qmp.execute('block-commit', { 'job-id': job, device: active, 'base-node': chain.layers[0]!.node, 'auto-dismiss': false });
+      const deadline = Date.now() + 300_000;
+      for (;;) {
+        const j = (await this.qmp.execute<JobInfo[]>('query-jobs')).find((x) => x.id === job);
+        if (!j) throw new DiskError('HYDRA_DISK_MERGE_FAILED', `VM ${this.vm}: flatten job ${job} vanished`);
+        if (j.status === 'ready') break;
+        if (j.status === 'concluded') throw new DiskError('HYDRA_DISK_MERGE_FAILED', `VM ${this.vm}: flattening disk ${chain.index} failed: ${j.error ?? 'concluded early'}`);
+        if (Date.now() > deadline) throw new DiskError('HYDRA_DISK_MERGE_FAILED', `VM ${this.vm}: flattening disk ${chain.index} not ready after 300 s`);
+        await sleep(10);
+      }
+      await this.qmp.execute('job-complete', { id: job });
+      const res = (await this.settle([job])).get(job);
+      if (res?.error) throw new DiskError('HYDRA_DISK_MERGE_FAILED', `VM ${this.vm}: flattening disk ${chain.index} failed: ${res.error}`);
+      const removed = chain.layers.splice(1);
+      await this.syncFile(chain.layers[0]!.file);
+      for (const l of removed.reverse()) {
+        await this.qmp.execute('blockdev-del', { 'node-name': l.node }).catch(() => undefined);
+        if (path.dirname(l.file) === this.dir) await fs.rm(l.file, { force: true });
+      }
+      this.log.info({ disk: chain.index, layers: removed.length, file: chain.layers[0]!.file }, 'disk layers merged back into the VM disk');
+    }
+    await this.writeRecord();
+  }
+
   /** Wait for jobs to leave the running states; return their final error (undefined = success) and dismiss them. */
   private async settle(ids: string[]): Promise<Map<string, { error: string | undefined }>> {
     const out = new Map<string, { error: string | undefined }>();
@@ -559,9 +594,18 @@ export class DiskFreezer {
    * Stop: no more prepares or merges (a merge in flight finishes), detach and
    * delete the prepared overlays. The VM keeps running on its chain.
    */
-  async close(): Promise<void> {
+  async close(opts: { flatten?: boolean } = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (opts.flatten) {
+      await this.prepareTask?.catch(() => undefined);
+      await this.mergeTask?.catch(() => undefined);
+      try {
+        await this.flatten();
+      } catch (err) {
+        this.log.error({ err: (err as Error).message }, 'merging the disk layers back into the VM\'s disk failed; the VM keeps running on its layer chain (see chain.json)');
+      }
+    }
     if (this.prepareTimer) clearTimeout(this.prepareTimer);
     await this.prepareTask?.catch(() => undefined);
     await this.mergeTask?.catch(() => undefined);

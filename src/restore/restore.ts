@@ -75,6 +75,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
   const client = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
     .catch((err: unknown) => { throw new RestoreError('HYDRA_RESTORE_STORE_UNREACHABLE', `VM "${opts.vm}": cannot reach the store at ${opts.store}: ${(err as Error).message}`, { cause: err }); });
   let keepClient = false;
+  let devstateFile: string | undefined;
   try {
     const meta = await client.getMeta(opts.generation);
     if (!meta) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": the store at ${opts.store} holds no committed image${opts.generation ? ` of generation ${opts.generation}` : ''}`);
@@ -90,7 +91,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
 
     const paths = vmPaths(opts.vm);
     fs.mkdirSync(paths.dir, { recursive: true });
-    const devstateFile = path.join(paths.dir, `restore-devstate-g${meta.generation}-e${meta.committedEpoch}.bin`);
+    devstateFile = path.join(paths.dir, `restore-devstate-g${meta.generation}-e${meta.committedEpoch}.bin`);
     let memoryPath: string | undefined;
     if (opts.mode === 'file') {
       if (!opts.storeDir) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', 'file mode needs the store directory (--store-dir) as this host sees it');
@@ -109,6 +110,17 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     if (digest !== meta.devstate.sha256 || devstate.length !== meta.devstate.size) {
       throw new RestoreError('HYDRA_RESTORE_TORN_IMAGE', `VM "${opts.vm}": device state of epoch ${meta.committedEpoch} does not match its checksum (${devstate.length} bytes, sha256 ${digest.slice(0, 12)}…, expected ${meta.devstate.sha256.slice(0, 12)}…)`);
     }
+    let diskFiles = opts.diskFiles;
+    let layerDir: string | undefined;
+    if (!diskFiles && meta.disks.length > 0) {
+      const { prepareRestoreDisks, parseLayerId } = await import('../disk/index.js');
+      // Layers live in <layerDir>/<vm>/; restore overlays go beside them, and the
+      // new incarnation keeps the same layer root (no nesting across fail-overs).
+      const vmLayers = path.dirname(parseLayerId(meta.disks[0]!).layer);
+      layerDir = path.dirname(vmLayers);
+      // A fresh overlay on exactly the layer frozen with this epoch: the failed primary's later writes are never seen.
+      diskFiles = await prepareRestoreDisks(meta.disks, { vm: opts.vm, overlayDir: path.join(vmLayers, 'restored') });
+    }
     if (opts.newGeneration) {
       if (opts.newGeneration <= meta.generation) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${opts.newGeneration} must be above the image's ${meta.generation}`);
       // Fence first: from here on the store refuses every checkpoint of older
@@ -116,13 +128,6 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       // image under the VM we are about to start from it.
       const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.newGeneration, role: 'checkpointer' });
       await fence.close();
-    }
-    let diskFiles = opts.diskFiles;
-    if (!diskFiles && meta.disks.length > 0) {
-      const { prepareRestoreDisks, parseLayerId } = await import('../disk/index.js');
-      // A fresh overlay on exactly the layer frozen with this epoch: the failed primary's later writes are never seen.
-      const overlayDir = path.join(path.dirname(parseLayerId(meta.disks[0]!).layer), 'restored');
-      diskFiles = await prepareRestoreDisks(meta.disks, { vm: opts.vm, overlayDir });
     }
     const prepareMs = performance.now() - t0;
 
@@ -135,6 +140,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
         incomingDefer: true,
         diskFiles,
+        layerDir: layerDir ?? launchFile.launch.layerDir,
       },
     });
     const spawnMs = performance.now() - tSpawn;
@@ -170,7 +176,6 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');
       qmp.close();
-      fs.rmSync(devstateFile, { force: true });
       const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration: opts.newGeneration ?? null, timings, pager };
       if (opts.protect && opts.newGeneration) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
@@ -188,6 +193,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
     }
   } finally {
+    if (devstateFile) fs.rmSync(devstateFile, { force: true });
     if (!keepClient) await client.close().catch(() => undefined);
   }
 }

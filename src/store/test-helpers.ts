@@ -98,7 +98,9 @@ export interface StoreProcess {
 
 /** Run the store as its own process (src/store/store-process.ts), with extra env (e.g. HYDRAVM_STORE_CRASH_AT). */
 export function spawnStore(dir: string, env: Record<string, string> = {}): Promise<StoreProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(here, 'store-process.ts'), '--dir', dir, '--secret', SECRET], {
+  // Compiled tests (dist/) run the compiled entry; tests run from sources go through tsx.
+  const entry = import.meta.url.endsWith('.ts') ? ['--import', 'tsx', path.join(here, 'store-process.ts')] : [path.join(here, 'store-process.js')];
+  const child = spawn(process.execPath, [...entry, '--dir', dir, '--secret', SECRET], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, HYDRAVM_LOG_LEVEL: 'error', ...env },
   });

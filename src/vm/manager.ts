@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import path from 'node:path';
 import http from 'node:http';
 import { spawn, execFileSync } from 'node:child_process';
 import { supervisorEntry, shimPath } from '../config/paths.js';
@@ -32,6 +33,7 @@ function createDisks(spec: VmSpec): void {
   for (const disk of spec.disks) {
     if (fs.existsSync(disk.path)) continue;
     try {
+      fs.mkdirSync(path.dirname(disk.path), { recursive: true });
       execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk.path, String(disk.size)], { stdio: ['ignore', 'ignore', 'pipe'] });
     } catch (err) {
       const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
@@ -153,6 +155,9 @@ export async function stopVm(name: string, opts: { timeoutMs?: number } = {}): P
   const state = readState(name);
   if (!state) throw new VmNotFoundError(name);
   if (!isLive(state)) return state;
+  // End protection first, so disk layers are merged back while QEMU still runs.
+  const { isProtected, unprotectVm } = await import('../checkpoint/protection.js');
+  if (isProtected(name)) await unprotectVm(name, 120_000);
   try {
     await controlRequest(name, 'POST', '/stop', opts.timeoutMs ?? 10_000);
   } catch {

@@ -24,6 +24,8 @@ export interface QemuLaunchOptions {
   incomingDefer?: boolean;
   /** Block node names and files to open instead of the spec's disks (restore overlays). */
   diskFiles?: string[];
+  /** Where this VM's frozen disk layers live (set by a restore, so later protections keep one root). */
+  layerDir?: string;
 }
 
 export const RAM_BACKEND_ID = 'ram0';
