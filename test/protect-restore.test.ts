@@ -172,3 +172,31 @@ test('protected again: a restored VM checkpoints as a new generation, survives a
   assert.equal(countViolations(serialOf(vm)), 0);
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
+
+test('a page fetch that fails mid-run stops the restored VM loudly instead of letting it run on a wrong page', async () => {
+  const vm = 'pf1';
+  const store2 = await startStore(lab, path.join(lab.home, 'store2'));
+  try {
+    const spec = lab.writeSpec(vm, {});
+    assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
+    await waitForMemcheckStep(serialOf(vm), 1, 30_000);
+    const p = await lab.cliAsync(['protect', vm, '--store', store2.address, '--interval', '1s']);
+    assert.equal(p.code, 0, p.stderr);
+    await until(() => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000, 'epoch 2');
+    process.kill(vmState(vm).qemuPid, 'SIGKILL');
+    await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+    // Pure demand paging, then the store dies while the guest still needs pages.
+    const restoring = lab.cliAsync(['restore', vm, '--store', store2.address, '--mode', 'network', '--no-prefetch']);
+    await until(() => vmState(vm)?.lifecycle === 'running' && pidAlive(vmState(vm).qemuPid) || undefined, 30_000, 'restored VM running');
+    const offset = fs.statSync(serialOf(vm)).size;
+    store2.proc.kill('SIGKILL');
+    const r = await restoring;
+    assert.notEqual(r.code, 0, 'restore reports the failure');
+    assert.match(r.stderr, /cannot fetch guest pages .* from the store after 3 tries/);
+    await until(() => !pidAlive(vmState(vm).qemuPid) || undefined, 10_000, 'the VM is stopped');
+    assert.equal(vmState(vm).lifecycle, 'crashed');
+    assert.equal(countViolations(serialOf(vm), offset), 0, 'the guest never ran on a wrong page');
+  } finally {
+    await store2.stop();
+  }
+});
