@@ -42,8 +42,10 @@ export interface RestoreTimings {
   spawnMs: number;
   /** migrate-incoming of the device state until completed. */
   deviceLoadMs: number;
-  /** QEMU spawned until the guest runs again. */
+  /** QEMU process spawned until the guest runs again. */
   spawnToRunningMs: number;
+  /** The restore's launch, including starting the VM's supervisor process, until the guest runs again. */
+  launchToRunningMs: number;
   /** From the call to the guest running. */
   totalMs: number;
 }
@@ -171,7 +173,8 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         prepareMs,
         spawnMs,
         deviceLoadMs,
-        spawnToRunningMs: tRun - tSpawn,
+        spawnToRunningMs: performance.timeOrigin + tRun - (state.qemuSpawnedAt ?? performance.timeOrigin + tSpawn),
+        launchToRunningMs: tRun - tSpawn,
         totalMs: tRun - t0,
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');

@@ -52,6 +52,8 @@ export interface VmState {
   accel?: string;
   memoryBytes?: number;
   startedAt?: string;
+  /** When QEMU was spawned (ms since the epoch, fractional). */
+  qemuSpawnedAt?: number;
   endedAt?: string;
   /** Why it stopped or failed to start, in words. */
   reason?: string;

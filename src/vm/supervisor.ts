@@ -43,6 +43,7 @@ export async function runSupervisor(name: string): Promise<void> {
   const args = buildQemuArgs(spec, paths, launch);
   logger.info({ qemu: launchFile.qemuBinary, args }, 'starting QEMU');
   let qemu: ChildProcess;
+  const spawnedAt = performance.now();
   try {
     qemu = spawn(launchFile.qemuBinary, args, {
       stdio: ['ignore', qemuErr, qemuErr],
@@ -85,6 +86,7 @@ export async function runSupervisor(name: string): Promise<void> {
     });
   });
   state.qemuPid = qemu.pid;
+  state.qemuSpawnedAt = performance.timeOrigin + spawnedAt;
   save();
 
   let qmp: QmpClient | undefined;
