@@ -221,41 +221,53 @@ export class Checkpointer {
     await this.freezer?.prepare();
     const wasRunning = (await this.qmp.execute<{ status: string }>('query-status')).status === 'running';
 
+    // Announced before the pause: nothing in it waits for the store.
+    if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
+
     const t0 = performance.now();
     if (wasRunning) await this.qmp.execute('stop');
     const t1 = performance.now();
-    const runs = mergeRuns(this.unacked, this.tracker.collect());
-    const t2 = performance.now();
-    // What fits the staging buffer is copied now and sent after `cont`; the rest goes out while paused.
-    let staged = 0;
-    let split = runs.length;
-    for (let i = 0; i < runs.length; i++) {
-      if (staged + runs[i]!.length > this.staging.length) { split = i; break; }
-      staged += runs[i]!.length;
-    }
-    const stagedRuns = runs.slice(0, split);
-    const overflow = runs.slice(split);
-    this.tracker.copyRuns(stagedRuns, this.staging);
-    const t3 = performance.now();
+    // QEMU saves the device state in its own thread while we collect and copy pages.
+    const devstateSaved = this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false })
+      .then(() => performance.now() - t1);
+    devstateSaved.catch(() => undefined);
+    let runs: Run[] = [];
+    let stagedRuns: Run[] = [];
+    let overflow: Run[] = [];
+    let collectMs = 0;
+    let copyMs = 0;
     let devstateMs = 0;
     let diskMs = 0;
     let disks: string[] | undefined;
     let contMs = 0;
-    let t5 = t3;
+    let t5 = t1;
     try {
-      await this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false });
-      devstateMs = performance.now() - t3;
+      runs = mergeRuns(this.unacked, this.tracker.collect());
+      const t2 = performance.now();
+      collectMs = t2 - t1;
+      // What fits the staging buffer is copied now and sent after `cont`; the rest goes out while paused.
+      let staged = 0;
+      let split = runs.length;
+      for (let i = 0; i < runs.length; i++) {
+        if (staged + runs[i]!.length > this.staging.length) { split = i; break; }
+        staged += runs[i]!.length;
+      }
+      stagedRuns = runs.slice(0, split);
+      overflow = runs.slice(split);
+      this.tracker.copyRuns(stagedRuns, this.staging);
+      copyMs = performance.now() - t2;
+      devstateMs = await devstateSaved;
       if (this.freezer) {
         const td = performance.now();
         disks = await this.freezer.freeze(epoch);
         diskMs = performance.now() - td;
       }
-      if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
       for (const batch of batchRuns(overflow, BATCH_BYTES)) {
         const n = this.tracker.copyRuns(batch, this.bounce);
         await client.sendPages(batch, this.bounce.subarray(0, n));
       }
     } finally {
+      await devstateSaved.catch(() => undefined);
       const t4 = performance.now();
       if (wasRunning) await this.qmp.execute('cont');
       t5 = performance.now();
@@ -283,7 +295,7 @@ export class Checkpointer {
     const bytes = totalBytes(runs);
     const stats: CheckpointStats = {
       epoch, kind, startedAt,
-      pauseMs: t5 - t0, stopMs: t1 - t0, collectMs: t2 - t1, copyMs: t3 - t2, devstateMs, diskMs, contMs,
+      pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
       diskChainLength: this.freezer?.chainLength() ?? 0,

@@ -8,6 +8,7 @@ export interface CheckpointStats {
   stopMs: number;
   collectMs: number;
   copyMs: number;
+  /** QEMU saving the device state; it runs while pages are collected and copied, so it overlaps them. */
   devstateMs: number;
   diskMs: number;
   contMs: number;
