@@ -256,7 +256,14 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
         faultsPerS: elapsedMs > 0 ? s.faults / (elapsedMs / 1000) : null,
         completeAfterRunningMs: tComplete !== null ? (tComplete as number) - tRun : null,
       };
-      await r.pager.stop();
+      if (!prefetch) {
+        // Memory is incomplete: stop the VM before the pager (NetworkPager.stop()
+        // awaits its own `done`, which only completion resolves, so it is not awaited).
+        await stopVm(name).catch(() => undefined);
+        await Promise.race([r.pager.stop(), sleep(1000)]);
+      } else {
+        await r.pager.stop();
+      }
     }
     const res: RunResult = {
       mode, prefetch, vm: name, accel: state.accel ?? '?', bootMs,
@@ -428,6 +435,22 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     const m = med(pick(rs, (r) => r.restore.spawnToRunningMs));
     return qemu && m ? qemu.spawnToRunningMs / m : null;
   };
+  // The baseline QEMU is spawned bare; restoreVm starts QEMU through the VM's
+  // supervisor (a Node process that spawns QEMU and reports it up through state.json).
+  const supervisorOverheadMs = (rs: RunResult[]) => {
+    const m = med(pick(rs, (r) => r.restore.spawnMs));
+    return qemu && m !== null ? m - qemu.spawnMs : null;
+  };
+  const speedupSamePath = (rs: RunResult[]) => {
+    const m = med(pick(rs, (r) => r.restore.spawnToRunningMs));
+    const o = supervisorOverheadMs(rs);
+    return qemu && m && o !== null ? (qemu.spawnToRunningMs + o) / m : null;
+  };
+  const loadSpeedup = (rs: RunResult[]) => {
+    const m = med(pick(rs, (r) => r.restore.deviceLoadMs));
+    return qemu && m ? qemu.loadMs / m : null;
+  };
+  const otherMs = (r: RunResult) => r.restore.spawnToRunningMs - r.restore.spawnMs - r.restore.deviceLoadMs;
   const pfFaults = med(pick(net, (r) => r.pager?.faults));
   const npFaults = med(pick(nopf, (r) => r.pager?.faults));
   const faultRatio = pfFaults !== null && npFaults !== null ? npFaults / Math.max(1, pfFaults) : null;
@@ -466,7 +489,14 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
       noPrefetch: `stopped after ${opts.noPrefetchS} s`,
     },
     splits,
-    baselines: { qemuFullSaveRestore: qemu, rebootMs: bootMs, slimSpeedup: { file: speedup(file), network: speedup(net) } },
+    baselines: {
+      qemuFullSaveRestore: qemu,
+      rebootMs: bootMs,
+      slimSpeedup: { file: speedup(file), network: speedup(net) },
+      supervisorOverheadMs: { file: supervisorOverheadMs(file), network: supervisorOverheadMs(net) },
+      slimSpeedupSameSpawnPath: { file: speedupSamePath(file), network: speedupSamePath(net) },
+      loadPhaseSpeedup: { file: loadSpeedup(file), network: loadSpeedup(net) },
+    },
     paging: {
       prefetch: { faults: summary(pick(net, (r) => r.pager?.faults).filter((v): v is number => v !== undefined)), runs: net.map((r) => r.pager) },
       noPrefetch: { runs: nopf.map((r) => r.pager) },
@@ -483,11 +513,11 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   md.push('');
   md.push('### Fail-over time split (ms)');
   md.push('');
-  md.push('| mode | runs | kill → detected | kill → supervisor gone | restore prepare | spawn → QMP | device load | spawn → running | kill → running | kill → guest progress |');
-  md.push('|---|---|---|---|---|---|---|---|---|---|');
+  md.push('| mode | runs | kill → detected | kill → supervisor gone | restore prepare | spawn → QMP (supervisor + QEMU) | device load | other (pager attach, QMP, cont) | spawn → running | kill → running | kill → guest progress |');
+  md.push('|---|---|---|---|---|---|---|---|---|---|---|');
   for (const [label, rs] of [...groups, ['network, no prefetch', nopf] as [string, RunResult[]]]) {
     if (!rs.length) continue;
-    md.push(`| ${label} | ${rs.length} | ${range(pick(rs, (r) => r.detectMs))} | ${range(pick(rs, (r) => r.goneMs))} | ${range(pick(rs, (r) => r.restore.prepareMs))} | ${range(pick(rs, (r) => r.restore.spawnMs))} | ${range(pick(rs, (r) => r.restore.deviceLoadMs), 1)} | ${range(pick(rs, (r) => r.restore.spawnToRunningMs))} | ${range(pick(rs, (r) => r.killToRunningMs))} | ${range(pick(rs, (r) => r.killToProgressMs))} |`);
+    md.push(`| ${label} | ${rs.length} | ${range(pick(rs, (r) => r.detectMs))} | ${range(pick(rs, (r) => r.goneMs))} | ${range(pick(rs, (r) => r.restore.prepareMs))} | ${range(pick(rs, (r) => r.restore.spawnMs))} | ${range(pick(rs, (r) => r.restore.deviceLoadMs), 1)} | ${range(pick(rs, otherMs))} | ${range(pick(rs, (r) => r.restore.spawnToRunningMs))} | ${range(pick(rs, (r) => r.killToRunningMs))} | ${range(pick(rs, (r) => r.killToProgressMs))} |`);
   }
   md.push('');
   md.push('### Baselines (same guest, same run)');
@@ -500,6 +530,8 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   }
   md.push(`| reboot: spawn → first memcheck progress | ${range(runs.map((r) => r.bootMs).concat(qemu ? [qemu.bootMs] : []))} ms | ${bootMs.n} boots |`);
   md.push(`| slim restore spawn → running, file / network | ${fmt(splits.file!.spawnToRunningMs.median, 0)} / ${fmt(splits.network!.spawnToRunningMs.median, 0)} ms | speedup vs QEMU full restore: ${fmt(speedup(file))}x / ${fmt(speedup(net))}x |`);
+  md.push(`| same, counting the supervisor's start for both | | supervisor start adds ${fmt(supervisorOverheadMs(file), 0)} / ${fmt(supervisorOverheadMs(net), 0)} ms to slim restores (spawn → QMP minus bare QEMU's); speedup ${fmt(speedupSamePath(file))}x / ${fmt(speedupSamePath(net))}x |`);
+  md.push(`| load phase only: full RAM + devices vs device state | ${qemu ? fmt(qemu.loadMs, 0) : '-'} ms vs ${fmt(splits.file!.deviceLoadMs.median, 1)} / ${fmt(splits.network!.deviceLoadMs.median, 1)} ms | ${fmt(loadSpeedup(file), 0)}x / ${fmt(loadSpeedup(net), 0)}x |`);
   md.push('');
   md.push('### Network mode paging');
   md.push('');

@@ -70,13 +70,21 @@ export function isProtected(vm: string): boolean {
   return !!s && pidAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
 }
 
+/** A VM can be protected while it runs on this host. */
+export function assertProtectable(vm: string): void {
+  const state = readState(vm);
+  if (!state) throw new VmNotFoundError(vm);
+  if (!isLive(state) || state.lifecycle !== 'running') {
+    throw new CheckpointError('HYDRA_CKPT_VM_NOT_RUNNING', `VM "${vm}" is not running (${isLive(state) ? state.lifecycle : state.lifecycle === 'running' ? 'crashed' : state.lifecycle}); only a running VM can be protected`);
+  }
+}
+
 /**
  * Start protecting a running VM; resolves once the initial full checkpoint is
  * committed (calling `onProgress` meanwhile), or rejects with the reason.
  */
 export async function protectVm(req: ProtectRequest, onProgress?: (s: ProtectionStatus) => void, timeoutMs = 300_000): Promise<ProtectionStatus> {
-  const state = readState(req.vm);
-  if (!state || !isLive(state) || state.lifecycle !== 'running') throw new VmNotFoundError(req.vm);
+  assertProtectable(req.vm);
   if (isProtected(req.vm)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${readProtection(req.vm)!.pid})`);
   loadSecret({ secretFile: req.secretFile });
   const f = files(req.vm);

@@ -13,9 +13,10 @@ export function registerProtectCommands(program: Command): void {
     .option('--secret-file <file>', 'cluster secret file (default $HYDRAVM_HOME/cluster.secret or $HYDRAVM_SECRET)')
     .option('--layer-dir <dir>', 'shared directory for frozen disk layers (default: .hydravm-layers beside the first disk)')
     .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string; layerDir?: string }) => {
-      const { protectVm } = await import('../checkpoint/protection.js');
+      const { protectVm, assertProtectable } = await import('../checkpoint/protection.js');
       const { nextGeneration } = await import('../checkpoint/generation.js');
       const intervalMs = parseDuration(opts.interval, '--interval');
+      assertProtectable(name);
       let generation: number;
       if (opts.generation !== undefined) {
         generation = Number(opts.generation);

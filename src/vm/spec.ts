@@ -78,6 +78,9 @@ function resolveArtifact(ref: string, baseDir: string): string {
 
 /** Validate a parsed spec object. `baseDir` anchors relative paths. Throws SpecError naming the field. */
 export function validateSpec(raw: unknown, baseDir: string, source = 'spec'): VmSpec {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
+    throw new SpecError(`${source}: a VM spec is a mapping of fields (name, memory, kernel, ...), not ${Array.isArray(raw) ? 'a list' : raw === null ? 'empty' : `a ${typeof raw}`}`);
+  }
   const parsed = specSchema.safeParse(raw);
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
