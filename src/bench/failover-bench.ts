@@ -175,6 +175,8 @@ interface QemuBaseline {
   loadMs: number;
   /** spawn to the first memcheck progress line of the restored guest. */
   spawnToProgressMs: number | null;
+  /** The same restore again after evicting the saved file from the page cache. */
+  cold?: { spawnToRunningMs: number; spawnMs: number; loadMs: number };
   violations: number;
 }
 
@@ -256,14 +258,9 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
         faultsPerS: elapsedMs > 0 ? s.faults / (elapsedMs / 1000) : null,
         completeAfterRunningMs: tComplete !== null ? (tComplete as number) - tRun : null,
       };
-      if (!prefetch) {
-        // Memory is incomplete: stop the VM before the pager (NetworkPager.stop()
-        // awaits its own `done`, which only completion resolves, so it is not awaited).
-        await stopVm(name).catch(() => undefined);
-        await Promise.race([r.pager.stop(), sleep(1000)]);
-      } else {
-        await r.pager.stop();
-      }
+      // Memory may be incomplete (demand paging only): stop serving it, then the VM.
+      await r.pager.stop();
+      if (!prefetch) await stopVm(name).catch(() => undefined);
     }
     const res: RunResult = {
       mode, prefetch, vm: name, accel: state.accel ?? '?', bootMs,
@@ -330,35 +327,62 @@ async function runQemuBaseline(env: BenchEnv, opts: FailoverBenchOptions): Promi
     const args = buildQemuArgs(spec, paths, { accel, incomingDefer: true });
     const gi = args.indexOf('migration.send-configuration=off');
     if (gi > 0) args.splice(gi - 1, 2);
-    removeStaleSockets(name);
     const offset = watch.offset;
-    const logFd = fs.openSync(paths.qemuLog, 'a');
-    const tSpawn = now();
-    child = spawn(findQemu(), args, { stdio: ['ignore', logFd, logFd], env: { ...process.env, LD_PRELOAD: shimPath } });
-    fs.closeSync(logFd);
-    const exited = () => child!.exitCode !== null || child!.signalCode !== null;
-    const q2 = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${name} (full restore)`, deadlineMs: 20_000, isAlive: () => !exited() });
-    const spawnMs = now() - tSpawn;
-    const tLoad = now();
-    await q2.execute('migrate-incoming', { uri: `file:${saveFile}` });
-    await waitMigration(q2, `${name} load`);
-    const loadMs = now() - tLoad;
-    await q2.execute('cont');
-    const spawnToRunningMs = now() - tSpawn;
-    q2.close();
+    const fullRestore = async () => {
+      removeStaleSockets(name);
+      const logFd = fs.openSync(paths.qemuLog, 'a');
+      const tSpawn = now();
+      const c = spawn(findQemu(), args, { stdio: ['ignore', logFd, logFd], env: { ...process.env, LD_PRELOAD: shimPath } });
+      child = c;
+      fs.closeSync(logFd);
+      const exited = () => c.exitCode !== null || c.signalCode !== null;
+      const q2 = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${name} (full restore)`, deadlineMs: 20_000, isAlive: () => !exited() });
+      const spawnMs = now() - tSpawn;
+      const tLoad = now();
+      await q2.execute('migrate-incoming', { uri: `file:${saveFile}` });
+      await waitMigration(q2, `${name} load`);
+      const loadMs = now() - tLoad;
+      await q2.execute('cont');
+      const spawnToRunningMs = now() - tSpawn;
+      q2.close();
+      return { tSpawn, spawnMs, loadMs, spawnToRunningMs };
+    };
+    const killChild = async () => {
+      const c = child;
+      if (c && c.exitCode === null && c.signalCode === null) {
+        c.kill('SIGKILL');
+        await new Promise((r) => c.once('exit', r));
+      }
+    };
+    const warm = await fullRestore();
     const progress = await watch.waitFirstAfter(offset, 20_000);
+    const { tSpawn, spawnMs, loadMs, spawnToRunningMs } = warm;
+    const violations = countViolations(paths.serialLog, offset);
+    await killChild();
+    // Again from a cold page cache: evict the saved file (fadvise DONTNEED via dd) and nothing else.
+    let cold: QemuBaseline['cold'];
+    try {
+      execFileSync('dd', [`if=${saveFile}`, 'iflag=nocache', 'count=0', 'status=none']);
+      const c = await fullRestore();
+      cold = { spawnToRunningMs: c.spawnToRunningMs, spawnMs: c.spawnMs, loadMs: c.loadMs };
+      await killChild();
+    } catch (err) {
+      opts.log(`[${name}] cold-cache full restore skipped: ${(err as Error).message}`);
+    }
     const res: QemuBaseline = {
       vm: name, bootMs, saveMs, fileBytes, spawnToRunningMs, spawnMs, loadMs,
       spawnToProgressMs: progress ? progress.t - tSpawn : null,
-      violations: countViolations(paths.serialLog, offset),
+      cold,
+      violations,
     };
-    opts.log(`[${name}] save ${fmt(saveMs)} ms (${fmt(fileBytes / 2 ** 20)} MB), full restore spawn->running ${fmt(spawnToRunningMs)} ms (load ${fmt(loadMs)} ms), spawn->progress ${fmt(res.spawnToProgressMs)} ms`);
+    opts.log(`[${name}] save ${fmt(saveMs)} ms (${fmt(fileBytes / 2 ** 20)} MB), full restore spawn->running ${fmt(spawnToRunningMs)} ms (load ${fmt(loadMs)} ms), spawn->progress ${fmt(res.spawnToProgressMs)} ms; cold cache spawn->running ${fmt(cold?.spawnToRunningMs)} ms`);
     return res;
   } finally {
     watch.close();
-    if (child && child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGKILL');
-      await new Promise((r) => child!.once('exit', r));
+    const c = child as ChildProcess | undefined;
+    if (c && c.exitCode === null && c.signalCode === null) {
+      c.kill('SIGKILL');
+      await new Promise((r) => c.once('exit', r));
     }
     await stopVm(name).catch(() => undefined);
     removeStaleSockets(name);
@@ -423,6 +447,7 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     spawnMs: summary(rs.map((r) => r.restore.spawnMs)),
     deviceLoadMs: summary(rs.map((r) => r.restore.deviceLoadMs)),
     spawnToRunningMs: summary(rs.map((r) => r.restore.spawnToRunningMs)),
+    launchToRunningMs: summary(rs.map((r) => r.restore.launchToRunningMs)),
     restoreTotalMs: summary(rs.map((r) => r.restore.totalMs)),
     killToRunningMs: summary(rs.map((r) => r.killToRunningMs)),
     killToProgressMs: summary(rs.map((r) => r.killToProgressMs).filter((v): v is number => v !== null)),
@@ -435,22 +460,15 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     const m = med(pick(rs, (r) => r.restore.spawnToRunningMs));
     return qemu && m ? qemu.spawnToRunningMs / m : null;
   };
-  // The baseline QEMU is spawned bare; restoreVm starts QEMU through the VM's
-  // supervisor (a Node process that spawns QEMU and reports it up through state.json).
-  const supervisorOverheadMs = (rs: RunResult[]) => {
-    const m = med(pick(rs, (r) => r.restore.spawnMs));
-    return qemu && m !== null ? m - qemu.spawnMs : null;
-  };
-  const speedupSamePath = (rs: RunResult[]) => {
-    const m = med(pick(rs, (r) => r.restore.spawnToRunningMs));
-    const o = supervisorOverheadMs(rs);
-    return qemu && m && o !== null ? (qemu.spawnToRunningMs + o) / m : null;
-  };
   const loadSpeedup = (rs: RunResult[]) => {
     const m = med(pick(rs, (r) => r.restore.deviceLoadMs));
     return qemu && m ? qemu.loadMs / m : null;
   };
-  const otherMs = (r: RunResult) => r.restore.spawnToRunningMs - r.restore.spawnMs - r.restore.deviceLoadMs;
+  const coldSpeedup = (rs: RunResult[]) => {
+    const m = med(pick(rs, (r) => r.restore.spawnToRunningMs));
+    return qemu?.cold && m ? qemu.cold.spawnToRunningMs / m : null;
+  };
+  const supervisorMs = (r: RunResult) => r.restore.launchToRunningMs - r.restore.spawnToRunningMs;
   const pfFaults = med(pick(net, (r) => r.pager?.faults));
   const npFaults = med(pick(nopf, (r) => r.pager?.faults));
   const faultRatio = pfFaults !== null && npFaults !== null ? npFaults / Math.max(1, pfFaults) : null;
@@ -472,6 +490,8 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     { target: 'QEMU death to running restored VM < 1 s (network)', value: splits.network!.killToRunningMs.median, unit: 'ms', met: (splits.network!.killToRunningMs.median ?? Infinity) < 1000 },
     { target: 'slim restore >= 10x faster than QEMU full restore (file)', value: speedup(file), unit: 'x', met: (speedup(file) ?? 0) >= 10 },
     { target: 'slim restore >= 10x faster than QEMU full restore (network)', value: speedup(net), unit: 'x', met: (speedup(net) ?? 0) >= 10 },
+    { target: 'slim restore >= 10x faster than QEMU full restore from a cold page cache (file)', value: coldSpeedup(file), unit: 'x', met: (coldSpeedup(file) ?? 0) >= 10 },
+    { target: 'slim restore >= 10x faster than QEMU full restore from a cold page cache (network)', value: coldSpeedup(net), unit: 'x', met: (coldSpeedup(net) ?? 0) >= 10 },
     { target: 'prefetch cuts demand faults >= 5x', value: faultRatio, unit: 'x', met: (faultRatio ?? 0) >= 5 },
   ];
 
@@ -493,8 +513,7 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
       qemuFullSaveRestore: qemu,
       rebootMs: bootMs,
       slimSpeedup: { file: speedup(file), network: speedup(net) },
-      supervisorOverheadMs: { file: supervisorOverheadMs(file), network: supervisorOverheadMs(net) },
-      slimSpeedupSameSpawnPath: { file: speedupSamePath(file), network: speedupSamePath(net) },
+      slimSpeedupVsColdCache: { file: coldSpeedup(file), network: coldSpeedup(net) },
       loadPhaseSpeedup: { file: loadSpeedup(file), network: loadSpeedup(net) },
     },
     paging: {
@@ -513,11 +532,11 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   md.push('');
   md.push('### Fail-over time split (ms)');
   md.push('');
-  md.push('| mode | runs | kill → detected | kill → supervisor gone | restore prepare | spawn → QMP (supervisor + QEMU) | device load | other (pager attach, QMP, cont) | spawn → running | kill → running | kill → guest progress |');
-  md.push('|---|---|---|---|---|---|---|---|---|---|---|');
+  md.push('| mode | runs | kill → detected | kill → supervisor gone | restore prepare | supervisor start (launch → QEMU spawn) | QEMU spawn → running | of which device load | kill → running | kill → guest progress |');
+  md.push('|---|---|---|---|---|---|---|---|---|---|');
   for (const [label, rs] of [...groups, ['network, no prefetch', nopf] as [string, RunResult[]]]) {
     if (!rs.length) continue;
-    md.push(`| ${label} | ${rs.length} | ${range(pick(rs, (r) => r.detectMs))} | ${range(pick(rs, (r) => r.goneMs))} | ${range(pick(rs, (r) => r.restore.prepareMs))} | ${range(pick(rs, (r) => r.restore.spawnMs))} | ${range(pick(rs, (r) => r.restore.deviceLoadMs), 1)} | ${range(pick(rs, otherMs))} | ${range(pick(rs, (r) => r.restore.spawnToRunningMs))} | ${range(pick(rs, (r) => r.killToRunningMs))} | ${range(pick(rs, (r) => r.killToProgressMs))} |`);
+    md.push(`| ${label} | ${rs.length} | ${range(pick(rs, (r) => r.detectMs))} | ${range(pick(rs, (r) => r.goneMs))} | ${range(pick(rs, (r) => r.restore.prepareMs))} | ${range(pick(rs, supervisorMs))} | ${range(pick(rs, (r) => r.restore.spawnToRunningMs))} | ${range(pick(rs, (r) => r.restore.deviceLoadMs), 1)} | ${range(pick(rs, (r) => r.killToRunningMs))} | ${range(pick(rs, (r) => r.killToProgressMs))} |`);
   }
   md.push('');
   md.push('### Baselines (same guest, same run)');
@@ -529,8 +548,8 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     md.push(`| QEMU full restore: spawn → running | ${fmt(qemu.spawnToRunningMs, 0)} ms | spawn → QMP ${fmt(qemu.spawnMs, 0)} ms, load ${fmt(qemu.loadMs, 0)} ms; spawn → guest progress ${fmt(qemu.spawnToProgressMs, 0)} ms |`);
   }
   md.push(`| reboot: spawn → first memcheck progress | ${range(runs.map((r) => r.bootMs).concat(qemu ? [qemu.bootMs] : []))} ms | ${bootMs.n} boots |`);
-  md.push(`| slim restore spawn → running, file / network | ${fmt(splits.file!.spawnToRunningMs.median, 0)} / ${fmt(splits.network!.spawnToRunningMs.median, 0)} ms | speedup vs QEMU full restore: ${fmt(speedup(file))}x / ${fmt(speedup(net))}x |`);
-  md.push(`| same, counting the supervisor's start for both | | supervisor start adds ${fmt(supervisorOverheadMs(file), 0)} / ${fmt(supervisorOverheadMs(net), 0)} ms to slim restores (spawn → QMP minus bare QEMU's); speedup ${fmt(speedupSamePath(file))}x / ${fmt(speedupSamePath(net))}x |`);
+  md.push(`| slim restore QEMU spawn → running, file / network | ${fmt(splits.file!.spawnToRunningMs.median, 0)} / ${fmt(splits.network!.spawnToRunningMs.median, 0)} ms | speedup vs QEMU full restore (page cache warm): ${fmt(speedup(file))}x / ${fmt(speedup(net))}x |`);
+  if (qemu?.cold) md.push(`| QEMU full restore, saved file evicted from the page cache first: spawn → running | ${fmt(qemu.cold.spawnToRunningMs, 0)} ms | load ${fmt(qemu.cold.loadMs, 0)} ms; slim speedup vs this: ${fmt(coldSpeedup(file))}x / ${fmt(coldSpeedup(net))}x |`);
   md.push(`| load phase only: full RAM + devices vs device state | ${qemu ? fmt(qemu.loadMs, 0) : '-'} ms vs ${fmt(splits.file!.deviceLoadMs.median, 1)} / ${fmt(splits.network!.deviceLoadMs.median, 1)} ms | ${fmt(loadSpeedup(file), 0)}x / ${fmt(loadSpeedup(net), 0)}x |`);
   md.push('');
   md.push('### Network mode paging');
@@ -571,8 +590,8 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     'failover-split.svg': barChart({ title: 'Fail-over time split (median)', unit: 'ms', categories: cats, series: splitSeries, target: { value: 1000, label: 'target: death → running 1 s' } }),
     'failover-vs-baselines.svg': barChart({
       title: 'Restore spawn → running vs baselines (median)', unit: 'ms',
-      categories: ['slim, file', 'slim, network', 'QEMU full restore', 'reboot (to progress)'],
-      series: [{ name: 'spawn → running', values: [splits.file!.spawnToRunningMs.median, splits.network!.spawnToRunningMs.median, qemu?.spawnToRunningMs ?? null, bootMs.median] }],
+      categories: ['slim, file', 'slim, network', 'QEMU full (warm)', 'QEMU full (cold)', 'reboot (to progress)'],
+      series: [{ name: 'spawn → running', values: [splits.file!.spawnToRunningMs.median, splits.network!.spawnToRunningMs.median, qemu?.spawnToRunningMs ?? null, qemu?.cold?.spawnToRunningMs ?? null, bootMs.median] }],
     }),
     'failover-paging.svg': barChart({
       title: 'Network mode: demand faults', unit: 'faults',

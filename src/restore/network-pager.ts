@@ -62,6 +62,7 @@ export class NetworkPager {
   private readonly t0 = performance.now();
   private stopped = false;
   private finished = false;
+  private prefetchStarted = false;
   private cursor = 0;
   private readonly priority: number[] = [];
   private inflight = 0;
@@ -91,19 +92,29 @@ export class NetworkPager {
     }
     const pager = new NetworkPager(opts, handler);
     void pager.faultLoop().catch((err: Error) => pager.fail(err));
-    if (opts.prefetch) void pager.prefetchLoop().catch((err: Error) => pager.fail(err));
     return pager;
   }
 
+  /**
+   * Begin the background stream. Called once the VM runs: before that, QEMU's
+   * own faults while loading devices must not queue behind prefetch traffic.
+   */
+  startPrefetch(): void {
+    if (!this.opts.prefetch || this.prefetchStarted || this.finished) return;
+    this.prefetchStarted = true;
+    void this.prefetchLoop().catch((err: Error) => this.fail(err));
+  }
+
+  /** Stop serving (the VM is being torn down). Resolves `done` with the stats so far. */
   async stop(): Promise<void> {
     this.stopped = true;
     this.wakePrefetch?.();
     this.handler.close();
-    await this.done.catch(() => undefined);
     if (!this.finished) {
       this.finished = true;
       this.resolveDone(this.stats);
     }
+    await this.done.catch(() => undefined);
   }
 
   private fail(err: Error): void {

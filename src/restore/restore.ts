@@ -169,6 +169,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       const deviceLoadMs = performance.now() - tLoad;
       await qmp.execute('cont');
       const tRun = performance.now();
+      pager?.startPrefetch();
       const timings: RestoreTimings = {
         prepareMs,
         spawnMs,
