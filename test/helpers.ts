@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync, spawn } from 'node:child_process';
 import { cliEntry } from '../src/config/paths.js';
+import { spawnStore, type StoreProcess } from '../src/store/spawn.js';
 
 /**
  * Test harness: each test file gets its own HYDRAVM_HOME so runs never see
@@ -84,30 +85,8 @@ export function tmpDir(prefix: string): string {
 }
 
 /** A checkpoint store started through the CLI, as a user would. */
-export async function startStore(lab: Lab, dir: string, port = 0): Promise<{ address: string; proc: import('node:child_process').ChildProcess; stop(): Promise<void> }> {
-  const { spawn } = await import('node:child_process');
-  const proc = spawn(process.execPath, [cliEntry, 'store', '--dir', dir, '--listen', `127.0.0.1:${port}`], { env: lab.env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  proc.stderr!.on('data', (d) => (err += d));
-  const address = await new Promise<string>((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`store did not start: ${err}`)), 15_000);
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = /listening on (\S+),/.exec(out);
-      if (m) { clearTimeout(t); resolve(m[1]!); }
-    });
-    proc.on('exit', (code) => { clearTimeout(t); reject(new Error(`store exited with ${code}: ${err}`)); });
-  });
-  return {
-    address,
-    proc,
-    stop: () => new Promise<void>((resolve) => {
-      if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
-      proc.once('exit', () => resolve());
-      proc.kill('SIGTERM');
-    }),
-  };
+export function startStore(lab: Lab, dir: string, port = 0): Promise<StoreProcess> {
+  return spawnStore({ dir, listen: `127.0.0.1:${port}`, env: lab.env });
 }
 
 export function readJson<T>(file: string): T | undefined {

@@ -1,14 +1,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { cliEntry } from '../config/paths.js';
+import { spawnStore, type StoreProcess } from '../store/spawn.js';
 import { quantile } from '../checkpoint/stats.js';
 
 /** Shared pieces of the benchmarks: an isolated HydraVM home, a store process, stats. */
 export interface BenchEnv {
   home: string;
   storeDir: string;
-  store: { address: string; proc: ChildProcess };
+  store: StoreProcess;
   close(): Promise<void>;
 }
 
@@ -17,25 +16,13 @@ export async function benchEnv(prefix: string): Promise<BenchEnv> {
   process.env.HYDRAVM_HOME = home;
   process.env.HYDRAVM_SECRET ??= 'bench-secret-0123456789abcdef';
   const storeDir = path.join(home, 'store');
-  const proc = spawn(process.execPath, [cliEntry, 'store', '--dir', storeDir, '--listen', '127.0.0.1:0'], { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  proc.stderr!.on('data', (d) => (err += d));
-  const address = await new Promise<string>((resolve, reject) => {
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = /listening on (\S+),/.exec(out);
-      if (m) resolve(m[1]!);
-    });
-    proc.on('exit', (code) => reject(new Error(`store exited (${code}): ${err}`)));
-  });
+  const store = await spawnStore({ dir: storeDir, env: process.env, logFile: path.join(home, 'store.log') });
   return {
     home,
     storeDir,
-    store: { address, proc },
+    store,
     async close() {
-      proc.kill('SIGTERM');
-      await new Promise((r) => proc.once('exit', r));
+      await store.stop();
       fs.rmSync(home, { recursive: true, force: true });
     },
   };

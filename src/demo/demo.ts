@@ -5,9 +5,9 @@ import { startVm } from '../vm/manager.js';
 import { readState } from '../vm/runtime.js';
 import { waitForMemcheckStep, lastMemcheckProgress, countViolations } from '../vm/serial.js';
 import { checkSetup, runSetup } from '../setup/index.js';
-import { hydraHome, cliEntry } from '../config/paths.js';
+import { hydraHome } from '../config/paths.js';
 import { readProtection } from '../checkpoint/protection.js';
-import { spawn } from 'node:child_process';
+import { spawnStore } from '../store/spawn.js';
 import { startEmbeddedCluster, stopEmbeddedCluster, protectInCluster, waitForFailover, type EmbeddedCluster, type FailoverTiming } from '../ha/index.js';
 
 export interface DemoOptions {
@@ -53,8 +53,9 @@ export async function runDemo(opts: DemoOptions): Promise<void> {
 
   say('== embedded cluster: etcd, a fail-over manager, host agents host1 and host2, a checkpoint store');
   const cluster = await startEmbeddedCluster({ dir: path.join(base, 'cluster'), hosts: 2 });
-  const store = await startStoreProcess(path.join(base, 'store'), cluster.secretFile);
-  say(`   etcd ${cluster.etcdUrl}, store ${store.address} (log ${store.log}), runtime in ${base}`);
+  const storeLog = path.join(base, 'store.log');
+  const store = await spawnStore({ dir: path.join(base, 'store'), secretFile: cluster.secretFile, logFile: storeLog });
+  say(`   etcd ${cluster.etcdUrl}, store ${store.address} (log ${storeLog}), runtime in ${base}`);
   const hostHome = (host: string) => cluster.hosts.find((h) => h.host === host)!.home;
   const serialOn = (host: string) => path.join(hostHome(host), 'vms', 'demo', 'serial.log');
   let ok = false;
@@ -139,33 +140,6 @@ async function showGuest(serial: string, stepBefore: number, offset: number): Pr
   const violations = countViolations(serial, offset);
   say(`   guest continues: step ${stepBefore} before the failure, ${resumed.step} right after the restore, ${later.step} 2 s later; ${violations} memory violations`);
   if (violations > 0) throw new Error(`memcheck reported ${violations} violations after the restore (see ${serial})`);
-}
-
-/** The checkpoint store as its own process, logging to a file. */
-async function startStoreProcess(dir: string, secretFile: string): Promise<{ address: string; log: string; stop(): Promise<void> }> {
-  fs.mkdirSync(dir, { recursive: true });
-  const log = path.join(path.dirname(dir), 'store.log');
-  const fd = fs.openSync(log, 'a');
-  const proc = spawn(process.execPath, [cliEntry, 'store', '--dir', dir, '--listen', '127.0.0.1:0', '--secret-file', secretFile], { stdio: ['ignore', 'pipe', fd] });
-  fs.closeSync(fd);
-  const address = await new Promise<string>((resolve, reject) => {
-    let out = '';
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = /listening on (\S+),/.exec(out);
-      if (m) resolve(m[1]!);
-    });
-    proc.once('exit', (code) => reject(new Error(`checkpoint store exited (code ${code}); see ${log}`)));
-  });
-  return {
-    address,
-    log,
-    stop: () => new Promise<void>((resolve) => {
-      if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
-      proc.once('exit', () => resolve());
-      proc.kill('SIGTERM');
-    }),
-  };
 }
 
 /** A whole host's death: its agent and every process of its VMs, at once. */

@@ -1,0 +1,43 @@
+import fs from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { cliEntry } from '../config/paths.js';
+
+export interface StoreProcess {
+  address: string;
+  proc: ChildProcess;
+  stop(): Promise<void>;
+}
+
+/**
+ * Run `hydravm store` as its own process, as a user would, and resolve with
+ * the address it listens on (port 0 picks a free one). Used by the demo, the
+ * benchmarks and the tests.
+ */
+export async function spawnStore(opts: { dir: string; listen?: string; secretFile?: string; env?: NodeJS.ProcessEnv; logFile?: string; timeoutMs?: number }): Promise<StoreProcess> {
+  const args = [cliEntry, 'store', '--dir', opts.dir, '--listen', opts.listen ?? '127.0.0.1:0'];
+  if (opts.secretFile) args.push('--secret-file', opts.secretFile);
+  const logFd = opts.logFile ? fs.openSync(opts.logFile, 'a') : undefined;
+  const proc = spawn(process.execPath, args, { env: opts.env ?? process.env, stdio: ['ignore', 'pipe', logFd ?? 'pipe'] });
+  if (logFd !== undefined) fs.closeSync(logFd);
+  let stderr = '';
+  proc.stderr?.on('data', (d) => (stderr += d));
+  const address = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => { proc.kill('SIGKILL'); reject(new Error(`checkpoint store did not start within ${(opts.timeoutMs ?? 15_000) / 1000} s: ${stderr}`)); }, opts.timeoutMs ?? 15_000);
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      const m = /listening on (\S+),/.exec(out);
+      if (m) { clearTimeout(timer); resolve(m[1]!); }
+    });
+    proc.once('exit', (code) => { clearTimeout(timer); reject(new Error(`checkpoint store exited (code ${code})${opts.logFile ? `; see ${opts.logFile}` : `: ${stderr}`}`)); });
+  });
+  return {
+    address,
+    proc,
+    stop: () => new Promise<void>((resolve) => {
+      if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+      proc.once('exit', () => resolve());
+      proc.kill('SIGTERM');
+    }),
+  };
+}
