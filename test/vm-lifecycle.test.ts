@@ -88,7 +88,7 @@ test('bad input: one clear error line, non-zero exit, nothing left half-started'
       name: 'bad4',
       fields: { disks: [{ path: 'notqcow.img' }] },
       setup: () => fs.writeFileSync(path.join(lab.home, 'notqcow.img'), 'this is not a disk image'),
-      err: /VM "bad4" failed to start: QEMU exited during start/,
+      err: /VM "bad4": disk .*notqcow\.img is raw, not qcow2/,
     },
   ];
   for (const c of cases) {
@@ -107,6 +107,13 @@ test('bad input: one clear error line, non-zero exit, nothing left half-started'
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     }
   }
+  // QEMU refusing to start (here: a kernel file that is no kernel) is reported with its own words, and leaves nothing.
+  fs.writeFileSync(path.join(lab.home, 'junk-kernel'), 'not a kernel');
+  const junk = lab.cli(['vm', 'start', lab.writeSpec('bad5', { kernel: 'junk-kernel' })]);
+  assert.notEqual(junk.code, 0);
+  assert.match(junk.stderr, /VM "bad5" failed to start: QEMU exited during start/);
+  assert.equal(junk.stderr.trim().split('\n').length, 1, junk.stderr);
+  for (const sock of ['qmp.sock', 'supervisor.qmp', 'hydra.qmp', 'control.sock']) assert.ok(!fs.existsSync(path.join(lab.home, 'vms', 'bad5', sock)), `bad5: stale ${sock}`);
   // After a failed start the name works again with a good spec.
   const good = lab.writeSpec('bad4', {});
   const r = lab.cli(['vm', 'start', good]);

@@ -31,7 +31,10 @@ export interface StartOptions {
 
 function createDisks(spec: VmSpec): void {
   for (const disk of spec.disks) {
-    if (fs.existsSync(disk.path)) continue;
+    if (fs.existsSync(disk.path)) {
+      assertQcow2(spec.name, disk.path);
+      continue;
+    }
     try {
       fs.mkdirSync(path.dirname(disk.path), { recursive: true });
       execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk.path, String(disk.size)], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -39,6 +42,20 @@ function createDisks(spec: VmSpec): void {
       const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
       throw new QemuError(`VM "${spec.name}": cannot create disk ${disk.path}: ${stderr || (err as Error).message}`);
     }
+  }
+}
+
+/** VMs open their disks as qcow2 (frozen layers per checkpoint need it): say so before QEMU does, naming the file. */
+function assertQcow2(vm: string, file: string): void {
+  let format: string | undefined;
+  try {
+    format = (JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })) as { format?: string }).format;
+  } catch (err) {
+    const stderr = (err as { stderr?: Buffer | string }).stderr?.toString().trim();
+    throw new SpecError(`VM "${vm}": disk ${file} cannot be read: ${stderr || (err as Error).message}`);
+  }
+  if (format !== 'qcow2') {
+    throw new SpecError(`VM "${vm}": disk ${file} is ${format ?? 'of unknown format'}, not qcow2 (convert it: qemu-img convert -O qcow2 ${file} NEW.qcow2)`);
   }
 }
 
