@@ -96,7 +96,7 @@ export function runCommand(step: string, cmd: string, args: string[], opts: { cw
   });
 }
 
-async function exists(p: string): Promise<boolean> {
+export async function exists(p: string): Promise<boolean> {
   try {
     await fs.access(p, fsc.F_OK);
     return true;

@@ -3,7 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { nativeAddonPath, packageRoot, shimPath } from '../config/paths.js';
 import { SetupError } from '../errors.js';
-import { ensureGuestArtifacts, guestArtifactsStatus, runCommand, type GuestArtifacts } from './guest-artifacts.js';
+import { ensureGuestArtifacts, exists, guestArtifactsStatus, runCommand, type GuestArtifacts } from './guest-artifacts.js';
 
 export { ensureGuestArtifacts, guestArtifactsStatus, type GuestArtifacts } from './guest-artifacts.js';
 
@@ -36,15 +36,6 @@ export interface SetupCheck {
 
 const REQUIRED_TOOLS = ['qemu-system-x86_64', 'qemu-img', 'busybox', 'cpio', 'dpkg-deb', 'gcc', 'etcd'];
 const MIN_QEMU_MAJOR = 10;
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await fs.access(p, fsc.F_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 async function onPath(tool: string): Promise<string | undefined> {
   for (const dir of (process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin').split(':')) {
