@@ -103,11 +103,17 @@ for (const mode of ['network', 'file'] as const) {
     await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer gives up on a dead VM');
 
     const args = ['restore', vm, '--store', store.address, '--mode', mode];
-    if (mode === 'file') args.push('--store-dir', storeDir);
+    // File mode: RAM is the image mapped privately; protecting it again reads QEMU's copy-on-write pages.
+    if (mode === 'file') args.push('--store-dir', storeDir, '--protect', '--interval', '1s');
     const r = await lab.cliAsync(args);
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, new RegExp(`VM ${vm} restored from generation \\d+ epoch \\d+ \\(${mode} mode\\)`));
     if (mode === 'network') assert.match(r.stdout, /memory complete after/);
+    if (mode === 'file') {
+      assert.match(r.stdout, /protected again as generation \d+/);
+      const g = protection(vm)!.generation;
+      await until(() => (protection(vm)?.generation === g && protection(vm)!.committedEpoch >= 3) || undefined, 60_000, 'file-mode VM checkpoints again');
+    }
 
     // The guest continues from the newest committed checkpoint: it had printed
     // at least `floor` before that checkpoint's pause began, so it resumes at or after it.

@@ -9,7 +9,9 @@
 #include <vector>
 #include "common.h"
 
+#include <limits.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 
 #include <mutex>
 #include <unordered_map>
@@ -148,6 +150,88 @@ Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
   return Napi::Number::New(env, (double)total);
 }
 
+// processReadRuns(pid, base, runs: Float64Array [offset, length]*, dst,
+//                 dstOffset=0, limit?) -> bytes
+// Reads each run of another process's memory at base+offset, in order,
+// contiguously into dst from dstOffset, with process_vm_readv in batches of up
+// to IOV_MAX runs. For guest RAM that is a private mapping (its copy-on-write
+// pages are only in the process's address space). With `limit`, every run must
+// lie within [0, limit). All bounds are checked before the first byte moves.
+// A partial read is continued from where it stopped; a read that makes no
+// progress throws EFAULT naming the offset (ESRCH: the process is gone).
+Napi::Value ProcessReadRuns(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  uint64_t pid = ArgU64(info, 0, "pid");
+  if (pid == 0 || pid > INT32_MAX) ThrowType(env, "pid out of range");
+  uint64_t base = ArgU64(info, 1, "base");
+  if (info.Length() < 3 || !info[2].IsTypedArray() ||
+      info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    ThrowType(env, "runs must be a Float64Array of [offset, length] pairs");
+  Napi::Float64Array runs = info[2].As<Napi::Float64Array>();
+  Napi::Buffer<uint8_t> dst = ArgBuffer(info, 3, "dst");
+  uint64_t dstOff = info.Length() > 4 && !info[4].IsUndefined() ? ArgU64(info, 4, "dstOffset") : 0;
+  bool haveLimit = info.Length() > 5 && !info[5].IsUndefined();
+  uint64_t limit = haveLimit ? ArgU64(info, 5, "limit") : 0;
+  size_t n = runs.ElementLength();
+  if (n % 2) ThrowType(env, "runs must hold [offset, length] pairs");
+  const double *r = runs.Data();
+  uint64_t total = 0;
+  for (size_t i = 0; i < n; i += 2) {
+    double o = r[i], l = r[i + 1];
+    if (!(o >= 0) || !(l >= 0) || o != (double)(uint64_t)o || l != (double)(uint64_t)l)
+      ThrowType(env, "run offsets/lengths must be non-negative integers");
+    if (haveLimit && ((uint64_t)o > limit || (uint64_t)l > limit - (uint64_t)o))
+      ThrowType(env, "run [" + std::to_string((uint64_t)o) + ", +" + std::to_string((uint64_t)l) + ") is outside [0, " + std::to_string(limit) + ")");
+    total += (uint64_t)l;
+  }
+  if (dstOff > dst.Length() || total > dst.Length() - dstOff)
+    ThrowType(env, "dst too small: needs " + std::to_string(total) + " bytes from offset " + std::to_string(dstOff) +
+                       ", has " + std::to_string(dst.Length()));
+  uint8_t *d = dst.Data() + dstOff;
+  std::vector<struct iovec> remote;
+  remote.reserve(IOV_MAX);
+  size_t i = 0;       // current run (pair index)
+  uint64_t skip = 0;  // bytes of run i already read
+  uint64_t done = 0;
+  while (i < n) {
+    remote.clear();
+    uint64_t want = 0;
+    for (size_t j = i; j < n && remote.size() < IOV_MAX; j += 2) {
+      uint64_t o = (uint64_t)r[j], l = (uint64_t)r[j + 1];
+      uint64_t s = j == i ? skip : 0;
+      if (l - s == 0) continue;
+      remote.push_back({(void *)(uintptr_t)(base + o + s), (size_t)(l - s)});
+      want += l - s;
+    }
+    if (remote.empty()) break;  // only empty runs left
+    struct iovec local = {d + done, (size_t)want};
+    ssize_t got = process_vm_readv((pid_t)pid, &local, 1, remote.data(), remote.size(), 0);
+    if (got < 0 && errno == EINTR) continue;
+    uint64_t at = (uint64_t)r[i] + skip;
+    if (got <= 0) {
+      int err = got < 0 ? errno : EFAULT;
+      std::string what = err == ESRCH ? "process_vm_readv (process gone)" : "process_vm_readv";
+      Napi::Error e = ErrnoError(env, what.c_str(), err);
+      e.Set("message", Napi::String::New(env, e.Message() + " at offset 0x" + [&] { char b[32]; snprintf(b, sizeof b, "%llx", (unsigned long long)at); return std::string(b); }() +
+                                                 " (address 0x" + [&] { char b[32]; snprintf(b, sizeof b, "%llx", (unsigned long long)(base + at)); return std::string(b); }() +
+                                                 ") of process " + std::to_string(pid) + ", " + std::to_string(done) + " of " + std::to_string(total) + " bytes read"));
+      e.Set("offset", Napi::Number::New(env, (double)at));
+      e.Set("bytesRead", Napi::Number::New(env, (double)done));
+      throw e;
+    }
+    // Advance (run i, skip) by got bytes.
+    done += (uint64_t)got;
+    uint64_t left = (uint64_t)got;
+    while (i < n && left > 0) {
+      uint64_t rem = (uint64_t)r[i + 1] - skip;
+      if (left >= rem) { left -= rem; i += 2; skip = 0; }
+      else { skip += left; left = 0; }
+    }
+    while (i < n && (uint64_t)r[i + 1] == skip) { i += 2; skip = 0; }
+  }
+  return Napi::Number::New(env, (double)done);
+}
+
 // lseek(fd, offset, whence) with whence "data" | "hole" -> offset, or -1 when
 // there is no data at or after offset (ENXIO). Finds populated runs of a memfd.
 Napi::Value Lseek(const Napi::CallbackInfo &info) {
@@ -179,6 +263,7 @@ void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("releaseMapping", Napi::Function::New(env, ReleaseMapping));
   exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
   exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("processReadRuns", Napi::Function::New(env, ProcessReadRuns));
   exports.Set("bufferAddress", Napi::Function::New(env, BufferAddress));
 }
 

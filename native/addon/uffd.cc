@@ -43,7 +43,12 @@ struct PmScanArg {
 };
 static_assert(sizeof(PmScanArg) == 96, "pm_scan_arg layout");
 static_assert(sizeof(PageRegion) == 24, "page_region layout");
+constexpr uint64_t kPageIsWpallowed = 1 << 0;
 constexpr uint64_t kPageIsWritten = 1 << 1;
+constexpr uint64_t kPageIsFile = 1 << 2;
+constexpr uint64_t kPageIsPresent = 1 << 3;
+constexpr uint64_t kPageIsSwapped = 1 << 4;
+constexpr uint64_t kPageIsPfnzero = 1 << 5;
 constexpr uint64_t kPmScanWpMatching = 1 << 0;
 constexpr uint64_t kPmScanCheckWpasync = 1 << 1;
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
@@ -136,18 +141,19 @@ Napi::Value UffdWake(const Napi::CallbackInfo &info) {
   return info.Env().Undefined();
 }
 
-// scanWritten(pagemapFd, start, end, vecLen?) -> { runs: Float64Array, calls, pages }
-// PAGEMAP_SCAN returning the pages written since they were last protected and
-// re-protecting them in the same walk. The kernel may stop before `end` even
-// with room left in the vector, so this loops from walk_end until it reaches
-// `end`. runs holds [offset, length] pairs relative to start, ascending, with
-// adjacent runs merged (also across calls).
-Napi::Value ScanWritten(const Napi::CallbackInfo &info) {
+// The PAGEMAP_SCAN loop shared by scanWritten and scanPages: calls the ioctl
+// from `start` until walk_end reaches `end` (the kernel may stop early even
+// with room left in the vector) and returns [offset, length] pairs relative to
+// start, ascending, adjacent runs merged (also across calls).
+struct ScanSpec {
+  uint64_t flags, inverted, mask, anyof, ret;
+};
+
+Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint64_t vecLen) {
   Napi::Env env = info.Env();
   int fd = ArgFd(info, 0, "pagemapFd");
   uint64_t start = ArgU64(info, 1, "start");
   uint64_t end = ArgU64(info, 2, "end");
-  uint64_t vecLen = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "vecLen") : 4096;
   if (vecLen == 0 || vecLen > (1u << 20)) ThrowType(env, "vecLen out of range");
   if (end < start || (start | end) & (PageSize() - 1)) ThrowType(env, "start/end must be page aligned, start <= end");
 
@@ -157,13 +163,15 @@ Napi::Value ScanWritten(const Napi::CallbackInfo &info) {
   while (cur < end) {
     PmScanArg arg = {};
     arg.size = sizeof arg;
-    arg.flags = kPmScanWpMatching | kPmScanCheckWpasync;
+    arg.flags = spec.flags;
     arg.start = cur;
     arg.end = end;
     arg.vec = (uint64_t)(uintptr_t)vec.data();
     arg.vec_len = vecLen;
-    arg.category_mask = kPageIsWritten;
-    arg.return_mask = kPageIsWritten;
+    arg.category_inverted = spec.inverted;
+    arg.category_mask = spec.mask;
+    arg.category_anyof_mask = spec.anyof;
+    arg.return_mask = spec.ret;
     long n = ioctl(fd, kPagemapScan, &arg);
     calls++;
     if (n < 0) {
@@ -195,6 +203,39 @@ Napi::Value ScanWritten(const Napi::CallbackInfo &info) {
   r.Set("calls", Napi::Number::New(env, (double)calls));
   r.Set("pages", Napi::Number::New(env, (double)pages));
   return r;
+}
+
+// scanWritten(pagemapFd, start, end, vecLen?) -> { runs: Float64Array, calls, pages }
+// PAGEMAP_SCAN returning the pages written since they were last protected and
+// re-protecting them in the same walk (WP_MATCHING | CHECK_WPASYNC,
+// PAGE_IS_WRITTEN), looped until walk_end == end.
+Napi::Value ScanWritten(const Napi::CallbackInfo &info) {
+  uint64_t vecLen = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "vecLen") : 4096;
+  return ScanLoop(info, {kPmScanWpMatching | kPmScanCheckWpasync, 0, kPageIsWritten, 0, kPageIsWritten}, vecLen);
+}
+
+// scanPages(pagemapFd, start, end, { flags?, categoryInverted?, categoryMask?,
+//           categoryAnyofMask?, returnMask }, vecLen?) -> { runs, calls, pages }
+// The general PAGEMAP_SCAN (same loop and result as scanWritten). A page
+// matches when ((categories ^ inverted) & mask) == mask and, if anyof is
+// non-zero, (categories ^ inverted) & anyof != 0. Without PM_SCAN_WP_MATCHING
+// in flags nothing is re-protected.
+Napi::Value ScanPages(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[3].IsObject()) ThrowType(env, "scan spec must be an object");
+  Napi::Object o = info[3].As<Napi::Object>();
+  auto field = [&](const char *k) -> uint64_t {
+    Napi::Value v = o.Get(k);
+    if (v.IsUndefined()) return 0;
+    if (!v.IsNumber()) ThrowType(env, std::string(k) + " must be a number");
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (!(d >= 0) || d > 9007199254740991.0 || d != (double)(uint64_t)d) ThrowType(env, std::string(k) + " must be a non-negative integer");
+    return (uint64_t)d;
+  };
+  ScanSpec spec = {field("flags"), field("categoryInverted"), field("categoryMask"), field("categoryAnyofMask"), field("returnMask")};
+  if (spec.ret == 0) ThrowType(env, "returnMask must not be 0");
+  uint64_t vecLen = info.Length() > 4 && !info[4].IsUndefined() ? ArgU64(info, 4, "vecLen") : 4096;
+  return ScanLoop(info, spec, vecLen);
 }
 
 // copyIn(uffd, dst, src: Buffer, srcOffset, len) -> { copied, existed }
@@ -369,6 +410,7 @@ void InitUffd(Napi::Env env, Napi::Object exports) {
   exports.Set("uffdWake", Napi::Function::New(env, UffdWake));
   exports.Set("uffdCopy", Napi::Function::New(env, UffdCopy));
   exports.Set("scanWritten", Napi::Function::New(env, ScanWritten));
+  exports.Set("scanPages", Napi::Function::New(env, ScanPages));
   exports.Set("waitFaults", Napi::Function::New(env, WaitFaults));
   exports.Set("eventfdCreate", Napi::Function::New(env, EventfdCreate));
   exports.Set("eventfdSignal", Napi::Function::New(env, EventfdSignal));
@@ -383,6 +425,14 @@ void InitUffd(Napi::Env env, Napi::Object exports) {
   c.Set("UFFDIO_REGISTER_MODE_WP", Napi::Number::New(env, (double)UFFDIO_REGISTER_MODE_WP));
   c.Set("UFFDIO_COPY_IOCTL_BIT", Napi::Number::New(env, (double)_UFFDIO_COPY));
   c.Set("UFFDIO_WRITEPROTECT_IOCTL_BIT", Napi::Number::New(env, (double)_UFFDIO_WRITEPROTECT));
+  c.Set("PAGE_IS_WPALLOWED", Napi::Number::New(env, (double)kPageIsWpallowed));
+  c.Set("PAGE_IS_WRITTEN", Napi::Number::New(env, (double)kPageIsWritten));
+  c.Set("PAGE_IS_FILE", Napi::Number::New(env, (double)kPageIsFile));
+  c.Set("PAGE_IS_PRESENT", Napi::Number::New(env, (double)kPageIsPresent));
+  c.Set("PAGE_IS_SWAPPED", Napi::Number::New(env, (double)kPageIsSwapped));
+  c.Set("PAGE_IS_PFNZERO", Napi::Number::New(env, (double)kPageIsPfnzero));
+  c.Set("PM_SCAN_WP_MATCHING", Napi::Number::New(env, (double)kPmScanWpMatching));
+  c.Set("PM_SCAN_CHECK_WPASYNC", Napi::Number::New(env, (double)kPmScanCheckWpasync));
   exports.Set("constants", c);
 }
 

@@ -12,7 +12,7 @@ import { nativeAddonPath, shimPath } from '../config/paths.js';
 import { NativeError } from '../errors.js';
 import type { RawAddon } from './raw.js';
 
-export type { RawAddon, RawNativeError, ScanResult, UffdApiResult, WaitFaultsResult, RawConstants } from './raw.js';
+export type { RawAddon, RawNativeError, ScanResult, UffdApiResult, WaitFaultsResult, RawConstants, ScanSpec } from './raw.js';
 export { isRawNativeError } from './raw.js';
 export { nativeAddonPath, shimPath };
 

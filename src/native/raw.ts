@@ -53,6 +53,27 @@ export interface RawConstants {
   UFFDIO_COPY_IOCTL_BIT: number;
   /** Bit index of UFFDIO_WRITEPROTECT in an ioctls mask. */
   UFFDIO_WRITEPROTECT_IOCTL_BIT: number;
+  /** PAGEMAP_SCAN page categories (linux/fs.h). */
+  PAGE_IS_WPALLOWED: number;
+  PAGE_IS_WRITTEN: number;
+  PAGE_IS_FILE: number;
+  PAGE_IS_PRESENT: number;
+  /** Also set for uffd-wp pte markers (unpopulated pages write-protected with WP_UNPOPULATED). */
+  PAGE_IS_SWAPPED: number;
+  PAGE_IS_PFNZERO: number;
+  PM_SCAN_WP_MATCHING: number;
+  PM_SCAN_CHECK_WPASYNC: number;
+}
+
+/** A PAGEMAP_SCAN selection: a page matches when ((categories ^ categoryInverted) & categoryMask) == categoryMask and, if categoryAnyofMask != 0, (categories ^ categoryInverted) & categoryAnyofMask != 0. */
+export interface ScanSpec {
+  /** PM_SCAN_* flags; without PM_SCAN_WP_MATCHING nothing is re-protected. */
+  flags?: number;
+  categoryInverted?: number;
+  categoryMask?: number;
+  categoryAnyofMask?: number;
+  /** Must not be 0. */
+  returnMask: number;
 }
 
 export interface RawAddon {
@@ -86,6 +107,8 @@ export interface RawAddon {
   // pagemap
   /** PAGEMAP_SCAN (WP_MATCHING | CHECK_WPASYNC, PAGE_IS_WRITTEN) looped until walk_end == end. */
   scanWritten(pagemapFd: number, start: number, end: number, vecLen?: number): ScanResult;
+  /** General PAGEMAP_SCAN with the same loop (until walk_end == end) and result shape as scanWritten. */
+  scanPages(pagemapFd: number, start: number, end: number, spec: ScanSpec, vecLen?: number): ScanResult;
 
   // memory
   /** MAP_SHARED mapping of fd as an external Buffer (finalizer munmaps). Read-only unless writable. */
@@ -98,6 +121,12 @@ export interface RawAddon {
   copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number): number;
   /** lseek SEEK_DATA / SEEK_HOLE; -1 when nothing at or after offset (ENXIO). */
   lseek(fd: number, offset: number, whence: 'data' | 'hole'): number;
+  /**
+   * process_vm_readv of each [offset, length] run at base+offset in process `pid`, in order, contiguously into
+   * dst from dstOffset, batched by IOV_MAX; with limit, runs must lie in [0, limit). Partial reads are continued;
+   * no progress throws (EFAULT; ESRCH when the process is gone) with `offset` (run offset that failed) and `bytesRead`.
+   */
+  processReadRuns(pid: number, base: number, runs: Float64Array, dst: Buffer, dstOffset?: number, limit?: number): number;
   bufferAddress(buf: Buffer): number;
 }
 

@@ -15,8 +15,19 @@
  * `ram` is a read-only MAP_SHARED view of the guest RAM: writing to it kills
  * the process (SIGSEGV). Reading a page the guest never touched allocates it
  * (shmem), so a full copy should skip holes: see populatedRuns().
+ *
+ * Two kinds of RAM mapping (`mapping.kind`):
+ *   'shared'        memfd or share=on file: `ram` views it, copyRuns() memcpys.
+ *   'private-file'  a file-mode restore's MAP_PRIVATE mapping of the image
+ *                   file: the guest's writes live in copy-on-write pages of
+ *                   QEMU's address space only, so there is no `ram` view
+ *                   (using it throws HYDRA_TRACKER_NO_RAM_VIEW), copyRuns()
+ *                   reads with process_vm_readv, and populatedRuns() is the
+ *                   file's data runs UNION the anonymous pages in the mapping.
+ * Async write-protect + PAGEMAP_SCAN work on both (Linux 6.7+ lets WP_ASYNC
+ * register any memory type; verified on a private file mapping, kernel 6.18).
  */
-import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { constants as bufferConstants } from 'node:buffer';
 import { TrackerError } from '../errors.js';
 import { loadNative, type RawAddon } from '../native/index.js';
@@ -46,8 +57,6 @@ export class DirtyTracker {
   /** Host address of guest RAM in the QEMU process. */
   readonly ramStart: number;
   readonly pageSize: number;
-  /** Read-only view of the whole guest RAM. Never write to it. */
-  readonly ram: Buffer;
   readonly mapping: GuestRamMapping;
   /** Stats of the last collect(). */
   lastCollect: CollectStats = { scanCalls: 0, pages: 0, runs: 0, ms: 0 };
@@ -58,11 +67,12 @@ export class DirtyTracker {
   readonly #pagemapFd: number;
   readonly #ramFd: number;
   readonly #ramIno: number;
+  readonly #ram: Buffer | undefined;
   readonly #startTime: number | undefined;
   #closed = false;
 
   private constructor(a: {
-    native: RawAddon; pid: number; mapping: GuestRamMapping; ram: Buffer; uffd: number; pidfd: number;
+    native: RawAddon; pid: number; mapping: GuestRamMapping; ram: Buffer | undefined; uffd: number; pidfd: number;
     pagemapFd: number; ramFd: number; ramIno: number; startTime: number | undefined;
   }) {
     this.#native = a.native;
@@ -71,13 +81,30 @@ export class DirtyTracker {
     this.ramStart = a.mapping.start;
     this.ramSize = a.mapping.size;
     this.pageSize = a.native.pageSize;
-    this.ram = a.ram;
+    this.#ram = a.ram;
     this.#uffd = a.uffd;
     this.#pidfd = a.pidfd;
     this.#pagemapFd = a.pagemapFd;
     this.#ramFd = a.ramFd;
     this.#ramIno = a.ramIno;
     this.#startTime = a.startTime;
+  }
+
+  /**
+   * Read-only view of the whole guest RAM (shared mappings only). Never write
+   * to it. A private file mapping has none: throws HYDRA_TRACKER_NO_RAM_VIEW
+   * (use copyRuns()).
+   */
+  get ram(): Buffer {
+    if (!this.#ram) {
+      throw new TrackerError('HYDRA_TRACKER_NO_RAM_VIEW', `process ${this.pid}: guest RAM is a private mapping of ${this.mapping.path}; it has no shared view (its written pages exist only in the process): use copyRuns()`);
+    }
+    return this.#ram;
+  }
+
+  /** True when `ram` is available (shared mapping). */
+  get hasRamView(): boolean {
+    return this.#ram !== undefined;
   }
 
   /**
@@ -95,7 +122,8 @@ export class DirtyTracker {
     const startTime = processStartTime(pid);
     if (startTime === undefined) throw processGoneError(pid, `no live process ${pid}`);
     const mapping = findGuestRam(pid, opts);
-    if (mapping.size > bufferConstants.MAX_LENGTH) {
+    const shared = mapping.kind === 'shared';
+    if (shared && mapping.size > bufferConstants.MAX_LENGTH) {
       throw new TrackerError('HYDRA_TRACKER_RAM_TOO_LARGE', `guest RAM of process ${pid} is ${mapping.size} bytes, more than a Node Buffer can view (${bufferConstants.MAX_LENGTH})`);
     }
     const taken = takeUffd(pid, 'wp', C.UFFD_FEATURE_WP_ASYNC, native);
@@ -155,11 +183,13 @@ export class DirtyTracker {
       if (!mappingStillThere(mapping, ramIno)) {
         throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping at 0x${mapping.start.toString(16)} changed while attaching`);
       }
-      let ram: Buffer;
-      try {
-        ram = native.mmapFile(ramFd, mapping.size, mapping.fileOffset, false);
-      } catch (err) {
-        throw new TrackerError('HYDRA_TRACKER_MAP_FAILED', `process ${pid}: mapping its guest RAM (${mapping.size} bytes of ${mapping.path}): ${errnoText(err)}`, { cause: err });
+      let ram: Buffer | undefined;
+      if (shared) {
+        try {
+          ram = native.mmapFile(ramFd, mapping.size, mapping.fileOffset, false);
+        } catch (err) {
+          throw new TrackerError('HYDRA_TRACKER_MAP_FAILED', `process ${pid}: mapping its guest RAM (${mapping.size} bytes of ${mapping.path}): ${errnoText(err)}`, { cause: err });
+        }
       }
       return new DirtyTracker({ native, pid, mapping, ram, uffd: taken.fd, pidfd: taken.pidfd, pagemapFd, ramFd, ramIno, startTime });
     } catch (err) {
@@ -265,10 +295,19 @@ export class DirtyTracker {
         flat[2 * i + 1] = runs[i]!.length;
       }
     }
+    if (this.#ram) {
+      try {
+        return this.#native.copyRuns(this.#ram, flat, dst, dstOffset);
+      } catch (err) {
+        throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: copying dirty runs: ${errnoText(err)}`, { cause: err });
+      }
+    }
     try {
-      return this.#native.copyRuns(this.ram, flat, dst, dstOffset);
+      return this.#native.processReadRuns(this.pid, this.ramStart, flat, dst, dstOffset, this.ramSize);
     } catch (err) {
-      throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: copying dirty runs: ${errnoText(err)}`, { cause: err });
+      if (errnoCode(err) === 'ESRCH' || !this.isAlive()) throw processGoneError(this.pid, 'process_vm_readv of guest RAM', err);
+      if (!(err instanceof TypeError) && !mappingStillThere(this.mapping, this.#ramIno)) throw this.#runtimeError('process_vm_readv of guest RAM', err);
+      throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: reading dirty runs of its private guest RAM (${this.mapping.path}): ${errnoText(err)}`, { cause: err });
     }
   }
 
@@ -285,10 +324,35 @@ export class DirtyTracker {
    * Runs of guest RAM that hold pages at all (SEEK_DATA/SEEK_HOLE on the RAM
    * file). Holes read as zeros; copying only these keeps a full checkpoint
    * from allocating the guest's untouched memory.
+   *
+   * Private file mapping: the file's data runs UNION the pages of the mapping
+   * that are anonymous (copy-on-write copies, or pages the guest wrote in a
+   * hole of the file): PAGEMAP_SCAN PAGE_IS_PRESENT and not PAGE_IS_FILE. If
+   * swap is active, swapped-out anonymous pages cannot be told from the
+   * uffd-wp markers of never-touched pages (both are PAGE_IS_SWAPPED, not
+   * PAGE_IS_FILE), so all of them are included (correct, copies more).
    */
   populatedRuns(): DirtyRun[] {
     this.#check('populatedRuns');
-    return populatedRunsOf(this.#native, this.#ramFd, this.mapping.fileOffset, this.ramSize);
+    const fileRuns = populatedRunsOf(this.#native, this.#ramFd, this.mapping.fileOffset, this.ramSize);
+    if (this.#ram) return fileRuns;
+    const C = this.#native.constants;
+    const anyof = C.PAGE_IS_PRESENT | (swapActive() ? C.PAGE_IS_SWAPPED : 0);
+    let res;
+    try {
+      res = this.#native.scanPages(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, {
+        categoryInverted: C.PAGE_IS_FILE,
+        categoryMask: C.PAGE_IS_FILE,
+        categoryAnyofMask: anyof,
+        returnMask: anyof,
+      });
+    } catch (err) {
+      throw this.#runtimeError('PAGEMAP_SCAN (present pages)', err);
+    }
+    if (!mappingStillThere(this.mapping, this.#ramIno)) throw this.#runtimeError('PAGEMAP_SCAN (present pages)', undefined);
+    const anon: DirtyRun[] = [];
+    for (let i = 0; i < res.runs.length; i += 2) anon.push({ offset: res.runs[i]!, length: res.runs[i + 1]! });
+    return unionRuns(fileRuns, anon);
   }
 
   /** Cheap check that the mapping is still the one armed. */
@@ -309,7 +373,9 @@ export class DirtyTracker {
     if (this.isAlive()) {
       try { n.uffdUnregister(this.#uffd, this.ramStart, this.ramSize); } catch { /* mapping gone: nothing to undo */ }
     }
-    try { n.releaseMapping(this.ram); } catch { /* finalizer unmaps later */ }
+    if (this.#ram) {
+      try { n.releaseMapping(this.#ram); } catch { /* finalizer unmaps later */ }
+    }
     for (const fd of [this.#uffd, this.#pidfd]) {
       try { n.close(fd); } catch { /* already closed */ }
     }
@@ -333,4 +399,27 @@ export function populatedRunsOf(native: RawAddon, fd: number, base: number, size
     pos = hole;
   }
   return out;
+}
+
+/** Union of two ascending run lists, merged where they touch or overlap. */
+export function unionRuns(a: readonly DirtyRun[], b: readonly DirtyRun[]): DirtyRun[] {
+  const all = [...a, ...b].sort((x, y) => x.offset - y.offset);
+  const out: DirtyRun[] = [];
+  for (const r of all) {
+    if (r.length <= 0) continue;
+    const last = out[out.length - 1];
+    if (last && r.offset <= last.offset + last.length) {
+      last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    } else out.push({ offset: r.offset, length: r.length });
+  }
+  return out;
+}
+
+/** True if /proc/swaps lists any active swap area. */
+function swapActive(): boolean {
+  try {
+    return readFileSync('/proc/swaps', 'utf8').trim().split('\n').length > 1;
+  } catch {
+    return true; // unknown: be conservative
+  }
 }

@@ -13,7 +13,16 @@
  *   ramPath   the exact path shown in maps (memory-backend-file)
  *   ramId     a memfd named `/memfd:<ramId>`; if no memfd carries that name
  *             (QEMU's case), the only shared memfd mapping (ambiguous -> error)
- *   default   the largest shared memfd mapping (ramSize filters candidates)
+ *   default   the largest shared memfd mapping (ramSize filters candidates);
+ *             if there is none, the largest private writable file mapping
+ *             (`rw-p`) of exactly ramSize bytes, or, without ramSize, one
+ *             that maps a whole file from offset 0 (a file-mode restore:
+ *             `memory-backend-file,mem-path=IMAGE,share=off`)
+ *
+ * Each selector also matches private file mappings (shared ones first), and
+ * the result's `kind` says which: 'shared' (a Buffer can view RAM through the
+ * file) or 'private-file' (the process's copy-on-write pages exist only in its
+ * address space: read them with process_vm_readv).
  */
 import { readFileSync, statSync } from 'node:fs';
 import { TrackerError } from '../errors.js';
@@ -28,8 +37,12 @@ export interface MapsEntry {
   path: string;
 }
 
+export type GuestRamKind = 'shared' | 'private-file';
+
 export interface GuestRamMapping {
   pid: number;
+  /** 'shared': MAP_SHARED memfd/file; 'private-file': MAP_PRIVATE mapping of a regular file (file-mode restore). */
+  kind: GuestRamKind;
   /** Host virtual address of the first byte of guest RAM in the QEMU process. */
   start: number;
   end: number;
@@ -75,9 +88,19 @@ export function parseMaps(text: string): MapsEntry[] {
 
 /** Shared file mappings merged across adjacent VMAs of the same file. */
 export function sharedFileMappings(pid: number, entries: MapsEntry[]): GuestRamMapping[] {
+  return fileMappings(pid, entries, 'shared');
+}
+
+/** Private writable (`rw-p`) file mappings merged across adjacent VMAs of the same file. */
+export function privateFileMappings(pid: number, entries: MapsEntry[]): GuestRamMapping[] {
+  return fileMappings(pid, entries, 'private-file');
+}
+
+function fileMappings(pid: number, entries: MapsEntry[], kind: GuestRamKind): GuestRamMapping[] {
   const out: GuestRamMapping[] = [];
   for (const e of entries) {
-    if (e.perms[3] !== 's' || e.inode === 0 || !e.path) continue;
+    if (e.inode === 0 || !e.path) continue;
+    if (kind === 'shared' ? e.perms[3] !== 's' : e.perms !== 'rw-p' || !e.path.startsWith('/')) continue;
     const last = out[out.length - 1];
     if (last && last.inode === e.inode && last.dev === e.dev && last.end === e.start && last.fileOffset + last.size === e.offset) {
       last.end = e.end;
@@ -87,6 +110,7 @@ export function sharedFileMappings(pid: number, entries: MapsEntry[]): GuestRamM
     }
     out.push({
       pid,
+      kind,
       start: e.start,
       end: e.end,
       size: e.end - e.start,
@@ -121,18 +145,31 @@ export function readMaps(pid: number): MapsEntry[] {
 
 const isMemfd = (m: GuestRamMapping) => m.path.startsWith('/memfd:');
 
+/** Size of the file behind a mapping (stat through map_files), or undefined. */
+function mappedFileSize(m: GuestRamMapping): number | undefined {
+  try {
+    return statSync(m.mapFilesPath).size;
+  } catch {
+    return undefined;
+  }
+}
+
 export function findGuestRam(pid: number, sel: GuestRamSelector = {}): GuestRamMapping {
-  const all = sharedFileMappings(pid, readMaps(pid));
+  const entries = readMaps(pid);
+  const all = sharedFileMappings(pid, entries);
+  const priv = privateFileMappings(pid, entries);
   const describe = () => all.filter(isMemfd).map((m) => `${m.path} @0x${m.start.toString(16)} ${m.size} B`).join('; ') || 'none';
   const noRam = (why: string) =>
-    new TrackerError('HYDRA_TRACKER_NO_RAM', `no guest RAM mapping in process ${pid}: ${why} (shared memfd mappings: ${describe()}); QEMU must run with a shared memory backend (memory-backend-memfd, or memory-backend-file share=on)`);
+    new TrackerError('HYDRA_TRACKER_NO_RAM', `no guest RAM mapping in process ${pid}: ${why} (shared memfd mappings: ${describe()}); QEMU must run with a shared memory backend (memory-backend-memfd, or memory-backend-file share=on) or a private mapping of a RAM image file (memory-backend-file share=off)`);
   let found: GuestRamMapping | undefined;
   if (sel.ramStart !== undefined) {
-    found = all.find((m) => m.start === sel.ramStart);
-    if (!found) throw noRam(`nothing mapped shared at 0x${sel.ramStart.toString(16)}`);
+    found = all.find((m) => m.start === sel.ramStart) ?? priv.find((m) => m.start === sel.ramStart);
+    if (!found) throw noRam(`no file mapping at 0x${sel.ramStart.toString(16)}`);
   } else if (sel.ramPath !== undefined) {
-    found = all.find((m) => m.path === sel.ramPath || m.path === `${sel.ramPath} (deleted)`);
-    if (!found) throw noRam(`no shared mapping of ${sel.ramPath}`);
+    const named = (m: GuestRamMapping) => m.path === sel.ramPath || m.path === `${sel.ramPath} (deleted)`;
+    const sized = (m: GuestRamMapping) => sel.ramSize === undefined || m.size === sel.ramSize;
+    found = all.find((m) => named(m) && sized(m)) ?? priv.filter((m) => named(m) && sized(m)).sort((a, b) => b.size - a.size)[0];
+    if (!found) throw noRam(`no mapping of ${sel.ramPath}${sel.ramSize !== undefined ? ` of ${sel.ramSize} bytes` : ''}`);
   } else {
     let cands = all.filter(isMemfd);
     if (sel.ramSize !== undefined) cands = cands.filter((m) => m.size === sel.ramSize);
@@ -142,7 +179,18 @@ export function findGuestRam(pid: number, sel: GuestRamSelector = {}): GuestRamM
       else if (cands.length > 1) throw noRam(`${cands.length} shared memfd mappings and none named after "${sel.ramId}"; pass ramStart (QMP "info ramblock", column HVA)`);
     }
     found = cands.sort((a, b) => b.size - a.size)[0];
-    if (!found) throw noRam(sel.ramSize !== undefined ? `no shared memfd mapping of ${sel.ramSize} bytes` : 'no shared memfd mapping');
+    if (!found) {
+      // A file-mode restore: guest RAM is a private mapping of the image file.
+      const privCands = sel.ramSize !== undefined
+        ? priv.filter((m) => m.size === sel.ramSize)
+        : priv.filter((m) => m.fileOffset === 0 && m.size === mappedFileSize(m));
+      found = privCands.sort((a, b) => b.size - a.size)[0];
+    }
+    if (!found) {
+      throw noRam(sel.ramSize !== undefined
+        ? `no shared memfd mapping and no private file mapping of ${sel.ramSize} bytes`
+        : 'no shared memfd mapping and no private file mapping of a whole file');
+    }
   }
   return found;
 }

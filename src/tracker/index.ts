@@ -2,9 +2,9 @@
  * Dirty-page tracking of a QEMU process's guest RAM (userfaultfd async
  * write-protect + PAGEMAP_SCAN). The rest of HydraVM uses this module only.
  */
-export { DirtyTracker, populatedRunsOf } from './dirty-tracker.js';
+export { DirtyTracker, populatedRunsOf, unionRuns } from './dirty-tracker.js';
 export type { DirtyRun, DirtyTrackerOptions, CollectStats } from './dirty-tracker.js';
-export { findGuestRam, parseMaps, readMaps, sharedFileMappings, processStartTime } from './guest-ram.js';
-export type { GuestRamMapping, GuestRamSelector, MapsEntry } from './guest-ram.js';
+export { findGuestRam, parseMaps, readMaps, sharedFileMappings, privateFileMappings, processStartTime } from './guest-ram.js';
+export type { GuestRamKind, GuestRamMapping, GuestRamSelector, MapsEntry } from './guest-ram.js';
 export { listUffds, takeUffd, UFFD_FEATURE_INITIALIZED } from './uffd.js';
 export type { UffdInProcess, TakenUffd } from './uffd.js';
