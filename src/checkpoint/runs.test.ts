@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { batchRuns, mergeRuns, nonZeroRuns, totalBytes } from './runs.js';
+import { batchRuns, mergeRuns, totalBytes } from './runs.js';
 
 const P = 4096;
 
@@ -16,16 +16,4 @@ test('batchRuns never exceeds the bound and covers every byte once', () => {
   for (const b of batches) assert.ok(totalBytes(b) <= 4 * P);
   assert.deepEqual(mergeRuns(...batches), runs);
   assert.equal(batches.reduce((n, b) => n + totalBytes(b), 0), totalBytes(runs));
-});
-
-test('nonZeroRuns finds written chunks only', () => {
-  const ram = Buffer.alloc(1024 * 1024);
-  ram[5] = 1;
-  ram[200 * 1024] = 7;
-  ram[ram.length - 1] = 9;
-  assert.deepEqual(nonZeroRuns(ram, 64 * 1024), [
-    { offset: 0, length: 64 * 1024 },
-    { offset: 192 * 1024, length: 64 * 1024 },
-    { offset: 960 * 1024, length: 64 * 1024 },
-  ]);
 });

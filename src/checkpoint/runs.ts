@@ -50,21 +50,3 @@ export function* batchRuns(runs: Run[], maxBytes: number): Generator<Run[]> {
   }
   if (batch.length) yield batch;
 }
-
-/**
- * Runs of `chunk`-sized blocks of `ram` that are not all zero: the initial
- * full checkpoint skips never-touched memory, which the image keeps sparse.
- */
-export function nonZeroRuns(ram: Buffer, chunk = 64 * 1024): Run[] {
-  const zero = Buffer.alloc(chunk);
-  const out: Run[] = [];
-  for (let off = 0; off < ram.length; off += chunk) {
-    const len = Math.min(chunk, ram.length - off);
-    const isZero = len === chunk ? ram.subarray(off, off + len).equals(zero) : ram.subarray(off, off + len).equals(zero.subarray(0, len));
-    if (isZero) continue;
-    const last = out[out.length - 1];
-    if (last && last.offset + last.length === off) last.length += len;
-    else out.push({ offset: off, length: len });
-  }
-  return out;
-}

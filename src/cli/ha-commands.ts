@@ -157,13 +157,14 @@ export function registerHaCommands(program: Command): void {
     .requiredOption('--host <name>', 'host (agent) the VM runs on')
     .requiredOption('--store <addr>', 'checkpoint store address host:port')
     .option('--store-dir <dir>', 'the store\'s directory, for file-mode restores on this machine')
-    .option('--mode <mode>', 'restore mode: file | network', 'file')
+    .option('--mode <mode>', 'restore mode: network (pages from the store) | file (maps the image; needs --store-dir)', 'network')
     .option('--interval <duration>', 'checkpoint interval', '2s')
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .option('--no-wait', 'return once registered, without waiting for the first checkpoint')
     .action(async (vm: string, opts: { host: string; store: string; storeDir?: string; mode: string; interval: string; etcd?: string; dir?: string; wait: boolean }) => {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
+      if (opts.mode === 'file' && !opts.storeDir) throw new SpecError('--mode file restores map the image file: give the store directory as the hosts see it (--store-dir)');
       const { Cluster } = await import('../ha/cluster.js');
       const { protectInCluster } = await import('../ha/client.js');
       const c = new Cluster(await resolveEtcd(opts));

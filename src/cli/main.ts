@@ -10,6 +10,12 @@ import { registerRestoreCommand } from './restore-command.js';
 import { registerBenchCommand } from './bench-command.js';
 import { registerHaCommands } from './ha-commands.js';
 
+// `hydravm ... | head` closes our stdout early: that is the reader's choice, not an error.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(0);
+  throw err;
+});
+
 const program = new Command();
 program
   .name('hydravm')

@@ -27,6 +27,7 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
   if (cur && !['stopped', 'unprotected', 'lost'].includes(cur.value.state)) {
     throw new HaError('HYDRA_HA_VM_MANAGED', `VM "${req.vm}" is already managed by the cluster (host ${cur.value.host}, state ${cur.value.state}); \`hydravm cluster forget ${req.vm}\` first`);
   }
+  if (req.mode === 'file' && !req.storeDir) throw new HaError('HYDRA_HA_BAD_REQUEST', `VM "${req.vm}": file-mode restores need the store directory as the hosts see it (storeDir)`);
   const hosts = await cluster.hosts();
   if (!hosts.has(req.host)) throw new HaError('HYDRA_HA_NO_HOST', `host "${req.host}" has no live agent (known: ${[...hosts.keys()].join(', ') || 'none'})`);
   const counter = await cluster.generationCounter(req.vm);
@@ -37,7 +38,7 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
     generation: counter.value,
     store: req.store,
     storeDir: req.storeDir,
-    mode: req.mode ?? 'file',
+    mode: req.mode ?? 'network',
     intervalMs: req.intervalMs ?? 2000,
     state: 'protecting',
     updatedAt: now,

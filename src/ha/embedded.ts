@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import { defaultSecretFile } from '../config/secret.js';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { spawn } from 'node:child_process';
@@ -16,7 +17,7 @@ import { startEtcd, stopPid } from './etcd-process.js';
  * Directory layout (default $HYDRAVM_HOME/cluster, or --dir):
  *
  *   cluster.json          EmbeddedClusterInfo: etcd URL, hosts, pids (what `cluster down/status` read)
- *   cluster.secret        the cluster secret (mode 0600) unless one was given
+ *   (the cluster secret is $HYDRAVM_HOME/cluster.secret, shared with `hydravm store`, unless one is given)
  *   etcd/data/            etcd's data directory
  *   hosts/HOST/           HOST's HYDRAVM_HOME (its VMs under vms/)
  *   run/NAME.pid          pid files: etcd, manager, agent-HOST
@@ -30,7 +31,7 @@ export interface EmbeddedClusterOptions {
   hostMemoryBytes?: number;
   etcdPort?: number;
   leaseTtlSec?: number;
-  /** Secret file the agents use for restores (default DIR/cluster.secret, created). */
+  /** Secret file the agents use for restores (default $HYDRAVM_HOME/cluster.secret, as for `hydravm store`; created). */
   secretFile?: string;
   /** Extra environment for the daemons. */
   env?: NodeJS.ProcessEnv;
@@ -128,10 +129,12 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
   fs.mkdirSync(dir, { recursive: true });
   const hostNames = typeof opts.hosts === 'object' ? opts.hosts : Array.from({ length: opts.hosts ?? 2 }, (_, i) => `host${i + 1}`);
   const ttl = opts.leaseTtlSec ?? 1;
-  let secretFile = opts.secretFile;
-  if (!secretFile) {
-    secretFile = path.join(dir, 'cluster.secret');
-    if (!fs.existsSync(secretFile)) fs.writeFileSync(secretFile, crypto.randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
+  // The same secret file a `hydravm store` on this machine uses by default, so the
+  // agents' restores authenticate to it without further configuration.
+  const secretFile = opts.secretFile ?? defaultSecretFile();
+  if (!fs.existsSync(secretFile)) {
+    fs.mkdirSync(path.dirname(secretFile), { recursive: true });
+    fs.writeFileSync(secretFile, crypto.randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
   }
   fs.mkdirSync(path.join(dir, 'logs'), { recursive: true });
   fs.mkdirSync(path.join(dir, 'run'), { recursive: true });
