@@ -278,7 +278,7 @@ test('protect refuses a VM whose disk is a raw file, naming the file, and leaves
   const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=16 memcheck.rate=4', disks: [{ path: 'draw-disk.img' }] });
   const bad = lab.cli(['vm', 'start', spec]);
   assert.notEqual(bad.code, 0, 'vm start of a raw disk fails');
-  assert.match(bad.stderr, /not in qcow2 format/);
+  assert.match(bad.stderr, new RegExp(`VM "draw": disk ${disk.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} is raw, not qcow2`));
   // ... so the raw file is what the disk path names by the time protect runs: QEMU still has the
   // qcow2 it opened (an operator converted the file in place behind the running VM).
   fs.rmSync(disk);
