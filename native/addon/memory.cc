@@ -88,6 +88,27 @@ Napi::Value ReleaseMapping(const Napi::CallbackInfo &info) {
   return Napi::Boolean::New(env, true);
 }
 
+// Checks [offset, length] run pairs (non-negative integers, inside [0, limit)
+// when haveLimit; `where` names that range in errors) and that dst holds their total from dstOff.
+// Returns the total. Every bound is checked before the first byte moves.
+uint64_t CheckRuns(Napi::Env env, const double *r, size_t n, bool haveLimit, uint64_t limit, const std::string &where,
+                   const Napi::Buffer<uint8_t> &dst, uint64_t dstOff) {
+  if (n % 2) ThrowType(env, "runs must hold [offset, length] pairs");
+  uint64_t total = 0;
+  for (size_t i = 0; i < n; i += 2) {
+    double o = r[i], l = r[i + 1];
+    if (!(o >= 0) || !(l >= 0) || o != (double)(uint64_t)o || l != (double)(uint64_t)l)
+      ThrowType(env, "run offsets/lengths must be non-negative integers");
+    if (haveLimit && ((uint64_t)o > limit || (uint64_t)l > limit - (uint64_t)o))
+      ThrowType(env, "run [" + std::to_string((uint64_t)o) + ", +" + std::to_string((uint64_t)l) + ") is outside " + where);
+    total += (uint64_t)l;
+  }
+  if (dstOff > dst.Length() || total > dst.Length() - dstOff)
+    ThrowType(env, "dst too small: needs " + std::to_string(total) + " bytes from offset " + std::to_string(dstOff) +
+                       ", has " + std::to_string(dst.Length()));
+  return total;
+}
+
 // copyRuns(src, runs: Float64Array [offset, length]*, dst, dstOffset=0) -> bytes
 // Copies each run of src, in order, contiguously into dst from dstOffset.
 // All bounds are checked before the first byte moves.
@@ -101,20 +122,8 @@ Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
   Napi::Buffer<uint8_t> dst = ArgBuffer(info, 2, "dst");
   uint64_t dstOff = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "dstOffset") : 0;
   size_t n = runs.ElementLength();
-  if (n % 2) ThrowType(env, "runs must hold [offset, length] pairs");
   const double *r = runs.Data();
-  uint64_t total = 0;
-  for (size_t i = 0; i < n; i += 2) {
-    double o = r[i], l = r[i + 1];
-    if (!(o >= 0) || !(l >= 0) || o != (double)(uint64_t)o || l != (double)(uint64_t)l)
-      ThrowType(env, "run offsets/lengths must be non-negative integers");
-    if ((uint64_t)o > src.Length() || (uint64_t)l > src.Length() - (uint64_t)o)
-      ThrowType(env, "run [" + std::to_string((uint64_t)o) + ", +" + std::to_string((uint64_t)l) + ") is outside src");
-    total += (uint64_t)l;
-  }
-  if (dstOff > dst.Length() || total > dst.Length() - dstOff)
-    ThrowType(env, "dst too small: needs " + std::to_string(total) + " bytes from offset " + std::to_string(dstOff) +
-                       ", has " + std::to_string(dst.Length()));
+  uint64_t total = CheckRuns(env, r, n, true, src.Length(), "src", dst, dstOff);
   uint8_t *d = dst.Data() + dstOff;
   const uint8_t *s = src.Data();
   // Within a checkpoint's pause the vCPUs are stopped, so the copy may use every
@@ -173,20 +182,8 @@ Napi::Value ProcessReadRuns(const Napi::CallbackInfo &info) {
   bool haveLimit = info.Length() > 5 && !info[5].IsUndefined();
   uint64_t limit = haveLimit ? ArgU64(info, 5, "limit") : 0;
   size_t n = runs.ElementLength();
-  if (n % 2) ThrowType(env, "runs must hold [offset, length] pairs");
   const double *r = runs.Data();
-  uint64_t total = 0;
-  for (size_t i = 0; i < n; i += 2) {
-    double o = r[i], l = r[i + 1];
-    if (!(o >= 0) || !(l >= 0) || o != (double)(uint64_t)o || l != (double)(uint64_t)l)
-      ThrowType(env, "run offsets/lengths must be non-negative integers");
-    if (haveLimit && ((uint64_t)o > limit || (uint64_t)l > limit - (uint64_t)o))
-      ThrowType(env, "run [" + std::to_string((uint64_t)o) + ", +" + std::to_string((uint64_t)l) + ") is outside [0, " + std::to_string(limit) + ")");
-    total += (uint64_t)l;
-  }
-  if (dstOff > dst.Length() || total > dst.Length() - dstOff)
-    ThrowType(env, "dst too small: needs " + std::to_string(total) + " bytes from offset " + std::to_string(dstOff) +
-                       ", has " + std::to_string(dst.Length()));
+  uint64_t total = CheckRuns(env, r, n, haveLimit, limit, "[0, " + std::to_string(limit) + ")", dst, dstOff);
   uint8_t *d = dst.Data() + dstOff;
   std::vector<struct iovec> remote;
   remote.reserve(IOV_MAX);
