@@ -70,6 +70,8 @@ export class StoreClient {
   /** True once the store proved the secret: from then on every received frame must be tagged. */
   private authenticated = false;
   private lastWrite = Date.now();
+  /** Bytes received from the store (0: it never answered). */
+  private received = 0;
   private keepalive: NodeJS.Timeout | null = null;
   private closedError: HydraError | null = null;
   /** An unsolicited ERROR received during the current checkpoint. */
@@ -136,9 +138,11 @@ export class StoreClient {
     try {
       [ch] = (await this.request(FrameType.HELLO, hello, FrameType.CHALLENGE, 'HELLO', maxV)) as [Frame];
     } catch (err) {
-      // A TLS store answers plain bytes with a TLS alert (or hangs up): say so instead of "bad magic".
-      if (!overTls && (err as HydraError).code === 'HYDRA_PROTOCOL_BAD_MAGIC' && /magic 1[56]03/.test((err as Error).message)) {
-        throw new StoreError('HYDRA_STORE_TLS_REQUIRED', `store ${opts.address} refused the plain-text handshake (${(err as Error).message}); if it runs with --tls-cert, give this side its CA: --store-tls-ca or ${TLS_CA_ENV}`, { cause: err });
+      // A TLS store hangs up on plain bytes (or answers with an alert): say what to check instead of "closed" or "bad magic".
+      const e = err as HydraError;
+      const tlsAlert = e.code === 'HYDRA_PROTOCOL_BAD_MAGIC' && /magic 1[56]03/.test(e.message);
+      if (!overTls && (tlsAlert || (e.code === 'HYDRA_STORE_CONNECTION_LOST' && this.received === 0))) {
+        throw new StoreError(tlsAlert ? 'HYDRA_STORE_TLS_REQUIRED' : e.code, `store ${opts.address} hung up on HELLO without an answer (${e.message}): if it runs with --tls-cert, give this side its CA with --store-tls-ca or ${TLS_CA_ENV}; otherwise it is not a HydraVM store, or it dropped this handshake under load`, { cause: err });
       }
       throw err;
     }
@@ -187,6 +191,7 @@ export class StoreClient {
   }
 
   private onData(chunk: Buffer): void {
+    this.received += chunk.length;
     let frames: Frame[];
     try {
       frames = this.decoder.push(chunk);

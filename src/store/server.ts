@@ -255,6 +255,8 @@ class Connection {
     if (!this.paused && this.queued > HIGH_WATER) {
       this.paused = true;
       this.sock.pause();
+    // Dying connections give up their handshake slot, so evictions hit only live handshakes.
+    this.ctx.pending.delete(this);
     }
   }
 
@@ -297,6 +299,8 @@ class Connection {
     this.log.info({ code: err.code, err: err.message }, 'closing connection');
     void this.sendError(err).finally(() => this.sock.end());
     this.phase = 'closed';
+    // Read nothing more: a flooding peer then fills its own socket buffer instead of our CPU.
+    this.sock.pause();
     setTimeout(() => this.sock.destroy(), 1000).unref();
   }
 
