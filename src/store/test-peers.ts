@@ -1,8 +1,6 @@
 /** Hostile peers for the protocol security tests: a fake store, a raw client and a frame-rewriting relay (not a test file itself). */
 import net from 'node:net';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import {
   FRAME_HEADER_SIZE, FRAME_TAG_SIZE, FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
@@ -243,18 +241,7 @@ export function flipPayloadBit(bytes: Buffer, at: number, fixCrc: boolean): Buff
   return b;
 }
 
-/** A throw-away CA and a store certificate for 127.0.0.1 and localhost, made with openssl. */
-export function makeTlsFiles(dir: string, name = 'ca'): { ca: string; cert: string; key: string } {
-  fs.mkdirSync(dir, { recursive: true });
-  const f = (n: string) => path.join(dir, `${name}-${n}`);
-  const run = (args: string[]) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  run(['req', '-x509', ...ec, '-keyout', f('ca.key'), '-out', f('ca.pem'), '-days', '2', '-subj', `/CN=hydravm test ${name}`]);
-  run(['req', ...ec, '-keyout', f('store.key'), '-out', f('store.csr'), '-subj', '/CN=hydravm store']);
-  fs.writeFileSync(f('ext.cnf'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
-  run(['x509', '-req', '-in', f('store.csr'), '-CA', f('ca.pem'), '-CAkey', f('ca.key'), '-CAcreateserial', '-out', f('store.pem'), '-days', '2', '-extfile', f('ext.cnf')]);
-  return { ca: f('ca.pem'), cert: f('store.pem'), key: f('store.key') };
-}
+export { makeTlsFiles } from '../util/openssl-certs.js';
 
 /** Resident set size of a process in bytes, from /proc/<pid>/status. */
 export function rssBytes(pid: number): number {
