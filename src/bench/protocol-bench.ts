@@ -5,6 +5,7 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { CheckpointError } from '../errors.js';
@@ -141,6 +142,8 @@ async function transportBench(home: string, transport: 'tcp' | 'tls', sizeMb: nu
 
 export async function runProtocolBench(opts: ProtocolBenchOptions) {
   const home = fs.mkdtempSync(path.join('/tmp', 'hv-bench-proto-'));
+  const load = () => os.loadavg().map((v) => Math.round(v * 100) / 100);
+  const loadBefore = load();
   try {
     opts.log(`frame codec: ${opts.codecMb} MiB of 8 MiB PAGES frames, ${opts.repeats} repeats`);
     const codec = codecBench(opts.codecMb, opts.repeats);
@@ -149,6 +152,7 @@ export async function runProtocolBench(opts: ProtocolBenchOptions) {
       opts.log(`store over ${t}: full checkpoints of ${opts.checkpointMb} MiB`);
       transports.push(await transportBench(home, t, opts.checkpointMb, opts.repeats, opts.log));
     }
+    const loadAfter = load();
     const m = (s: Summary) => fmt(s.median, 0);
     const tcp = transports[0]!;
     const tlsR = transports[1]!;
@@ -170,8 +174,10 @@ export async function runProtocolBench(opts: ProtocolBenchOptions) {
       `| checkpoint | ${m(tcp.checkpointMBs)} | ${m(tlsR.checkpointMBs)} | ${pct(tcp.checkpointMBs, tlsR.checkpointMBs)} |`,
       `| page read | ${m(tcp.readMBs)} | ${m(tlsR.readMBs)} | ${pct(tcp.readMBs, tlsR.readMBs)} |`,
       '',
+      `Host: ${os.cpus().length} CPUs; load average before ${loadBefore.join(' ')}, after ${loadAfter.join(' ')}.`,
+      '',
     ].join('\n');
-    const files = writeResults(opts.outDir, 'protocol', { codec, transports, options: { codecMb: opts.codecMb, checkpointMb: opts.checkpointMb, repeats: opts.repeats } }, markdown, {});
+    const files = writeResults(opts.outDir, 'protocol', { codec, transports, options: { codecMb: opts.codecMb, checkpointMb: opts.checkpointMb, repeats: opts.repeats }, host: { cpus: os.cpus().length, kernel: os.release(), loadBefore, loadAfter } }, markdown, {});
     return { codec, transports, markdown, files };
   } finally {
     fs.rmSync(home, { recursive: true, force: true });
