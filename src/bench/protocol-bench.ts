@@ -40,18 +40,41 @@ interface CodecResult {
 
 interface TransportResult {
   transport: 'tcp' | 'tls';
+  /** Wall-clock throughput (depends on the machine's load). */
   checkpointMBs: Summary;
   readMBs: Summary;
+  /** CPU ms per MiB moved, client and store process together (load-independent). */
+  checkpointCpuMsPerMiB: Summary;
+  readCpuMsPerMiB: Summary;
 }
 
 function rate(bytes: number, ms: number): number {
   return bytes / MB / (ms / 1000);
 }
 
+/**
+ * CPU time (user + system, ms) that fn took. The codec runs on one thread, so
+ * unloaded this equals the wall time; on a shared, loaded machine it is the
+ * number that does not depend on what else runs.
+ */
 function timeIt(fn: () => void): number {
-  const t0 = process.hrtime.bigint();
+  const c0 = process.cpuUsage();
   fn();
-  return Number(process.hrtime.bigint() - t0) / 1e6;
+  const c = process.cpuUsage(c0);
+  return (c.user + c.system) / 1000;
+}
+
+/** CPU time (user + system, ms) another process has used so far, from /proc/<pid>/stat. */
+function processCpuMs(pid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // fields[11], fields[12]: utime, stime in clock ticks (USER_HZ = 100 on Linux)
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
+
+function selfCpuMs(): number {
+  const c = process.cpuUsage();
+  return (c.user + c.system) / 1000;
 }
 
 /** Encode and decode 8 MiB PAGES frames in memory, with and without the tag. */
@@ -114,30 +137,39 @@ async function transportBench(home: string, transport: 'tcp' | 'tls', sizeMb: nu
   const img = crypto.randomBytes(ram);
   const ckpt: number[] = [];
   const read: number[] = [];
+  const ckptCpu: number[] = [];
+  const readCpu: number[] = [];
+  const pid = store.proc.pid!;
+  const cpu = () => selfCpuMs() + processCpuMs(pid);
   try {
     const c = await StoreClient.connect({ address: store.address, secret, vm: 'bench', generation: 1, role: 'checkpointer', tls });
     const r = await StoreClient.connect({ address: store.address, secret, vm: 'bench', generation: 1, role: 'reader', tls });
     for (let i = 1; i <= repeats + 1; i++) {
+      const u0 = cpu();
       const t0 = performance.now();
       await c.begin(i, 'full', { ramSize: ram });
       await c.sendPages([{ offset: 0, length: ram }], img);
       await c.sendDeviceState(Buffer.alloc(1000));
       await c.commit();
       const t1 = performance.now();
+      const u1 = cpu();
       const back = await r.readPages([{ offset: 0, length: ram }]);
       const t2 = performance.now();
+      const u2 = cpu();
       if (!back.equals(img)) throw new CheckpointError('HYDRA_BENCH_FAILED', `${transport}: image read back differs`);
       if (i === 1) continue; // warm-up: first image file creation
       ckpt.push(rate(ram, t1 - t0));
       read.push(rate(ram, t2 - t1));
-      log(`  ${transport}: checkpoint ${fmt(ckpt.at(-1))} MB/s, read ${fmt(read.at(-1))} MB/s`);
+      ckptCpu.push((u1 - u0) / sizeMb);
+      readCpu.push((u2 - u1) / sizeMb);
+      log(`  ${transport}: checkpoint ${fmt(ckpt.at(-1))} MB/s (${fmt(ckptCpu.at(-1), 2)} CPU ms/MiB), read ${fmt(read.at(-1))} MB/s (${fmt(readCpu.at(-1), 2)} CPU ms/MiB)`);
     }
     await r.close();
     await c.close();
   } finally {
     await store.stop();
   }
-  return { transport, checkpointMBs: summary(ckpt), readMBs: summary(read) };
+  return { transport, checkpointMBs: summary(ckpt), readMBs: summary(read), checkpointCpuMsPerMiB: summary(ckptCpu), readCpuMsPerMiB: summary(readCpu) };
 }
 
 export async function runProtocolBench(opts: ProtocolBenchOptions) {
@@ -154,10 +186,11 @@ export async function runProtocolBench(opts: ProtocolBenchOptions) {
     }
     const loadAfter = load();
     const m = (s: Summary) => fmt(s.median, 0);
+    const c2 = (s: Summary) => fmt(s.median, 2);
     const tcp = transports[0]!;
     const tlsR = transports[1]!;
     const markdown = [
-      `### Frame codec (${opts.codecMb} MiB of 8 MiB PAGES frames, median of ${opts.repeats}, MB/s)`,
+      `### Frame codec (${opts.codecMb} MiB of 8 MiB PAGES frames, median of ${opts.repeats}, MB per CPU-second)`,
       '',
       '| | CRC only | CRC + tag | tag cost |',
       '|---|---|---|---|',
@@ -167,12 +200,14 @@ export async function runProtocolBench(opts: ProtocolBenchOptions) {
       '',
       `Primitives alone: crc32 ${m(codec.crc32MBs)} MB/s, HMAC-SHA256 ${m(codec.hmacMBs)} MB/s.`,
       '',
-      `### Through a store process (${opts.checkpointMb} MiB full checkpoint, begin to COMMITTED, and a whole-image READ_PAGES; median of ${opts.repeats}, MB/s)`,
+      `### Through a store process (${opts.checkpointMb} MiB full checkpoint, begin to COMMITTED, and a whole-image READ_PAGES; median of ${opts.repeats})`,
       '',
-      '| | TCP | TLS | TLS cost |',
-      '|---|---|---|---|',
-      `| checkpoint | ${m(tcp.checkpointMBs)} | ${m(tlsR.checkpointMBs)} | ${pct(tcp.checkpointMBs, tlsR.checkpointMBs)} |`,
-      `| page read | ${m(tcp.readMBs)} | ${m(tlsR.readMBs)} | ${pct(tcp.readMBs, tlsR.readMBs)} |`,
+      '| | TCP MB/s | TLS MB/s | TCP CPU ms/MiB | TLS CPU ms/MiB | TLS extra CPU |',
+      '|---|---|---|---|---|---|',
+      `| checkpoint | ${m(tcp.checkpointMBs)} | ${m(tlsR.checkpointMBs)} | ${c2(tcp.checkpointCpuMsPerMiB)} | ${c2(tlsR.checkpointCpuMsPerMiB)} | ${more(tcp.checkpointCpuMsPerMiB, tlsR.checkpointCpuMsPerMiB)} |`,
+      `| page read | ${m(tcp.readMBs)} | ${m(tlsR.readMBs)} | ${c2(tcp.readCpuMsPerMiB)} | ${c2(tlsR.readCpuMsPerMiB)} | ${more(tcp.readCpuMsPerMiB, tlsR.readCpuMsPerMiB)} |`,
+      '',
+      'CPU: client and store process together (user + system). MB/s is wall-clock and depends on the load.',
       '',
       `Host: ${os.cpus().length} CPUs; load average before ${loadBefore.join(' ')}, after ${loadAfter.join(' ')}.`,
       '',
@@ -182,6 +217,11 @@ export async function runProtocolBench(opts: ProtocolBenchOptions) {
   } finally {
     fs.rmSync(home, { recursive: true, force: true });
   }
+}
+
+function more(base: Summary, other: Summary): string {
+  if (!base.median || !other.median) return '-';
+  return `+${(((other.median - base.median) / base.median) * 100).toFixed(0)} %`;
 }
 
 function pct(base: Summary, other: Summary): string {
