@@ -94,9 +94,11 @@ test('pre-authentication flood: the store stays small and a real checkpointer ke
     }
   };
   // Stalled handshakes: half a HELLO header, then nothing, far more of them than the pending cap.
+  let stallersDropped = 0;
   for (let i = 0; i < 300; i++) {
     const sock = net.connect({ host, port }, () => sock.write(bigHeader.subarray(0, 10)));
     sock.on('error', () => undefined); // evicted by the store: expected
+    sock.on('close', () => stop || stallersDropped++);
     held.push(sock);
   }
   const workers = [...Array.from({ length: 20 }, () => worker('big')), ...Array.from({ length: 20 }, () => worker('pipeline'))];
@@ -131,8 +133,10 @@ test('pre-authentication flood: the store stays small and a real checkpointer ke
     await Promise.all(workers);
   }
   const grown = peak - base;
-  console.log(`# flood: ${floodConns} connections, ${(floodBytes / 2 ** 20).toFixed(0)} MiB offered; store RSS ${(base / 2 ** 20).toFixed(0)} MiB -> peak ${(peak / 2 ** 20).toFixed(0)} MiB; legit checkpoints done at ${legit.join(', ')} ms`);
+  console.log(`# flood: ${stallersDropped} of 300 stalled handshakes evicted, ${floodConns} connections, ${(floodBytes / 2 ** 20).toFixed(0)} MiB offered; store RSS ${(base / 2 ** 20).toFixed(0)} MiB -> peak ${(peak / 2 ** 20).toFixed(0)} MiB; legit checkpoints done at ${legit.join(', ')} ms`);
   assert.equal(legit.length, 3);
+  // The store keeps at most 64 handshakes: newer connections pushed the stalled ones out.
+  assert.ok(stallersDropped >= 300 - 64, `only ${stallersDropped} of 300 stalled handshakes were dropped by the store`);
   assert.ok(floodBytes > 128 * 2 ** 20, `the flood offered ${floodBytes} bytes: too little to mean anything`);
   assert.ok(grown < 96 * 2 ** 20, `store RSS grew by ${(grown / 2 ** 20).toFixed(0)} MiB under the pre-auth flood`);
   // Still serving afterwards.
