@@ -72,7 +72,7 @@ test('QEMU death is reported at once by the agent, without waiting for any lease
       const name = `vm${i}`;
       const vm = fakeVm(home, name, 1, 'h1');
       await registerVm(lab.cluster, { name, host: 'h1', generation: 1 });
-      await until('agent saw the record', () => (agent as unknown as { records: Map<string, unknown> }).records.has(name));
+      await until('agent saw the record', () => agent.knowsVm(name));
       await new Promise((r) => setTimeout(r, 100));
       const killedAt = crashFakeVm(vm);
       const rec = await until('crash reported', async () => {
@@ -146,7 +146,7 @@ test('fail-over: QEMU dies on h1 -> manager restores on h2 at generation+1 with 
     await m.waitLeader();
     const vm = fakeVm(h1.home, 'web', 1, 'h1', 256 << 20);
     await registerVm(lab.cluster, { name: 'web', host: 'h1', generation: 1, memoryBytes: 256 << 20 });
-    await until('agent saw the record', () => (h1 as unknown as { records: Map<string, unknown> }).records.has('web'));
+    await until('agent saw the record', () => h1.knowsVm('web'));
     await new Promise((r) => setTimeout(r, 100));
     const killedAt = crashFakeVm(vm);
     const rec = await until('restored on h2', async () => {

@@ -6,7 +6,7 @@ import { pino } from 'pino';
 import { startEtcd, type EtcdProcess } from '../src/ha/etcd-process.js';
 import { Cluster, keys, type VmRecord } from '../src/ha/cluster.js';
 import { HostAgent, type AgentOptions } from '../src/ha/agent.js';
-import { writeHaLocal } from '../src/ha/fencing.js';
+import { writeHaLocal } from '../src/ha/local-vm.js';
 import type { RestoreFn } from '../src/ha/restore-adapter.js';
 
 /** Test scaffolding for the HA layer: a real etcd per test, fake VMs made of `sleep` processes. */

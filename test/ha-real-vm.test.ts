@@ -10,7 +10,7 @@ import { FailoverManager } from '../src/ha/manager.js';
 import { protectInCluster, waitForFailover } from '../src/ha/client.js';
 import { freePort } from '../src/ha/etcd-process.js';
 import { etcdLab, inProcessAgent, killFakeVms, quiet, registerVm, until } from './ha-helpers.js';
-import { writeHaLocal } from '../src/ha/fencing.js';
+import { writeHaLocal } from '../src/ha/local-vm.js';
 
 /**
  * The HA layer with real QEMU guests (TCG). Needs the guest artifacts
@@ -53,7 +53,7 @@ test('real QEMU killed: its agent reports the death to etcd at once', { skip, ti
     writeHaLocal(home, { vm: 'real1', host: 'h1', generation: 1, updatedAt: Date.now() });
     await registerVm(lab.cluster, { name: 'real1', host: 'h1', generation: 1, memoryBytes: 256 << 20 });
     const agent = await inProcessAgent(lab, 'h1', { home });
-    await until('agent knows the VM', () => (agent as unknown as { records: Map<string, unknown> }).records.has('real1'));
+    await until('agent knows the VM', () => agent.knowsVm('real1'));
     await new Promise((r) => setTimeout(r, 300));
     const killedAt = Date.now();
     process.kill(state.qemuPid!, 'SIGKILL');

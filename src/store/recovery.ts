@@ -20,6 +20,7 @@ import { decodePages, type StoreMeta } from '../protocol/index.js';
 import type { Logger } from 'pino';
 import type { FaultInjector } from './faults.js';
 import { log as rootLog } from '../util/log.js';
+import { pidAlive } from '../util/pid.js';
 import { fsyncDir, preadAll, pwriteAll, step } from './fsutil.js';
 import { HEAT_FILE, countRegions, recordHeat } from './heat.js';
 import { writeRuns, checkRuns } from './image.js';
@@ -217,5 +218,23 @@ async function removeOrphans(genDir: string, meta: StoreMeta | null, logger: Log
   if (removed.length > 0) {
     logger.info({ dir: genDir, removed }, 'removed files no committed epoch refers to');
     await fsyncDir(genDir).catch(() => undefined);
+  }
+}
+
+/** Wait (bounded) until no process is applying a checkpoint to the generation in `dir`. */
+export async function waitNoApplying(dir: string, timeoutMs = 30_000): Promise<'clear' | 'stale'> {
+  const marker = path.join(dir, APPLYING_FILE);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let text: string;
+    try {
+      text = await fs.readFile(marker, 'utf8');
+    } catch {
+      return 'clear';
+    }
+    const pid = Number(text.split(' ')[0]);
+    if (!pidAlive(pid)) return 'stale'; // left by a crashed store: only its recovery (journal replay) may clear it
+    if (Date.now() > deadline) throw new StoreError('HYDRA_STORE_BUSY', `${dir}: a checkpoint is still being applied by process ${pid} after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 10));
   }
 }

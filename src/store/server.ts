@@ -19,7 +19,10 @@ import {
 } from '../protocol/index.js';
 import { FaultInjector } from './faults.js';
 import { storeMetrics } from './metrics.js';
-import { Store, pidAlive, type Checkpoint, type GenStore } from './vm-store.js';
+import { pidAlive } from '../util/pid.js';
+import { Store } from './store.js';
+import type { Checkpoint } from './checkpoint.js';
+import type { GenerationImage } from './generation-image.js';
 
 /** Largest READ_PAGES request served in one reply (the reply is read under the lock, then sent). */
 export const MAX_READ_BYTES = 32 * 1024 * 1024;
@@ -135,7 +138,7 @@ class Connection {
   private hello: Hello | null = null;
   private version = PROTOCOL_VERSION;
   private log: Logger;
-  private gen: GenStore | null = null;
+  private gen: GenerationImage | null = null;
   private release: (() => void) | null = null;
   private cp: Checkpoint | null = null;
   /** Error that ended the current checkpoint early (sent unsolicited); data frames are ignored until BEGIN. */
@@ -431,7 +434,7 @@ class Connection {
     }
   }
 
-  private async readerGen(generation: number | undefined): Promise<GenStore | null> {
+  private async readerGen(generation: number | undefined): Promise<GenerationImage | null> {
     if (generation === undefined || generation === this.gen?.generation) return this.gen;
     return this.store.gen(this.hello!.vm, generation);
   }
