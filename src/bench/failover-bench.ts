@@ -17,6 +17,7 @@ import { benchEnv, fmt, writeResults, sleep, type BenchEnv } from './harness.js'
 import { analyseFailover } from './failover-analysis.js';
 import type { FailoverBenchOptions, QemuBaseline, RunResult } from './failover-results.js';
 import { renderFailover } from './failover-report.js';
+import { BenchError } from '../errors.js';
 
 export type { FailoverBenchOptions } from './failover-results.js';
 
@@ -142,7 +143,7 @@ async function boot(spec: VmSpec): Promise<{ watch: SerialWatch; bootMs: number 
   const first = await watch.waitFirstAfter(0, 90_000);
   if (!first) {
     watch.close();
-    throw new Error(`VM ${spec.name}: no memcheck progress within 90 s of its start (see ${vmPaths(spec.name).serialLog})`);
+    throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${spec.name}: no memcheck progress within 90 s of its start (see ${vmPaths(spec.name).serialLog})`);
   }
   return { watch, bootMs: first.t - t0 };
 }
@@ -151,7 +152,7 @@ async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pol
   const deadline = now() + timeoutMs;
   for (;;) {
     if (pred()) return now();
-    if (now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(pollMs);
   }
 }
@@ -191,6 +192,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
     let pager: RunResult['pager'];
     if (r.pager) {
       if (prefetch) {
+        // The pager's own stats (read next) show whether it completed; the bench goes on either way.
         await Promise.race([r.pager.done.catch(() => undefined), sleep(30_000)]);
       } else {
         const stopAt = tRun + opts.noPrefetchS * 1000;
@@ -206,6 +208,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
       };
       // Memory may be incomplete (demand paging only): stop serving it, then the VM.
       await r.pager.stop();
+      // Cleanup between runs: a VM already gone is what we want.
       if (!prefetch) await stopVm(name).catch(() => undefined);
     }
     const res: RunResult = {
@@ -224,6 +227,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
     return res;
   } finally {
     watch.close();
+    // Cleanup after the measurement: a VM or protection already gone is what we want.
     await unprotectVm(name).catch(() => undefined);
     await stopVm(name).catch(() => undefined);
   }
@@ -234,8 +238,8 @@ async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
   for (;;) {
     const info = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
     if (info.status === 'completed') return;
-    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`${what}: migration ${info.status}: ${info['error-desc'] ?? ''}`);
-    if (now() > deadline) throw new Error(`${what}: migration not completed within 120 s`);
+    if (info.status === 'failed' || info.status === 'cancelled') throw new BenchError('HYDRA_BENCH_MIGRATION_FAILED', `${what}: migration ${info.status}: ${info['error-desc'] ?? ''}`);
+    if (now() > deadline) throw new BenchError('HYDRA_BENCH_MIGRATION_FAILED', `${what}: migration not completed within 120 s`);
     await sleep(5);
   }
 }
@@ -330,6 +334,7 @@ async function runQemuBaseline(env: BenchEnv, opts: FailoverBenchOptions): Promi
       c.kill('SIGKILL');
       await new Promise((r) => c.once('exit', r));
     }
+    // Cleanup after the baseline: a VM already gone is what we want.
     await stopVm(name).catch(() => undefined);
     removeStaleSockets(name);
     fs.rmSync(saveFile, { force: true });
@@ -364,6 +369,7 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   } finally {
     for (const n of listVmNames()) {
       const s = readState(n);
+      // Best-effort sweep of whatever a failed run left; the run's own error is what the user sees.
       if (s && (isLive(s) || pidAlive(s.qemuPid))) await stopVm(n).catch(() => undefined);
     }
     await env.close();

@@ -9,6 +9,7 @@ import { hydraHome } from '../config/paths.js';
 import { readProtection } from '../checkpoint/protection.js';
 import { spawnStore } from '../store/spawn.js';
 import { startEmbeddedCluster, stopEmbeddedCluster, protectInCluster, waitForFailover, type EmbeddedCluster, type FailoverTiming } from '../ha/index.js';
+import { BenchError } from '../errors.js';
 
 export interface DemoOptions {
   memory: string;
@@ -47,6 +48,7 @@ export async function runDemo(opts: DemoOptions): Promise<void> {
     await runSetup({ log: (m: string) => say(`   ${m}`) });
   }
   const base = path.join(hydraHome(), 'demo');
+  // Leftovers of an earlier demo run: none is the normal case.
   await stopEmbeddedCluster(path.join(base, 'cluster')).catch(() => false);
   fs.rmSync(base, { recursive: true, force: true });
   fs.mkdirSync(base, { recursive: true });
@@ -139,7 +141,7 @@ async function showGuest(serial: string, stepBefore: number, offset: number): Pr
   const later = lastMemcheckProgress(serial, offset)!;
   const violations = countViolations(serial, offset);
   say(`   guest continues: step ${stepBefore} before the failure, ${resumed.step} right after the restore, ${later.step} 2 s later; ${violations} memory violations`);
-  if (violations > 0) throw new Error(`memcheck reported ${violations} violations after the restore (see ${serial})`);
+  if (violations > 0) throw new BenchError('HYDRA_DEMO_VIOLATIONS', `memcheck reported ${violations} violations after the restore (see ${serial})`);
 }
 
 /** A whole host's death: its agent and every process of its VMs, at once. */

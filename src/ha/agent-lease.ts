@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import type { Lease } from 'etcd3';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type HostRecord } from './cluster.js';

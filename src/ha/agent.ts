@@ -12,7 +12,7 @@ import { AgentLease } from './agent-lease.js';
 import { AssignmentRunner } from './assignments.js';
 import { Cluster } from './cluster.js';
 import { DeathWatch } from './death-watch.js';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 import { EtcdView } from './etcd-view.js';
 import { fenceLocalVm, staleReason } from './fence.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';

@@ -1,5 +1,5 @@
 import { Cluster, keys, ON_HOST, FAILOVER_PENDING, type Assignment, type ClusterEvent, type FailoverTiming, type HostRecord, type KnownHost, type RestoreMode, type VmRecord } from './cluster.js';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 
 /**
  * What users, the demo and the bench do with a cluster: put a VM under HA,

@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { hydraHome } from '../config/paths.js';
 import { Cluster } from './cluster.js';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 import { startEtcd, stopPid } from './etcd-process.js';
 
 /**
@@ -166,6 +166,7 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
     const cluster = new Cluster(etcdProc.url);
     const deadline = Date.now() + (opts.timeoutMs ?? 30_000);
     for (;;) {
+      // etcd may not answer yet while it starts: polled until the deadline.
       const [hosts, leader] = await Promise.all([cluster.hosts().catch(() => new Map()), cluster.leader().catch(() => undefined)]);
       if (hostNames.every((h) => hosts.has(h)) && (opts.manager === false || leader)) break;
       for (const d of [info.manager, ...info.hosts]) {

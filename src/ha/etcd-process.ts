@@ -3,7 +3,7 @@ import net from 'node:net';
 import path from 'node:path';
 import http from 'node:http';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 
 /**
  * A single local etcd member for the embedded mode (demo, tests, one-machine

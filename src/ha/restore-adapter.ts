@@ -1,4 +1,4 @@
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 import type { RestoreMode } from './cluster.js';
 
 /**

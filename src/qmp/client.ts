@@ -78,7 +78,7 @@ export class QmpClient extends EventEmitter {
         reject(new QmpClosedError(`cannot connect to QMP of ${label} at ${address}: ${err.message}`, { cause: err }));
       };
       socket.once('error', onError);
-      socket.once('close', () => onError(new Error('socket closed before greeting')));
+      socket.once('close', () => onError(new QmpClosedError('socket closed before greeting')));
       const onData = (chunk: Buffer) => {
         buf += chunk.toString('utf8');
         const nl = buf.indexOf('\n');
@@ -89,7 +89,7 @@ export class QmpClient extends EventEmitter {
         socket.removeAllListeners('close');
         try {
           const greeting = JSON.parse(buf.slice(0, nl)) as QmpGreeting;
-          if (!greeting.QMP) throw new Error(`not a QMP greeting: ${buf.slice(0, nl)}`);
+          if (!greeting.QMP) throw new QmpError(`not a QMP greeting: ${buf.slice(0, nl)}`);
           resolve({ socket, greeting, rest: buf.slice(nl + 1) });
         } catch (err) {
           socket.destroy();

@@ -81,6 +81,7 @@ export class NetworkPager {
     for (const off of opts.hotOffsets ?? []) this.priority.push(off);
     this.stats = { faults: 0, faultPagesFetched: 0, pagesPrefetched: 0, bytesFetched: 0, pagesTotal: pages, pagesPresent: 0, completeMs: null, maxFaultMs: 0, prefetch: opts.prefetch };
     this.done = new Promise((resolve, reject) => { this.resolveDone = resolve; this.rejectDone = reject; });
+    // Callers await `done` for the outcome; this only keeps an unawaited rejection from being unhandled.
     this.done.catch(() => undefined);
   }
 
@@ -114,6 +115,7 @@ export class NetworkPager {
       this.finished = true;
       this.resolveDone(this.stats);
     }
+    // Stopping: the outcome is for whoever awaits `done`.
     await this.done.catch(() => undefined);
   }
 

@@ -160,6 +160,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
         // The pager reads through these connections until memory is complete.
         keepClient = true;
+        // Memory is complete (or the pager failed and said so): closing the connections is cleanup.
         pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
@@ -192,12 +193,14 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       qmp?.close();
       await pager?.stop();
       keepClient = false;
+      // Undoing a failed restore; the restore's own error is thrown below.
       await stopVm(opts.vm).catch(() => undefined);
       if (err instanceof HydraError) throw err;
       throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
     }
   } finally {
     if (devstateFile) fs.rmSync(devstateFile, { force: true });
+    // Cleanup: the restore's outcome is already decided.
     if (!keepClient) await client.close().catch(() => undefined);
   }
 }

@@ -121,6 +121,7 @@ export class Checkpoint {
           g.store.metrics?.applySeconds.observe(ms / 1000);
           g.log.debug({ epoch: this.epoch, pages, journalMs: Math.round(journalMs), applyMs: Math.round(ms), phases: r.phases }, 'checkpoint applied');
         });
+        // The commit itself awaits `applied` (or the next BEGIN does, through the lock); this only records that it settled.
         g.pendingApply = applied.catch(() => undefined);
         if (g.store.commitAck === 'applied') await applied;
       } else {
@@ -172,6 +173,7 @@ export class Checkpoint {
       await writeMeta(path.join(g.dir, META_FILE), meta, faults);
       g.meta = meta;
       if (prev) {
+        // meta.json no longer names these files; recovery removes any that remain.
         if (prev.memoryFile !== meta.memoryFile) await fs.rm(path.join(g.dir, prev.memoryFile), { force: true }).catch(() => undefined);
         if (prev.devstate.file !== meta.devstate.file) await fs.rm(path.join(g.dir, prev.devstate.file), { force: true }).catch(() => undefined);
       }
@@ -192,6 +194,7 @@ export class Checkpoint {
       await this.g.resetJournal();
     } else if (this.direct) {
       const d = this.direct;
+      // Discarding the checkpoint: the files are removed next, and recovery removes what remains.
       await d.mfh.close().catch(() => undefined);
       await d.dfh.close().catch(() => undefined);
       if (this.g.meta?.memoryFile !== d.memoryFile) await fs.rm(d.memoryPath, { force: true }).catch(() => undefined);

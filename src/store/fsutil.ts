@@ -1,14 +1,14 @@
 /** Small file-system steps, each failing with an error that names the step and the file. */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { ioStepError } from '../errors.js';
+import { HydraError, ioStepError } from '../errors.js';
 import type { FaultInjector, CrashPoint } from './faults.js';
 
 export async function step<T>(name: string, subject: string, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (err) {
-    if ((err as { code?: string })?.code?.startsWith('HYDRA_')) throw err;
+    if (err instanceof HydraError) throw err;
     throw ioStepError(name, subject, err);
   }
 }
@@ -45,7 +45,7 @@ export async function pwriteAll(fh: fs.FileHandle, buf: Buffer, position: number
     let off = 0;
     while (off < buf.length) {
       const { bytesWritten } = await fh.write(buf, off, buf.length - off, position + off);
-      if (bytesWritten <= 0) throw new Error(`short write (${off} of ${buf.length} bytes)`);
+      if (bytesWritten <= 0) throw ioStepError('write', file, { message: `short write (${off} of ${buf.length} bytes)` });
       off += bytesWritten;
     }
   });

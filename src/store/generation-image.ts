@@ -142,6 +142,7 @@ export class GenerationImage {
       dfh = await step('create', dsPath, () => fs.open(dsPath, 'w'));
     } catch (err) {
       await mfh.close();
+      // Undoing a failed begin: recovery removes an image meta.json does not name.
       await fs.rm(memoryPath, { force: true }).catch(() => undefined);
       throw err;
     }
@@ -177,6 +178,7 @@ export class GenerationImage {
   }
 
   async close(): Promise<void> {
+    // Closing: an abort that fails leaves files recovery removes.
     if (this.current) await this.current.abort('store closing').catch(() => undefined);
     await this.pendingApply;
     if (this.journal) await this.journal.close();

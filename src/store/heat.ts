@@ -168,6 +168,7 @@ export async function recordHeat(genDir: string, epoch: number, counts: Readonly
     await fs.rename(tmp, file);
   } catch (err) {
     logger.warn({ epoch, err: (err as Error).message }, 'could not update the heat record (advisory); the commit is unaffected');
+    // The temporary file of a failed (advisory) heat write; recovery removes it otherwise.
     await fs.rm(tmp, { force: true }).catch(() => undefined);
   }
 }

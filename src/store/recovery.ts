@@ -129,6 +129,7 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
       epochs: [...prev.epochs, { epoch, kind: cp.begin.kind, pages, bytes, committedAt: now, applyMs: 0 }].slice(-MAX_EPOCH_STATS),
     };
     await writeMeta(path.join(genDir, META_FILE), meta, faults);
+    // meta.json no longer names the old device state; the next recovery removes it otherwise.
     if (prev.devstate.file !== dsName) await fs.rm(path.join(genDir, prev.devstate.file), { force: true }).catch(() => undefined);
     await fs.rm(marker, { force: true }).catch(() => undefined);
     lap('meta');
@@ -211,12 +212,14 @@ async function removeOrphans(genDir: string, meta: StoreMeta | null, logger: Log
       (meta !== null && /^devstate-\d+\.bin$/.test(n) && n !== meta.devstate.file) ||
       (meta !== null && /^memory(-\d+)?\.img$/.test(n) && n !== meta.memoryFile);
     if (orphan) {
+      // An orphan no meta names: removed again by the next recovery if this fails.
       await fs.rm(path.join(genDir, n), { force: true }).catch(() => undefined);
       removed.push(n);
     }
   }
   if (removed.length > 0) {
     logger.info({ dir: genDir, removed }, 'removed files no committed epoch refers to');
+    // Only makes the removals durable; undone removals are redone by the next recovery.
     await fsyncDir(genDir).catch(() => undefined);
   }
 }

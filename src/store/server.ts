@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Registry } from 'prom-client';
 import type { Logger } from 'pino';
-import { HydraError, ProtocolError, StoreError } from '../errors.js';
+import { HydraError, ProtocolError, StoreError, isHydraCode } from '../errors.js';
 import { log as rootLog } from '../util/log.js';
 import {
   FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName,
@@ -105,6 +105,7 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
       await Promise.all([...conns].map((c) => c.idle()));
       await store.close();
       liveStores.delete(store.dir);
+      // The lock names a pid that is gone now; a leftover is taken over by the next start.
       await fs.rm(path.join(store.dir, 'store.lock'), { force: true }).catch(() => undefined);
       slog.info('checkpoint store stopped');
     },
@@ -216,7 +217,7 @@ class Connection {
 
   private async sendError(err: unknown, unsolicited = false): Promise<void> {
     const e = err as HydraError;
-    const code = typeof e?.code === 'string' && e.code.startsWith('HYDRA_') ? e.code : 'HYDRA_STORE_INTERNAL';
+    const code = isHydraCode(e?.code) ? e.code : 'HYDRA_STORE_INTERNAL';
     await this.send(FrameType.ERROR, encodeJson({ code, message: e?.message ?? String(err), ...(unsolicited ? { unsolicited: true } : {}), committedEpoch: this.gen?.meta?.committedEpoch ?? null }));
   }
 
@@ -335,6 +336,7 @@ class Connection {
           this.cpFailed = err instanceof HydraError ? err : new StoreError('HYDRA_STORE_INTERNAL', String(err));
           const cp = this.cp;
           this.cp = null;
+          // The checkpoint already failed (logged next); the abort only discards its files.
           await cp.abort(`failed: ${(err as Error).message}`).catch(() => undefined);
           this.log.warn({ code: this.cpFailed.code, err: this.cpFailed.message }, 'checkpoint failed');
           return this.sendError(this.cpFailed, true);

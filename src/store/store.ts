@@ -202,6 +202,7 @@ export class Store {
   async close(): Promise<void> {
     for (const s of this.vms.values()) {
       for (const p of s.gens.values()) {
+        // A generation that failed to open has nothing to close.
         const g = await p.catch(() => null);
         if (g) await g.close();
       }
@@ -217,11 +218,13 @@ export class Store {
     const p = s.gens.get(generation);
     const drop = async () => {
       await step('remove', this.genDir(vm, generation), () => fs.rm(this.genDir(vm, generation), { recursive: true, force: true }));
+      // Only makes the removal durable; a generation that reappears after a host crash is dropped again.
       await fsyncDir(this.vmDir(vm)).catch(() => undefined);
       s.gens.delete(generation);
       vmLog(vm).info({ generation }, 'dropped generation');
     };
     if (p) {
+      // A generation that failed to open has no files open: drop it directly.
       const g = await p.catch(() => null);
       if (g) return g.lock.run(async () => {
         await g.close();

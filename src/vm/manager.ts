@@ -3,7 +3,7 @@ import path from 'node:path';
 import http from 'node:http';
 import { spawn, execFileSync } from 'node:child_process';
 import { supervisorEntry, shimPath } from '../config/paths.js';
-import { QemuError, SpecError, VmExistsError, VmNotFoundError } from '../errors.js';
+import { QemuError, SpecError, VmError, VmExistsError, VmNotFoundError } from '../errors.js';
 import { chooseAccel } from './accel.js';
 import type { QemuLaunchOptions } from './qemu-args.js';
 import { vmPaths, readState, isLive, listVmNames, pidAlive, removeStaleSockets, type VmState } from './runtime.js';
@@ -161,7 +161,7 @@ function controlRequest<T>(name: string, method: string, urlPath: string, timeou
         }
       });
     });
-    req.on('timeout', () => req.destroy(new Error(`control socket of VM "${name}" did not answer in ${timeoutMs} ms`)));
+    req.on('timeout', () => req.destroy(new VmError('HYDRA_VM_CONTROL_TIMEOUT', `control socket of VM "${name}" did not answer in ${timeoutMs} ms`)));
     req.on('error', reject);
     req.end();
   });
