@@ -76,7 +76,7 @@ export function makeLab(prefix: string): Lab {
   return lab;
 }
 
-export { pidAlive } from '../src/vm/runtime.js';
+export { pidAlive } from '../src/util/pid.js';
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

@@ -8,6 +8,7 @@ import { DiskError } from '../errors.js';
 import { encodeLayerId } from './layer-id.js';
 import { fsyncFileAndDir, isNoSpace, qemuImg, writeFileAtomic, type ImageInfo } from './qemu-img.js';
 import { PIN_ALL, pinnedFiles } from './pins.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * Disk state consistent with every checkpoint (DESIGN.md "Disk state").
@@ -123,10 +124,6 @@ async function realpathOr(p: string): Promise<string> {
   } catch {
     return path.resolve(p);
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
 
 /** Validate a disk file before protection: it must exist, be qcow2 and be writable. */

@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { pidAlive } from '../util/pid.js';
-import type { VmState } from '../vm/runtime.js';
+import type { VmState } from '../vm/index.js';
 
 /**
  * What an agent knows about the VMs of its host, read straight from

@@ -7,6 +7,7 @@ import zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import { guestArtifactsDir, packageRoot } from '../config/paths.js';
 import { SetupError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The test guest: the Debian kernel plus an initramfs with busybox, /init and
@@ -341,7 +342,7 @@ async function withLock<T>(dir: string, fn: () => Promise<T>, log: (m: string) =
         log(`guest: waiting for another build (pid ${pid})`);
         said = true;
       }
-      await new Promise((r) => setTimeout(r, 250));
+      await sleep(250);
     }
   }
   try {
