@@ -10,6 +10,7 @@ import { vmLog } from '../util/log.js';
 import { Checkpointer } from './checkpointer.js';
 import type { CheckpointStats, ProtectionStatus } from './stats.js';
 import { sleep } from '../util/sleep.js';
+import { writeFileAtomicSync } from '../util/atomic-write.js';
 
 /**
  * Protection of one VM runs in its own detached process (like the VM's
@@ -51,10 +52,8 @@ export function readProtection(vm: string): ProtectionStatus | undefined {
 }
 
 function writeProtection(status: ProtectionStatus): void {
-  const file = files(status.vm).status;
-  const tmp = `${file}.tmp`;
-  fs.writeFileSync(tmp, JSON.stringify(status, null, 2) + '\n');
-  fs.renameSync(tmp, file);
+  // Not fsynced: a status report rewritten after every commit, of a process a host crash ends.
+  writeFileAtomicSync(files(status.vm).status, JSON.stringify(status, null, 2) + '\n', { durable: false });
 }
 
 /** Measurements of every checkpoint committed for this VM on this host. */

@@ -6,12 +6,13 @@ import { QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskError } from '../errors.js';
 import { encodeLayerId } from './layer-id.js';
-import { fsyncFileAndDir, isNoSpace, qemuImg, writeFileAtomic, type ImageInfo } from './qemu-img.js';
+import { fsyncFileAndDir, isNoSpace, qemuImg, type ImageInfo } from './qemu-img.js';
 import { PIN_ALL, pinnedFiles } from './pins.js';
 import { sleep } from '../util/sleep.js';
+import { writeFileAtomic } from '../util/atomic-write.js';
 
 /**
- * Disk state consistent with every checkpoint (DESIGN.md "Disk state").
+ * Disk state consistent with every checkpoint (docs/disk.md).
  *
  * Each protected disk is a qcow2 chain in the running QEMU:
  *

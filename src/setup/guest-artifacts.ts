@@ -97,9 +97,10 @@ export function runCommand(step: string, cmd: string, args: string[], opts: { cw
   });
 }
 
-export async function exists(p: string): Promise<boolean> {
+/** Whether `p` exists (or, with `mode`, is accessible so: fsc.X_OK for a program). */
+export async function exists(p: string, mode: number = fsc.F_OK): Promise<boolean> {
   try {
-    await fs.access(p, fsc.F_OK);
+    await fs.access(p, mode);
     return true;
   } catch {
     return false;

@@ -1,7 +1,7 @@
 /**
  * Dirty-page tracking of a QEMU process's guest RAM with userfaultfd
- * write-protect (async mode) and PAGEMAP_SCAN. See DESIGN.md "Dirty-page
- * tracking (verified)".
+ * write-protect (async mode) and PAGEMAP_SCAN. See docs/design.md,
+ * "Protection".
  *
  *   const t = await DirtyTracker.attach(qemuPid);   // armed: everything clean from now
  *   ... full copy of t.ram (or of t.populatedRuns()) ...

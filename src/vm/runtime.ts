@@ -3,6 +3,7 @@ import path from 'node:path';
 import { vmDir, vmsDir } from '../config/paths.js';
 import type { QemuRuntimePaths } from './qemu-args.js';
 import { pidAlive } from '../util/pid.js';
+import { writeFileAtomicSync } from '../util/atomic-write.js';
 
 /**
  * The runtime directory of one VM: $HYDRAVM_HOME/vms/NAME/
@@ -71,10 +72,8 @@ export function readState(name: string): VmState | undefined {
 }
 
 export function writeState(state: VmState): void {
-  const file = vmPaths(state.name).state;
-  const tmp = `${file}.tmp-${process.pid}`;
-  fs.writeFileSync(tmp, JSON.stringify(state, null, 2) + '\n');
-  fs.renameSync(tmp, file);
+  // Not fsynced: it describes live processes, and the supervisor rewrites it on every transition.
+  writeFileAtomicSync(vmPaths(state.name).state, JSON.stringify(state, null, 2) + '\n', { durable: false });
 }
 
 /** A VM counts as live while its supervisor or its QEMU process exists. */
