@@ -7,7 +7,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, readJson, until, pidAlive } from './helpers.js';
+import { makeLab, readJson, until, pidAlive } from './support/lab.js';
 import { spawnStore, type StoreProcess } from '../src/store/spawn.js';
 import { makeTlsFiles } from '../src/util/openssl-certs.js';
 import { countViolations, readSerial, waitForMemcheckStep } from '../src/vm/serial.js';
@@ -47,12 +47,12 @@ test('protect and network-mode restore through a TLS store; a wrong CA and a mis
   const p = await lab.cliAsync(['--store-tls-ca', certs.ca, 'protect', vm, '--store', store.address, '--interval', '1s']);
   assert.equal(p.code, 0, p.stderr);
   // Incrementals come from the detached checkpointer: it got the CA through the environment.
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000, 'epoch 3 over TLS');
+  await until('epoch 3 over TLS', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
 
   const killedAt = fs.statSync(serialOf(vm)).size;
   process.kill(vmState(vm).qemuPid, 'SIGKILL');
-  await until(() => vmState(vm).lifecycle === 'crashed', 10_000, 'crash recorded');
-  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+  await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
+  await until('checkpointer exits', () => !pidAlive(protection(vm)!.pid), 10_000);
 
   const bad = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network', '--store-tls-ca', other.ca]);
   assert.notEqual(bad.code, 0);

@@ -8,11 +8,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { CheckpointError } from '../errors.js';
+import { BenchError } from '../errors.js';
 import {
   FrameDecoder, FrameMac, FrameType, MAX_PAGES_DATA, StoreClient, encodeFrameParts, encodeRunTable, type StoreTlsClientOptions,
 } from '../protocol/index.js';
-import { spawnStore } from '../store/spawn.js';
+import { spawnStore } from '../store/index.js';
 import { makeTlsFiles } from '../util/openssl-certs.js';
 import { fmt, summary, writeResults, type Summary } from './harness.js';
 
@@ -106,7 +106,7 @@ function codecBench(totalMb: number, repeats: number): CodecResult {
       const decMs = timeIt(() => {
         for (const w of wires) for (let off = 0; off < w.length; off += SLICE) got += decoder.push(w.subarray(off, off + SLICE)).length;
       });
-      if (got !== frames) throw new CheckpointError('HYDRA_BENCH_FAILED', `codec bench decoded ${got} of ${frames} frames`);
+      if (got !== frames) throw new BenchError('HYDRA_BENCH_WRONG_RESULT', `codec bench decoded ${got} of ${frames} frames`);
       out.enc[k].push(rate(bytes, encMs));
       out.dec[k].push(rate(bytes, decMs));
       out.rt[k].push(rate(bytes, encMs + decMs));
@@ -156,7 +156,7 @@ async function transportBench(home: string, transport: 'tcp' | 'tls', sizeMb: nu
       const back = await r.readPages([{ offset: 0, length: ram }]);
       const t2 = performance.now();
       const u2 = cpu();
-      if (!back.equals(img)) throw new CheckpointError('HYDRA_BENCH_FAILED', `${transport}: image read back differs`);
+      if (!back.equals(img)) throw new BenchError('HYDRA_BENCH_WRONG_RESULT', `${transport}: image read back differs`);
       if (i === 1) continue; // warm-up: first image file creation
       ckpt.push(rate(ram, t1 - t0));
       read.push(rate(ram, t2 - t1));

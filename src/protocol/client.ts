@@ -10,7 +10,7 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
-import { HydraError, ProtocolError, StoreError } from '../errors.js';
+import { HydraError, ProtocolError, StoreError, errorFromCode } from '../errors.js';
 import { deriveSession, makeNonce, proofMatches } from './auth.js';
 import {
   FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, MAX_PAGES_DATA, MAX_PREAUTH_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName, type Frame,
@@ -58,9 +58,6 @@ const MAX_READ_REQUEST = 32 * 1024 * 1024;
 /** Longest gap between frames the client sends once connected (PING fills it); also capped at a third of the store's idle timeout. */
 const KEEPALIVE_MS = 5000;
 
-function remoteError(code: string, message: string): HydraError {
-  return code.startsWith('HYDRA_PROTOCOL') ? new ProtocolError(code, message) : new StoreError(code, message);
-}
 
 export class StoreClient {
   private readonly decoder = new FrameDecoder({ maxPayload: MAX_PREAUTH_PAYLOAD });
@@ -142,7 +139,8 @@ export class StoreClient {
       const e = err as HydraError;
       const tlsAlert = e.code === 'HYDRA_PROTOCOL_BAD_MAGIC' && /magic 1[56]03/.test(e.message);
       if (!overTls && (tlsAlert || (e.code === 'HYDRA_STORE_CONNECTION_LOST' && this.received === 0))) {
-        throw new StoreError(tlsAlert ? 'HYDRA_STORE_TLS_REQUIRED' : e.code, `store ${opts.address} hung up on HELLO without an answer (${e.message}): if it runs with --tls-cert, give this side its CA with --store-tls-ca or ${TLS_CA_ENV}; otherwise it is not a HydraVM store, or it dropped this handshake under load`, { cause: err });
+        const msg = `store ${opts.address} hung up on HELLO without an answer (${e.message}): if it runs with --tls-cert, give this side its CA with --store-tls-ca or ${TLS_CA_ENV}; otherwise it is not a HydraVM store, or it dropped this handshake under load`;
+        throw tlsAlert ? new StoreError('HYDRA_STORE_TLS_REQUIRED', msg, { cause: err }) : errorFromCode(e.code, msg, { cause: err });
       }
       throw err;
     }
@@ -215,7 +213,7 @@ export class StoreClient {
       let unsolicited = false;
       try {
         const m = decodeJson(f.type, f.payload, errorSchema);
-        e = remoteError(m.code, m.message);
+        e = errorFromCode(m.code, m.message);
         unsolicited = m.unsolicited === true;
       } catch (err) {
         e = err as HydraError;
@@ -246,11 +244,11 @@ export class StoreClient {
     if (!this.closedError) this.closedError = err;
     const pending = this.pending;
     this.pending = [];
-    for (const p of pending) p.reject(new StoreError(err.code, `${p.what}: ${err.message}`, { cause: err }));
+    for (const p of pending) p.reject(errorFromCode(err.code, `${p.what}: ${err.message}`, { cause: err }));
   }
 
   private alive(what: string): void {
-    if (this.closedError) throw new StoreError(this.closedError.code, `${what}: ${this.closedError.message}`, { cause: this.closedError });
+    if (this.closedError) throw errorFromCode(this.closedError.code, `${what}: ${this.closedError.message}`, { cause: this.closedError });
   }
 
   /**
@@ -284,7 +282,7 @@ export class StoreClient {
   private poisoned(what: string): void {
     if (this.checkpointError) {
       const e = this.checkpointError;
-      throw remoteError(e.code, `${what}: checkpoint failed in the store: ${e.message}`);
+      throw errorFromCode(e.code, `${what}: checkpoint failed in the store: ${e.message}`);
     }
   }
 

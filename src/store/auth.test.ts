@@ -11,8 +11,8 @@ import {
   FRAME_HEADER_SIZE, FrameType, StoreClient, decodeJson, encodeJson, errorSchema,
 } from '../protocol/index.js';
 import { startStoreServer, openVmImage, type StoreServer } from './index.js';
-import { PAGE, SECRET, prng, tmpDir } from './test-helpers.js';
-import { RawPeer, fakeStore, flipPayloadBit, frameRelay, rawHandshake, type RelayedFrame } from './test-peers.js';
+import { PAGE, SECRET, prng, tmpDir } from '../../test/support/store-data.js';
+import { RawPeer, fakeStore, flipPayloadBit, frameRelay, rawHandshake, type RelayedFrame } from '../../test/support/protocol-peers.js';
 
 const code = (c: string) => (e: unknown) => {
   assert.equal((e as { code?: string }).code, c, (e as Error).message);

@@ -12,8 +12,8 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { FrameType, StoreClient, encodeFrame } from '../protocol/index.js';
 import { spawnStore, type StoreProcess } from './spawn.js';
-import { PAGE, SECRET, prng, tmpDir } from './test-helpers.js';
-import { hostPort, makeTlsFiles, rawHandshake, rssBytes } from './test-peers.js';
+import { PAGE, SECRET, prng, tmpDir } from '../../test/support/store-data.js';
+import { hostPort, makeTlsFiles, rawHandshake, rssBytes } from '../../test/support/protocol-peers.js';
 
 const code = (c: string) => (e: unknown) => {
   assert.equal((e as { code?: string }).code, c, (e as Error).message);

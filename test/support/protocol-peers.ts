@@ -1,11 +1,11 @@
-/** Hostile peers for the protocol security tests: a fake store, a raw client and a frame-rewriting relay (not a test file itself). */
+/** Hostile peers for the protocol security tests: a fake store, a raw client and a frame-rewriting relay. */
 import net from 'node:net';
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import {
   FRAME_HEADER_SIZE, FRAME_TAG_SIZE, FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
   challengeSchema, decodeJson, deriveSession, encodeFrame, encodeJson, errorSchema, helloSchema, makeNonce, type Frame,
-} from '../protocol/index.js';
+} from '../../src/protocol/index.js';
 
 export function hostPort(address: string): { host: string; port: number } {
   const i = address.lastIndexOf(':');
@@ -241,7 +241,7 @@ export function flipPayloadBit(bytes: Buffer, at: number, fixCrc: boolean): Buff
   return b;
 }
 
-export { makeTlsFiles } from '../util/openssl-certs.js';
+export { makeTlsFiles } from '../../src/util/openssl-certs.js';
 
 /** Resident set size of a process in bytes, from /proc/<pid>/status. */
 export function rssBytes(pid: number): number {
