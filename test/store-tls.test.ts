@@ -35,7 +35,7 @@ test('protect and network-mode restore through a TLS store; a wrong CA and a mis
   const vm = 'tls1';
   const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=32 memcheck.rate=8' });
   assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
-  await waitForMemcheckStep(serialOf(vm), 1, 30_000);
+  await waitForMemcheckStep(serialOf(vm), 1, 60_000); // boot under TCG on a loaded machine
 
   const plain = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s']);
   assert.notEqual(plain.code, 0, 'protect without the CA fails');
@@ -60,7 +60,7 @@ test('protect and network-mode restore through a TLS store; a wrong CA and a mis
   const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network', '--store-tls-ca', certs.ca]);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /memory complete after/);
-  const resumed = await waitForMemcheckStep(serialOf(vm), 1, 30_000, killedAt);
+  const resumed = await waitForMemcheckStep(serialOf(vm), 1, 60_000, killedAt);
   await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, killedAt);
   assert.equal(countViolations(serialOf(vm)), 0, readSerial(serialOf(vm)).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
