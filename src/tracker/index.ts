@@ -8,3 +8,5 @@ export { findGuestRam, parseMaps, readMaps, sharedFileMappings, privateFileMappi
 export type { GuestRamKind, GuestRamMapping, GuestRamSelector, MapsEntry } from './guest-ram.js';
 export { listUffds, takeUffd, UFFD_FEATURE_INITIALIZED } from './uffd.js';
 export type { UffdInProcess, TakenUffd } from './uffd.js';
+export { CowTracker, releaseOrphanedCow, COW_MIN_GRAIN, COW_MAX_GRAIN } from './cow-tracker.js';
+export type { CowTrackerOptions, CowBatch, CowCollectResult, CowStats } from './cow-tracker.js';

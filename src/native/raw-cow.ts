@@ -1,0 +1,58 @@
+/** The raw interface of the addon's copy-on-write session (native/addon/cow.cc). */
+
+/** Opaque handle of a native CoW session. */
+export type CowHandle = { readonly __cow: unique symbol };
+
+export interface CowCollectResult {
+  /** [offset, length] pairs of the grains now pending copy, ascending. */
+  runs: Float64Array;
+  grains: number;
+  bytes: number;
+  /** Time to turn the dirty set pending and write-protect it again. */
+  protectMs: number;
+  /** Since the previous collect: write faults served, of which copies before the write, slot waits. */
+  faults: number;
+  cowCopies: number;
+  slotWaits: number;
+  serviceMeanUs: number;
+  serviceMaxUs: number;
+}
+
+export interface CowBatch {
+  /** [offset, length] pairs of RAM whose content lies packed at stagingOffset. */
+  runs: Float64Array;
+  stagingOffset: number;
+  grains: number;
+  bytes: number;
+  /** This batch ends the checkpoint's copy. */
+  done: boolean;
+  /** The checkpoint was given up (reason says why); its grains go into the next one. */
+  failed: boolean;
+  reason: string;
+}
+
+export interface CowStats {
+  totalFaults: number;
+  failures: number;
+  pendingGrains: number;
+  copied: number;
+  released: number;
+  grains: number;
+  grain: number;
+  slots: number;
+}
+
+export interface RawCowAddon {
+  /** Start the handler and copier threads on a uffd set up for sync write-protect and registered over RAM. */
+  cowStart(uffd: number, pidfd: number, start: number, size: number, grain: number, ram: Buffer, staging: Buffer, maxBlockMs: number, copierNice: number): CowHandle;
+  /** Write-protect all RAM and forget the dirty set; returns ms. */
+  cowArmAll(h: CowHandle): number;
+  /** In the pause: dirty grains become pending and are write-protected again. */
+  cowCollect(h: CowHandle): CowCollectResult;
+  cowWaitBatch(h: CowHandle, maxBytes: number, timeoutMs: number): Promise<CowBatch>;
+  cowRelease(h: CowHandle, grains: number): void;
+  cowFail(h: CowHandle, reason: string): void;
+  cowStats(h: CowHandle): CowStats;
+  /** Un-protect and unregister all RAM, stop the threads. Idempotent. */
+  cowStop(h: CowHandle): void;
+}
