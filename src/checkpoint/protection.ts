@@ -6,7 +6,8 @@ import { loadSecret } from '../config/secret.js';
 import { CheckpointError, VmNotFoundError } from '../errors.js';
 import { vmPaths, readState, isLive, pidAlive } from '../vm/runtime.js';
 import { vmLog } from '../util/log.js';
-import { Checkpointer } from './checkpointer.js';
+import { Checkpointer, type CheckpointerOptions } from './checkpointer.js';
+import { CowCheckpointer, cowSettings, releaseCowOf } from './cow-mode.js';
 import type { CheckpointStats, ProtectionStatus } from './stats.js';
 import type { LaunchFile } from '../vm/supervisor.js';
 
@@ -28,6 +29,8 @@ export interface ProtectRequest {
   stagingBytes?: number;
   /** Shared directory for frozen disk layers; default .hydravm-layers beside the first disk. */
   layerDir?: string;
+  /** Copy-on-write checkpoints (false: basic); absent: as the VM's spec says (`protection.cow`). */
+  cow?: false | { grain?: number; stagingBytes?: number; maxBlockMs?: number };
 }
 
 function files(vm: string) {
@@ -87,6 +90,7 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
   assertProtectable(req.vm);
   if (isProtected(req.vm)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${readProtection(req.vm)!.pid})`);
   loadSecret({ secretFile: req.secretFile });
+  releaseCowOf(req.vm);
   const f = files(req.vm);
   fs.writeFileSync(f.request, JSON.stringify(req, null, 2) + '\n');
   fs.rmSync(f.status, { force: true });
@@ -115,12 +119,17 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
 
 export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<ProtectionStatus | undefined> {
   const s = readProtection(vm);
-  if (!s || !pidAlive(s.pid)) return s;
+  if (!s || !pidAlive(s.pid)) {
+    releaseCowOf(vm);
+    return s;
+  }
   process.kill(s.pid, 'SIGTERM');
   const deadline = Date.now() + timeoutMs;
   while (pidAlive(s.pid)) {
     if (Date.now() > deadline) {
       process.kill(s.pid, 'SIGKILL');
+      // A killed copy-on-write checkpointer leaves guest RAM write-protected: release it.
+      releaseCowOf(vm);
       break;
     }
     await new Promise((r) => setTimeout(r, 50));
@@ -137,7 +146,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as LaunchFile;
   // A restored VM runs on overlays, not on the disks its spec names.
   const diskPaths = config.launch.diskFiles ?? config.spec.disks.map((d) => d.path);
-  const cp = new Checkpointer({
+  const cpOpts: CheckpointerOptions = {
     vm,
     qemuPid: state.qemuPid,
     qmpSocket: vmPaths(vm).hydraQmpSocket,
@@ -151,7 +160,9 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     disks: diskPaths.length ? { paths: diskPaths.map((p) => ({ path: p })), layerDir: req.layerDir ?? config.launch.layerDir ?? path.join(path.dirname(diskPaths[0]!), '.hydravm-layers') } : undefined,
     onStatus: writeProtection,
     onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
-  });
+  };
+  const cow = cowSettings(req, config, state.qemuPid);
+  const cp = cow ? new CowCheckpointer(cpOpts, cow) : new Checkpointer(cpOpts);
   process.on('SIGTERM', () => cp.stop());
   process.on('SIGINT', () => cp.stop());
   try {

@@ -570,7 +570,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     if (!(now?.protection?.state === 'protected' && now.protection.generation === a.generation && now.protection.pid && pidAlive(now.protection.pid))) {
       try {
         if (res.pager) await res.pager.done;
-        await this.protectFn({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: this.opts.secretFile });
+        await this.protectFn({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: this.opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       } catch (err) {
         const msg = (err as Error).message;
         this.log.error({ vm: a.vm, generation: a.generation, err: msg }, 'restored VM runs unprotected: protection failed');
@@ -610,7 +610,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       generation = await this.cluster.allocateGeneration(a.vm, storeNext ?? 0);
       await this.cluster.updateVm(a.vm, (c) => (c.host === this.host && c.state === 'protecting' ? { ...c, generation, memoryBytes: local.state?.memoryBytes } : undefined));
       writeHaLocal(this.home, { vm: a.vm, host: this.host, generation, updatedAt: Date.now() });
-      const st = await this.protectFn({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: this.opts.secretFile });
+      const st = await this.protectFn({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: this.opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await this.cluster.updateVm(a.vm, (c) =>
         c.host === this.host && c.generation === generation && c.state === 'protecting'
           ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined }

@@ -36,6 +36,8 @@ export interface ProtectRequest {
   intervalMs: number;
   generation: number;
   secretFile?: string;
+  /** Copy-on-write checkpoints (grain in bytes); absent: as the VM's spec says. */
+  cow?: { grain?: number };
 }
 
 export type ProtectFn = (req: ProtectRequest) => Promise<{ generation: number; committedEpoch?: number }>;
