@@ -20,6 +20,8 @@ export function registerProtectCommands(program: Command): void {
       const { protectVm, assertProtectable } = await import('../checkpoint/protection.js');
       const { nextGeneration } = await import('../checkpoint/generation.js');
       const intervalMs = parseDuration(opts.interval, '--interval');
+      if (opts.cow && opts.basic) throw new SpecError('--cow and --basic: choose one checkpoint mode');
+      const cow = opts.basic ? false as const : cowOption(opts).cow;
       assertProtectable(name);
       let generation: number;
       if (opts.generation !== undefined) {
@@ -29,8 +31,6 @@ export function registerProtectCommands(program: Command): void {
         generation = await nextGeneration(name, opts.store, opts.secretFile);
       }
       const tty = process.stderr.isTTY;
-      if (opts.cow && opts.basic) throw new SpecError('--cow and --basic: choose one checkpoint mode');
-      const cow = opts.basic ? false as const : cowOption(opts).cow;
       const status = await protectVm({ vm: name, store: opts.store, intervalMs, generation, secretFile: opts.secretFile, layerDir: opts.layerDir, ...(cow !== undefined ? { cow } : {}) }, (s) => {
         if (s.state === 'initial-copy' && s.initialCopy) {
           const pct = s.initialCopy.bytesTotal ? Math.floor((100 * s.initialCopy.bytesSent) / s.initialCopy.bytesTotal) : 100;
