@@ -27,6 +27,8 @@ export interface ProtectRequest {
   generation: number;
   secretFile?: string;
   stagingBytes?: number;
+  /** Most the basic mode's staging buffer grows to (default 1 GiB). */
+  stagingCapBytes?: number;
   /** Shared directory for frozen disk layers; default .hydravm-layers beside the first disk. */
   layerDir?: string;
   /** Copy-on-write checkpoints (false: basic); absent: as the VM's spec says (`protection.cow`). */
@@ -157,6 +159,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     intervalMs: req.intervalMs,
     config,
     stagingBytes: req.stagingBytes,
+    stagingCapBytes: req.stagingCapBytes,
     disks: diskPaths.length ? { paths: diskPaths.map((p) => ({ path: p })), layerDir: req.layerDir ?? config.launch.layerDir ?? path.join(path.dirname(diskPaths[0]!), '.hydravm-layers') } : undefined,
     onStatus: writeProtection,
     onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
