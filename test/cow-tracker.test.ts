@@ -60,6 +60,7 @@ for (const grain of [4096, 64 * 1024, 256 * 1024]) {
         // RAM as of the pause, read while the VM is stopped.
         const reference = Buffer.from(t.ram);
         await qmp.execute('cont');
+        t.startCopy();
         let copied = 0;
         for (;;) {
           const b = await t.nextBatch(1024 * 1024, 30_000);

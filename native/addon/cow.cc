@@ -8,7 +8,7 @@
 //                   (dirty at the last pause, not yet copied) it copies the
 //                   grain into its staging slot first, then records the grain
 //                   dirty and un-protects it, which wakes the writer.
-//   copier thread   after the pause, copies pending grains in order into a
+//   copier thread   once the VM runs again (cowStartCopy), copies pending grains in order into a
 //                   ring of staging slots that JavaScript drains to the store.
 //   collect()       in the pause: dirty grains become pending, get slots in
 //                   ascending order and are write-protected again. Its cost
@@ -60,6 +60,7 @@ struct Cow {
   std::vector<uint32_t> slotOf;          // grain -> index in order (valid while pending)
   uint64_t n = 0, copied = 0, released = 0;
   bool failed = false, stopping = false, stopped = false;
+  bool go = false;  // the copier may run (set after `cont`: it must not compete with the device-state save)
   std::string failReason;
   int wpErrno = 0;  // last unexpected UFFDIO_WRITEPROTECT error
 
@@ -168,7 +169,7 @@ struct Cow {
     if (nice) setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
     std::unique_lock<std::mutex> l(mu);
     for (;;) {
-      cv.wait(l, [&] { return stopping || (!failed && copied < n && copied < released + slots); });
+      cv.wait(l, [&] { return stopping || (go && !failed && copied < n && copied < released + slots); });
       if (stopping) return;
       uint32_t g = order[copied];
       if (Test(pending, g)) {
@@ -312,6 +313,7 @@ Napi::Value CowCollect(const Napi::CallbackInfo &info) {
   }
   c->n = c->order.size();
   c->copied = c->released = 0;
+  c->go = false;
   c->failed = false;
   c->failReason.clear();
   Napi::Object r = Napi::Object::New(env);
@@ -401,6 +403,15 @@ Napi::Value CowWaitBatch(const Napi::CallbackInfo &info) {
   return p;
 }
 
+// cowStartCopy(h): the VM runs again: the copier may start on the pending grains.
+Napi::Value CowStartCopy(const Napi::CallbackInfo &info) {
+  Cow *c = Get(info);
+  std::lock_guard<std::mutex> l(c->mu);
+  c->go = true;
+  c->cv.notify_all();
+  return info.Env().Undefined();
+}
+
 // cowRelease(h, grains): the first `grains` copied slots were sent; their slots may be reused.
 Napi::Value CowRelease(const Napi::CallbackInfo &info) {
   Cow *c = Get(info);
@@ -453,6 +464,7 @@ void InitCow(Napi::Env env, Napi::Object exports) {
   exports.Set("cowArmAll", Napi::Function::New(env, CowArmAll));
   exports.Set("cowCollect", Napi::Function::New(env, CowCollect));
   exports.Set("cowWaitBatch", Napi::Function::New(env, CowWaitBatch));
+  exports.Set("cowStartCopy", Napi::Function::New(env, CowStartCopy));
   exports.Set("cowRelease", Napi::Function::New(env, CowRelease));
   exports.Set("cowFail", Napi::Function::New(env, CowFail));
   exports.Set("cowStats", Napi::Function::New(env, CowStats));

@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker } from '../tracker/index.js';
@@ -16,6 +17,8 @@ const STAGING_START = 64 * 1024 * 1024;
 const STAGING_CAP = 1024 * 1024 * 1024;
 /** Pre-copy rounds before a pause whose dirty set would not fit the staging buffer. */
 const MAX_PRECOPY_ROUNDS = 3;
+/** Copy threads inside the pause (the device-state save runs in QEMU at the same time). */
+const PAUSE_COPY_THREADS = Math.max(1, os.availableParallelism() - 1);
 
 export interface CheckpointerOptions {
   vm: string;
@@ -308,7 +311,8 @@ export class Checkpointer {
       }
       stagedRuns = runs.slice(0, split);
       overflow = runs.slice(split);
-      this.tracker.copyRuns(stagedRuns, this.staging);
+      // One copy thread: QEMU saves the device state meanwhile and needs the other core.
+      this.tracker.copyRuns(stagedRuns, this.staging, 0, PAUSE_COPY_THREADS);
       copyMs = performance.now() - t2;
       devstateMs = await devstateSaved;
       if (this.freezer) {

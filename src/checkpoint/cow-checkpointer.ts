@@ -239,6 +239,7 @@ export class CowCheckpointer {
       const devstate = fs.readFileSync(this.opts.devstateFile);
 
       // The VM runs: drain the copier's ring to the store.
+      this.tracker.startCopy();
       const ts = performance.now();
       let copied = 0;
       while (collected.grains > 0) {

@@ -50,6 +50,8 @@ export interface RawCowAddon {
   /** In the pause: dirty grains become pending and are write-protected again. */
   cowCollect(h: CowHandle): CowCollectResult;
   cowWaitBatch(h: CowHandle, maxBytes: number, timeoutMs: number): Promise<CowBatch>;
+  /** After `cont`: let the copier start (it must not compete with the device-state save in the pause). */
+  cowStartCopy(h: CowHandle): void;
   cowRelease(h: CowHandle, grains: number): void;
   cowFail(h: CowHandle, reason: string): void;
   cowStats(h: CowHandle): CowStats;

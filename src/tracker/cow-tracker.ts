@@ -8,6 +8,7 @@
  *   // each checkpoint, VM paused:
  *   const c = t.collect();            // dirty grains -> pending, protected again
  *   // VM running again: drain the copies
+ *   t.startCopy();
  *   for (;;) { const b = await t.nextBatch(8 << 20); send(b.runs, t.staging.subarray(...)); t.release(b); if (b.done) break; }
  *
  * Unlike the async tracker there is no PAGEMAP_SCAN: the dirty set is the
@@ -207,6 +208,12 @@ export class CowTracker {
     } catch (err) {
       throw this.#fail('turning the dirty grains pending', err);
     }
+  }
+
+  /** The VM runs again: start copying the pending grains (kept out of the pause, where QEMU saves its devices). */
+  startCopy(): void {
+    this.#check('startCopy');
+    this.#native.cowStartCopy(this.#h);
   }
 
   /** The next run of copied grains (at most maxBytes), waiting for the copier up to timeoutMs. */

@@ -299,8 +299,11 @@ export class DirtyTracker {
     }
   }
 
-  /** Copy the runs of guest RAM contiguously into dst (from dstOffset); returns bytes copied. */
-  copyRuns(runs: DirtyRun[] | Float64Array, dst: Buffer, dstOffset = 0): number {
+  /**
+   * Copy the runs of guest RAM contiguously into dst (from dstOffset); returns
+   * bytes copied. maxThreads bounds the copy threads (shared mappings).
+   */
+  copyRuns(runs: DirtyRun[] | Float64Array, dst: Buffer, dstOffset = 0, maxThreads?: number): number {
     this.#check('copyRuns');
     let flat: Float64Array;
     if (runs instanceof Float64Array) flat = runs;
@@ -313,7 +316,7 @@ export class DirtyTracker {
     }
     if (this.#ram) {
       try {
-        return this.#native.copyRuns(this.#ram, flat, dst, dstOffset);
+        return this.#native.copyRuns(this.#ram, flat, dst, dstOffset, maxThreads);
       } catch (err) {
         throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: copying dirty runs: ${errnoText(err)}`, { cause: err });
       }
