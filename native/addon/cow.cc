@@ -10,13 +10,18 @@
 //                   dirty and un-protects it, which wakes the writer.
 //   copier thread   once the VM runs again (cowStartCopy), copies pending grains in order into a
 //                   ring of staging slots that JavaScript drains to the store.
+//   prearm()        just before the pause, while the VM runs: the dirty grains
+//                   are write-protected again (still dirty).
 //   collect()       in the pause: dirty grains become pending, get slots in
-//                   ascending order and are write-protected again. Its cost
-//                   follows the dirty set, not the RAM size (no page walk).
+//                   ascending order; only grains written since prearm() need
+//                   protecting again. Its cost follows that small set, not the
+//                   dirty set or the RAM size (no page walk).
 //
 // All grain state is under one mutex; a grain's content is copied and its
 // protection dropped while holding it, so no write can land on a pending grain
-// before its copy. A writer waits for a slot at most maxBlockMs: then the
+// before its copy. A writer never waits for the store: a grain whose ring
+// slot is still in use is copied to a spill buffer (moved into its slot by the
+// copier later). Past maxSpillBytes of spill the
 // checkpoint fails (every pending grain is dropped and marked dirty again, so
 // the next checkpoint carries it) and the writer proceeds.
 #include "common.h"
@@ -28,11 +33,13 @@
 #include <sys/resource.h>
 #include <sys/syscall.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace hydra {
@@ -51,11 +58,14 @@ struct Cow {
   const uint8_t *ram = nullptr;  // read-only view of guest RAM (kept alive by JS)
   uint8_t *staging = nullptr;    // ring of slots (kept alive by JS)
   uint64_t slots = 0;
-  int maxBlockMs = 1000;
+  uint64_t maxSpillBytes = 0;
+  uint64_t spillBytes = 0;
+  std::unordered_map<uint64_t, uint8_t *> spill;  // slot index -> grain copied by the handler before its slot was free
 
   std::mutex mu;
   std::condition_variable cv;
   std::vector<uint64_t> dirty, pending;  // bitmaps, one bit per grain
+  std::vector<uint64_t> unprot;          // grains not write-protected now (the handler let a write through)
   std::vector<uint32_t> order;           // pending grains in slot order
   std::vector<uint32_t> slotOf;          // grain -> index in order (valid while pending)
   uint64_t n = 0, copied = 0, released = 0;
@@ -65,7 +75,7 @@ struct Cow {
   int wpErrno = 0;  // last unexpected UFFDIO_WRITEPROTECT error
 
   // Since the last collect (reset there) / since start.
-  uint64_t faults = 0, cowCopies = 0, slotWaits = 0, serviceNsTotal = 0, serviceNsMax = 0;
+  uint64_t faults = 0, cowCopies = 0, spills = 0, serviceNsTotal = 0, serviceNsMax = 0;
   uint64_t totalFaults = 0, failures = 0;
 
   std::thread handler, copier;
@@ -89,6 +99,12 @@ struct Cow {
 
   uint8_t *Slot(uint64_t k) { return staging + (k % slots) * grain; }
 
+  void FreeSpill() {
+    for (auto &e : spill) free(e.second);
+    spill.clear();
+    spillBytes = 0;
+  }
+
   // Drop the checkpoint in progress: nothing pending, every grain of it dirty again. Holds mu.
   void FailLocked(const std::string &why) {
     if (failed || n == 0) return;
@@ -100,6 +116,7 @@ struct Cow {
       Clear(pending, g);
       Set(dirty, g);
     }
+    FreeSpill();
     cv.notify_all();
   }
 
@@ -114,24 +131,31 @@ struct Cow {
     uint64_t g = (addr - start) / grain;
     if (Test(pending, g)) {
       uint64_t k = slotOf[g];
-      if (k >= released + slots) {
-        slotWaits++;
-        auto deadline = Clock::now() + std::chrono::milliseconds(maxBlockMs);
-        while (Test(pending, g) && k >= released + slots) {
-          if (cv.wait_until(l, deadline) == std::cv_status::timeout && Test(pending, g) && k >= released + slots) {
-            FailLocked("a guest write waited " + std::to_string(maxBlockMs) + " ms for a free staging slot (the store is not draining the copy)");
-            break;
-          }
-        }
-      }
-      if (Test(pending, g)) {
+      if (k < released + slots) {
         memcpy(Slot(k), ram + g * grain, grain);
         Clear(pending, g);
         cowCopies++;
         cv.notify_all();
+      } else if (spillBytes + grain <= maxSpillBytes) {
+        // Its slot is still in use (the store drains the ring behind the guest): the writer never
+        // waits for the network, the grain goes to a spill buffer the copier moves into the slot later.
+        uint8_t *p = (uint8_t *)malloc(grain);
+        if (p) {
+          memcpy(p, ram + g * grain, grain);
+          spill[k] = p;
+          spillBytes += grain;
+          Clear(pending, g);
+          cowCopies++;
+          spills++;
+        } else {
+          FailLocked("no memory to spill a grain the guest wrote before it was copied");
+        }
+      } else {
+        FailLocked("the guest wrote more uncopied grains than the spill limit holds (" + std::to_string(maxSpillBytes >> 20) + " MiB)");
       }
     }
     Set(dirty, g);
+    Set(unprot, g);
     int e = Protect(start + g * grain, grain, false);
     if (e && e != ENOENT) wpErrno = e;
     uint64_t dt = NowNs() - t0;
@@ -175,6 +199,14 @@ struct Cow {
       if (Test(pending, g)) {
         memcpy(Slot(copied), ram + (uint64_t)g * grain, grain);
         Clear(pending, g);
+      } else if (!spill.empty()) {
+        auto it = spill.find(copied);
+        if (it != spill.end()) {
+          memcpy(Slot(copied), it->second, grain);
+          free(it->second);
+          spill.erase(it);
+          spillBytes -= grain;
+        }
       }
       copied++;
       cv.notify_all();
@@ -216,7 +248,7 @@ Cow *Get(const Napi::CallbackInfo &info) {
   return c;
 }
 
-// cowStart(uffd, pidfd, start, size, grain, ram: Buffer, staging: Buffer, maxBlockMs, copierNice) -> handle
+// cowStart(uffd, pidfd, start, size, grain, ram: Buffer, staging: Buffer, maxSpillBytes, copierNice) -> handle
 // uffd: UFFDIO_API done without WP_ASYNC, [start, size) registered in WP mode
 // (not yet protected: cowArmAll does that). Starts the handler and copier.
 Napi::Value CowStart(const Napi::CallbackInfo &info) {
@@ -226,14 +258,13 @@ Napi::Value CowStart(const Napi::CallbackInfo &info) {
   uint64_t start = ArgU64(info, 2, "start"), size = ArgU64(info, 3, "size"), grain = ArgU64(info, 4, "grain");
   Napi::Buffer<uint8_t> ram = ArgBuffer(info, 5, "ram");
   Napi::Buffer<uint8_t> staging = ArgBuffer(info, 6, "staging");
-  uint64_t maxBlockMs = ArgU64(info, 7, "maxBlockMs");
+  uint64_t maxSpillBytes = ArgU64(info, 7, "maxSpillBytes");
   uint64_t nice = info.Length() > 8 ? ArgU64(info, 8, "copierNice") : 0;
   if (grain < PageSize() || (grain & (grain - 1)) || grain > (2u << 20)) ThrowType(env, "grain must be a power of two from the page size to 2 MiB");
   if (size == 0 || size % grain || start % PageSize()) ThrowType(env, "RAM size must be a non-zero multiple of the grain, start page aligned");
   if (ram.Length() < size) ThrowType(env, "ram view shorter than the RAM size");
   if (staging.Length() < grain) ThrowType(env, "staging buffer smaller than one grain");
   if (size / grain > UINT32_MAX) ThrowType(env, "too many grains");
-  if (maxBlockMs < 1 || maxBlockMs > 600000) ThrowType(env, "maxBlockMs out of range");
   int stopFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (stopFd < 0) ThrowErrno(env, "eventfd", errno);
   Cow *c = new Cow();
@@ -247,9 +278,10 @@ Napi::Value CowStart(const Napi::CallbackInfo &info) {
   c->ram = ram.Data();
   c->staging = staging.Data();
   c->slots = staging.Length() / grain;
-  c->maxBlockMs = (int)maxBlockMs;
+  c->maxSpillBytes = maxSpillBytes;
   c->dirty.assign((c->ngrains + 63) / 64, 0);
   c->pending.assign((c->ngrains + 63) / 64, 0);
+  c->unprot.assign((c->ngrains + 63) / 64, 0);
   c->slotOf.assign(c->ngrains, 0);
   c->handler = std::thread([c] { c->HandlerLoop(); });
   c->copier = std::thread([c, nice] { c->CopierLoop((int)nice); });
@@ -268,10 +300,58 @@ Napi::Value CowArmAll(const Napi::CallbackInfo &info) {
   int e = c->Protect(c->start, c->size, true);
   if (e) ThrowErrno(info.Env(), "ioctl(UFFDIO_WRITEPROTECT) of all guest RAM", e);
   std::fill(c->dirty.begin(), c->dirty.end(), 0);
+  std::fill(c->unprot.begin(), c->unprot.end(), 0);
   return Napi::Number::New(info.Env(), (double)(NowNs() - t0) / 1e6);
 }
 
-// cowCollect(h) -> { runs: Float64Array, grains, bytes, protectMs, faults, cowCopies, slotWaits, serviceMeanUs, serviceMaxUs }
+// Runs [first grain, count) of the set bits of `bits`.
+static void BitRuns(const std::vector<uint64_t> &bits, std::vector<std::pair<uint64_t, uint64_t>> &runs) {
+  runs.clear();
+  for (uint64_t w = 0; w < bits.size(); w++) {
+    uint64_t b = bits[w];
+    while (b) {
+      uint64_t g = w * 64 + (uint64_t)__builtin_ctzll(b);
+      b &= b - 1;
+      if (!runs.empty() && runs.back().first + runs.back().second == g) runs.back().second++;
+      else runs.push_back({g, 1});
+    }
+  }
+}
+
+// cowPrearm(h) -> { grains, ms }: while the VM still runs, write-protect the
+// grains written so far again (they stay dirty: this checkpoint carries them),
+// one run at a time so the fault handler is never held up for long. The pause
+// then re-protects only what is written between this and `stop`.
+Napi::Value CowPrearm(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  Cow *c = Get(info);
+  uint64_t t0 = NowNs();
+  std::vector<std::pair<uint64_t, uint64_t>> runs;
+  {
+    std::lock_guard<std::mutex> l(c->mu);
+    BitRuns(c->unprot, runs);
+  }
+  uint64_t grains = 0;
+  // At most 8 MiB per ioctl under the lock: a writer's fault waits for one chunk at most.
+  const uint64_t chunk = std::max<uint64_t>(1, (8u << 20) / c->grain);
+  for (auto &r : runs) {
+    for (uint64_t first = r.first; first < r.first + r.second; first += chunk) {
+      uint64_t n = std::min(chunk, r.first + r.second - first);
+      std::lock_guard<std::mutex> l(c->mu);
+      // Only the pause and this protect grains, so every grain of the run is still un-protected.
+      int e = c->Protect(c->start + first * c->grain, n * c->grain, true);
+      if (e) ThrowErrno(env, "ioctl(UFFDIO_WRITEPROTECT) pre-arming dirty grains", e);
+      for (uint64_t g = first; g < first + n; g++) Cow::Clear(c->unprot, g);
+      grains += n;
+    }
+  }
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("grains", Napi::Number::New(env, (double)grains));
+  r.Set("ms", Napi::Number::New(env, (double)(NowNs() - t0) / 1e6));
+  return r;
+}
+
+// cowCollect(h) -> { runs: Float64Array, grains, bytes, protectMs, reprotectedGrains, faults, cowCopies, spills, serviceMeanUs, serviceMaxUs }
 // In the pause: the dirty grains become pending (slots in ascending order) and
 // are write-protected again; the copier starts on them.
 Napi::Value CowCollect(const Napi::CallbackInfo &info) {
@@ -303,9 +383,20 @@ Napi::Value CowCollect(const Napi::CallbackInfo &info) {
     c->pending[w] = c->dirty[w];
     c->dirty[w] = 0;
   }
-  for (size_t i = 0; i < runs.size() && !err; i += 2) err = c->Protect(c->start + (uint64_t)runs[i], (uint64_t)runs[i + 1], true);
+  // Every pending grain must be protected: those the handler let a write through since the
+  // pre-arm (or since the last pause) are protected again now; the others still are.
+  std::vector<std::pair<uint64_t, uint64_t>> open;
+  BitRuns(c->unprot, open);
+  uint64_t reprotected = 0;
+  for (size_t i = 0; i < open.size() && !err; i++) {
+    err = c->Protect(c->start + open[i].first * c->grain, open[i].second * c->grain, true);
+    if (!err) {
+      for (uint64_t g = open[i].first; g < open[i].first + open[i].second; g++) Cow::Clear(c->unprot, g);
+      reprotected += open[i].second;
+    }
+  }
   if (err) {
-    // Un-protected grains stay dirty; nothing is pending: the caller fails this checkpoint.
+    // Nothing is pending: the caller fails this checkpoint; the grains stay dirty for the next one.
     for (uint32_t g : c->order) { Cow::Clear(c->pending, g); Cow::Set(c->dirty, g); }
     c->order.clear();
     c->n = c->copied = c->released = 0;
@@ -323,12 +414,13 @@ Napi::Value CowCollect(const Napi::CallbackInfo &info) {
   r.Set("grains", Napi::Number::New(env, (double)c->n));
   r.Set("bytes", Napi::Number::New(env, (double)(c->n * c->grain)));
   r.Set("protectMs", Napi::Number::New(env, (double)(NowNs() - t0) / 1e6));
+  r.Set("reprotectedGrains", Napi::Number::New(env, (double)reprotected));
   r.Set("faults", Napi::Number::New(env, (double)c->faults));
   r.Set("cowCopies", Napi::Number::New(env, (double)c->cowCopies));
-  r.Set("slotWaits", Napi::Number::New(env, (double)c->slotWaits));
+  r.Set("spills", Napi::Number::New(env, (double)c->spills));
   r.Set("serviceMeanUs", Napi::Number::New(env, c->faults ? (double)c->serviceNsTotal / c->faults / 1e3 : 0));
   r.Set("serviceMaxUs", Napi::Number::New(env, (double)c->serviceNsMax / 1e3));
-  c->faults = c->cowCopies = c->slotWaits = c->serviceNsTotal = c->serviceNsMax = 0;
+  c->faults = c->cowCopies = c->spills = c->serviceNsTotal = c->serviceNsMax = 0;
   c->cv.notify_all();
   return r;
 }
@@ -403,6 +495,19 @@ Napi::Value CowWaitBatch(const Napi::CallbackInfo &info) {
   return p;
 }
 
+// cowSetStaging(h, staging: Buffer): a bigger ring, between checkpoints (no copy in progress).
+// JS keeps the Buffer alive.
+Napi::Value CowSetStaging(const Napi::CallbackInfo &info) {
+  Cow *c = Get(info);
+  Napi::Buffer<uint8_t> b = ArgBuffer(info, 1, "staging");
+  if (b.Length() < c->grain) ThrowType(info.Env(), "staging buffer smaller than one grain");
+  std::lock_guard<std::mutex> l(c->mu);
+  if ((c->copied < c->n || c->released < c->n) && !c->failed) ThrowErrno(info.Env(), "cowSetStaging: a checkpoint copy is in progress", EBUSY);
+  c->staging = b.Data();
+  c->slots = b.Length() / c->grain;
+  return info.Env().Undefined();
+}
+
 // cowStartCopy(h): the VM runs again: the copier may start on the pending grains.
 Napi::Value CowStartCopy(const Napi::CallbackInfo &info) {
   Cow *c = Get(info);
@@ -462,9 +567,11 @@ Napi::Value CowStop(const Napi::CallbackInfo &info) {
 void InitCow(Napi::Env env, Napi::Object exports) {
   exports.Set("cowStart", Napi::Function::New(env, CowStart));
   exports.Set("cowArmAll", Napi::Function::New(env, CowArmAll));
+  exports.Set("cowPrearm", Napi::Function::New(env, CowPrearm));
   exports.Set("cowCollect", Napi::Function::New(env, CowCollect));
   exports.Set("cowWaitBatch", Napi::Function::New(env, CowWaitBatch));
   exports.Set("cowStartCopy", Napi::Function::New(env, CowStartCopy));
+  exports.Set("cowSetStaging", Napi::Function::New(env, CowSetStaging));
   exports.Set("cowRelease", Napi::Function::New(env, CowRelease));
   exports.Set("cowFail", Napi::Function::New(env, CowFail));
   exports.Set("cowStats", Napi::Function::New(env, CowStats));

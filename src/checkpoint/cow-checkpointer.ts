@@ -17,29 +17,37 @@ const BATCH_BYTES = 8 * 1024 * 1024;
 export interface CowSettings {
   /** Bytes protected and copied as one unit (power of two, 4 KiB .. 2 MiB). */
   grain: number;
-  /** Ring of staging slots between the copier and the store. */
+  /**
+   * Ring of staging slots between the copier and the store: its first size;
+   * it grows (between checkpoints) to the dirty sets it sees, up to
+   * stagingCapBytes (default 1 GiB, at most the RAM size).
+   */
   stagingBytes: number;
-  /** Longest a guest write waits for a staging slot; then the checkpoint is given up. */
-  maxBlockMs: number;
+  stagingCapBytes?: number;
+  /** Spill memory for grains written before their ring slot was free; past it the checkpoint is given up. */
+  maxSpillBytes: number;
 }
 
 /** Chosen from measurements under TCG (docs/benchmarks.md): a heavy writer pays little, a checkpoint carries < 2x a 4 KiB one. */
 export const DEFAULT_COW_GRAIN = 64 * 1024;
 export const DEFAULT_COW_STAGING = 64 * 1024 * 1024;
-export const DEFAULT_COW_MAX_BLOCK_MS = 1000;
+export const DEFAULT_COW_MAX_SPILL = 256 * 1024 * 1024;
 
 /**
  * Copy-on-write checkpoints (the paper's second technique). The guest's
  * first write to a grain after a pause faults into the native handler,
- * which records the grain dirty and un-protects it. In the pause:
- *   stop -> dirty grains become "pending copy" and are write-protected again
- *        -> device state (QEMU, concurrently) -> disk freeze -> cont.
+ * which records the grain dirty and un-protects it. Just before the pause
+ * (VM running) the dirty grains are write-protected again; in the pause:
+ *   stop -> dirty grains become "pending copy" (those written since the
+ *        pre-arm are protected again) -> device state (QEMU, concurrently)
+ *        -> disk freeze -> cont.
  * After `cont` the native copier copies pending grains into a ring of
  * staging slots, drained here to the store. A guest write to a pending grain
- * is held in the handler until that grain is copied, so the copy is exactly
- * RAM as of the pause. If the store does not drain the ring, a write waits
- * at most maxBlockMs; then the checkpoint is aborted at the store and its
- * grains are carried into the next one.
+ * is held in the handler until that grain is copied (into its slot, or into
+ * spill memory when the slot is still in use), so the copy is exactly RAM as
+ * of the pause and a writer never waits for the store. Past the spill limit
+ * the checkpoint is aborted at the store and its grains are carried into the
+ * next one.
  */
 export class CowCheckpointer {
   private readonly opts: CheckpointerOptions;
@@ -89,7 +97,7 @@ export class CowCheckpointer {
 
   async run(): Promise<void> {
     const { vm } = this.opts;
-    this.tracker = await CowTracker.attach(this.opts.qemuPid, { grain: this.cow.grain, stagingBytes: this.cow.stagingBytes, maxBlockMs: this.cow.maxBlockMs });
+    this.tracker = await CowTracker.attach(this.opts.qemuPid, { grain: this.cow.grain, stagingBytes: this.cow.stagingBytes, maxSpillBytes: this.cow.maxSpillBytes });
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
       if (this.opts.disks && this.opts.disks.paths.length > 0) {
@@ -206,6 +214,8 @@ export class CowCheckpointer {
     const wasRunning = (await this.qmp.execute<{ status: string }>('query-status')).status === 'running';
     if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
 
+    // Re-protecting a large dirty set takes milliseconds: do it while the VM still runs.
+    const prearm = this.tracker.prearm();
     const t0 = performance.now();
     if (wasRunning) await this.qmp.execute('stop');
     const t1 = performance.now();
@@ -243,7 +253,7 @@ export class CowCheckpointer {
       const ts = performance.now();
       let copied = 0;
       while (collected.grains > 0) {
-        const b = await this.tracker.nextBatch(BATCH_BYTES, this.cow.maxBlockMs * 4 + 5000);
+        const b = await this.tracker.nextBatch(BATCH_BYTES, 30_000);
         if (b.failed) throw new CheckpointError('HYDRA_CKPT_COW_COPY_FAILED', `VM ${this.opts.vm}: copy-on-write checkpoint ${epoch} given up: ${b.reason}`);
         if (b.grains === 0) throw new CheckpointError('HYDRA_CKPT_COW_COPY_FAILED', `VM ${this.opts.vm}: copy-on-write checkpoint ${epoch}: the copier made no progress`);
         const runs: Run[] = [];
@@ -262,6 +272,14 @@ export class CowCheckpointer {
       const tc = performance.now();
       if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
       this.freezer?.committed(epoch);
+      // A ring that holds the next dirty set keeps guest writes from waiting on the store.
+      const cap = Math.min(this.cow.stagingCapBytes ?? 1024 ** 3, this.tracker.ramSize);
+      if (copied > this.tracker.staging.length * 0.75 && this.tracker.staging.length < cap) {
+        const MB2 = 2 * 1024 * 1024;
+        const size = Math.min(cap, Math.max(this.tracker.staging.length * 2, Math.ceil((copied * 1.5) / MB2) * MB2));
+        this.log.info({ from: this.tracker.staging.length, to: size }, 'growing the copy-on-write staging ring');
+        this.tracker.growStaging(size);
+      }
       const c = collected;
       const stats: CheckpointStats = {
         epoch, kind, startedAt,
@@ -269,7 +287,8 @@ export class CowCheckpointer {
         pages: copied / PAGE, bytes: copied, devstateBytes: devstate.length,
         sendMs: te - ts, commitMs: tc - te, intervalMs,
         diskChainLength: this.freezer?.chainLength() ?? 0,
-        cow: { grain: this.cow.grain, faults: c.faults, cowCopies: c.cowCopies, slotWaits: c.slotWaits, serviceMeanUs: c.serviceMeanUs, serviceMaxUs: c.serviceMaxUs },
+        stagingBytes: this.tracker.staging.length,
+        cow: { grain: this.cow.grain, faults: c.faults, cowCopies: c.cowCopies, spills: c.spills, serviceMeanUs: c.serviceMeanUs, serviceMaxUs: c.serviceMaxUs, prearmMs: prearm.ms, reprotectedInPause: c.reprotectedGrains },
       };
       this.history.push(stats);
       if (this.history.length > 200) this.history.shift();

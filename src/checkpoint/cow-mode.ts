@@ -3,7 +3,7 @@ import { findGuestRam, releaseOrphanedCow } from '../tracker/index.js';
 import { readState, isLive } from '../vm/runtime.js';
 import { vmLog } from '../util/log.js';
 import type { LaunchFile } from '../vm/supervisor.js';
-import { DEFAULT_COW_GRAIN, DEFAULT_COW_MAX_BLOCK_MS, DEFAULT_COW_STAGING, type CowSettings } from './cow-checkpointer.js';
+import { DEFAULT_COW_GRAIN, DEFAULT_COW_MAX_SPILL, DEFAULT_COW_STAGING, type CowSettings } from './cow-checkpointer.js';
 
 export { CowCheckpointer } from './cow-checkpointer.js';
 
@@ -13,7 +13,7 @@ export { CowCheckpointer } from './cow-checkpointer.js';
  * private mapping of the image, which the copy-on-write copier cannot read
  * through a shared view: it is checkpointed in basic mode (logged).
  */
-export function cowSettings(req: { vm: string; cow?: false | { grain?: number; stagingBytes?: number; maxBlockMs?: number } }, config: LaunchFile, qemuPid: number): CowSettings | undefined {
+export function cowSettings(req: { vm: string; cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number } }, config: LaunchFile, qemuPid: number): CowSettings | undefined {
   const fromSpec = config.spec.protection;
   if (req.cow === false) return undefined;
   if (req.cow === undefined && !fromSpec?.cow) return undefined;
@@ -25,7 +25,7 @@ export function cowSettings(req: { vm: string; cow?: false | { grain?: number; s
   return {
     grain: r.grain ?? fromSpec?.grainBytes ?? DEFAULT_COW_GRAIN,
     stagingBytes: r.stagingBytes ?? DEFAULT_COW_STAGING,
-    maxBlockMs: r.maxBlockMs ?? DEFAULT_COW_MAX_BLOCK_MS,
+    maxSpillBytes: r.maxSpillBytes ?? DEFAULT_COW_MAX_SPILL,
   };
 }
 

@@ -32,7 +32,7 @@ export interface ProtectRequest {
   /** Shared directory for frozen disk layers; default .hydravm-layers beside the first disk. */
   layerDir?: string;
   /** Copy-on-write checkpoints (false: basic); absent: as the VM's spec says (`protection.cow`). */
-  cow?: false | { grain?: number; stagingBytes?: number; maxBlockMs?: number };
+  cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number };
 }
 
 function files(vm: string) {

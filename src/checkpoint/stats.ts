@@ -37,10 +37,13 @@ export interface CowCheckpointStats {
   faults: number;
   /** Of those, writes to a grain still pending copy: copied by the fault handler first. */
   cowCopies: number;
-  /** Writes that waited for a free staging slot. */
-  slotWaits: number;
+  /** Of those, grains whose staging slot was still in use: copied to spill memory instead. */
+  spills: number;
   serviceMeanUs: number;
   serviceMaxUs: number;
+  /** Re-protecting the dirty grains just before the pause (VM running), and the grains the pause itself re-protected. */
+  prearmMs?: number;
+  reprotectedInPause?: number;
 }
 
 export interface ProtectionStatus {

@@ -8,12 +8,15 @@ export interface CowCollectResult {
   runs: Float64Array;
   grains: number;
   bytes: number;
-  /** Time to turn the dirty set pending and write-protect it again. */
+  /** Time to turn the dirty set pending and write-protect what needs it. */
   protectMs: number;
+  /** Grains that had to be protected in the pause (written since the pre-arm). */
+  reprotectedGrains: number;
   /** Since the previous collect: write faults served, of which copies before the write, slot waits. */
   faults: number;
   cowCopies: number;
-  slotWaits: number;
+  /** Of those, grains whose ring slot was in use: copied to spill memory. */
+  spills: number;
   serviceMeanUs: number;
   serviceMaxUs: number;
 }
@@ -44,12 +47,16 @@ export interface CowStats {
 
 export interface RawCowAddon {
   /** Start the handler and copier threads on a uffd set up for sync write-protect and registered over RAM. */
-  cowStart(uffd: number, pidfd: number, start: number, size: number, grain: number, ram: Buffer, staging: Buffer, maxBlockMs: number, copierNice: number): CowHandle;
+  cowStart(uffd: number, pidfd: number, start: number, size: number, grain: number, ram: Buffer, staging: Buffer, maxSpillBytes: number, copierNice: number): CowHandle;
   /** Write-protect all RAM and forget the dirty set; returns ms. */
   cowArmAll(h: CowHandle): number;
-  /** In the pause: dirty grains become pending and are write-protected again. */
+  /** Before the pause (VM running): write-protect the dirty grains again; they stay dirty. */
+  cowPrearm(h: CowHandle): { grains: number; ms: number };
+  /** In the pause: dirty grains become pending; those written since the pre-arm are write-protected again. */
   cowCollect(h: CowHandle): CowCollectResult;
   cowWaitBatch(h: CowHandle, maxBytes: number, timeoutMs: number): Promise<CowBatch>;
+  /** Replace the ring (between checkpoints); the caller keeps the Buffer alive. */
+  cowSetStaging(h: CowHandle, staging: Buffer): void;
   /** After `cont`: let the copier start (it must not compete with the device-state save in the pause). */
   cowStartCopy(h: CowHandle): void;
   cowRelease(h: CowHandle, grains: number): void;

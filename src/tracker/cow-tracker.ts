@@ -5,8 +5,9 @@
  *
  *   const t = await CowTracker.attach(pid, { grain: 256 * 1024, stagingBytes });
  *   t.armAll();                       // everything clean from now
- *   // each checkpoint, VM paused:
- *   const c = t.collect();            // dirty grains -> pending, protected again
+ *   // each checkpoint:
+ *   t.prearm();                       // VM running: dirty grains protected again, still dirty
+ *   const c = t.collect();            // VM paused: dirty grains -> pending
  *   // VM running again: drain the copies
  *   t.startCopy();
  *   for (;;) { const b = await t.nextBatch(8 << 20); send(b.runs, t.staging.subarray(...)); t.release(b); if (b.done) break; }
@@ -32,8 +33,12 @@ export interface CowTrackerOptions {
   grain: number;
   /** Ring of staging slots the copier fills and the store drains (pre-faulted). */
   stagingBytes: number;
-  /** Longest a guest write waits for a free staging slot before the checkpoint is given up. */
-  maxBlockMs?: number;
+  /**
+   * Grains the guest writes before the copier reached them while their ring
+   * slot is still in use are copied to spill memory (the writer never waits
+   * for the store); past this many bytes the checkpoint is given up.
+   */
+  maxSpillBytes?: number;
   /** Nice value of the copier thread (0..19): below QEMU's threads. */
   copierNice?: number;
 }
@@ -73,7 +78,7 @@ export class CowTracker {
   readonly grain: number;
   readonly mapping: GuestRamMapping;
   /** The ring the copier fills: batches point into it. */
-  readonly staging: Buffer;
+  #staging: Buffer;
   readonly ram: Buffer;
   readonly #native: Native;
   readonly #h: CowHandle;
@@ -91,7 +96,7 @@ export class CowTracker {
     this.ramSize = a.mapping.size;
     this.grain = a.grain;
     this.ram = a.ram;
-    this.staging = a.staging;
+    this.#staging = a.staging;
     this.#h = a.h;
     this.#uffd = a.uffd;
     this.#pidfd = a.pidfd;
@@ -167,7 +172,7 @@ export class CowTracker {
       } catch (err) {
         throw new TrackerError('HYDRA_TRACKER_NO_MEMORY', `process ${pid}: mapping guest RAM or allocating ${opts.stagingBytes} bytes of staging: ${errnoText(err)}`, { cause: err });
       }
-      const h = native.cowStart(taken.fd, taken.pidfd, mapping.start, mapping.size, grain, ram, staging, opts.maxBlockMs ?? 1000, opts.copierNice ?? 5);
+      const h = native.cowStart(taken.fd, taken.pidfd, mapping.start, mapping.size, grain, ram, staging, opts.maxSpillBytes ?? 256 * 1024 * 1024, opts.copierNice ?? 5);
       return new CowTracker({ native, pid, mapping, grain, ram, staging, h, uffd: taken.fd, pidfd: taken.pidfd, ramFd, startTime });
     } catch (err) {
       for (const f of undo.reverse()) {
@@ -200,7 +205,21 @@ export class CowTracker {
     }
   }
 
-  /** In the pause: the grains written since the last collect become pending copy and are protected again. */
+  /**
+   * Just before the pause, VM running: write-protect the grains written so
+   * far again (they stay dirty), so the pause protects only what is written
+   * between this and `stop`.
+   */
+  prearm(): { grains: number; ms: number } {
+    this.#check('prearm');
+    try {
+      return this.#native.cowPrearm(this.#h);
+    } catch (err) {
+      throw this.#fail('write-protecting the dirty grains before the pause', err);
+    }
+  }
+
+  /** In the pause: the grains written since the last collect become pending copy (protected again where needed). */
   collect(): CowCollectResult {
     this.#check('collect');
     try {
@@ -208,6 +227,32 @@ export class CowTracker {
     } catch (err) {
       throw this.#fail('turning the dirty grains pending', err);
     }
+  }
+
+  /** The ring the copier fills: batches point into it. */
+  get staging(): Buffer {
+    return this.#staging;
+  }
+
+  /**
+   * Replace the ring by a bigger one (pre-faulted), between checkpoints. A
+   * ring that holds the whole dirty set means a guest write never waits for
+   * the store to drain a slot.
+   */
+  growStaging(bytes: number): void {
+    this.#check('growStaging');
+    const size = Math.floor(bytes / this.grain) * this.grain;
+    if (size <= this.#staging.length) return;
+    const next = this.allocStaging(size);
+    try {
+      this.#native.cowSetStaging(this.#h, next);
+    } catch (err) {
+      this.#native.releaseMapping(next);
+      throw this.#fail('replacing the staging ring', err);
+    }
+    const old = this.#staging;
+    this.#staging = next;
+    this.#native.releaseMapping(old);
   }
 
   /** The VM runs again: start copying the pending grains (kept out of the pause, where QEMU saves its devices). */
@@ -272,7 +317,7 @@ export class CowTracker {
     const n = this.#native;
     try { n.cowStop(this.#h); } catch { /* process gone: nothing left to wake */ }
     try { n.releaseMapping(this.ram); } catch { /* the finalizer unmaps later */ }
-    try { n.releaseMapping(this.staging); } catch { /* the finalizer unmaps later */ }
+    try { n.releaseMapping(this.#staging); } catch { /* the finalizer unmaps later */ }
     for (const fd of [this.#uffd, this.#pidfd]) {
       try { n.close(fd); } catch { /* already closed */ }
     }
