@@ -10,7 +10,6 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 
-#include <thread>
 #include <vector>
 
 // Newer than the machine's libc/kernel headers (6.1): values from Linux 6.7+.
@@ -150,23 +149,23 @@ struct ScanSpec {
   uint64_t flags, inverted, mask, anyof, ret;
 };
 
-// One thread's share: [from, to) of the range that starts at `start`.
-struct ScanPart {
-  std::vector<double> out;
-  uint64_t calls = 0, pages = 0;
-  int err = 0;
-  const char *what = nullptr;
-};
+Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint64_t vecLen) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "pagemapFd");
+  uint64_t start = ArgU64(info, 1, "start");
+  uint64_t end = ArgU64(info, 2, "end");
+  if (vecLen == 0 || vecLen > (1u << 20)) ThrowType(env, "vecLen out of range");
+  if (end < start || (start | end) & (PageSize() - 1)) ThrowType(env, "start/end must be page aligned, start <= end");
 
-void ScanRange(int fd, const ScanSpec &spec, uint64_t start, uint64_t from, uint64_t to, uint64_t vecLen, ScanPart &p) {
   std::vector<PageRegion> vec(vecLen);
-  uint64_t cur = from, stalls = 0;
-  while (cur < to) {
+  std::vector<double> out;
+  uint64_t cur = start, calls = 0, pages = 0, stalls = 0;
+  while (cur < end) {
     PmScanArg arg = {};
     arg.size = sizeof arg;
     arg.flags = spec.flags;
     arg.start = cur;
-    arg.end = to;
+    arg.end = end;
     arg.vec = (uint64_t)(uintptr_t)vec.data();
     arg.vec_len = vecLen;
     arg.category_inverted = spec.inverted;
@@ -174,82 +173,28 @@ void ScanRange(int fd, const ScanSpec &spec, uint64_t start, uint64_t from, uint
     arg.category_anyof_mask = spec.anyof;
     arg.return_mask = spec.ret;
     long n = ioctl(fd, kPagemapScan, &arg);
-    p.calls++;
+    calls++;
     if (n < 0) {
       if (errno == EINTR) continue;
-      p.err = errno;
-      p.what = "ioctl(PAGEMAP_SCAN)";
-      return;
+      ThrowErrno(env, "ioctl(PAGEMAP_SCAN)", errno);
     }
     for (long i = 0; i < n; i++) {
       uint64_t s = vec[i].start, e = vec[i].end;
-      if (s < from || e > to || e <= s) {
-        p.err = EIO;
-        p.what = "PAGEMAP_SCAN returned a region outside the range";
-        return;
-      }
-      p.pages += (e - s) / PageSize();
+      if (s < start || e > end || e <= s) ThrowErrno(env, "PAGEMAP_SCAN returned a region outside the range", EIO);
+      pages += (e - s) / PageSize();
       double off = (double)(s - start), len = (double)(e - s);
-      size_t k = p.out.size();
-      if (k >= 2 && p.out[k - 2] + p.out[k - 1] == off) p.out[k - 1] += len;
-      else { p.out.push_back(off); p.out.push_back(len); }
+      size_t k = out.size();
+      if (k >= 2 && out[k - 2] + out[k - 1] == off) out[k - 1] += len;
+      else { out.push_back(off); out.push_back(len); }
     }
     uint64_t next = arg.walk_end;
     if (next <= cur) {
       // No progress. Never seen; bounded so a kernel surprise cannot spin forever.
-      if (++stalls > 1000) {
-        p.err = EIO;
-        p.what = "PAGEMAP_SCAN made no progress";
-        return;
-      }
+      if (++stalls > 1000) ThrowErrno(env, "PAGEMAP_SCAN made no progress", EIO);
       continue;
     }
     stalls = 0;
     cur = next;
-  }
-}
-
-// `threads` > 1 splits the range into that many parts (2 MiB aligned), walked
-// in parallel (the walk takes the mm's lock shared): the walk time grows with
-// the RAM size, so a large guest's collect is divided among the cores.
-Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint64_t vecLen, unsigned threads = 1) {
-  Napi::Env env = info.Env();
-  int fd = ArgFd(info, 0, "pagemapFd");
-  uint64_t start = ArgU64(info, 1, "start");
-  uint64_t end = ArgU64(info, 2, "end");
-  if (vecLen == 0 || vecLen > (1u << 20)) ThrowType(env, "vecLen out of range");
-  if (end < start || (start | end) & (PageSize() - 1)) ThrowType(env, "start/end must be page aligned, start <= end");
-  const uint64_t align = 2u << 20;
-  if (threads < 1) threads = 1;
-  if (threads > 16) threads = 16;
-  if ((end - start) / threads < 64 * align) threads = 1;
-  std::vector<ScanPart> parts(threads);
-  if (threads == 1) {
-    ScanRange(fd, spec, start, start, end, vecLen, parts[0]);
-  } else {
-    std::vector<std::thread> pool;
-    uint64_t step = ((end - start) / threads + align - 1) & ~(align - 1);
-    for (unsigned t = 0; t < threads; t++) {
-      uint64_t a = start + step * t, b = t + 1 == threads ? end : start + step * (t + 1);
-      if (a >= end) break;
-      if (b > end) b = end;
-      if (t == 0) continue;
-      pool.emplace_back([&, a, b, t] { ScanRange(fd, spec, start, a, b, vecLen, parts[t]); });
-    }
-    ScanRange(fd, spec, start, start, step < end - start ? start + step : end, vecLen, parts[0]);
-    for (auto &th : pool) th.join();
-  }
-  std::vector<double> out;
-  uint64_t calls = 0, pages = 0;
-  for (auto &p : parts) {
-    if (p.err) ThrowErrno(env, p.what, p.err);
-    calls += p.calls;
-    pages += p.pages;
-    for (size_t i = 0; i < p.out.size(); i += 2) {
-      size_t k = out.size();
-      if (k >= 2 && out[k - 2] + out[k - 1] == p.out[i]) out[k - 1] += p.out[i + 1];
-      else { out.push_back(p.out[i]); out.push_back(p.out[i + 1]); }
-    }
   }
   Napi::Float64Array runs = Napi::Float64Array::New(env, out.size());
   if (!out.empty()) memcpy(runs.Data(), out.data(), out.size() * sizeof(double));
@@ -260,14 +205,13 @@ Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint6
   return r;
 }
 
-// scanWritten(pagemapFd, start, end, vecLen?, threads=1) -> { runs: Float64Array, calls, pages }
+// scanWritten(pagemapFd, start, end, vecLen?) -> { runs: Float64Array, calls, pages }
 // PAGEMAP_SCAN returning the pages written since they were last protected and
 // re-protecting them in the same walk (WP_MATCHING | CHECK_WPASYNC,
-// PAGE_IS_WRITTEN), looped until walk_end == end (in `threads` parts).
+// PAGE_IS_WRITTEN), looped until walk_end == end.
 Napi::Value ScanWritten(const Napi::CallbackInfo &info) {
   uint64_t vecLen = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "vecLen") : 4096;
-  uint64_t threads = info.Length() > 4 && !info[4].IsUndefined() ? ArgU64(info, 4, "threads") : 1;
-  return ScanLoop(info, {kPmScanWpMatching | kPmScanCheckWpasync, 0, kPageIsWritten, 0, kPageIsWritten}, vecLen, (unsigned)threads);
+  return ScanLoop(info, {kPmScanWpMatching | kPmScanCheckWpasync, 0, kPageIsWritten, 0, kPageIsWritten}, vecLen);
 }
 
 // scanPages(pagemapFd, start, end, { flags?, categoryInverted?, categoryMask?,

@@ -115,8 +115,6 @@ export class Checkpointer {
   async run(): Promise<void> {
     const { vm } = this.opts;
     this.tracker = await DirtyTracker.attach(this.opts.qemuPid);
-    // The collect's page walk grows with RAM: large guests walk it on every core.
-    if (this.tracker.ramSize >= 2 * 1024 ** 3) this.tracker.scanThreads = os.availableParallelism();
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
       if (this.opts.disks && this.opts.disks.paths.length > 0) {

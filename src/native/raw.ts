@@ -106,7 +106,7 @@ export interface RawAddon {
 
   // pagemap
   /** PAGEMAP_SCAN (WP_MATCHING | CHECK_WPASYNC, PAGE_IS_WRITTEN) looped until walk_end == end. */
-  scanWritten(pagemapFd: number, start: number, end: number, vecLen?: number, threads?: number): ScanResult;
+  scanWritten(pagemapFd: number, start: number, end: number, vecLen?: number): ScanResult;
   /** General PAGEMAP_SCAN with the same loop (until walk_end == end) and result shape as scanWritten. */
   scanPages(pagemapFd: number, start: number, end: number, spec: ScanSpec, vecLen?: number): ScanResult;
 

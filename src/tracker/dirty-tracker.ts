@@ -249,20 +249,13 @@ export class DirtyTracker {
     return out;
   }
 
-  /**
-   * Threads that walk the RAM range in parallel in collect(): the walk grows
-   * with the RAM size (about 1.5 ms per GiB here), so guests of 2 GiB and
-   * more split it.
-   */
-  scanThreads = 1;
-
   /** collect() as [offset, length] pairs (what the native layer returns). */
   collectFlat(vecLen?: number): Float64Array {
     this.#check('collect');
     const t0 = performance.now();
     let res;
     try {
-      res = this.#native.scanWritten(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, vecLen, this.scanThreads);
+      res = this.#native.scanWritten(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, vecLen);
     } catch (err) {
       throw this.#runtimeError('PAGEMAP_SCAN', err);
     }
