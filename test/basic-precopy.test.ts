@@ -3,7 +3,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until } from './helpers.js';
+import { makeLab, startStore, readJson, until } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { waitForMemcheckStep } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -24,7 +24,7 @@ test('basic mode: dirty sets beyond the staging cap go out in pre-copy rounds wh
   await waitForMemcheckStep(path.join(lab.home, 'vms', vm, 'serial.log'), 1, 30_000);
   // 4 MiB of staging, growing to at most 8 MiB, against a guest rewriting 64 MB unthrottled.
   await protectVm({ vm, store: store.address, intervalMs: 1000, generation: 1, stagingBytes: 4 << 20, stagingCapBytes: 8 << 20 });
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 4, 90_000, 'epoch 4');
+  await until('epoch 4', () => (protection(vm)?.committedEpoch ?? 0) >= 4, 90_000);
   const hist = readCheckpointHistory(vm).filter((h) => h.kind === 'incremental');
   assert.ok(hist.some((h) => (h.precopyRounds ?? 0) > 0), `pre-copy rounds ran (${hist.map((h) => h.precopyRounds).join(', ')})`);
   assert.ok(hist.every((h) => (h.stagingBytes ?? 0) <= 8 << 20), 'staging stays within its cap');
@@ -33,7 +33,7 @@ test('basic mode: dirty sets beyond the staging cap go out in pre-copy rounds wh
   for (let attempt = 0; ; attempt++) {
     await qmp.execute('stop');
     const e0 = protection(vm)!.committedEpoch;
-    await until(() => protection(vm)!.committedEpoch >= e0 + 2, 30_000, 'two commits after pause');
+    await until('two commits after pause', () => protection(vm)!.committedEpoch >= e0 + 2, 30_000);
     if ((await qmp.execute<{ status: string }>('query-status')).status === 'paused') break;
     assert.ok(attempt < 5, 'VM stays paused');
   }

@@ -2,7 +2,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { makeLab, readJson } from './helpers.js';
+import { makeLab, readJson } from './support/lab.js';
 import { waitForMemcheckStep } from '../src/vm/serial.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { CowTracker } from '../src/tracker/index.js';

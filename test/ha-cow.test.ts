@@ -7,7 +7,7 @@ import { findEtcd } from '../src/ha/etcd-process.js';
 import type { ProtectRequest } from '../src/ha/restore-adapter.js';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GiB, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, quiet, until } from './ha-helpers.js';
+import { GiB, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, quiet, until } from './support/ha.js';
 
 let haveEtcd = true;
 try {

@@ -3,7 +3,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from './helpers.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -51,7 +51,7 @@ async function startProtectedCow(vm: string, { mb = 32, rate = 8, grain = '64K',
 test('CoW image equals memory: the guest writes unthrottled; after commits of the paused VM the image is byte for byte its RAM', async () => {
   const vm = 'cimg';
   await startProtectedCow(vm, { mb: 64, rate: 0, grain: '256K', spec: true });
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 4, 90_000, 'epoch 4');
+  await until('epoch 4', () => (protection(vm)?.committedEpoch ?? 0) >= 4, 90_000);
   const hist = readCheckpointHistory(vm).filter((h) => h.kind === 'incremental');
   assert.ok(hist.every((h) => h.cow && h.cow.grain === 256 * 1024), 'checkpoints are copy-on-write at the spec\'s grain');
   assert.ok(hist.some((h) => h.bytes > 16 * 1024 * 1024), `the guest dirtied memory between checkpoints (${hist.map((h) => h.bytes).join(', ')})`);
@@ -60,7 +60,7 @@ test('CoW image equals memory: the guest writes unthrottled; after commits of th
   for (let attempt = 0; ; attempt++) {
     await qmp.execute('stop');
     const e0 = protection(vm)!.committedEpoch;
-    await until(() => protection(vm)!.committedEpoch >= e0 + 2, 30_000, 'two commits after pause');
+    await until('two commits after pause', () => protection(vm)!.committedEpoch >= e0 + 2, 30_000);
     if ((await qmp.execute<{ status: string }>('query-status')).status === 'paused') break;
     assert.ok(attempt < 5, 'VM stays paused');
   }
@@ -90,21 +90,21 @@ test('CoW image equals memory: the guest writes unthrottled; after commits of th
 test('CoW fail-over: SIGKILL the primary\'s QEMU, restore from a copy-on-write checkpoint, memcheck continues with zero violations', async () => {
   const vm = 'cfo';
   await startProtectedCow(vm, { mb: 32, rate: 32, grain: '64K' });
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000, 'epoch 3');
+  await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
   const samples: { at: number; step: number }[] = [];
   const sampler = setInterval(() => {
     const p = lastMemcheckProgress(serialOf(vm));
     if (p) samples.push({ at: Date.now(), step: p.step });
   }, 20);
   const e = protection(vm)!.committedEpoch;
-  await until(() => protection(vm)!.committedEpoch > e, 30_000, 'next commit');
+  await until('next commit', () => protection(vm)!.committedEpoch > e, 30_000);
   // Often inside the next checkpoint's background copy.
   await sleep(Math.floor(Math.random() * 800));
   clearInterval(sampler);
   const killedAt = fs.statSync(serialOf(vm)).size;
   process.kill(vmState(vm).qemuPid, 'SIGKILL');
-  await until(() => vmState(vm).lifecycle === 'crashed', 10_000, 'crash recorded');
-  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer gives up on a dead VM');
+  await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
+  await until('checkpointer gives up on a dead VM', () => !pidAlive(protection(vm)!.pid), 10_000);
 
   const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network']);
   assert.equal(r.code, 0, r.stderr);
@@ -123,7 +123,7 @@ test('CoW fail-over: SIGKILL the primary\'s QEMU, restore from a copy-on-write c
   // The restored VM (memfd RAM, its first uffd used for missing pages) is protected copy-on-write again.
   const p = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
   assert.equal(p.code, 0, p.stderr);
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 3 || undefined, 60_000, 'restored VM checkpoints copy-on-write');
+  await until('restored VM checkpoints copy-on-write', () => (protection(vm)?.committedEpoch ?? 0) >= 3 || undefined, 60_000);
   assert.equal(lab.cli(['unprotect', vm]).code, 0);
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
@@ -131,9 +131,9 @@ test('CoW fail-over: SIGKILL the primary\'s QEMU, restore from a copy-on-write c
 test('a SIGKILLed CoW checkpointer does not leave the guest blocked: unprotect releases its write protection', async () => {
   const vm = 'ckill';
   await startProtectedCow(vm, { mb: 32, rate: 0, grain: '64K' });
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000, 'epoch 2');
+  await until('epoch 2', () => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000);
   process.kill(protection(vm)!.pid, 'SIGKILL');
-  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer dead');
+  await until('checkpointer dead', () => !pidAlive(protection(vm)!.pid), 10_000);
   // RAM stays protected on the uffd QEMU holds: the guest's writes wait.
   await sleep(1500);
   const stuck = lastMemcheckProgress(serialOf(vm))!.step;

@@ -1,12 +1,10 @@
 import os from 'node:os';
-import { validateSpec } from '../vm/spec.js';
-import { startVm, stopVm } from '../vm/manager.js';
-import { lastMemcheckProgress, waitForMemcheckStep } from '../vm/serial.js';
+import { validateSpec, startVm, stopVm, waitForMemcheckStep, lastMemcheckProgress, vmPaths } from '../vm/index.js';
+import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/index.js';
 import { SpecError } from '../errors.js';
-import { vmPaths } from '../vm/runtime.js';
-import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/protection.js';
 import { benchEnv, summary, fmt, writeResults, sleep, type Summary } from './harness.js';
 import { barChart } from './svg-chart.js';
+import { BenchError } from '../errors.js';
 
 export interface CheckpointBenchOptions {
   outDir: string;
@@ -73,7 +71,7 @@ function parseMode(mode: string): { label: string; cow: false | { grain: number 
 async function waitEpoch(name: string, epoch: number): Promise<void> {
   while ((readProtection(name)?.committedEpoch ?? 0) < epoch) {
     const p = readProtection(name);
-    if (p?.state === 'failed') throw new Error(`protection of ${name} failed: ${p.reason}`);
+    if (p?.state === 'failed') throw new BenchError('HYDRA_BENCH_PROTECT_FAILED', `protection of ${name} failed: ${p.reason}`);
     await sleep(200);
   }
 }

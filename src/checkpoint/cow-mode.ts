@@ -1,8 +1,7 @@
 // Which checkpoint mode a protection request gets, and clean-up after a killed copy-on-write checkpointer.
 import { findGuestRam, releaseOrphanedCow } from '../tracker/index.js';
-import { readState, isLive } from '../vm/runtime.js';
+import { readState, isLive, type LaunchFile } from '../vm/index.js';
 import { vmLog } from '../util/log.js';
-import type { LaunchFile } from '../vm/supervisor.js';
 import { DEFAULT_COW_GRAIN, DEFAULT_COW_MAX_SPILL, DEFAULT_COW_STAGING, type CowSettings } from './cow-checkpointer.js';
 
 export { CowCheckpointer } from './cow-checkpointer.js';

@@ -1,5 +1,5 @@
 // The --cow / --grain options of `protect` and `cluster protect`.
-import { parseGrain } from '../vm/spec.js';
+import { parseGrain } from '../vm/index.js';
 import { SpecError } from '../errors.js';
 
 /** { cow: { grain? } } when --cow was given; {} otherwise (the VM's spec decides). */

@@ -17,8 +17,8 @@ export function registerProtectCommands(program: Command): void {
     .option('--basic', 'basic checkpoints (pages copied inside the pause), whatever the VM spec says')
     .option('--grain <size>', 'copy-on-write grain, a power of two from 4K to 2M (default 64K, or the spec\'s protection.grain)')
     .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string; layerDir?: string; cow?: boolean; basic?: boolean; grain?: string }) => {
-      const { protectVm, assertProtectable } = await import('../checkpoint/protection.js');
-      const { nextGeneration } = await import('../checkpoint/generation.js');
+      const { protectVm, assertProtectable } = await import('../checkpoint/index.js');
+      const { nextGeneration } = await import('../checkpoint/index.js');
       const intervalMs = parseDuration(opts.interval, '--interval');
       if (opts.cow && opts.basic) throw new SpecError('--cow and --basic: choose one checkpoint mode');
       const cow = opts.basic ? false as const : cowOption(opts).cow;
@@ -46,7 +46,7 @@ export function registerProtectCommands(program: Command): void {
     .description('stop checkpointing a VM (the VM keeps running; the image stays in the store)')
     .argument('<name>')
     .action(async (name: string) => {
-      const { unprotectVm } = await import('../checkpoint/protection.js');
+      const { unprotectVm } = await import('../checkpoint/index.js');
       const s = await unprotectVm(name);
       process.stdout.write(s ? `VM ${name} unprotected at epoch ${s.committedEpoch}\n` : `VM ${name} was not protected\n`);
     });
@@ -56,7 +56,7 @@ export function registerProtectCommands(program: Command): void {
     .option('--json', 'machine-readable output')
     .option('--prometheus', 'Prometheus text format')
     .action(async (opts: { json?: boolean; prometheus?: boolean }) => {
-      const { collectStatus, renderPrometheus } = await import('../checkpoint/status-report.js');
+      const { collectStatus, renderPrometheus } = await import('../checkpoint/index.js');
       const rows = collectStatus();
       if (opts.prometheus) return void process.stdout.write(await renderPrometheus(rows));
       if (opts.json) return printJson(rows);
@@ -72,7 +72,7 @@ export function registerProtectCommands(program: Command): void {
   program.command('internal-checkpoint', { hidden: true })
     .argument('<name>')
     .action(async (name: string) => {
-      const { runCheckpointerProcess } = await import('../checkpoint/protection.js');
+      const { runCheckpointerProcess } = await import('../checkpoint/index.js');
       await runCheckpointerProcess(name);
     });
 }

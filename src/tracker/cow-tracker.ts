@@ -20,8 +20,7 @@
 import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { constants as bufferConstants } from 'node:buffer';
 import { TrackerError } from '../errors.js';
-import { loadNative, type RawAddon } from '../native/index.js';
-import type { CowBatch, CowCollectResult, CowHandle, CowStats, RawCowAddon } from '../native/raw-cow.js';
+import { loadNative, type RawAddon, type CowBatch, type CowCollectResult, type CowHandle, type CowStats, type RawCowAddon } from '../native/index.js';
 import { findGuestRam, processStartTime, type GuestRamMapping } from './guest-ram.js';
 import { populatedRunsOf, type DirtyRun } from './dirty-tracker.js';
 import { errnoCode, errnoText, listUffds, openPidfd, processGoneError, UFFD_FEATURE_INITIALIZED } from './uffd.js';
