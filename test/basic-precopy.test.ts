@@ -21,7 +21,7 @@ test('basic mode: dirty sets beyond the staging cap go out in pre-copy rounds wh
   const vm = 'prec1';
   const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=64 memcheck.rate=0' });
   assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
-  await waitForMemcheckStep(path.join(lab.home, 'vms', vm, 'serial.log'), 1, 30_000);
+  await waitForMemcheckStep(path.join(lab.home, 'vms', vm, 'serial.log'), 1, 120_000);
   // 4 MiB of staging, growing to at most 8 MiB, against a guest rewriting 64 MB unthrottled.
   await protectVm({ vm, store: store.address, intervalMs: 1000, generation: 1, stagingBytes: 4 << 20, stagingCapBytes: 8 << 20 });
   await until('epoch 4', () => (protection(vm)?.committedEpoch ?? 0) >= 4, 90_000);

@@ -39,7 +39,7 @@ async function startProtectedCow(vm: string, { mb = 32, rate = 8, grain = '64K',
   const file = lab.writeSpec(vm, fields);
   const r = lab.cli(['vm', 'start', file]);
   assert.equal(r.code, 0, r.stderr);
-  await waitForMemcheckStep(serialOf(vm), 1, 30_000);
+  await waitForMemcheckStep(serialOf(vm), 1, 120_000);
   const args = ['protect', vm, '--store', store.address, '--interval', '1s'];
   if (!spec) args.push('--cow', '--grain', grain);
   const p = await lab.cliAsync(args);
