@@ -109,7 +109,7 @@ uint64_t CheckRuns(Napi::Env env, const double *r, size_t n, bool haveLimit, uin
   return total;
 }
 
-// copyRuns(src, runs: Float64Array [offset, length]*, dst, dstOffset=0) -> bytes
+// copyRuns(src, runs: Float64Array [offset, length]*, dst, dstOffset=0, maxThreads=4) -> bytes
 // Copies each run of src, in order, contiguously into dst from dstOffset.
 // All bounds are checked before the first byte moves.
 Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
@@ -129,7 +129,9 @@ Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
   // Within a checkpoint's pause the vCPUs are stopped, so the copy may use every
   // core: one thread saturates well below the memory bandwidth here.
   unsigned threads = std::thread::hardware_concurrency();
-  if (threads > 4) threads = 4;
+  unsigned maxThreads = info.Length() > 4 && !info[4].IsUndefined() ? (unsigned)ArgU64(info, 4, "maxThreads") : 4;
+  if (maxThreads < 1) maxThreads = 1;
+  if (threads > maxThreads) threads = maxThreads;
   if (threads < 2 || total < (8u << 20)) {
     for (size_t i = 0; i < n; i += 2) {
       size_t o = (size_t)r[i], l = (size_t)r[i + 1];

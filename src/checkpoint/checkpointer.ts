@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker } from '../tracker/index.js';
@@ -11,6 +12,13 @@ import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.
 const PAGE = 4096;
 /** Page data per protocol frame. */
 const BATCH_BYTES = 8 * 1024 * 1024;
+/** Staging to start with, and the most it grows to by default. */
+const STAGING_START = 64 * 1024 * 1024;
+const STAGING_CAP = 1024 * 1024 * 1024;
+/** Pre-copy rounds before a pause whose dirty set would not fit the staging buffer. */
+const MAX_PRECOPY_ROUNDS = 3;
+/** Copy threads inside the pause (the device-state save runs in QEMU at the same time). */
+const PAUSE_COPY_THREADS = Math.max(1, os.availableParallelism() - 1);
 
 export interface CheckpointerOptions {
   vm: string;
@@ -25,8 +33,13 @@ export interface CheckpointerOptions {
   intervalMs: number;
   /** The VM's launch configuration, kept with the image so a restore can start the same devices. */
   config: unknown;
-  /** Pre-faulted staging buffer: dirty pages beyond it are sent while the VM stays paused. */
+  /**
+   * Pre-faulted staging buffer the pause copies into: its first size (default
+   * 64 MiB); it grows, outside the pause, to the dirty sets it sees, up to
+   * stagingCapBytes (default 1 GiB, at most the RAM size).
+   */
   stagingBytes?: number;
+  stagingCapBytes?: number;
   /** Called after every state change and commit. */
   onStatus?: (status: ProtectionStatus) => void;
   /** Called with each committed checkpoint's measurements. */
@@ -109,7 +122,7 @@ export class Checkpointer {
         this.freezer = await DiskFreezer.open({ vm, qmp: this.qmp, disks: this.opts.disks.paths, layerDir: this.opts.disks.layerDir });
         await this.freezer.prepare();
       }
-      this.staging = this.tracker.allocStaging(Math.min(this.opts.stagingBytes ?? 256 * 1024 * 1024, this.tracker.ramSize));
+      this.staging = this.tracker.allocStaging(Math.min(this.opts.stagingBytes ?? STAGING_START, this.stagingCap()));
       this.bounce = this.tracker.allocStaging(BATCH_BYTES);
       this.log.info({ ramSize: this.tracker.ramSize, store: this.opts.store, generation: this.opts.generation }, 'protection started');
       let backoff = 250;
@@ -147,6 +160,46 @@ export class Checkpointer {
       this.qmp?.close();
       this.tracker.close();
     }
+  }
+
+  private stagingCap(): number {
+    return Math.min(this.opts.stagingCapBytes ?? STAGING_CAP, this.tracker.ramSize);
+  }
+
+  /** Grow the staging buffer (pre-faulted, never inside a pause) towards `need` bytes, up to the cap. */
+  private growStaging(need: number): void {
+    const cap = this.stagingCap();
+    if (this.staging.length >= cap || need <= this.staging.length) return;
+    const MB2 = 2 * 1024 * 1024;
+    const size = Math.min(cap, Math.max(this.staging.length * 2, Math.ceil((need * 1.25) / MB2) * MB2));
+    this.log.info({ from: this.staging.length, to: size }, 'growing the checkpoint staging buffer');
+    this.staging = this.tracker.allocStaging(size);
+  }
+
+  /**
+   * While the VM runs: if the pages written since the last checkpoint would
+   * not fit the staging buffer, grow it; if they still would not, send them
+   * now (re-arming their tracking) and look again, like a migration's
+   * pre-copy rounds. The pause then copies only what was written since.
+   * Returns the rounds taken and the bytes they sent.
+   */
+  private async precopy(client: StoreClient): Promise<{ rounds: number; bytes: number }> {
+    let bytes = 0;
+    for (let round = 0; round < MAX_PRECOPY_ROUNDS; round++) {
+      const pending = this.tracker.peekWrittenBytes() + (round === 0 ? totalBytes(this.unacked) : 0);
+      this.growStaging(pending);
+      if (pending <= this.staging.length) return { rounds: round, bytes };
+      const collected = this.tracker.collect();
+      const runs = round === 0 ? mergeRuns(this.unacked, collected) : collected;
+      // Sent in this checkpoint: if it is lost, they must go into the next one.
+      this.unacked = round === 0 ? runs : mergeRuns(this.unacked, runs);
+      for (const batch of batchRuns(runs, BATCH_BYTES)) {
+        const n = this.tracker.copyRuns(batch, this.bounce);
+        await client.sendPages(batch, this.bounce.subarray(0, n));
+        bytes += n;
+      }
+    }
+    return { rounds: MAX_PRECOPY_ROUNDS, bytes };
   }
 
   /** QEMU gone or this incarnation fenced: stop. Store trouble: retry. */
@@ -225,6 +278,7 @@ export class Checkpointer {
 
     // Announced before the pause: nothing in it waits for the store.
     if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
+    const pre = await this.precopy(client);
 
     const t0 = performance.now();
     if (wasRunning) await this.qmp.execute('stop');
@@ -237,6 +291,7 @@ export class Checkpointer {
     let runs: Run[] = [];
     let stagedRuns: Run[] = [];
     let overflow: Run[] = [];
+    let overflowBuf: Buffer | undefined;
     let collectMs = 0;
     let copyMs = 0;
     let devstateMs = 0;
@@ -245,10 +300,12 @@ export class Checkpointer {
     let contMs = 0;
     let t5 = t1;
     try {
-      runs = mergeRuns(this.unacked, this.tracker.collect());
+      // After pre-copy rounds the carried-over runs were already sent in this checkpoint.
+      runs = pre.rounds > 0 ? this.tracker.collect() : mergeRuns(this.unacked, this.tracker.collect());
       const t2 = performance.now();
       collectMs = t2 - t1;
-      // What fits the staging buffer is copied now and sent after `cont`; the rest goes out while paused.
+      // What fits the staging buffer is copied now and sent after `cont`. A rest (the guest out-wrote
+      // the pre-copy rounds and the cap) is copied to memory taken now: slower, but never network I/O.
       let staged = 0;
       let split = runs.length;
       for (let i = 0; i < runs.length; i++) {
@@ -257,7 +314,8 @@ export class Checkpointer {
       }
       stagedRuns = runs.slice(0, split);
       overflow = runs.slice(split);
-      this.tracker.copyRuns(stagedRuns, this.staging);
+      // One copy thread: QEMU saves the device state meanwhile and needs the other core.
+      this.tracker.copyRuns(stagedRuns, this.staging, 0, PAUSE_COPY_THREADS);
       copyMs = performance.now() - t2;
       devstateMs = await devstateSaved;
       if (this.freezer) {
@@ -265,9 +323,9 @@ export class Checkpointer {
         disks = await this.freezer.freeze(epoch);
         diskMs = performance.now() - td;
       }
-      for (const batch of batchRuns(overflow, BATCH_BYTES)) {
-        const n = this.tracker.copyRuns(batch, this.bounce);
-        await client.sendPages(batch, this.bounce.subarray(0, n));
+      if (overflow.length > 0) {
+        overflowBuf = Buffer.allocUnsafeSlow(totalBytes(overflow));
+        this.tracker.copyRuns(overflow, overflowBuf);
       }
     } finally {
       // Only waits for QEMU to finish before the next step; a failed save already failed the checkpoint above.
@@ -277,7 +335,7 @@ export class Checkpointer {
       t5 = performance.now();
       contMs = t5 - t4;
     }
-    this.unacked = runs;
+    this.unacked = pre.rounds > 0 ? mergeRuns(this.unacked, runs) : runs;
     const devstate = fs.readFileSync(this.opts.devstateFile);
 
     const ts = performance.now();
@@ -285,6 +343,12 @@ export class Checkpointer {
     for (const batch of batchRuns(stagedRuns, BATCH_BYTES)) {
       const n = totalBytes(batch);
       await client.sendPages(batch, this.staging.subarray(pos, pos + n));
+      pos += n;
+    }
+    pos = 0;
+    for (const batch of batchRuns(overflow, BATCH_BYTES)) {
+      const n = totalBytes(batch);
+      await client.sendPages(batch, overflowBuf!.subarray(pos, pos + n));
       pos += n;
     }
     await client.sendDeviceState(devstate);
@@ -296,13 +360,16 @@ export class Checkpointer {
     this.unacked = [];
     this.freezer?.committed(epoch);
 
-    const bytes = totalBytes(runs);
+    const bytes = totalBytes(runs) + pre.bytes;
+    // Grow for next time while nothing waits on it.
+    if (totalBytes(runs) > this.staging.length * 0.75) this.growStaging(totalBytes(runs) * 1.5);
     const stats: CheckpointStats = {
       epoch, kind, startedAt,
       pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
       diskChainLength: this.freezer?.chainLength() ?? 0,
+      precopyRounds: pre.rounds, stagingBytes: this.staging.length,
     };
     this.history.push(stats);
     this.opts.onCheckpoint?.(stats);

@@ -4,21 +4,25 @@ import path from 'node:path';
 export function registerBenchCommand(program: Command): void {
   const bench = program.command('bench').description('benchmarks: write JSON, a Markdown table and SVG plots');
   bench.command('checkpoint')
-    .description('pause, size and commit time of incremental checkpoints (memcheck working sets x intervals)')
+    .description('basic and copy-on-write checkpoints side by side: pause, collect, copy, device state, bytes per checkpoint, guest slowdown')
     .option('--out <dir>', 'output directory', path.join('bench', 'results'))
-    .option('--working-sets <mb>', 'comma-separated memcheck working sets in MB', '64,16')
-    .option('--intervals <s>', 'comma-separated checkpoint intervals in seconds', '1,2,5,10')
+    .option('--memory <sizes>', 'comma-separated guest memory sizes', '512M,4G')
+    .option('--working-sets <mb>', 'comma-separated memcheck working sets in MB (rewritten unthrottled: the dirty set per checkpoint)', '64,256')
+    .option('--modes <list>', 'comma-separated modes: basic, cow:<grain>', 'basic,cow:4K,cow:64K,cow:256K')
     .option('--checkpoints <n>', 'incremental checkpoints measured per configuration', '10')
-    .option('--memory <size>', 'guest memory', '512M')
+    .option('--interval <s>', 'checkpoint interval in seconds', '1')
+    .option('--slowdown-window <s>', 'seconds of guest progress per slowdown measurement (0: skip)', '15')
     .option('--no-disk', 'skip the run with a qcow2 disk')
-    .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string; disk: boolean }) => {
+    .action(async (opts: { out: string; memory: string; workingSets: string; modes: string; checkpoints: string; interval: string; slowdownWindow: string; disk: boolean }) => {
       const { runCheckpointBench } = await import('../bench/index.js');
       const r = await runCheckpointBench({
         outDir: opts.out,
+        memories: opts.memory.split(','),
         workingSetsMb: opts.workingSets.split(',').map(Number),
-        intervalsS: opts.intervals.split(',').map(Number),
+        modes: opts.modes.split(','),
         checkpoints: Number(opts.checkpoints),
-        memory: opts.memory,
+        intervalS: Number(opts.interval),
+        slowdownWindowS: Number(opts.slowdownWindow),
         disk: opts.disk,
         log: (m) => process.stderr.write(`${m}\n`),
       });

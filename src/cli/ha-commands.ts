@@ -1,3 +1,4 @@
+import { cowOption } from './cow-option.js';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { bytes, ms, printJson, table } from './format.js';
@@ -159,17 +160,19 @@ export function registerHaCommands(program: Command): void {
     .option('--store-dir <dir>', 'the store\'s directory, for file-mode restores on this machine')
     .option('--mode <mode>', 'restore mode: network (pages from the store) | file (maps the image; needs --store-dir)', 'network')
     .option('--interval <duration>', 'checkpoint interval', '2s')
+    .option('--cow', 'copy-on-write checkpoints: the pause only re-arms write protection; pages are copied after the VM resumes')
+    .option('--grain <size>', 'copy-on-write grain, a power of two from 4K to 2M (default 64K)')
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .option('--no-wait', 'return once registered, without waiting for the first checkpoint')
-    .action(async (vm: string, opts: { host: string; store: string; storeDir?: string; mode: string; interval: string; etcd?: string; dir?: string; wait: boolean }) => {
+    .action(async (vm: string, opts: { host: string; store: string; storeDir?: string; mode: string; interval: string; cow?: boolean; grain?: string; etcd?: string; dir?: string; wait: boolean }) => {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
       if (opts.mode === 'file' && !opts.storeDir) throw new SpecError('--mode file restores map the image file: give the store directory as the hosts see it (--store-dir)');
       const { Cluster } = await import('../ha/index.js');
       const { protectInCluster } = await import('../ha/index.js');
       const c = new Cluster(await resolveEtcd(opts));
       try {
-        const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval') }, { wait: opts.wait });
+        const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval'), ...cowOption(opts) }, { wait: opts.wait });
         process.stdout.write(`VM ${vm} on ${r.host}: ${r.state}${r.state === 'protected' ? ` at generation ${r.generation}` : ''}\n`);
       } finally {
         c.close();

@@ -120,7 +120,7 @@ export class AssignmentRunner {
     if (!(local?.protection?.state === 'protected' && local.protection.generation === a.generation && local.protection.pid && pidAlive(local.protection.pid))) {
       try {
         if (res.pager) await res.pager.done;
-        await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile });
+        await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       } catch (err) {
         const msg = (err as Error).message;
         core.log.error({ vm: a.vm, generation: a.generation, err: msg }, 'restored VM runs unprotected: protection failed');
@@ -166,7 +166,7 @@ export class AssignmentRunner {
       generation = await cluster.allocateGeneration(a.vm, storeNext ?? 0);
       await cluster.updateVm(a.vm, (c) => (c.host === host && c.state === 'protecting' ? { ...c, generation, memoryBytes: local.state?.memoryBytes } : undefined));
       writeHaLocal(home, { vm: a.vm, host, generation, updatedAt: Date.now() });
-      const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile });
+      const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
           ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined }

@@ -98,6 +98,8 @@ export interface VmRecord {
   storeDir?: string;
   mode: RestoreMode;
   intervalMs: number;
+  /** Copy-on-write checkpoints (grain in bytes). */
+  cow?: { grain?: number };
   memoryBytes?: number;
   state: VmHaState;
   reason?: string;
@@ -124,6 +126,7 @@ export interface Assignment {
   storeDir?: string;
   mode: RestoreMode;
   intervalMs: number;
+  cow?: { grain?: number };
   createdAt: number;
   by: string;
 }

@@ -328,6 +328,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       storeDir: r.storeDir,
       mode: r.mode,
       intervalMs: r.intervalMs,
+      ...(r.cow ? { cow: r.cow } : {}),
       createdAt: assignedAt,
       by: this.id,
     };
@@ -388,7 +389,7 @@ export async function assignRestore(cluster: Cluster, observed: Versioned<VmReco
   const generation = Math.max(counter.value, r.generation) + 1;
   const e = cluster.etcd;
   const now = Date.now();
-  const assignment: Assignment = { kind: 'restore', vm: r.name, host, generation, imageGeneration: r.imageGeneration, store: r.store, storeDir: r.storeDir, mode: r.mode, intervalMs: r.intervalMs, createdAt: now, by };
+  const assignment: Assignment = { kind: 'restore', vm: r.name, host, generation, imageGeneration: r.imageGeneration, store: r.store, storeDir: r.storeDir, mode: r.mode, intervalMs: r.intervalMs, ...(r.cow ? { cow: r.cow } : {}), createdAt: now, by };
   const res = await e
     .if(keys.vm(r.name), 'Mod', '==', observed.modRevision)
     .and(keys.generation(r.name), 'Mod', '==', counter.modRevision)

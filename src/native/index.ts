@@ -14,6 +14,7 @@ import type { RawAddon } from './raw.js';
 
 export type { RawAddon, RawNativeError, ScanResult, UffdApiResult, WaitFaultsResult, RawConstants, ScanSpec } from './raw.js';
 export { isRawNativeError } from './raw.js';
+export type { RawCowAddon, CowHandle, CowBatch, CowCollectResult, CowStats } from './raw-cow.js';
 export { nativeAddonPath, shimPath };
 
 let cached: RawAddon | undefined;

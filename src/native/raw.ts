@@ -118,7 +118,7 @@ export interface RawAddon {
   /** Replace an addon mapping in place by zeros (drops the file/memory); false if buf is not one. */
   releaseMapping(buf: Buffer): boolean;
   /** memcpy each [offset, length] run of src, in order, contiguously into dst from dstOffset. */
-  copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number): number;
+  copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number, maxThreads?: number): number;
   /** lseek SEEK_DATA / SEEK_HOLE; -1 when nothing at or after offset (ENXIO). */
   lseek(fd: number, offset: number, whence: 'data' | 'hole'): number;
   /**

@@ -16,6 +16,7 @@ import { guestArtifactsDir } from '../config/paths.js';
  *   initrd: guest:initrd.img
  *   cmdline: "console=ttyS0 hydra.run=memcheck memcheck.mb=64"
  *   disks: [{ path: disk0.qcow2, size: 256M }]   # qcow2; created at start when missing and size is given
+ *   protection: { cow: true, grain: 64K }        # how `protect` checkpoints it (default: basic mode)
  */
 
 const sizeRe = /^(\d+)\s*([KMGT]i?B?|B)?$/i;
@@ -50,6 +51,10 @@ const specSchema = z.object({
   initrd: z.string().min(1).optional(),
   cmdline: z.string().default('console=ttyS0'),
   disks: z.array(diskSchema).default([]),
+  protection: z.object({
+    cow: z.boolean().default(false),
+    grain: sizeSchema.optional(),
+  }).strict().optional(),
 }).strict();
 
 export interface DiskSpec {
@@ -69,6 +74,8 @@ export interface VmSpec {
   initrd?: string;
   cmdline: string;
   disks: DiskSpec[];
+  /** Checkpoint mode when protected: copy-on-write (with its grain in bytes) or basic. */
+  protection?: { cow: boolean; grainBytes?: number };
 }
 
 function resolveArtifact(ref: string, baseDir: string): string {
@@ -91,6 +98,7 @@ export function validateSpec(raw: unknown, baseDir: string, source = 'spec'): Vm
   const memoryBytes = parseSize(s.memory, `${source}: memory`);
   if (memoryBytes < 32 * 1024 ** 2) throw new SpecError(`${source}: memory: ${s.memory} is too small (at least 32M)`);
   if (memoryBytes % (2 * 1024 ** 2) !== 0) throw new SpecError(`${source}: memory: ${s.memory} must be a multiple of 2M`);
+  const grainBytes = s.protection?.grain === undefined ? undefined : parseGrain(s.protection.grain, `${source}: protection.grain`);
   return {
     name: s.name,
     memoryBytes,
@@ -103,7 +111,15 @@ export function validateSpec(raw: unknown, baseDir: string, source = 'spec'): Vm
       path: path.resolve(baseDir, d.path),
       size: d.size === undefined ? undefined : parseSize(d.size, `${source}: disks.${i}.size`),
     })),
+    ...(s.protection ? { protection: { cow: s.protection.cow, ...(grainBytes ? { grainBytes } : {}) } } : {}),
   };
+}
+
+/** A copy-on-write grain: a power of two from 4K to 2M. */
+export function parseGrain(value: string | number, what: string): number {
+  const g = parseSize(value, what);
+  if (g < 4096 || g > 2 * 1024 ** 2 || (g & (g - 1)) !== 0) throw new SpecError(`${what}: ${value} is not a power of two from 4K to 2M`);
+  return g;
 }
 
 /** Read, parse and validate a spec file. */
