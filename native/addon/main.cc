@@ -1,6 +1,6 @@
 // hydra_native: syscalls HydraVM needs that Node does not offer.
 //   uffd.cc    pidfd, userfaultfd (write-protect and missing modes), PAGEMAP_SCAN
-//   memory.cc  mmap-backed Buffers (guest RAM view, pre-faulted staging), batch copy, lseek
+//   memory.cc  mmap-backed Buffers (guest RAM view, pre-faulted staging), batch copy, lseek, flock
 #include "common.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
