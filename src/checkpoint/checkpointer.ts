@@ -2,11 +2,13 @@ import fs from 'node:fs';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker } from '../tracker/index.js';
+import { processStartTime } from '../tracker/guest-ram.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
+import { CheckpointFaults } from './faults.js';
 
 const PAGE = 4096;
 /** Page data per protocol frame. */
@@ -55,8 +57,17 @@ export class Checkpointer {
   private bounce!: Buffer;
   private stopped = false;
   private wake: (() => void) | undefined;
-  /** Runs of checkpoints sent but not acknowledged: re-sent from current memory if the store loses them. */
+  /**
+   * Runs collected (re-protected) but not yet acknowledged by the store. They
+   * are owed from the instant they are collected: a checkpoint that fails at
+   * any step leaves them here, and the next one sends them again, re-read from
+   * memory in its pause.
+   */
   private unacked: Run[] = [];
+  /** Test-only fault injection (HYDRAVM_CKPT_FAULT, see faults.ts). */
+  private readonly faults = new CheckpointFaults(process.env.HYDRAVM_CKPT_FAULT);
+  /** QEMU's start time (/proc stat), so a fenced checkpointer never kills a process that reused its pid. */
+  private qemuStartTime: number | undefined;
   private needFull = true;
   private history: CheckpointStats[] = [];
   private lastStart: number | null = null;
@@ -101,6 +112,7 @@ export class Checkpointer {
 
   async run(): Promise<void> {
     const { vm } = this.opts;
+    this.qemuStartTime = processStartTime(this.opts.qemuPid);
     this.tracker = await DirtyTracker.attach(this.opts.qemuPid);
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
@@ -137,6 +149,11 @@ export class Checkpointer {
       }
       this.publish({ state: 'stopped', reason: 'unprotected' });
     } catch (err) {
+      if (err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION') {
+        const fenced = this.killFencedQemu(err);
+        this.publish({ state: 'failed', reason: fenced.message });
+        throw fenced;
+      }
       this.publish({ state: 'failed', reason: (err as Error).message });
       throw err;
     } finally {
@@ -149,9 +166,34 @@ export class Checkpointer {
     }
   }
 
-  /** QEMU gone or this incarnation fenced: stop. Store trouble: retry. */
+  /**
+   * A newer incarnation was registered at the store: this one must not run a
+   * moment longer (two copies of one server on the network). SIGKILL QEMU at
+   * once, but only the very process we protect: its start time must still
+   * match, so a pid reused since is never hit.
+   */
+  private killFencedQemu(err: HydraError): CheckpointError {
+    const pid = this.opts.qemuPid;
+    const now = processStartTime(pid);
+    let what: string;
+    if (now !== undefined && now === this.qemuStartTime) {
+      try {
+        process.kill(pid, 'SIGKILL');
+        what = `killed its QEMU (pid ${pid})`;
+      } catch (e) {
+        what = `could not kill its QEMU (pid ${pid}): ${(e as Error).message}`;
+      }
+    } else {
+      what = `its QEMU (pid ${pid}) is already gone`;
+    }
+    this.log.error({ qemuPid: pid, generation: this.opts.generation, err: err.message }, `fenced by a newer generation: ${what}`);
+    return new CheckpointError('HYDRA_CKPT_FENCED', `VM ${this.opts.vm} generation ${this.opts.generation} was fenced by the store (${err.message}); the checkpointer ${what}`, { cause: err });
+  }
+
+  /** QEMU gone or this incarnation fenced: stop. Store trouble (or an injected test fault): retry. */
   private retryable(err: unknown): boolean {
     if (err instanceof QmpClosedError) return false;
+    if (err instanceof CheckpointError && err.code === 'HYDRA_CKPT_INJECTED') return true;
     if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
     if (err instanceof CheckpointError) return false;
     return true;
@@ -244,8 +286,20 @@ export class Checkpointer {
     let disks: string[] | undefined;
     let contMs = 0;
     let t5 = t1;
+    this.faults.nextAttempt();
     try {
-      runs = mergeRuns(this.unacked, this.tracker.collect());
+      let collected: Run[];
+      try {
+        collected = this.tracker.collect();
+      } catch (err) {
+        // A scan that failed part-way may have re-protected pages it never reported: only a full checkpoint is certain.
+        this.needFull = true;
+        throw err;
+      }
+      runs = mergeRuns(this.unacked, collected);
+      // Owed from this instant, whatever fails below.
+      this.unacked = runs;
+      this.faults.hit('collect');
       const t2 = performance.now();
       collectMs = t2 - t1;
       // What fits the staging buffer is copied now and sent after `cont`; the rest goes out while paused.
@@ -258,14 +312,19 @@ export class Checkpointer {
       stagedRuns = runs.slice(0, split);
       overflow = runs.slice(split);
       this.tracker.copyRuns(stagedRuns, this.staging);
+      this.faults.hit('copy');
       copyMs = performance.now() - t2;
       devstateMs = await devstateSaved;
+      this.faults.hit('devstate');
+      this.faults.hit('freeze');
       if (this.freezer) {
         const td = performance.now();
         disks = await this.freezer.freeze(epoch);
         diskMs = performance.now() - td;
       }
       for (const batch of batchRuns(overflow, BATCH_BYTES)) {
+        // A dropped connection: the send below fails as a real one would.
+        if (this.faults.due('overflow')) await client.close();
         const n = this.tracker.copyRuns(batch, this.bounce);
         await client.sendPages(batch, this.bounce.subarray(0, n));
       }
@@ -277,11 +336,11 @@ export class Checkpointer {
       t5 = performance.now();
       contMs = t5 - t4;
     }
-    this.unacked = runs;
     const devstate = fs.readFileSync(this.opts.devstateFile);
 
     const ts = performance.now();
     let pos = 0;
+    if (this.faults.due('send')) await client.close();
     for (const batch of batchRuns(stagedRuns, BATCH_BYTES)) {
       const n = totalBytes(batch);
       await client.sendPages(batch, this.staging.subarray(pos, pos + n));
@@ -290,8 +349,10 @@ export class Checkpointer {
     await client.sendDeviceState(devstate);
     if (disks) await client.sendDisks(disks);
     const te = performance.now();
+    this.faults.hit('commit');
     const ack = await client.commit();
     const tc = performance.now();
+    this.faults.hit('ack');
     if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
     this.unacked = [];
     this.freezer?.committed(epoch);

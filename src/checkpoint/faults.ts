@@ -1,0 +1,59 @@
+// Test-only fault injection at each step of a checkpoint (HYDRAVM_CKPT_FAULT); never set in production.
+/**
+ * `HYDRAVM_CKPT_FAULT=<step>@<n>,...` makes the n-th checkpoint attempt of the
+ * checkpointer process (counting from 1, failed attempts included, the full
+ * checkpoint's closing pause included) fail at <step>. Steps, in checkpoint order:
+ *
+ *   collect   after the dirty runs were collected (and re-protected), in the pause
+ *   copy      after they were copied into the staging buffer, in the pause
+ *   devstate  as if xen-save-devices-state had failed, in the pause
+ *   freeze    as if freezing the disk layers had failed, in the pause
+ *   overflow  the store connection drops while overflow pages are sent in the pause
+ *   send      the store connection drops while staged pages are sent after `cont`
+ *   commit    just before COMMIT is sent
+ *   ack       after COMMITTED arrived, before it is recorded (an acknowledgement lost)
+ *
+ * A fault either throws HYDRA_CKPT_INJECTED (retried like a store failure) or,
+ * for overflow/send, closes the store connection so the next send fails as a
+ * real drop would. The tests use it to prove that no failure loses a dirty page.
+ */
+import { CheckpointError } from '../errors.js';
+
+export const CKPT_FAULT_STEPS = ['collect', 'copy', 'devstate', 'freeze', 'overflow', 'send', 'commit', 'ack'] as const;
+export type CkptFaultStep = (typeof CKPT_FAULT_STEPS)[number];
+
+export class CheckpointFaults {
+  private readonly at = new Map<number, Set<CkptFaultStep>>();
+  private attempt = 0;
+
+  constructor(spec: string | undefined) {
+    for (const part of (spec ?? '').split(',').map((s) => s.trim()).filter(Boolean)) {
+      const m = /^([a-z]+)@(\d+)$/.exec(part);
+      if (!m || !(CKPT_FAULT_STEPS as readonly string[]).includes(m[1]!)) {
+        throw new CheckpointError('HYDRA_CKPT_BAD_FAULT', `bad HYDRAVM_CKPT_FAULT entry "${part}": expected <step>@<n> with step one of ${CKPT_FAULT_STEPS.join(', ')}`);
+      }
+      const n = Number(m[2]);
+      if (!this.at.has(n)) this.at.set(n, new Set());
+      this.at.get(n)!.add(m[1] as CkptFaultStep);
+    }
+  }
+
+  get enabled(): boolean {
+    return this.at.size > 0;
+  }
+
+  /** A checkpoint attempt starts; returns its number. */
+  nextAttempt(): number {
+    return ++this.attempt;
+  }
+
+  /** True when `step` must fail in the current attempt. */
+  due(step: CkptFaultStep): boolean {
+    return this.at.get(this.attempt)?.has(step) ?? false;
+  }
+
+  /** Throw the injected failure when `step` is due. */
+  hit(step: CkptFaultStep): void {
+    if (this.due(step)) throw new CheckpointError('HYDRA_CKPT_INJECTED', `injected fault at checkpoint step "${step}" (attempt ${this.attempt}, HYDRAVM_CKPT_FAULT)`);
+  }
+}
