@@ -31,6 +31,11 @@ export interface RestoreOptions {
   newGeneration?: number;
   /** Protect the restored VM again, under `newGeneration`. */
   protect?: { intervalMs: number; secretFile?: string };
+  /**
+   * Leave the guest paused once its device state is loaded (restore drills,
+   * verification): memory is still fetched (network mode), the VM is not resumed.
+   */
+  paused?: boolean;
   /** Network mode: background prefetch (on by default). */
   prefetch?: boolean;
   /** Disk overlays to open instead of the spec's disks (prepared from the checkpoint's frozen layers). */
@@ -178,7 +183,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       await qmp.execute('migrate-incoming', { uri: `file:${devstateFile}` });
       await waitMigration(qmp, opts.vm);
       const deviceLoadMs = performance.now() - tLoad;
-      await qmp.execute('cont');
+      if (!opts.paused) await qmp.execute('cont');
       const tRun = performance.now();
       pager?.startPrefetch();
       const timings: RestoreTimings = {
