@@ -324,7 +324,7 @@ export class Checkpointer {
       }
       for (const batch of batchRuns(overflow, BATCH_BYTES)) {
         // A dropped connection: the send below fails as a real one would.
-        if (this.faults.due('overflow')) await client.close();
+        if (this.faults.drop('overflow', this.log)) await client.close();
         const n = this.tracker.copyRuns(batch, this.bounce);
         await client.sendPages(batch, this.bounce.subarray(0, n));
       }
@@ -340,7 +340,7 @@ export class Checkpointer {
 
     const ts = performance.now();
     let pos = 0;
-    if (this.faults.due('send')) await client.close();
+    if (this.faults.drop('send', this.log)) await client.close();
     for (const batch of batchRuns(stagedRuns, BATCH_BYTES)) {
       const n = totalBytes(batch);
       await client.sendPages(batch, this.staging.subarray(pos, pos + n));

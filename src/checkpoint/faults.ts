@@ -17,6 +17,7 @@
  * for overflow/send, closes the store connection so the next send fails as a
  * real drop would. The tests use it to prove that no failure loses a dirty page.
  */
+import type { Logger } from 'pino';
 import { CheckpointError } from '../errors.js';
 
 export const CKPT_FAULT_STEPS = ['collect', 'copy', 'devstate', 'freeze', 'overflow', 'send', 'commit', 'ack'] as const;
@@ -56,4 +57,14 @@ export class CheckpointFaults {
   hit(step: CkptFaultStep): void {
     if (this.due(step)) throw new CheckpointError('HYDRA_CKPT_INJECTED', `injected fault at checkpoint step "${step}" (attempt ${this.attempt}, HYDRAVM_CKPT_FAULT)`);
   }
+
+  /** True (once per attempt) when the store connection must be dropped at `step`; logs it. */
+  drop(step: CkptFaultStep, log: Logger): boolean {
+    if (!this.due(step) || this.dropped === this.attempt) return false;
+    this.dropped = this.attempt;
+    log.warn({ step, attempt: this.attempt }, `injected fault at checkpoint step "${step}": dropping the store connection`);
+    return true;
+  }
+
+  private dropped = 0;
 }
