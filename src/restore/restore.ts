@@ -179,6 +179,8 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
+      // While QEMU waits for the incoming state, `stop` only clears its autostart: the guest stays paused after loading.
+      if (opts.paused) await qmp.execute('stop');
       const tLoad = performance.now();
       await qmp.execute('migrate-incoming', { uri: `file:${devstateFile}` });
       await waitMigration(qmp, opts.vm);
