@@ -3,7 +3,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until } from './helpers.js';
+import { makeLab, startStore, readJson, until } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { waitForMemcheckStep, countViolations } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -69,14 +69,14 @@ test('a failure at every checkpoint step (collect, copy, devstate, freeze, overf
   const qmp = await QmpClient.connect(path.join(vmDir(vm), 'qmp.sock'));
   const checked: string[] = [];
   for (const step of CKPT_FAULT_STEPS) {
-    await until(() => injected(vm).length > checked.length || undefined, 120_000, `the fault at step "${step}" (${plan})`);
+    await until(`the fault at step "${step}" (${plan})`, () => injected(vm).length > checked.length || undefined, 120_000);
     // Stop the guest at once: the pages the failed checkpoint collected are never written again,
     // so only the checkpointer's own bookkeeping can bring them to the image.
     await qmp.execute('stop');
     const got = injected(vm)[checked.length]!;
     assert.equal(got, step, `faults fire in plan order (${plan})`);
     const e = protection(vm)!.committedEpoch;
-    await until(() => (protection(vm)!.committedEpoch >= e + 2 && protection(vm)!.state === 'protected') || undefined, 60_000, `two commits after the "${step}" fault`);
+    await until(`two commits after the "${step}" fault`, () => (protection(vm)!.committedEpoch >= e + 2 && protection(vm)!.state === 'protected') || undefined, 60_000);
     const p = protection(vm)!;
     const image = await openVmImage(storeDir, vm, p.generation);
     const diff = comparePages(fs.readFileSync(image.memoryPath), guestRam(qemuPid));

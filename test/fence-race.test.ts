@@ -3,7 +3,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, readJson, until, sleep, pidAlive } from './helpers.js';
+import { makeLab, readJson, until, sleep, pidAlive } from './support/lab.js';
 import { spawnStore, type StoreProcess } from '../src/store/spawn.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { waitForMemcheckStep, countViolations, lastMemcheckProgress } from '../src/vm/serial.js';
@@ -75,7 +75,7 @@ async function raceRestore(vm: string, from: string, to: string, window: string)
   const oldQemu = qemuPidOf(from, vm);
   const oldGen = protection(from, vm)!.generation;
   const seen = delayCount(window);
-  await until(() => delayCount(window) > seen || undefined, 60_000, `a commit inside ${window}`);
+  await until(`a commit inside ${window}`, () => delayCount(window) > seen || undefined, 60_000);
   const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network', '--paused'], { env: { HYDRAVM_HOME: to } });
   assert.equal(r.code, 0, r.stderr);
   const m = /restored from generation (\d+) epoch (\d+)/.exec(r.stdout);
@@ -85,7 +85,7 @@ async function raceRestore(vm: string, from: string, to: string, window: string)
   assert.match(r.stdout, /memory complete after/);
 
   // The fenced primary kills its own QEMU at its next contact with the store.
-  await until(() => !pidAlive(oldQemu) || undefined, 60_000, 'the fenced primary\'s QEMU dies');
+  await until('the fenced primary\'s QEMU dies', () => !pidAlive(oldQemu) || undefined, 60_000);
   assert.match(fs.readFileSync(vmFile(from, vm, 'checkpointer.log'), 'utf8'), /fenced by a newer generation: killed its QEMU/);
 
   // One epoch: the old generation is frozen at the epoch the restore read, and RAM equals its image.
@@ -106,7 +106,7 @@ test('stale checkpointer racing a restore, at its END, inside its apply, and aro
   await waitForMemcheckStep(vmFile(lab.home, vm, 'serial.log'), 1, 60_000);
   const p = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '300ms']);
   assert.equal(p.code, 0, p.stderr);
-  await until(() => (protection(lab.home, vm)?.committedEpoch ?? 0) >= 3 || undefined, 120_000, 'epoch 3');
+  await until('epoch 3', () => (protection(lab.home, vm)?.committedEpoch ?? 0) >= 3 || undefined, 120_000);
 
   // Round 1: the primary's checkpoint is journalled (END durable, acknowledged), its image not yet written.
   const second = newHome();
@@ -118,11 +118,11 @@ test('stale checkpointer racing a restore, at its END, inside its apply, and aro
   qmp.close();
   const serial2 = vmFile(second, vm, 'serial.log');
   const from = fs.statSync(serial2).size;
-  await until(() => (lastMemcheckProgress(serial2, from)?.step ?? 0) > 0 || undefined, 60_000, 'memcheck runs on the restored VM');
+  await until('memcheck runs on the restored VM', () => (lastMemcheckProgress(serial2, from)?.step ?? 0) > 0 || undefined, 60_000);
   assert.equal(countViolations(serial2), 0);
   const p2 = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '300ms'], { env: { HYDRAVM_HOME: second } });
   assert.equal(p2.code, 0, p2.stderr);
-  await until(() => (protection(second, vm)?.committedEpoch ?? 0) >= 3 || undefined, 120_000, 'epoch 3 of the restored VM');
+  await until('epoch 3 of the restored VM', () => (protection(second, vm)?.committedEpoch ?? 0) >= 3 || undefined, 120_000);
 
   // Round 2: the primary's image writes are done, meta.json not yet written.
   const third = newHome();

@@ -1,8 +1,7 @@
 import fs from 'node:fs';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
-import { DirtyTracker } from '../tracker/index.js';
-import { processStartTime } from '../tracker/guest-ram.js';
+import { DirtyTracker, processStartTime } from '../tracker/index.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';

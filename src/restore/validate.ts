@@ -12,8 +12,7 @@
 import path from 'node:path';
 import { RestoreError, SpecError } from '../errors.js';
 import type { StoreMeta } from '../protocol/index.js';
-import { validateSpec, checkSpecFiles, type VmSpec } from '../vm/spec.js';
-import type { LaunchFile } from '../vm/supervisor.js';
+import { validateSpec, checkSpecFiles, type VmSpec, type LaunchFile } from '../vm/index.js';
 import { parseLayerId } from '../disk/index.js';
 
 const U32 = 0xffffffff;

@@ -13,7 +13,8 @@ import { loadHeat, scoreHeat } from './heat.js';
 import { JOURNAL_HEADER_SIZE, JournalWriter } from './journal.js';
 import { readMeta } from './meta.js';
 import { JOURNAL_FILE, MEMORY_FILE, META_FILE, applyJournalCheckpoint, devstateFileName, recoverGeneration, waitNoApplying } from './recovery.js';
-import { MAX_U32, staleGeneration, type Store } from './store.js';
+import { MAX_U32, staleGeneration } from './fencing.js';
+import type { Store } from './store.js';
 
 export const DEFAULT_PAGE_SIZE = 4096;
 

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { StoreClient } from '../protocol/index.js';
 import { startStoreServer, openVmImage, type StoreServer } from './index.js';
-import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, spawnStore, tmpDir } from './test-helpers.js';
+import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, spawnStore, tmpDir } from '../../test/support/store-data.js';
 import { JOURNAL_HEADER_SIZE, RECORD_HEADER_SIZE } from './journal.js';
 
 const code = (c: string) => (e: unknown) => {

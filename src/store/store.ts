@@ -6,6 +6,9 @@ import { vmLog } from '../util/log.js';
 import { noFaults, type FaultInjector } from './faults.js';
 import { DIR_MODE, Mutex, fsyncDir, mkdirDurable, mkdirPrivate, step } from './fsutil.js';
 import { DirLock } from './dir-lock.js';
+import { MAX_U32, staleGeneration } from './fencing.js';
+
+export { MAX_U32, staleGeneration };
 import { GenerationImage } from './generation-image.js';
 import { readFence, writeFence } from './meta.js';
 import type { StoreMetrics } from './metrics.js';
@@ -29,9 +32,6 @@ export interface StoreOptions {
   /** Read-write only: the directory's exclusive lock, already taken by the caller (default: taken by open). */
   lock?: DirLock;
 }
-
-/** Generations and epochs are u32 in the journal, meta and protocol: anything above is refused. */
-export const MAX_U32 = 0xffffffff;
 
 export interface VmSummary {
   vm: string;
@@ -284,8 +284,4 @@ export class Store {
     }
     await drop();
   }
-}
-
-export function staleGeneration(vm: string, generation: number, highest: number): StoreError {
-  return new StoreError('HYDRA_STORE_STALE_GENERATION', `VM ${vm} generation ${generation} is stale: generation ${highest} has been registered, so this (older) incarnation is fenced and may not checkpoint`);
 }
