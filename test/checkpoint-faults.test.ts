@@ -45,6 +45,11 @@ function injected(vm: string): string[] {
   return steps.map((s) => s.split('@')[0]!);
 }
 
+/** Failed attempts the checkpointer logged (each after it resumed the guest). */
+function retries(vm: string): number {
+  return fs.readFileSync(path.join(vmDir(vm), 'checkpointer.log'), 'utf8').split('\n').filter((l) => l.includes('store connection failed; retrying')).length;
+}
+
 function comparePages(img: Buffer, ram: Buffer): number {
   let diff = 0;
   for (let i = 0; i < ram.length; i += 4096) if (!img.subarray(i, i + 4096).equals(ram.subarray(i, i + 4096))) diff++;
@@ -68,8 +73,11 @@ test('a failure at every checkpoint step (collect, copy, devstate, freeze, overf
   const qemuPid = readJson<{ qemuPid: number }>(path.join(vmDir(vm), 'state.json'))!.qemuPid;
   const qmp = await QmpClient.connect(path.join(vmDir(vm), 'qmp.sock'));
   const checked: string[] = [];
+  let seenRetries = retries(vm);
   for (const step of CKPT_FAULT_STEPS) {
-    await until(`the fault at step "${step}" (${plan})`, () => injected(vm).length > checked.length || undefined, 120_000);
+    // The failed attempt is over (its pause ended with `cont`) once its retry is logged.
+    await until(`the fault at step "${step}" (${plan})`, () => (injected(vm).length > checked.length && retries(vm) > seenRetries) || undefined, 120_000);
+    seenRetries = retries(vm);
     // Stop the guest at once: the pages the failed checkpoint collected are never written again,
     // so only the checkpointer's own bookkeeping can bring them to the image.
     await qmp.execute('stop');
@@ -77,6 +85,7 @@ test('a failure at every checkpoint step (collect, copy, devstate, freeze, overf
     assert.equal(got, step, `faults fire in plan order (${plan})`);
     const e = protection(vm)!.committedEpoch;
     await until(`two commits after the "${step}" fault`, () => (protection(vm)!.committedEpoch >= e + 2 && protection(vm)!.state === 'protected') || undefined, 60_000);
+    assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'paused', 'the guest stayed paused while the image was compared');
     const p = protection(vm)!;
     const image = await openVmImage(storeDir, vm, p.generation);
     const diff = comparePages(fs.readFileSync(image.memoryPath), guestRam(qemuPid));
