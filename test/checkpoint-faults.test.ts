@@ -61,8 +61,8 @@ test('a failure at every checkpoint step (collect, copy, devstate, freeze, overf
   const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=32 memcheck.rate=8' });
   assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
   await waitForMemcheckStep(path.join(vmDir(vm), 'serial.log'), 1, 60_000);
-  // Attempt 1 is the full checkpoint's closing pause; then one step fails every 12 attempts.
-  const plan = CKPT_FAULT_STEPS.map((step, i) => `${step}@${4 + 12 * i}`).join(',');
+  // Attempt 1 is the full checkpoint's closing pause; then one step fails every 20 attempts (or the first after that reaching it).
+  const plan = CKPT_FAULT_STEPS.map((step, i) => `${step}@${4 + 20 * i}`).join(',');
   process.env.HYDRAVM_CKPT_FAULT = plan;
   try {
     // A 64 KiB staging buffer: every checkpoint sends pages while the VM is paused (the overflow path).

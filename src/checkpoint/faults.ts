@@ -1,8 +1,9 @@
 // Test-only fault injection at each step of a checkpoint (HYDRAVM_CKPT_FAULT); never set in production.
 /**
- * `HYDRAVM_CKPT_FAULT=<step>@<n>,...` makes the n-th checkpoint attempt of the
- * checkpointer process (counting from 1, failed attempts included, the full
- * checkpoint's closing pause included) fail at <step>. Steps, in checkpoint order:
+ * `HYDRAVM_CKPT_FAULT=<step>@<n>,...` makes the first checkpoint attempt of the
+ * checkpointer process from the n-th on (counting from 1, failed attempts
+ * included, the full checkpoint's closing pause included) that reaches <step>
+ * fail there, once (an attempt without overflow pages never reaches `overflow`). Steps, in checkpoint order:
  *
  *   collect   after the dirty runs were collected (and re-protected), in the pause
  *   copy      after they were copied into the staging buffer, in the pause
@@ -24,7 +25,8 @@ export const CKPT_FAULT_STEPS = ['collect', 'copy', 'devstate', 'freeze', 'overf
 export type CkptFaultStep = (typeof CKPT_FAULT_STEPS)[number];
 
 export class CheckpointFaults {
-  private readonly at = new Map<number, Set<CkptFaultStep>>();
+  private readonly at = new Map<CkptFaultStep, number>();
+  private readonly fired = new Set<CkptFaultStep>();
   private attempt = 0;
 
   constructor(spec: string | undefined) {
@@ -33,9 +35,7 @@ export class CheckpointFaults {
       if (!m || !(CKPT_FAULT_STEPS as readonly string[]).includes(m[1]!)) {
         throw new CheckpointError('HYDRA_CKPT_BAD_FAULT', `bad HYDRAVM_CKPT_FAULT entry "${part}": expected <step>@<n> with step one of ${CKPT_FAULT_STEPS.join(', ')}`);
       }
-      const n = Number(m[2]);
-      if (!this.at.has(n)) this.at.set(n, new Set());
-      this.at.get(n)!.add(m[1] as CkptFaultStep);
+      this.at.set(m[1] as CkptFaultStep, Number(m[2]));
     }
   }
 
@@ -48,23 +48,23 @@ export class CheckpointFaults {
     return ++this.attempt;
   }
 
-  /** True when `step` must fail in the current attempt. */
-  due(step: CkptFaultStep): boolean {
-    return this.at.get(this.attempt)?.has(step) ?? false;
+  /** True when `step` must fail now; it then counts as fired. */
+  private take(step: CkptFaultStep): boolean {
+    const n = this.at.get(step);
+    if (n === undefined || this.attempt < n || this.fired.has(step)) return false;
+    this.fired.add(step);
+    return true;
   }
 
   /** Throw the injected failure when `step` is due. */
   hit(step: CkptFaultStep): void {
-    if (this.due(step)) throw new CheckpointError('HYDRA_CKPT_INJECTED', `injected fault at checkpoint step "${step}" (attempt ${this.attempt}, HYDRAVM_CKPT_FAULT)`);
+    if (this.take(step)) throw new CheckpointError('HYDRA_CKPT_INJECTED', `injected fault at checkpoint step "${step}" (attempt ${this.attempt}, HYDRAVM_CKPT_FAULT)`);
   }
 
-  /** True (once per attempt) when the store connection must be dropped at `step`; logs it. */
+  /** True when the store connection must be dropped at `step` now; logs it. */
   drop(step: CkptFaultStep, log: Logger): boolean {
-    if (!this.due(step) || this.dropped === this.attempt) return false;
-    this.dropped = this.attempt;
+    if (!this.take(step)) return false;
     log.warn({ step, attempt: this.attempt }, `injected fault at checkpoint step "${step}": dropping the store connection`);
     return true;
   }
-
-  private dropped = 0;
 }
