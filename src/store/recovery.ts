@@ -101,7 +101,6 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
         if (buf.length < rec.bodyLen) buf = Buffer.allocUnsafe(rec.bodyLen);
         const body = buf.subarray(0, rec.bodyLen);
         await preadAll(jfh, body, rec.bodyPos, journalPath);
-        checkCrc(rec, body);
         const { runs, data } = decodePages(body);
         checkRuns(runs, prev.ramSize, prev.pageSize, `journal of ${prev.vm} epoch ${epoch}`);
         await writeRuns(mfh, memoryPath, runs, data, faults, 'apply-write');
