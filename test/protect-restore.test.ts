@@ -102,6 +102,8 @@ for (const mode of ['network', 'file'] as const) {
     await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
     await until('checkpointer gives up on a dead VM', () => !pidAlive(protection(vm)!.pid), 10_000);
 
+    const oldGen = protection(vm)!.generation;
+    const oldGenDir = path.join(storeDir, 'vms', vm, `gen-${oldGen}`);
     const args = ['restore', vm, '--store', store.address, '--mode', mode];
     // File mode: RAM is the image mapped privately; protecting it again reads QEMU's copy-on-write pages.
     if (mode === 'file') args.push('--store-dir', storeDir, '--protect', '--interval', '1s');
@@ -112,7 +114,14 @@ for (const mode of ['network', 'file'] as const) {
     if (mode === 'file') {
       assert.match(r.stdout, /protected again as generation \d+/);
       const g = protection(vm)!.generation;
+      // The image the restored VM maps privately is frozen: taken when the checkpoints of the new generation begin,
+      // it is the same after several of them, which write their own files in their own directory.
+      const frozen = () => fs.readdirSync(oldGenDir).sort().map((n) => `${n}:${sha(fs.readFileSync(path.join(oldGenDir, n)))}`).join(' ');
+      const before = frozen();
       await until('file-mode VM checkpoints again', () => (protection(vm)?.generation === g && protection(vm)!.committedEpoch >= 3) || undefined, 60_000);
+      assert.ok(g > oldGen);
+      assert.equal(frozen(), before, `generation ${oldGen}'s files never change once generation ${g} runs`);
+      assert.ok(fs.existsSync(path.join(storeDir, 'vms', vm, `gen-${g}`, 'memory.img')), 'the new generation writes its own image');
     }
 
     // The guest continues from the newest committed checkpoint: it had printed

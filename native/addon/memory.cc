@@ -10,6 +10,7 @@
 #include "common.h"
 
 #include <limits.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 
@@ -248,6 +249,23 @@ Napi::Value Lseek(const Napi::CallbackInfo &info) {
   return Napi::Number::New(env, (double)r);
 }
 
+// flock(2) without blocking: true when taken, false when another open file
+// description holds a conflicting lock (EWOULDBLOCK). mode: "ex", "sh" or "un".
+Napi::Value Flock(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  std::string m = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+  int op = m == "ex" ? LOCK_EX : m == "sh" ? LOCK_SH : m == "un" ? LOCK_UN : -1;
+  if (op < 0) ThrowType(env, "mode must be \"ex\", \"sh\" or \"un\"");
+  int r;
+  do r = flock(fd, op | LOCK_NB); while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EWOULDBLOCK) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, "flock", errno);
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 // Address of a Buffer's first byte (diagnostics and tests).
 Napi::Value BufferAddress(const Napi::CallbackInfo &info) {
   Napi::Buffer<uint8_t> b = ArgBuffer(info, 0, "buffer");
@@ -262,6 +280,7 @@ void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("releaseMapping", Napi::Function::New(env, ReleaseMapping));
   exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
   exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("flock", Napi::Function::New(env, Flock));
   exports.Set("processReadRuns", Napi::Function::New(env, ProcessReadRuns));
   exports.Set("bufferAddress", Napi::Function::New(env, BufferAddress));
 }

@@ -2,12 +2,14 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
-import { DirtyTracker } from '../tracker/index.js';
+import { DirtyTracker, processStartTime } from '../tracker/index.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
+import { CheckpointFaults } from './faults.js';
+import { killFencedQemu } from './fenced-qemu.js';
 
 const PAGE = 4096;
 /** Page data per protocol frame. */
@@ -68,8 +70,17 @@ export class Checkpointer {
   private bounce!: Buffer;
   private stopped = false;
   private wake: (() => void) | undefined;
-  /** Runs of checkpoints sent but not acknowledged: re-sent from current memory if the store loses them. */
+  /**
+   * Runs collected (re-protected) but not yet acknowledged by the store. They
+   * are owed from the instant they are collected: a checkpoint that fails at
+   * any step leaves them here, and the next one sends them again, re-read from
+   * memory in its pause.
+   */
   private unacked: Run[] = [];
+  /** Test-only fault injection (HYDRAVM_CKPT_FAULT, see faults.ts). */
+  private readonly faults = new CheckpointFaults(process.env.HYDRAVM_CKPT_FAULT);
+  /** QEMU's start time (/proc stat), so a fenced checkpointer never kills a process that reused its pid. */
+  private qemuStartTime: number | undefined;
   private needFull = true;
   private history: CheckpointStats[] = [];
   private lastStart: number | null = null;
@@ -114,6 +125,7 @@ export class Checkpointer {
 
   async run(): Promise<void> {
     const { vm } = this.opts;
+    this.qemuStartTime = processStartTime(this.opts.qemuPid);
     this.tracker = await DirtyTracker.attach(this.opts.qemuPid);
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
@@ -150,6 +162,11 @@ export class Checkpointer {
       }
       this.publish({ state: 'stopped', reason: 'unprotected' });
     } catch (err) {
+      if (err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION') {
+        const fenced = killFencedQemu({ vm: this.opts.vm, generation: this.opts.generation, qemuPid: this.opts.qemuPid, qemuStartTime: this.qemuStartTime }, err, this.log);
+        this.publish({ state: 'failed', reason: fenced.message });
+        throw fenced;
+      }
       this.publish({ state: 'failed', reason: (err as Error).message });
       throw err;
     } finally {
@@ -202,9 +219,10 @@ export class Checkpointer {
     return { rounds: MAX_PRECOPY_ROUNDS, bytes };
   }
 
-  /** QEMU gone or this incarnation fenced: stop. Store trouble: retry. */
+  /** QEMU gone or this incarnation fenced: stop. Store trouble (or an injected test fault): retry. */
   private retryable(err: unknown): boolean {
     if (err instanceof QmpClosedError) return false;
+    if (err instanceof CheckpointError && err.code === 'HYDRA_CKPT_INJECTED') return true;
     if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
     if (err instanceof CheckpointError) return false;
     return true;
@@ -299,9 +317,21 @@ export class Checkpointer {
     let disks: string[] | undefined;
     let contMs = 0;
     let t5 = t1;
+    this.faults.nextAttempt();
     try {
-      // After pre-copy rounds the carried-over runs were already sent in this checkpoint.
-      runs = pre.rounds > 0 ? this.tracker.collect() : mergeRuns(this.unacked, this.tracker.collect());
+      let collected: Run[];
+      try {
+        collected = this.tracker.collect();
+      } catch (err) {
+        // A scan that failed part-way may have re-protected pages it never reported: only a full checkpoint is certain.
+        this.needFull = true;
+        throw err;
+      }
+      // After pre-copy rounds the carried-over runs were already sent in this checkpoint (and are owed already).
+      runs = pre.rounds > 0 ? collected : mergeRuns(this.unacked, collected);
+      // Owed from this instant, whatever fails below.
+      this.unacked = pre.rounds > 0 ? mergeRuns(this.unacked, collected) : runs;
+      this.faults.hit('collect');
       const t2 = performance.now();
       collectMs = t2 - t1;
       // What fits the staging buffer is copied now and sent after `cont`. A rest (the guest out-wrote
@@ -316,8 +346,11 @@ export class Checkpointer {
       overflow = runs.slice(split);
       // One copy thread: QEMU saves the device state meanwhile and needs the other core.
       this.tracker.copyRuns(stagedRuns, this.staging, 0, PAUSE_COPY_THREADS);
+      this.faults.hit('copy');
       copyMs = performance.now() - t2;
       devstateMs = await devstateSaved;
+      this.faults.hit('devstate');
+      this.faults.hit('freeze');
       if (this.freezer) {
         const td = performance.now();
         disks = await this.freezer.freeze(epoch);
@@ -335,17 +368,19 @@ export class Checkpointer {
       t5 = performance.now();
       contMs = t5 - t4;
     }
-    this.unacked = pre.rounds > 0 ? mergeRuns(this.unacked, runs) : runs;
     const devstate = fs.readFileSync(this.opts.devstateFile);
 
     const ts = performance.now();
     let pos = 0;
+    if (this.faults.drop('send', this.log)) await client.close();
     for (const batch of batchRuns(stagedRuns, BATCH_BYTES)) {
       const n = totalBytes(batch);
       await client.sendPages(batch, this.staging.subarray(pos, pos + n));
       pos += n;
     }
     pos = 0;
+    // A dropped connection while the overflow is sent: the send below fails as a real one would.
+    if (overflow.length > 0 && this.faults.drop('overflow', this.log)) await client.close();
     for (const batch of batchRuns(overflow, BATCH_BYTES)) {
       const n = totalBytes(batch);
       await client.sendPages(batch, overflowBuf!.subarray(pos, pos + n));
@@ -354,8 +389,10 @@ export class Checkpointer {
     await client.sendDeviceState(devstate);
     if (disks) await client.sendDisks(disks);
     const te = performance.now();
+    this.faults.hit('commit');
     const ack = await client.commit();
     const tc = performance.now();
+    this.faults.hit('ack');
     if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
     this.unacked = [];
     this.freezer?.committed(epoch);

@@ -2,13 +2,14 @@
 import fs from 'node:fs';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
-import { CowTracker } from '../tracker/index.js';
+import { CowTracker, processStartTime } from '../tracker/index.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
 import { batchRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import type { CheckpointerOptions } from './checkpointer.js';
+import { killFencedQemu } from './fenced-qemu.js';
 
 const PAGE = 4096;
 /** Page data per protocol frame batch. */
@@ -97,6 +98,7 @@ export class CowCheckpointer {
 
   async run(): Promise<void> {
     const { vm } = this.opts;
+    const qemuStartTime = processStartTime(this.opts.qemuPid);
     this.tracker = await CowTracker.attach(this.opts.qemuPid, { grain: this.cow.grain, stagingBytes: this.cow.stagingBytes, maxSpillBytes: this.cow.maxSpillBytes });
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
@@ -140,6 +142,11 @@ export class CowCheckpointer {
       }
       this.publish({ state: 'stopped', reason: 'unprotected' });
     } catch (err) {
+      if (err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION') {
+        const fenced = killFencedQemu({ vm, generation: this.opts.generation, qemuPid: this.opts.qemuPid, qemuStartTime }, err, this.log);
+        this.publish({ state: 'failed', reason: fenced.message });
+        throw fenced;
+      }
       this.publish({ state: 'failed', reason: (err as Error).message });
       throw err;
     } finally {

@@ -121,6 +121,8 @@ export interface RawAddon {
   copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number, maxThreads?: number): number;
   /** lseek SEEK_DATA / SEEK_HOLE; -1 when nothing at or after offset (ENXIO). */
   lseek(fd: number, offset: number, whence: 'data' | 'hole'): number;
+  /** flock(2) with LOCK_NB: true when taken, false when a conflicting lock is held elsewhere. */
+  flock(fd: number, mode: 'ex' | 'sh' | 'un'): boolean;
   /**
    * process_vm_readv of each [offset, length] run at base+offset in process `pid`, in order, contiguously into
    * dst from dstOffset, batched by IOV_MAX; with limit, runs must lie in [0, limit). Partial reads are continued;
