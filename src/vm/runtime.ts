@@ -15,6 +15,8 @@ import type { QemuRuntimePaths } from './qemu-args.js';
  *   serial.log       the guest's serial console
  *   qemu.log         QEMU's stderr
  *   supervisor.log   the supervisor's own log (JSON lines)
+ *   watchdog.json    the HA watchdog feed from the host agent (only under HA)
+ *   serial.in        FIFO: bytes written here reach the guest's serial console
  */
 export interface VmPaths extends QemuRuntimePaths {
   dir: string;
@@ -23,6 +25,10 @@ export interface VmPaths extends QemuRuntimePaths {
   controlSocket: string;
   qemuLog: string;
   supervisorLog: string;
+  /** The HA watchdog feed (see watchdog.ts); present while the VM is under HA. */
+  watchdog: string;
+  /** The serial console's input (a FIFO the supervisor holds open; see serial.ts). */
+  serialIn: string;
 }
 
 export function vmPaths(name: string): VmPaths {
@@ -38,6 +44,8 @@ export function vmPaths(name: string): VmPaths {
     serialLog: path.join(dir, 'serial.log'),
     qemuLog: path.join(dir, 'qemu.log'),
     supervisorLog: path.join(dir, 'supervisor.log'),
+    watchdog: path.join(dir, 'watchdog.json'),
+    serialIn: path.join(dir, 'serial.in'),
   };
 }
 
@@ -49,6 +57,9 @@ export interface VmState {
   lifecycle: VmLifecycle;
   supervisorPid: number;
   qemuPid?: number;
+  /** Start times (/proc/PID/stat field 22) recorded at spawn: a signal goes to these PIDs only while they match. */
+  supervisorStartTime?: string;
+  qemuStartTime?: string;
   accel?: string;
   memoryBytes?: number;
   startedAt?: string;
@@ -59,6 +70,9 @@ export interface VmState {
   reason?: string;
   exitCode?: number | null;
   exitSignal?: string | null;
+  /** Set when the supervisor killed QEMU itself because its watchdog starved: why, and when. */
+  selfFenced?: string;
+  selfFencedAt?: string;
 }
 
 export function readState(name: string): VmState | undefined {
