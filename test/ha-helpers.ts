@@ -7,6 +7,7 @@ import { startEtcd, type EtcdProcess } from '../src/ha/etcd-process.js';
 import { Cluster, keys, type VmRecord } from '../src/ha/cluster.js';
 import { HostAgent, type AgentOptions } from '../src/ha/agent.js';
 import { writeHaLocal } from '../src/ha/local-vm.js';
+import { procStartTime } from '../src/util/pid.js';
 import type { RestoreFn } from '../src/ha/restore-adapter.js';
 
 /** Test scaffolding for the HA layer: a real etcd per test, fake VMs made of `sleep` processes. */
@@ -75,8 +76,9 @@ export function fakeVm(home: string, name: string, generation: number, host: str
   const dir = path.join(home, 'vms', name);
   fs.mkdirSync(dir, { recursive: true });
   const vm: FakeVm = { name, home, qemuPid: sleeper(), supervisorPid: sleeper(), checkpointerPid: sleeper() };
-  writeJson(path.join(dir, 'state.json'), { name, lifecycle: 'running', supervisorPid: vm.supervisorPid, qemuPid: vm.qemuPid, memoryBytes, startedAt: new Date().toISOString() });
-  writeJson(path.join(dir, 'protection.json'), { vm: name, pid: vm.checkpointerPid, generation, state: 'protected', committedEpoch: 1, updatedAt: Date.now() });
+  // Start times as the supervisor records them: fencing signals a PID only while it matches.
+  writeJson(path.join(dir, 'state.json'), { name, lifecycle: 'running', supervisorPid: vm.supervisorPid, supervisorStartTime: procStartTime(vm.supervisorPid), qemuPid: vm.qemuPid, qemuStartTime: procStartTime(vm.qemuPid), memoryBytes, startedAt: new Date().toISOString() });
+  writeJson(path.join(dir, 'protection.json'), { vm: name, pid: vm.checkpointerPid, startTime: procStartTime(vm.checkpointerPid), generation, state: 'protected', committedEpoch: 1, updatedAt: Date.now() });
   if (withHa) writeHaLocal(home, { vm: name, host, generation, updatedAt: Date.now() });
   return vm;
 }

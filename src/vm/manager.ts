@@ -6,7 +6,8 @@ import { supervisorEntry, shimPath } from '../config/paths.js';
 import { QemuError, SpecError, VmError, VmExistsError, VmNotFoundError } from '../errors.js';
 import { chooseAccel } from './accel.js';
 import type { QemuLaunchOptions } from './qemu-args.js';
-import { vmPaths, readState, isLive, listVmNames, pidAlive, removeStaleSockets, type VmState } from './runtime.js';
+import { vmPaths, readState, isLive, listVmNames, pidAlive, removeStaleSockets, qemuIdentity, supervisorIdentity, type VmState } from './runtime.js';
+import { killProcess } from '../native/kill.js';
 import { checkSpecFiles, type VmSpec } from './spec.js';
 import type { LaunchFile } from './supervisor.js';
 
@@ -121,6 +122,7 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
   }
 }
 
+/** Our own child, not yet reaped: its PID cannot have been reused. */
 function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
   try {
     process.kill(pid, signal);
@@ -130,8 +132,8 @@ function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
 }
 
 function killHard(state: VmState): void {
-  killPid(state.supervisorPid);
-  if (state.qemuPid) killPid(state.qemuPid);
+  killProcess(state.supervisorPid, supervisorIdentity(state));
+  if (state.qemuPid) killProcess(state.qemuPid, qemuIdentity(state));
   removeStaleSockets(state.name);
 }
 
@@ -178,7 +180,7 @@ export async function stopVm(name: string, opts: { timeoutMs?: number } = {}): P
   try {
     await controlRequest(name, 'POST', '/stop', opts.timeoutMs ?? 10_000);
   } catch {
-    killPid(state.supervisorPid, 'SIGTERM');
+    killProcess(state.supervisorPid, supervisorIdentity(state), 'SIGTERM');
   }
   if (!(await waitGone(state, opts.timeoutMs ?? 10_000))) killHard(state);
   await waitGone(state, 2000);

@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { vmDir, vmsDir } from '../config/paths.js';
 import type { QemuRuntimePaths } from './qemu-args.js';
+import type { ProcessIdentity } from '../native/kill.js';
 
 /**
  * The runtime directory of one VM: $HYDRAVM_HOME/vms/NAME/
@@ -125,4 +126,14 @@ export function removeStaleSockets(name: string): void {
   for (const f of [p.qmpSocket, p.supervisorQmpSocket, p.hydraQmpSocket, p.controlSocket]) {
     fs.rmSync(f, { force: true });
   }
+}
+
+/** Who the recorded QEMU PID must be: its start time at spawn, else (older state files) its -name argument. */
+export function qemuIdentity(state: VmState): ProcessIdentity {
+  return state.qemuStartTime !== undefined ? { startTime: state.qemuStartTime } : { cmdline: ['-name', `${state.name},debug-threads=on`] };
+}
+
+/** Who the recorded supervisor PID must be: its start time, else the supervisor's VM argument. */
+export function supervisorIdentity(state: VmState): ProcessIdentity {
+  return state.supervisorStartTime !== undefined ? { startTime: state.supervisorStartTime } : { cmdline: [state.name] };
 }
