@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { cliEntry } from '../src/config/paths.js';
 import { Cluster } from '../src/ha/cluster.js';
 import { etcdLab, inProcessAgent, until } from './ha-helpers.js';
@@ -10,6 +10,18 @@ import { etcdLab, inProcessAgent, until } from './ha-helpers.js';
  * reach it with --etcd-user/--etcd-password (or HYDRAVM_ETCD_USER/PASSWORD),
  * and are refused without them.
  */
+/** The CLI, asynchronously: a blocking spawn would starve the in-process agent's 1 s lease. */
+function cli(args: string[], env: NodeJS.ProcessEnv): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [cliEntry, ...args], { env });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
 test('etcd with auth enabled: the agent and the CLI authenticate; without credentials they are refused', { timeout: 60_000 }, async () => {
   const lab = await etcdLab('auth');
   try {
@@ -35,12 +47,12 @@ test('etcd with auth enabled: the agent and the CLI authenticate; without creden
     try {
       await until('h1 registered through auth', async () => (await authed.hosts()).get('h1'), 15_000);
       const env = { ...process.env, HYDRAVM_LOG_LEVEL: 'silent' };
-      const ok = spawnSync(process.execPath, [cliEntry, 'cluster', 'status', '--json', '--etcd', lab.etcd.url, '--etcd-user', 'hydra'], { encoding: 'utf8', env: { ...env, HYDRAVM_ETCD_PASSWORD: 'hydra-pw-123' } });
+      const ok = await cli(['cluster', 'status', '--json', '--etcd', lab.etcd.url, '--etcd-user', 'hydra'], { ...env, HYDRAVM_ETCD_PASSWORD: 'hydra-pw-123' });
       assert.equal(ok.status, 0, ok.stderr);
-      assert.ok(JSON.parse(ok.stdout).hosts.some((h: { name: string; alive: boolean }) => h.name === 'h1' && h.alive));
-      const refused = spawnSync(process.execPath, [cliEntry, 'cluster', 'status', '--json', '--etcd', lab.etcd.url], { encoding: 'utf8', env });
+      assert.ok(JSON.parse(ok.stdout).hosts.some((h: { name: string; alive: boolean }) => h.name === 'h1' && h.alive), ok.stdout);
+      const refused = await cli(['cluster', 'status', '--json', '--etcd', lab.etcd.url], env);
       assert.notEqual(refused.status, 0, 'the CLI without credentials is refused');
-      const half = spawnSync(process.execPath, [cliEntry, 'cluster', 'status', '--etcd', lab.etcd.url, '--etcd-user', 'hydra'], { encoding: 'utf8', env });
+      const half = await cli(['cluster', 'status', '--etcd', lab.etcd.url, '--etcd-user', 'hydra'], env);
       assert.match(half.stderr, /needs both a user and a password/);
       await agent.stop();
     } finally {
