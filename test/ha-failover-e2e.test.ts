@@ -2,7 +2,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, until, pidAlive } from './helpers.js';
+import { makeLab, startStore, until, pidAlive, assertFullVerify } from './helpers.js';
 import type { StoreProcess } from '../src/store/spawn.js';
 import { startEmbeddedCluster, protectInCluster, waitForFailover, forgetVm, type EmbeddedCluster } from '../src/ha/index.js';
 import { loadSpecFile } from '../src/vm/spec.js';
@@ -107,6 +107,7 @@ for (const s of scenarios) {
     await waitForMemcheckStep(serial, resumed.step + 5, 60_000, offset);
     assert.doesNotMatch(readSerial(serial).slice(offset), /memcheck: start/, 'no reboot');
     assert.equal(countViolations(serial, offset), 0, readSerial(serial).slice(offset).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 3).join('\n'));
+    await assertFullVerify(serial, offset);
 
     await forgetVm(cluster.cluster, s.vm);
     await withHome(record.host, () => stopVm(s.vm));

@@ -10,6 +10,7 @@ import { FailoverManager } from '../src/ha/manager.js';
 import { protectInCluster, waitForFailover } from '../src/ha/client.js';
 import { freePort } from '../src/ha/etcd-process.js';
 import { etcdLab, inProcessAgent, killFakeVms, quiet, registerVm, until } from './ha-helpers.js';
+import { assertFullVerify } from './helpers.js';
 import { writeHaLocal } from '../src/ha/local-vm.js';
 
 /**
@@ -110,6 +111,8 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     const rec = await protectInCluster(lab.cluster, { vm: 'realfo', host: 'h1', store, mode: 'network', intervalMs: 500 }, { timeoutMs: 60_000 });
     assert.equal(rec.state, 'protected');
     await new Promise((r) => setTimeout(r, 1500)); // a few incremental checkpoints
+    const h2Serial = path.join(homes.h2!, 'vms', 'realfo', 'serial.log');
+    const serialOffset = fs.existsSync(h2Serial) ? fs.statSync(h2Serial).size : 0;
     const killedAt = Date.now();
     process.kill(qemuPid, 'SIGKILL');
     const { record, timing } = await waitForFailover(lab.cluster, 'realfo', rec.generation, { timeoutMs: 60_000 });
@@ -120,6 +123,8 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     console.log(`# real fail-over: detected ${timing!.detectedAt - killedAt} ms, assigned ${timing!.assignedAt - killedAt} ms, guest running ${timing!.runningAt! - killedAt} ms after the kill (spawn->running ${timing!.spawnToRunningMs?.toFixed(0)} ms); 'running' visible in etcd after ${runningSeen - killedAt} ms`);
     const prot = await waitForFailover(lab.cluster, 'realfo', rec.generation, { timeoutMs: 60_000, until: 'protected' });
     assert.equal(prot.record.imageGeneration, rec.generation + 1, 'the restored VM is protected under its new generation');
+    // The whole restored guest, every page: memcheck verifies on request.
+    await assertFullVerify(path.join(homes.h2!, 'vms', 'realfo', 'serial.log'), serialOffset);
   } finally {
     killFakeVms(lab.dir);
     await lab.cleanup();

@@ -3,7 +3,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync, spawn } from 'node:child_process';
 import { cliEntry } from '../src/config/paths.js';
+import assert from 'node:assert/strict';
 import { spawnStore, type StoreProcess } from '../src/store/spawn.js';
+import { countViolations, readSerial, requestFullVerify, type FullVerify } from '../src/vm/serial.js';
 
 /**
  * Test harness: each test file gets its own HYDRAVM_HOME so runs never see
@@ -106,4 +108,18 @@ export async function until<T>(fn: () => T | undefined | false | Promise<T | und
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(50);
   }
+}
+
+/**
+ * Prove the whole guest, not a sample: ask memcheck for a full verification
+ * of every page (through the serial console) and require 0 violations over
+ * all of its working set, and no violation line since `fromOffset`.
+ */
+export async function assertFullVerify(serialLog: string, fromOffset = 0): Promise<FullVerify> {
+  const full = await requestFullVerify(serialLog, undefined, 180_000);
+  assert.equal(full.violations, 0, `memcheck full verification of ${serialLog}: ${full.violations} violations`);
+  const pages = Number(/memcheck: start .*?pages=(\d+)/.exec(readSerial(serialLog))?.[1] ?? 0);
+  assert.ok(pages > 0 && full.pages === pages, `every page verified (${full.pages} of ${pages})`);
+  assert.equal(countViolations(serialLog, fromOffset), 0, readSerial(serialLog).slice(fromOffset).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
+  return full;
 }

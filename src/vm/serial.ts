@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import path from 'node:path';
 import { VmError } from '../errors.js';
 
 /** Reading what the guest printed on its serial console (the serial log). */
@@ -93,7 +94,7 @@ export function typeOnConsole(serialIn: string, line: string): void {
  * The request is repeated every few seconds until it is answered (the guest
  * may be busy faulting its memory back in).
  */
-export async function requestFullVerify(serialLog: string, serialIn: string, timeoutMs = 120_000): Promise<FullVerify> {
+export async function requestFullVerify(serialLog: string, serialIn = path.join(path.dirname(serialLog), 'serial.in'), timeoutMs = 120_000): Promise<FullVerify> {
   const from = readSerial(serialLog).length;
   const deadline = Date.now() + timeoutMs;
   let nextAsk = 0;
