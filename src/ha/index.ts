@@ -13,6 +13,6 @@ export { placeVm, reservations, type PlacementRequest, type PlacementResult } fr
 export { readLocalVm, listLocalVms, vmDeath, writeHaLocal, type HaLocal, type LocalVm } from './local-vm.js';
 export { fenceLocalVm, staleReason } from './fence.js';
 export { protectInCluster, forgetVm, waitForVm, waitForFailover, clusterStatus, type ClusterStatus, type ProtectInClusterRequest } from './client.js';
-export { startEmbeddedCluster, stopEmbeddedCluster, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
+export { startEmbeddedCluster, stopEmbeddedCluster, restartDaemon, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
 export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';
 export { HaError } from '../errors.js';
