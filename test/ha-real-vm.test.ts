@@ -90,7 +90,9 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
       homes[h] = path.join(lab.dir, 'hosts', h);
       fs.mkdirSync(homes[h]!, { recursive: true });
       const log = fs.openSync(path.join(lab.dir, `agent-${h}.log`), 'a');
-      children.push(spawn(command, [...args, 'agent', '--host', h, '--etcd', lab.etcd.url, '--home', homes[h]!], { stdio: ['ignore', log, log], env: { ...env, HYDRAVM_HOME: homes[h] } }));
+      // TTL 2 s: a restore's paging load on this shared 2-core machine can delay an agent's keepalives past 750 ms,
+      // and its VM's watchdog then (rightly) kills the restored QEMU.
+      children.push(spawn(command, [...args, 'agent', '--host', h, '--etcd', lab.etcd.url, '--home', homes[h]!, '--lease-ttl', '2'], { stdio: ['ignore', log, log], env: { ...env, HYDRAVM_HOME: homes[h] } }));
     }
     const m = new FailoverManager({ etcd: lab.etcd.url, id: 'mgr', logger: quiet });
     lab.defer(() => m.stop());

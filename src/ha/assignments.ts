@@ -98,6 +98,7 @@ export class AssignmentRunner {
     // The timing first, so whoever sees `running` finds it complete (best effort, as above).
     await cluster.mergeTiming(a.vm, a.generation, {
       runningAt,
+      restoredEpoch: res.epoch,
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
     }).catch(() => undefined);

@@ -149,6 +149,8 @@ export interface FailoverTiming {
   protectedAt?: number;
   /** From restoreVm's own timings. */
   spawnToRunningMs?: number;
+  /** The committed epoch of `imageGeneration` the restore started from. */
+  restoredEpoch?: number;
   /** detectedAt - failedAt */
   detectionMs?: number;
   /** runningAt - restoreStartedAt */
