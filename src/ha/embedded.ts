@@ -209,9 +209,11 @@ export function restartDaemon(dir: string, name: string, env: NodeJS.ProcessEnv 
 export async function stopEmbeddedCluster(dir = defaultClusterDir()): Promise<boolean> {
   const info = readClusterInfo(dir);
   if (!info) return false;
-  if (info.manager) await stopPid(info.manager.pid, 3000);
-  await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000)));
-  await stopPid(info.etcd.pid, 3000);
+  // By recorded PID, so only while each is still the daemon recorded (its arguments on its command line).
+  const who = (d: DaemonInfo, fallback: string[]) => ({ cmdline: d.args?.length ? d.args : fallback });
+  if (info.manager) await stopPid(info.manager.pid, 3000, who(info.manager, ['manager']));
+  await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000, who(h, ['agent', '--host', h.host]))));
+  await stopPid(info.etcd.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', 'data')] });
   for (const d of [info.etcd, info.manager, ...info.hosts]) if (d) fs.rmSync(d.pidFile, { force: true });
   return true;
 }
