@@ -85,6 +85,9 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
     fs.mkdirSync(paths.dir, { recursive: true });
     removeStaleSockets(spec.name);
     fs.rmSync(paths.state, { force: true });
+    // A feed (or revocation) left by an earlier incarnation never applies to this one: the
+    // host agent arms the new incarnation with its next proof of the lease.
+    fs.rmSync(paths.watchdog, { force: true });
     createDisks(spec);
     const launch: QemuLaunchOptions = { accel, ...opts.launch };
     const launchFile: LaunchFile = { spec, launch, qemuBinary };

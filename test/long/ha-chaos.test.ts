@@ -37,7 +37,8 @@ let store: StoreProcess | undefined;
 after(async () => {
   await cluster?.stop();
   await store?.stop();
-  lab.cleanup();
+  if (process.env.HA_TEST_KEEP) console.log(`# kept ${lab.home}`);
+  else lab.cleanup();
 });
 
 /** mulberry32: a seeded PRNG, so a failing run can be replayed with CHAOS_SEED. */
