@@ -119,7 +119,8 @@ test(`chaos: ${FAILURES} random failures (QEMU, agent, host, store, manager, etc
   const c = cluster.cluster;
 
   process.env.HYDRAVM_HOME = homeOf('host1');
-  await startVm(loadSpecFile(lab.writeSpec(VM, {})));
+  // 128 MiB: a restore pages in and re-protects less, so more failures fit in a run.
+  await startVm(loadSpecFile(lab.writeSpec(VM, { memory: '128M' })));
   let rec: VmRecord = await protectInCluster(c, { vm: VM, host: 'host1', store: storeAddress, mode: 'network', intervalMs: 1000 }, { timeoutMs: 180_000 });
 
   const sampler = new IncarnationSampler([VM], dir).start();
