@@ -5,6 +5,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh
+node scripts/check-imports.mjs
+node scripts/check-swallowed.mjs
 node dist/src/cli/main.js setup
 # Long runs (dist/test/long/) are `npm run test:long`.
 mapfile -t files < <(find dist/src dist/test -name '*.test.js' -not -path 'dist/test/long/*' 2>/dev/null | sort)

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { cliEntry } from '../src/config/paths.js';
 import { Cluster } from '../src/ha/cluster.js';
-import { etcdLab, inProcessAgent, until } from './ha-helpers.js';
+import { etcdLab, inProcessAgent, until } from './support/ha.js';
 
 /**
  * A real etcd with a user and auth enabled: agents, managers and the CLI

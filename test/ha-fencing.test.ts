@@ -2,8 +2,8 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, until } from './helpers.js';
-import { IncarnationSampler } from './ha-helpers.js';
+import { makeLab, startStore, until } from './support/lab.js';
+import { IncarnationSampler } from './support/ha.js';
 import type { StoreProcess } from '../src/store/spawn.js';
 import { startEmbeddedCluster, protectInCluster, waitForFailover, forgetVm, type EmbeddedCluster } from '../src/ha/index.js';
 import { loadSpecFile } from '../src/vm/spec.js';
@@ -49,9 +49,9 @@ async function protectedVm(c: EmbeddedCluster, store: StoreProcess, vm: string, 
   const qemuPid = (await onHost(c, host, () => startVm(spec))).qemuPid!;
   await waitForMemcheckStep(path.join(homeOf(c, host), 'vms', vm, 'serial.log'), 1, 60_000);
   const rec = await protectInCluster(c.cluster, { vm, host, store: store.address, mode: 'network', intervalMs: 1000 }, { timeoutMs: 120_000 });
-  await until(() => (readProtectionOn(c, host, vm)?.committedEpoch ?? 0) >= 2, 60_000, `two commits of ${vm}`);
+  await until(`two commits of ${vm}`, () => (readProtectionOn(c, host, vm)?.committedEpoch ?? 0) >= 2, 60_000);
   // The agent arms the VM's watchdog with its next lease proof.
-  await until(() => fs.existsSync(path.join(homeOf(c, host), 'vms', vm, 'watchdog.json')), 10_000, `watchdog of ${vm} armed`);
+  await until(`watchdog of ${vm} armed`, () => fs.existsSync(path.join(homeOf(c, host), 'vms', vm, 'watchdog.json')), 10_000);
   return { generation: rec.generation, qemuPid };
 }
 
@@ -96,7 +96,7 @@ test('agent-only SIGKILL: the old QEMU kills itself before the VM is restored el
   const killedMono = monoNow();
   process.kill(agent.pid, 'SIGKILL');
 
-  await until(() => !pidAlive(qemuPid), 10_000, 'the old QEMU to die by itself');
+  await until('the old QEMU to die by itself', () => !pidAlive(qemuPid), 10_000);
   const deathMs = monoNow() - killedMono;
   const { record, timing } = await waitForFailover(c.cluster, vm, generation, { timeoutMs: 120_000 });
   assert.equal(record.host, 'host2');
@@ -149,7 +149,7 @@ test('etcd unreachable: shorter than the TTL changes nothing; longer, every supe
   process.kill(c.etcd.pid, 'SIGSTOP');
   const stoppedMono = monoNow();
   try {
-    for (const v of started) await until(() => !pidAlive(v.qemuPid), 8000, `${v.vm}'s QEMU to self-fence`);
+    for (const v of started) await until(`${v.vm}'s QEMU to self-fence`, () => !pidAlive(v.qemuPid), 8000);
     const fencedMs = monoNow() - stoppedMono;
     for (const v of started) {
       const st = await onHost(c, v.host, () => readState(v.vm));

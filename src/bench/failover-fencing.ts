@@ -1,15 +1,10 @@
 // The fencing part of `hydravm bench failover`: agent death -> old QEMU gone, and lease expiry -> restore start, in an embedded cluster.
 import fs from 'node:fs';
 import path from 'node:path';
-import { startEmbeddedCluster, restartDaemon, protectInCluster, waitForFailover, forgetVm } from '../ha/index.js';
-import { DEFAULT_FENCE_MARGIN_MS } from '../ha/manager.js';
-import { startVm, stopVm } from '../vm/manager.js';
-import { readState } from '../vm/runtime.js';
-import { waitForMemcheckStep } from '../vm/serial.js';
-import { monoNow } from '../vm/watchdog.js';
+import { startEmbeddedCluster, restartDaemon, protectInCluster, waitForFailover, forgetVm, DEFAULT_FENCE_MARGIN_MS } from '../ha/index.js';
+import { startVm, stopVm, readState, waitForMemcheckStep, monoNow, validateSpec } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
-import { readProtection } from '../checkpoint/protection.js';
-import { validateSpec } from '../vm/spec.js';
+import { readProtection } from '../checkpoint/index.js';
 import { BenchError } from '../errors.js';
 import { fmt, sleep, summary, type BenchEnv, type Summary } from './harness.js';
 import type { FailoverBenchOptions } from './failover-results.js';
@@ -144,6 +139,7 @@ async function waitCommits(home: string, vm: string, n: number): Promise<void> {
 
 async function waitForHost(cluster: { hosts(): Promise<Map<string, unknown>> }, host: string): Promise<void> {
   const deadline = Date.now() + 30_000;
+  // etcd may be busy with the fail-over: an error is a "not yet", retried until the deadline.
   while (!(await cluster.hosts().catch(() => new Map())).has(host)) {
     if (Date.now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `host ${host}'s agent did not come back within 30 s`);
     await sleep(100);

@@ -12,7 +12,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--memory <size>', 'guest memory', '512M')
     .option('--no-disk', 'skip the run with a qcow2 disk')
     .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string; disk: boolean }) => {
-      const { runCheckpointBench } = await import('../bench/checkpoint-bench.js');
+      const { runCheckpointBench } = await import('../bench/index.js');
       const r = await runCheckpointBench({
         outDir: opts.out,
         workingSetsMb: opts.workingSets.split(',').map(Number),
@@ -39,7 +39,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
     .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean }) => {
-      const { runFailoverBench } = await import('../bench/failover-bench.js');
+      const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
         repeats: Number(opts.repeats),

@@ -4,7 +4,7 @@ import os from 'node:os';
 import type { Lease } from 'etcd3';
 import { HaError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
-import { monoNow } from '../vm/watchdog.js';
+import { monoNow } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type HostRecord } from './cluster.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';

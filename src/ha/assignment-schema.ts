@@ -2,7 +2,7 @@
 import path from 'node:path';
 import { z } from 'zod';
 import { HaError } from '../errors.js';
-import { nameSchema } from '../vm/spec.js';
+import { nameSchema } from '../vm/index.js';
 import type { Assignment } from './cluster.js';
 
 const u32 = z.number().int().min(0).max(0xffff_ffff);

@@ -4,7 +4,9 @@ import path from 'node:path';
 import http from 'node:http';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { HaError } from '../errors.js';
-import { killProcess, type ProcessIdentity } from '../native/kill.js';
+import { killProcess, type ProcessIdentity } from '../vm/index.js';
+import { pidAlive } from '../util/pid.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * A single local etcd member for the embedded mode (demo, tests, one-machine
@@ -84,17 +86,6 @@ export function etcdHealthy(url: string, timeoutMs = 500): Promise<boolean> {
     req.on('error', () => resolve(false));
   });
 }
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /**
  * Stop an etcd (or any process) by pid: SIGTERM, then SIGKILL after graceMs.

@@ -1,7 +1,7 @@
 // The Linux watchdog device (/dev/watchdog, e.g. softdog) as an opt-in backstop: fed on lease proof, the kernel resets the host when it starves.
 import fs from 'node:fs';
 import { HaError } from '../errors.js';
-import { monoNow } from '../vm/watchdog.js';
+import { monoNow } from '../vm/index.js';
 
 export interface HwWatchdogOptions {
   /** The device, e.g. /dev/watchdog. */

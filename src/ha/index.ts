@@ -5,10 +5,12 @@
 export { startEtcd, findEtcd, freePort, etcdHealthy, type EtcdProcess, type EtcdOptions } from './etcd-process.js';
 export {
   Cluster, connectEtcd, keys, PREFIX, deriveTiming,
-  type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
+  type ClusterOptions, type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
 } from './cluster.js';
 export { HostAgent, startAgent, type AgentOptions } from './agent.js';
-export { FailoverManager, startManager, assignRestore, type ManagerOptions } from './manager.js';
+export { etcdSecurityOptions, credentialsFrom, type EtcdCredentials } from './etcd-credentials.js';
+export { parseAssignment } from './assignment-schema.js';
+export { FailoverManager, startManager, assignRestore, DEFAULT_FENCE_MARGIN_MS, type ManagerOptions } from './manager.js';
 export { placeVm, reservations, type PlacementRequest, type PlacementResult } from './placement.js';
 export { readLocalVm, listLocalVms, vmDeath, writeHaLocal, type HaLocal, type LocalVm } from './local-vm.js';
 export { fenceLocalVm, staleReason } from './fence.js';

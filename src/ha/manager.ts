@@ -6,7 +6,8 @@ import { log as rootLog } from '../util/log.js';
 import { Cluster, type ClusterOptions, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
 import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
 import { HaError } from '../errors.js';
-import { monoNow } from '../vm/watchdog.js';
+import { monoNow } from '../vm/index.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The fail-over manager. Any number may run; an etcd election makes exactly
@@ -56,8 +57,6 @@ export interface ManagerEvents {
   'no-capacity': [{ vm: string; reason: string }];
   lost: [{ vm: string; reason: string }];
 }
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export class FailoverManager extends EventEmitter<ManagerEvents> {
   readonly id: string;

@@ -1,7 +1,7 @@
 // The agent's side of the VM watchdogs: after each proof of its lease, it feeds every guarded VM's watchdog.json.
 import fs from 'node:fs';
 import path from 'node:path';
-import { monoNow, writeWatchdogFeed, type WatchdogFeed } from '../vm/watchdog.js';
+import { monoNow, writeWatchdogFeed, type WatchdogFeed } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import type { HwWatchdog } from './hw-watchdog.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';

@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { procStartTime } from '../util/pid.js';
-import { loadNative } from './index.js';
+import { loadNative } from './load.js';
 
 /** Who the PID must be: its start time recorded at spawn, or (when none was recorded) words its command line holds. */
 export interface ProcessIdentity {

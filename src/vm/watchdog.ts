@@ -50,6 +50,10 @@ export function readWatchdogFeed(file: string): WatchdogFeed | undefined {
   }
 }
 
+/**
+ * Rename-atomic, deliberately without fsync: it is rewritten several times a
+ * second, and a feed lost in a crash only errs on the safe side (starvation).
+ */
 export function writeWatchdogFeed(file: string, feed: WatchdogFeed): void {
   const tmp = `${file}.tmp-${process.pid}`;
   fs.writeFileSync(tmp, JSON.stringify(feed) + '\n', { mode: 0o600 });

@@ -2,8 +2,8 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, until, assertFullVerify } from '../helpers.js';
-import { IncarnationSampler } from '../ha-helpers.js';
+import { makeLab, until, assertFullVerify } from '../support/lab.js';
+import { IncarnationSampler } from '../support/ha.js';
 import { spawnStore, type StoreProcess } from '../../src/store/spawn.js';
 import { startEmbeddedCluster, restartDaemon, readClusterInfo, protectInCluster, waitForFailover, forgetVm, type EmbeddedCluster } from '../../src/ha/index.js';
 import { loadSpecFile } from '../../src/vm/spec.js';
@@ -152,7 +152,7 @@ test(`chaos: ${FAILURES} random failures (QEMU, agent, host, store, manager, etc
   };
   const newCommits = async (host: string, n: number) => {
     const from = protectionOf(host)?.committedEpoch ?? 0;
-    await until(() => (protectionOf(host)?.committedEpoch ?? 0) >= from + n, 120_000, `${n} new commits on ${host}`);
+    await until(`${n} new commits on ${host}`, () => (protectionOf(host)?.committedEpoch ?? 0) >= from + n, 120_000);
   };
 
   try {
@@ -183,7 +183,7 @@ test(`chaos: ${FAILURES} random failures (QEMU, agent, host, store, manager, etc
         row.verifiedPages = full.pages;
         row.violations = full.violations;
         rec = record;
-        if (kind !== 'qemu') await until(async () => (await c.hosts()).has(host), 30_000, `${host} back`);
+        if (kind !== 'qemu') await until(`${host} back`, async () => (await c.hosts()).has(host), 30_000);
       } else if (kind === 'store') {
         store.proc.kill('SIGKILL');
         await new Promise((r) => setTimeout(r, 500));
@@ -194,7 +194,7 @@ test(`chaos: ${FAILURES} random failures (QEMU, agent, host, store, manager, etc
         kill(info().manager!.pid);
         await new Promise((r) => setTimeout(r, 300));
         restartDaemon(dir, 'manager');
-        await until(async () => await c.leader().catch(() => undefined), 30_000, 'a manager elected again');
+        await until('a manager elected again', async () => await c.leader().catch(() => undefined), 30_000);
         row.recoveredMs = Date.now() - t0;
       } else {
         const qemu = stateOf(host)?.qemuPid;
