@@ -1,7 +1,7 @@
 // The fencing part of `hydravm bench failover`: agent death -> old QEMU gone, and lease expiry -> restore start, in an embedded cluster.
 import fs from 'node:fs';
 import path from 'node:path';
-import { startEmbeddedCluster, restartDaemon, protectInCluster, waitForFailover, forgetVm, DEFAULT_FENCE_MARGIN_MS } from '../ha/index.js';
+import { startEmbeddedCluster, restartDaemon, readClusterInfo, protectInCluster, waitForFailover, forgetVm, DEFAULT_FENCE_MARGIN_MS } from '../ha/index.js';
 import { startVm, stopVm, readState, waitForMemcheckStep, monoNow, validateSpec } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { readProtection } from '../checkpoint/index.js';
@@ -75,7 +75,8 @@ export async function runFencingBench(env: BenchEnv, opts: FailoverBenchOptions,
         const otherPid = readState0(homeOf(other), vm)?.qemuPid;
         if (pidAlive(qemuPid) && otherPid && pidAlive(otherPid) && otherPid !== qemuPid) doubles++;
       }, 10);
-      const agent = cluster.hosts.find((h) => h.host === host)!;
+      // cluster.json, not the start-time snapshot: agents restarted in earlier rounds have new PIDs.
+      const agent = readClusterInfo(dir)!.hosts.find((h) => h.host === host)!;
       const killedMono = monoNow();
       const killedAt = Date.now();
       process.kill(agent.pid, 'SIGKILL');
