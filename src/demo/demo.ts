@@ -51,7 +51,10 @@ export async function runDemo(opts: DemoOptions): Promise<void> {
   fs.mkdirSync(base, { recursive: true });
 
   say('== embedded cluster: etcd, a fail-over manager, host agents host1 and host2, a checkpoint store');
-  const cluster = await startEmbeddedCluster({ dir: path.join(base, 'cluster'), hosts: 2 });
+  // Lease TTL 2 s: the network-mode pager runs in the restoring agent's process, and on a
+  // loaded machine paging in a 512 MB guest can hold its keepalives past a 1 s lease's
+  // deadline, which makes the VM's watchdog (rightly) kill the restored QEMU.
+  const cluster = await startEmbeddedCluster({ dir: path.join(base, 'cluster'), hosts: 2, leaseTtlSec: 2 });
   const storeLog = path.join(base, 'store.log');
   const store = await spawnStore({ dir: path.join(base, 'store'), secretFile: cluster.secretFile, logFile: storeLog });
   say(`   etcd ${cluster.etcdUrl}, store ${store.address} (log ${storeLog}), runtime in ${base}`);
