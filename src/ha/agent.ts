@@ -181,6 +181,8 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     this.deaths.close();
+    // No new assignment starts now (running is false); one in flight finishes before the fence below.
+    await this.assignments.settle(60_000);
     if (opts.fence !== false) {
       for (const v of listLocalVms(this.home)) {
         if (v.live && this.guarded(v)) await this.fence(v.name, 'agent stopping', true);
