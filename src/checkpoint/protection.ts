@@ -108,7 +108,13 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
       onProgress?.(s);
     }
     if (s?.state === 'protected') return s;
-    if (s?.state === 'failed') throw new CheckpointError('HYDRA_CKPT_FAILED', `protecting VM "${req.vm}" failed: ${s.reason} (see ${f.log})`);
+    if (s?.state === 'failed') {
+      // The checkpointer writes its failure before it has released the VM; the caller may act on the VM
+      // as soon as this throws, so the checkpointer must be gone by then.
+      const exitBy = Date.now() + 10_000;
+      while (pidAlive(child.pid) && Date.now() < exitBy) await sleep(20);
+      throw new CheckpointError('HYDRA_CKPT_FAILED', `protecting VM "${req.vm}" failed: ${s.reason} (see ${f.log})`);
+    }
     if (!pidAlive(child.pid)) throw new CheckpointError('HYDRA_CKPT_FAILED', `checkpointer of VM "${req.vm}" exited during start (see ${f.log})`);
     if (Date.now() > deadline) {
       process.kill(child.pid!, 'SIGTERM');
