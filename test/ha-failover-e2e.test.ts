@@ -67,7 +67,7 @@ for (const s of scenarios) {
   test(`automatic fail-over (${s.mode} mode) after ${s.failure === 'qemu' ? 'QEMU is killed' : 'its whole host dies'}: memcheck continues with zero violations`, { timeout: 180_000 }, async () => {
     const spec = loadSpecFile(lab.writeSpec(s.vm, {}));
     const qemuPid = (await withHome(s.host, () => startVm(spec))).qemuPid!;
-    await waitForMemcheckStep(serialOn(s.host, s.vm), 1, 30_000);
+    await waitForMemcheckStep(serialOn(s.host, s.vm), 1, 120_000); // a boot on a loaded machine
     const rec = await protectInCluster(cluster.cluster, { vm: s.vm, host: s.host, store: store.address, storeDir: s.mode === 'file' ? storeDir : undefined, mode: s.mode, intervalMs: 1000 }, { timeoutMs: 120_000 });
     await until('three commits', () => (withHome(s.host, () => readProtection(s.vm))?.committedEpoch ?? 0) >= 3, 60_000);
 

@@ -47,7 +47,7 @@ async function onHost<T>(c: EmbeddedCluster, host: string, fn: () => T | Promise
 async function protectedVm(c: EmbeddedCluster, store: StoreProcess, vm: string, host: string): Promise<{ generation: number; qemuPid: number }> {
   const spec = loadSpecFile(lab.writeSpec(vm, {}));
   const qemuPid = (await onHost(c, host, () => startVm(spec))).qemuPid!;
-  await waitForMemcheckStep(path.join(homeOf(c, host), 'vms', vm, 'serial.log'), 1, 60_000);
+  await waitForMemcheckStep(path.join(homeOf(c, host), 'vms', vm, 'serial.log'), 1, 120_000); // a boot on a loaded machine
   const rec = await protectInCluster(c.cluster, { vm, host, store: store.address, mode: 'network', intervalMs: 1000 }, { timeoutMs: 120_000 });
   await until(`two commits of ${vm}`, () => (readProtectionOn(c, host, vm)?.committedEpoch ?? 0) >= 2, 60_000);
   // The agent arms the VM's watchdog with its next lease proof.
