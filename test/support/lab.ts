@@ -60,9 +60,14 @@ export function makeLab(prefix: string): Lab {
       return file;
     },
     cleanup() {
-      // Stop whatever a failed test left running, then remove the lab.
-      const vms = path.join(home, 'vms');
-      for (const name of fs.existsSync(vms) ? fs.readdirSync(vms) : []) {
+      // Stop whatever a failed test left running, then remove the lab: the lab's own VMs and
+      // those of every host of an embedded cluster inside it (DIR/hosts/HOST/vms).
+      const vmDirs = [path.join(home, 'vms')];
+      for (const c of fs.existsSync(home) ? fs.readdirSync(home) : []) {
+        const hosts = path.join(home, c, 'hosts');
+        if (fs.existsSync(hosts)) for (const h of fs.readdirSync(hosts)) vmDirs.push(path.join(hosts, h, 'vms'));
+      }
+      for (const vms of vmDirs) for (const name of fs.existsSync(vms) ? fs.readdirSync(vms) : []) {
         try {
           const st = JSON.parse(fs.readFileSync(path.join(vms, name, 'state.json'), 'utf8'));
           for (const pid of [st.supervisorPid, st.qemuPid]) if (pid) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
