@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -134,6 +134,7 @@ for (const mode of ['network', 'file'] as const) {
     assert.ok(resumed.step >= floor, `resumed at step ${resumed.step}, but the guest had reached ${floor} before checkpoint ${restoredEpoch}`);
     await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, killedAt);
     assert.equal(countViolations(serialOf(vm)), 0, readSerial(serialOf(vm)).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
+    await assertFullVerify(serialOf(vm), killedAt);
     assert.doesNotMatch(readSerial(serialOf(vm)).slice(killedAt), /memcheck: start/, 'the guest did not reboot');
     assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
   });
@@ -185,6 +186,7 @@ test('protected again: a restored VM checkpoints as a new generation, survives a
   assert.ok(resumed.step > 0 && resumed.step >= stepBefore - 200, `resumed at ${resumed.step}, was at ${stepBefore}`);
   await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, offset);
   assert.equal(countViolations(serialOf(vm)), 0);
+  await assertFullVerify(serialOf(vm), offset);
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
 

@@ -59,7 +59,9 @@ export function registerBenchCommand(program: Command): void {
     .option('--interval <s>', 'checkpoint interval in seconds', '1')
     .option('--window <s>', 'seconds of memcheck progress measured before the kill and after the restore', '10')
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string }) => {
+    .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
+    .option('--fencing-only', 'run only the self-fencing rounds')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean }) => {
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
@@ -70,6 +72,8 @@ export function registerBenchCommand(program: Command): void {
         intervalMs: Number(opts.interval) * 1000,
         windowS: Number(opts.window),
         noPrefetchS: Number(opts.demandOnlySeconds),
+        fencingRounds: Number(opts.fencingRounds),
+        fencingOnly: !!opts.fencingOnly,
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);

@@ -31,6 +31,16 @@ export class AssignmentRunner {
     return this.inflight.has(vm);
   }
 
+  /**
+   * Wait (at most `timeoutMs`) until no assignment runs: a restore in flight
+   * when the agent stops would otherwise start a QEMU after the agent's last
+   * fence, with nobody left to feed or fence it.
+   */
+  async settle(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.inflight.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  }
+
   async run(a: Assignment, modRevision: string): Promise<void> {
     // Only while registered and in contact: a partitioned agent must not start VMs.
     if (!this.core.running() || this.inflight.has(a.vm) || !this.opts.connected()) return;
@@ -98,6 +108,7 @@ export class AssignmentRunner {
     // The timing first, so whoever sees `running` finds it complete (best effort, as above).
     await cluster.mergeTiming(a.vm, a.generation, {
       runningAt,
+      restoredEpoch: res.epoch,
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
     }).catch(() => undefined);

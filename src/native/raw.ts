@@ -84,6 +84,8 @@ export interface RawAddon {
   pidfdOpen(pid: number): number;
   /** Duplicate `targetFd` of the process behind `pidfd` into this process. */
   pidfdGetfd(pidfd: number, targetFd: number): number;
+  /** Signal the process behind `pidfd` (ESRCH once it exited, whatever now holds its PID). */
+  pidfdSendSignal(pidfd: number, signal: number): void;
   close(fd: number): void;
   setNonblock(fd: number): void;
   eventfdCreate(): number;

@@ -6,7 +6,8 @@ import { supervisorEntry, shimPath } from '../config/paths.js';
 import { QemuError, SpecError, VmError, VmExistsError, VmNotFoundError } from '../errors.js';
 import { chooseAccel } from './accel.js';
 import type { QemuLaunchOptions } from './qemu-args.js';
-import { vmPaths, readState, isLive, listVmNames, removeStaleSockets, type VmState } from './runtime.js';
+import { vmPaths, readState, isLive, listVmNames, removeStaleSockets, qemuIdentity, supervisorIdentity, type VmState } from './runtime.js';
+import { killProcess } from '../native/index.js';
 import { checkSpecFiles, type VmSpec } from './spec.js';
 import type { LaunchFile } from './supervisor.js';
 import { sleep } from '../util/sleep.js';
@@ -86,6 +87,9 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
     fs.mkdirSync(paths.dir, { recursive: true });
     removeStaleSockets(spec.name);
     fs.rmSync(paths.state, { force: true });
+    // A feed (or revocation) left by an earlier incarnation never applies to this one: the
+    // host agent arms the new incarnation with its next proof of the lease.
+    fs.rmSync(paths.watchdog, { force: true });
     createDisks(spec);
     const launch: QemuLaunchOptions = { accel, ...opts.launch };
     const launchFile: LaunchFile = { spec, launch, qemuBinary };
@@ -123,6 +127,7 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
   }
 }
 
+/** Our own child, not yet reaped: its PID cannot have been reused. */
 function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
   try {
     process.kill(pid, signal);
@@ -132,8 +137,8 @@ function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
 }
 
 function killHard(state: VmState): void {
-  killPid(state.supervisorPid);
-  if (state.qemuPid) killPid(state.qemuPid);
+  killProcess(state.supervisorPid, supervisorIdentity(state));
+  if (state.qemuPid) killProcess(state.qemuPid, qemuIdentity(state));
   removeStaleSockets(state.name);
 }
 
@@ -187,7 +192,7 @@ export async function stopVm(name: string, opts: { timeoutMs?: number } = {}): P
   try {
     await controlRequest(name, 'POST', '/stop', opts.timeoutMs ?? 10_000);
   } catch {
-    killPid(state.supervisorPid, 'SIGTERM');
+    killProcess(state.supervisorPid, supervisorIdentity(state), 'SIGTERM');
   }
   if (!(await waitGone(state, opts.timeoutMs ?? 10_000))) killHard(state);
   await waitGone(state, 2000);

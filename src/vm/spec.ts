@@ -34,7 +34,7 @@ export function parseSize(value: string | number, what: string): number {
   return n * mult;
 }
 
-const nameSchema = z.string().regex(/^[a-z0-9][a-z0-9_-]{0,31}$/i, 'must be 1-32 letters, digits, "-" or "_", starting with a letter or digit');
+export const nameSchema = z.string().regex(/^[a-z0-9][a-z0-9_-]{0,31}$/i, 'must be 1-32 letters, digits, "-" or "_", starting with a letter or digit');
 const sizeSchema = z.union([z.string(), z.number()]);
 
 const diskSchema = z.object({
