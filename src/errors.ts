@@ -107,3 +107,30 @@ export function ioStepError(step: string, subject: string, err: unknown): StoreE
   const code = e?.code === 'ENOSPC' ? 'HYDRA_IO_NO_SPACE' : e?.code === 'EROFS' || e?.code === 'EACCES' ? 'HYDRA_IO_READ_ONLY' : 'HYDRA_IO_FAILED';
   return new StoreError(code, `${step} ${subject}: ${e?.message ?? String(err)}`, { cause: err });
 }
+
+/**
+ * VM networking on this host:
+ *   HYDRA_NET_BRIDGE_MISSING   a NIC names a bridge that does not exist (or is not a bridge) on this host
+ *   HYDRA_NET_TAP_PERMISSION   creating or attaching the tap device needs CAP_NET_ADMIN and /dev/net/tun
+ *   HYDRA_NET_TAP_BUSY         the tap name is held open by another process (another VM)
+ *   HYDRA_NET_TAP_FAILED       `ip` failed to create, attach or remove a tap for another reason
+ *   HYDRA_NET_MAC_CLASH        another running VM on this host already uses the MAC or the tap name
+ */
+export class NetError extends HydraError {
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+  }
+}
+
+/**
+ * Guest images (`hydravm image build`):
+ *   HYDRA_IMAGE_NO_SPACE       not enough free space in the cache directory for the build
+ *   HYDRA_IMAGE_BUILD_FAILED   a build step (mmdebstrap, mkfs.ext4, qemu-img) failed
+ *   HYDRA_IMAGE_NOT_BUILT      a spec refers to an image that has not been built
+ *   HYDRA_IMAGE_BAD_ARGS       unknown distribution, bad size or package name
+ */
+export class ImageError extends HydraError {
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+  }
+}

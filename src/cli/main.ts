@@ -9,6 +9,7 @@ import { registerStoreCommand } from './store-command.js';
 import { registerRestoreCommand } from './restore-command.js';
 import { registerBenchCommand } from './bench-command.js';
 import { registerHaCommands } from './ha-commands.js';
+import { registerImageCommands } from './image-command.js';
 
 // `hydravm ... | head` closes our stdout early: that is the reader's choice, not an error.
 process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -24,6 +25,7 @@ program
   .showHelpAfterError();
 
 registerSetupCommands(program);
+registerImageCommands(program);
 registerVmCommands(program);
 registerStoreCommand(program);
 registerProtectCommands(program);
