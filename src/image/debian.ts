@@ -233,6 +233,7 @@ export async function buildDebianImage(opts: BuildImageOptions = {}): Promise<Bu
       await fs.rm(raw, { force: true });
       // VMs write to their own overlays; the shared base never changes.
       await fs.chmod(path.join(tmp, 'root.qcow2'), 0o444);
+      await fs.chmod(tmp, 0o755);
 
       const info: ImageInfo = {
         recipe: RECIPE_VERSION, distribution: 'debian', suite: sources.suite, packages, sizeBytes, kernelPackage: kpkg,

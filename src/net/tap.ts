@@ -55,7 +55,8 @@ export function tapHolders(tap: string): number[] {
   return holders;
 }
 
-function assertBridge(req: TapRequest): void {
+/** Refuse a bridge that does not exist here, naming the command that creates it. */
+export function assertBridge(req: Pick<TapRequest, 'owner' | 'bridge'>): void {
   if (!linkExists(req.bridge)) {
     throw new NetError('HYDRA_NET_BRIDGE_MISSING', `${req.owner}: bridge "${req.bridge}" does not exist on this host (create it: ip link add ${req.bridge} type bridge && ip link set ${req.bridge} up)`);
   }

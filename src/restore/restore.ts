@@ -10,6 +10,7 @@ import type { LaunchFile } from '../vm/supervisor.js';
 import { chooseAccel } from '../vm/accel.js';
 import { vmLog } from '../util/log.js';
 import { NetworkPager, type PagerStats } from './network-pager.js';
+import { announceSelf, assertRestorableNics } from './nics.js';
 
 export type RestoreMode = 'file' | 'network';
 
@@ -59,6 +60,8 @@ export interface RestoreResult {
   timings: RestoreTimings;
   /** Network mode: the pager keeps serving memory after this returns. */
   pager?: NetworkPager;
+  /** Whether QMP announce-self was sent after `cont` (the VM has NICs). */
+  announced: boolean;
 }
 
 /**
@@ -85,6 +88,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     const launchFile = meta.config as LaunchFile;
     if (!launchFile?.spec || !launchFile.launch) throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": the image of generation ${meta.generation} carries no VM configuration`);
     if (launchFile.spec.memoryBytes !== meta.ramSize) throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": image RAM ${meta.ramSize} bytes does not match its spec's ${launchFile.spec.memoryBytes}`);
+    assertRestorableNics(launchFile.spec);
     // Network mode: the 2 MiB regions the VM wrote most in its last epochs are prefetched first (advisory: any error -> none).
     // At most 64 Ki of them (128 GiB): the pager spreads the list into an array push, which overflows the stack past ~120 Ki.
     const hotOffsets = opts.mode === 'network' && (opts.prefetch ?? true)
@@ -170,6 +174,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       await qmp.execute('cont');
       const tRun = performance.now();
       pager?.startPrefetch();
+      const announced = await announceSelf(qmp, spec);
       const timings: RestoreTimings = {
         prepareMs,
         spawnMs,
@@ -180,7 +185,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');
       qmp.close();
-      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration: opts.newGeneration ?? null, timings, pager };
+      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration: opts.newGeneration ?? null, timings, pager, announced };
       if (opts.protect && opts.newGeneration) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;
