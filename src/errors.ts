@@ -134,3 +134,18 @@ export class ImageError extends HydraError {
     super(code, message, options);
   }
 }
+
+/**
+ * The redis client that watches a VM's service from outside (src/bench/redis-watcher.ts):
+ *   HYDRA_REDIS_CONNECT    the TCP connection to redis failed
+ *   HYDRA_REDIS_TIMEOUT    connecting or a command took longer than its deadline
+ *   HYDRA_REDIS_CLOSED     the connection closed before the reply came
+ *   HYDRA_REDIS_ERROR      redis answered with an error reply
+ *   HYDRA_REDIS_PROTOCOL   the reply was not RESP
+ *   HYDRA_REDIS_BUSY       a second command was sent while one was in flight (a bug in the caller)
+ */
+export class RedisClientError extends HydraError {
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+  }
+}
