@@ -45,7 +45,7 @@ test('bad NICs are refused naming the field and the problem', () => {
   bad({ mac: '00:00:00:00:00:00', bridge: 'br0' }, /all-zero/);
   bad({ mac: '52:54:00:12:34:56', bridge: 'br0', model: 'e1000' }, /nics\.0\.model: "e1000" is not a NIC model HydraVM can checkpoint and restore \(use one of: virtio-net-pci\)/);
   bad({ mac: '52:54:00:12:34:56', bridge: 'a-bridge-name-too-long' }, /nics\.0\.bridge: .*\(1-15 characters\)/);
-  bad({ mac: '52:54:00:12:34:56', bridge: 'br0', tap: 'bad/name' }, /nics\.0\.tap: .* letters, digits/);
+  bad({ mac: '52:54:00:12:34:56', bridge: 'br0', tap: 'bad/name' }, /nics\.0\.tap: .*\(letters, digits/);
   bad({ mac: '52:54:00:12:34:56', bridge: 'br0', tap: 'br0' }, /the bridge's own name/);
   bad({ mac: '52:54:00:12:34:56', bridge: 'br0', vhost: true }, /nics\.0: Unrecognized key/);
   bad({ mac: '52:54:00:12:34:56', bridge: 'br0' }, /nics\.1\.mac: 52:54:00:12:34:56 is also the MAC of nics\.0/, [{ mac: '52:54:00:12:34:56', bridge: 'br1', tap: 'other' }]);
