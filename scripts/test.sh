@@ -6,6 +6,6 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh
 node dist/src/cli/main.js setup
-mapfile -t files < <(find dist/src dist/test -name '*.test.js' 2>/dev/null | sort)
+mapfile -t files < <(find dist/src dist/test -path dist/test/long -prune -o -name '*.test.js' -print 2>/dev/null | sort)
 if [ "${#files[@]}" -eq 0 ]; then echo "no test files found" >&2; exit 1; fi
 exec node --test --test-concurrency=1 --test-timeout=600000 "$@" "${files[@]}"
