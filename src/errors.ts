@@ -126,7 +126,6 @@ export class NetError extends HydraError {
  * Guest images (`hydravm image build`):
  *   HYDRA_IMAGE_NO_SPACE       not enough free space in the cache directory for the build
  *   HYDRA_IMAGE_BUILD_FAILED   a build step (mmdebstrap, mkfs.ext4, qemu-img) failed
- *   HYDRA_IMAGE_NOT_BUILT      a spec refers to an image that has not been built
  *   HYDRA_IMAGE_BAD_ARGS       unknown distribution, bad size or package name
  */
 export class ImageError extends HydraError {

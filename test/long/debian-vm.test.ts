@@ -33,7 +33,7 @@ const vmFile = (f: string) => path.join(lab.home, 'vms', VM, f);
 const vmState = () => readJson<{ qemuPid: number; lifecycle: string }>(vmFile('state.json'))!;
 const protection = () => readJson<{ committedEpoch: number; generation: number; pid: number; state: string }>(vmFile('protection.json'));
 const records = (): WatchRecord[] => (fs.existsSync(watchLog) ? readWatchLog(watchLog) : []);
-const note = (msg: string) => process.stdout.write(`# ${msg}\n`);
+const note = (msg: string) => process.stdout.write(`${msg}\n`);
 
 before(async () => {
   const t = performance.now();
