@@ -94,6 +94,7 @@ async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promis
   await until(() => !pidAlive(protection()!.pid), 20_000, 'checkpointer gives up on the dead VM');
   await until(() => !fs.existsSync(`/sys/class/net/${TAP}`), 20_000, 'the dead VM\'s tap removed');
 
+  const restoreAt = Date.now();
   const r = await lab.cliAsync(['restore', VM, '--store', store.address, '--mode', mode, ...restoreArgs]);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, new RegExp(`VM ${VM} restored from generation (\\d+) epoch (\\d+) \\(${mode} mode\\)`));
@@ -115,7 +116,10 @@ async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promis
   const ackedAtCheckpoint = lastAcked(recs, 'incr', cp.startedAt) ?? 0;
   assert.ok(loss.found !== null, 'the client read the counter after the restore');
   assert.ok(loss.found >= ackedAtCheckpoint, `counter after restore ${loss.found} >= ${ackedAtCheckpoint} acknowledged before the checkpoint of epoch ${ep}`);
-  note(`${mode} fail-over: kill to first reply ${s.firstReplyAfterKillMs?.toFixed(0)} ms, longest gap ${s.longestGapMs.toFixed(0)} ms; `
+  const running = /running ([\d.]+ m?s) after QEMU was spawned \(([\d.]+ m?s) with/.exec(r.stdout);
+  note(`${mode} fail-over: kill to first reply ${s.firstReplyAfterKillMs?.toFixed(0)} ms, longest gap ${s.longestGapMs.toFixed(0)} ms `
+    + `(kill to restore command ${restoreAt - killAt} ms, waiting for the crash to be recorded; restore command to first reply ${(reply.t - restoreAt).toFixed(0)} ms; `
+    + `QEMU spawn to running ${running?.[1]}, launch to running ${running?.[2]}); `
     + `counter acknowledged before the kill ${loss.ackedBeforeKill}, found ${loss.found}, acknowledged increments lost ${loss.lostAcked}; `
     + `acknowledged at the checkpoint's pause ${ackedAtCheckpoint}`);
 }
