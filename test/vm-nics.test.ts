@@ -2,7 +2,8 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { cliEntry } from '../src/config/paths.js';
 import { makeLab, readJson } from './helpers.js';
 import { makeTestNet, tapMaster, linkExists, NET_PREFIX, type TestNet } from './net-env.js';
 
@@ -69,4 +70,14 @@ test('bad MACs and NIC models are refused at start, naming the spec file and the
   assert.equal(model.code, 1);
   assert.match(model.stderr, /nic-g\.json: nics\.0\.model: "rtl8139" is not a NIC model HydraVM can checkpoint and restore/);
   assert.ok(!linkExists(tap('tc')));
+});
+
+test('without CAP_NET_ADMIN the tap cannot be made: the error says so, and nothing is left behind', () => {
+  const spec = lab.writeSpec('nic-p', nic('52:54:00:9a:01:08', 'tc'));
+  // The same CLI, with CAP_NET_ADMIN dropped from its capability bounding set (root keeps its uid, not that capability).
+  const r = spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cliEntry, 'vm', 'start', spec], { env: lab.env, encoding: 'utf8', timeout: 60_000 });
+  assert.equal(r.status, 1, r.stderr);
+  assert.match(r.stderr, /VM "nic-p" nics\.0: creating tap "[^"]+tc" \(ip tuntap add\) failed: .*Operation not permitted \(tap devices need CAP_NET_ADMIN: run HydraVM as root\)/);
+  assert.ok(!linkExists(tap('tc')));
+  assert.ok(!fs.existsSync(path.join(lab.home, 'vms', 'nic-p', 'state.json')), 'nothing started');
 });
