@@ -49,6 +49,8 @@ after(async () => {
   if (watcher && watcher.exitCode === null) watcher.kill('SIGKILL');
   await store?.stop();
   lab.cleanup();
+  // A persistent tap outlives a QEMU killed by the cleanup: remove it with the bridge.
+  if (fs.existsSync(`/sys/class/net/${TAP}`)) execFileSync('ip', ['link', 'del', TAP]);
   net?.remove();
 });
 
@@ -116,6 +118,15 @@ async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promis
   const ackedAtCheckpoint = lastAcked(recs, 'incr', cp.startedAt) ?? 0;
   assert.ok(loss.found !== null, 'the client read the counter after the restore');
   assert.ok(loss.found >= ackedAtCheckpoint, `counter after restore ${loss.found} >= ${ackedAtCheckpoint} acknowledged before the checkpoint of epoch ${ep}`);
+  // What the client met between the kill and its first reply (connection refused, unreachable, timeouts).
+  const kinds = new Map<string, number>();
+  for (const x of recs) {
+    if (x.ok || x.t <= killAt || x.t > reply.t) continue;
+    const k = `${x.op}: ${(x.error ?? '').replace(/.*(failed|closed|took|got no reply)/, '$1').replace(/[\d.:]+/g, 'N').slice(0, 60)}`;
+    kinds.set(k, (kinds.get(k) ?? 0) + 1);
+  }
+  const firstConnect = recs.find((x) => x.ok && x.op === 'connect' && x.t > killAt);
+  note(`${mode} fail-over, client side: ${[...kinds].map(([k, n]) => `${n} x ${k}`).join('; ')}; first connection after the kill at +${firstConnect ? (firstConnect.t - killAt).toFixed(0) : '?'} ms`);
   const running = /running ([\d.]+ m?s) after QEMU was spawned \(([\d.]+ m?s) with/.exec(r.stdout);
   note(`${mode} fail-over: kill to first reply ${s.firstReplyAfterKillMs?.toFixed(0)} ms, longest gap ${s.longestGapMs.toFixed(0)} ms `
     + `(kill to restore command ${restoreAt - killAt} ms, waiting for the crash to be recorded; restore command to first reply ${(reply.t - restoreAt).toFixed(0)} ms; `
