@@ -19,8 +19,14 @@ export interface WatcherOptions {
   out?: string;
   counterKey?: string;
   seqKey?: string;
-  /** Deadline per command and per connection attempt. Default 1000 ms. */
+  /** Deadline per command. Default 1000 ms. */
   timeoutMs?: number;
+  /**
+   * Deadline per connection attempt. Default 300 ms: a SYN the dead VM never
+   * answered is retransmitted by the kernel only after 1 s, so a fresh attempt
+   * sooner keeps that second out of the measured outage.
+   */
+  connectTimeoutMs?: number;
   /** Pause between reconnection attempts. Default 50 ms. */
   retryMs?: number;
   /** Pause between commands (0 = back to back). Default 5 ms. */
@@ -49,7 +55,7 @@ export class RedisWatcher {
   private readonly o: Required<Omit<WatcherOptions, 'out'>> & { out?: string };
 
   constructor(opts: WatcherOptions) {
-    this.o = { counterKey: 'hydra:counter', seqKey: 'hydra:seq', timeoutMs: 1000, retryMs: 50, pauseMs: 5, ...opts };
+    this.o = { counterKey: 'hydra:counter', seqKey: 'hydra:seq', timeoutMs: 1000, connectTimeoutMs: 300, retryMs: 50, pauseMs: 5, ...opts };
   }
 
   start(): this {
@@ -86,7 +92,7 @@ export class RedisWatcher {
       if (!this.conn) {
         const t = performance.now();
         try {
-          this.conn = await RespConnection.connect(this.o.host, this.o.port, this.o.timeoutMs);
+          this.conn = await RespConnection.connect(this.o.host, this.o.port, this.o.connectTimeoutMs);
           this.record({ t: Date.now(), op: 'connect', ok: true, ms: performance.now() - t });
           const tg = performance.now();
           const v = await this.conn.command(['GET', this.o.counterKey], this.o.timeoutMs);
