@@ -130,7 +130,7 @@ async function withVmlinux(a: GuestArtifacts): Promise<GuestArtifacts> {
 }
 
 /** Hard-link (or copy across filesystems) src to dst. */
-export async function linkOrCopy(src: string, dst: string): Promise<void> {
+async function linkOrCopy(src: string, dst: string): Promise<void> {
   try {
     await fs.link(src, dst);
   } catch {
