@@ -1,150 +1,220 @@
+// The error catalogue: every error HydraVM raises on purpose, by family, each with a literal code (docs/errors.md explains each).
 /**
- * Every error HydraVM raises on purpose. Each has a literal `code` a script can
- * match on, a message that names the VM / file / step involved, and a `cause`
- * when it wraps a lower-level error. Add new errors here, never ad hoc.
+ * Each error has a literal `code` a script can match on, a message that names
+ * the VM / file / step involved, and a `cause` when it wraps a lower-level
+ * error. A family is one class with the union of its codes; add a code to its
+ * family's list here and a line to docs/errors.md (a test checks both).
  */
-export class HydraError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
+export const ERROR_CODES = {
+  config: ['HYDRA_SECRET_MISSING', 'HYDRA_SECRET_WEAK'],
+  spec: ['HYDRA_SPEC_INVALID'],
+  vm: ['HYDRA_VM_EXISTS', 'HYDRA_VM_NOT_FOUND', 'HYDRA_VM_CONTROL_TIMEOUT', 'HYDRA_VM_SERIAL_TIMEOUT'],
+  qemu: ['HYDRA_QEMU_FAILED'],
+  qmp: ['HYDRA_QMP_ERROR', 'HYDRA_QMP_TIMEOUT', 'HYDRA_QMP_CLOSED'],
+  setup: ['HYDRA_SETUP_FAILED'],
+  native: ['HYDRA_NATIVE_NOT_BUILT', 'HYDRA_NATIVE_BUILD_FAILED', 'HYDRA_NATIVE_SHIM_MISSING'],
+  tracker: [
+    'HYDRA_TRACKER_ARM_FAILED', 'HYDRA_TRACKER_BAD_RANGE', 'HYDRA_TRACKER_BUSY', 'HYDRA_TRACKER_CLOSED', 'HYDRA_TRACKER_COPY_FAILED',
+    'HYDRA_TRACKER_FAULT_WAIT_FAILED', 'HYDRA_TRACKER_FILL_FAILED', 'HYDRA_TRACKER_KERNEL_UNSUPPORTED', 'HYDRA_TRACKER_MAP_FAILED',
+    'HYDRA_TRACKER_NO_MEMORY', 'HYDRA_TRACKER_NO_RAM', 'HYDRA_TRACKER_NO_RAM_VIEW', 'HYDRA_TRACKER_NO_UFFD', 'HYDRA_TRACKER_PROCESS_GONE',
+    'HYDRA_TRACKER_PROC_FAILED', 'HYDRA_TRACKER_RAM_TOO_LARGE', 'HYDRA_TRACKER_RANGE_BUSY', 'HYDRA_TRACKER_RANGE_CHANGED', 'HYDRA_TRACKER_SCAN_FAILED',
+  ],
+  io: ['HYDRA_IO_FAILED', 'HYDRA_IO_NO_SPACE', 'HYDRA_IO_READ_ONLY'],
+  store: [
+    'HYDRA_STORE_APPLY_FAILED', 'HYDRA_STORE_BAD_ADDRESS', 'HYDRA_STORE_BAD_CRASH_POINT', 'HYDRA_STORE_BAD_GENERATION', 'HYDRA_STORE_BAD_PAGE_SIZE',
+    'HYDRA_STORE_BAD_RAM_SIZE', 'HYDRA_STORE_BAD_RUN', 'HYDRA_STORE_BAD_VM_NAME', 'HYDRA_STORE_BUSY', 'HYDRA_STORE_CHECKPOINTER_BUSY',
+    'HYDRA_STORE_CONNECTION_LOST', 'HYDRA_STORE_DEVSTATE_CORRUPT', 'HYDRA_STORE_DIR_BUSY', 'HYDRA_STORE_EPOCH_MISMATCH', 'HYDRA_STORE_GENERATION_BUSY',
+    'HYDRA_STORE_HEAT_CORRUPT', 'HYDRA_STORE_IMAGE_CORRUPT', 'HYDRA_STORE_IMAGE_MISSING', 'HYDRA_STORE_INTERNAL', 'HYDRA_STORE_JOURNAL_CORRUPT',
+    'HYDRA_STORE_JOURNAL_UNREADABLE', 'HYDRA_STORE_JOURNAL_VERSION', 'HYDRA_STORE_META_CORRUPT', 'HYDRA_STORE_META_UNREADABLE', 'HYDRA_STORE_META_VERSION',
+    'HYDRA_STORE_NO_BASE_IMAGE', 'HYDRA_STORE_NO_CHECKPOINT', 'HYDRA_STORE_NO_DEVSTATE', 'HYDRA_STORE_NO_DIR', 'HYDRA_STORE_NO_GENERATION',
+    'HYDRA_STORE_NO_IMAGE', 'HYDRA_STORE_NO_SECRET', 'HYDRA_STORE_RAM_SIZE_MISMATCH', 'HYDRA_STORE_READ_TOO_LARGE', 'HYDRA_STORE_RECOVERY_PENDING',
+    'HYDRA_STORE_STALE_GENERATION', 'HYDRA_STORE_START_FAILED', 'HYDRA_STORE_TIMEOUT', 'HYDRA_STORE_UNREACHABLE', 'HYDRA_STORE_UNSUPPORTED',
+  ],
+  protocol: [
+    'HYDRA_PROTOCOL_BAD_CRC', 'HYDRA_PROTOCOL_BAD_MAGIC', 'HYDRA_PROTOCOL_BAD_PAYLOAD', 'HYDRA_PROTOCOL_BAD_RUN', 'HYDRA_PROTOCOL_BAD_TYPE',
+    'HYDRA_PROTOCOL_DECODER_FAILED', 'HYDRA_PROTOCOL_FRAME_TOO_LARGE', 'HYDRA_PROTOCOL_SHORT_REPLY', 'HYDRA_PROTOCOL_TIMEOUT',
+    'HYDRA_PROTOCOL_UNEXPECTED', 'HYDRA_PROTOCOL_VERSION', 'HYDRA_STORE_AUTH_FAILED',
+  ],
+  checkpoint: ['HYDRA_CKPT_ALREADY', 'HYDRA_CKPT_EPOCH_MISMATCH', 'HYDRA_CKPT_FAILED', 'HYDRA_CKPT_TIMEOUT', 'HYDRA_CKPT_VM_NOT_RUNNING'],
+  restore: [
+    'HYDRA_RESTORE_BAD_ARGS', 'HYDRA_RESTORE_BAD_CONFIG', 'HYDRA_RESTORE_DEVICE_LOAD', 'HYDRA_RESTORE_EPOCH_MISMATCH', 'HYDRA_RESTORE_FAILED',
+    'HYDRA_RESTORE_NIC_UNSUPPORTED', 'HYDRA_RESTORE_NO_IMAGE', 'HYDRA_RESTORE_PAGE_FETCH', 'HYDRA_RESTORE_STORE_UNREACHABLE', 'HYDRA_RESTORE_TORN_IMAGE', 'HYDRA_RESTORE_VM_ALIVE',
+  ],
+  disk: [
+    'HYDRA_DISK_BUSY', 'HYDRA_DISK_FREEZE_FAILED', 'HYDRA_DISK_LAYER_CORRUPT', 'HYDRA_DISK_LAYER_ID_INVALID', 'HYDRA_DISK_LAYER_MISSING',
+    'HYDRA_DISK_MERGE_FAILED', 'HYDRA_DISK_NOT_PREPARED', 'HYDRA_DISK_NO_SPACE', 'HYDRA_DISK_PREPARE_FAILED', 'HYDRA_DISK_QEMU_IMG',
+    'HYDRA_DISK_RESTORE_FAILED', 'HYDRA_DISK_UNSUPPORTED',
+  ],
+  ha: [
+    'HYDRA_ETCD_FAILED', 'HYDRA_ETCD_MISSING', 'HYDRA_HA_BAD_HOST', 'HYDRA_HA_BAD_REQUEST', 'HYDRA_HA_CLUSTER_RUNNING', 'HYDRA_HA_CONTENDED',
+    'HYDRA_HA_ELECTION_LOST', 'HYDRA_HA_HOME', 'HYDRA_HA_LEASE', 'HYDRA_HA_NO_ETCD', 'HYDRA_HA_NO_HOST',
+    'HYDRA_HA_PROTECT_FAILED', 'HYDRA_HA_SPAWN', 'HYDRA_HA_STOPPED', 'HYDRA_HA_TIMEOUT', 'HYDRA_HA_VM_MANAGED',
+  ],
+  net: ['HYDRA_NET_BRIDGE_MISSING', 'HYDRA_NET_TAP_PERMISSION', 'HYDRA_NET_TAP_BUSY', 'HYDRA_NET_TAP_FAILED', 'HYDRA_NET_MAC_CLASH'],
+  image: ['HYDRA_IMAGE_NO_SPACE', 'HYDRA_IMAGE_BUILD_FAILED', 'HYDRA_IMAGE_BAD_ARGS'],
+  redis: ['HYDRA_REDIS_CONNECT', 'HYDRA_REDIS_TIMEOUT', 'HYDRA_REDIS_CLOSED', 'HYDRA_REDIS_ERROR', 'HYDRA_REDIS_PROTOCOL', 'HYDRA_REDIS_BUSY'],
+  bench: ['HYDRA_BENCH_NO_PROGRESS', 'HYDRA_BENCH_TIMEOUT', 'HYDRA_BENCH_MIGRATION_FAILED', 'HYDRA_BENCH_PROTECT_FAILED', 'HYDRA_DEMO_VIOLATIONS'],
+} as const;
+
+export type ErrorFamily = keyof typeof ERROR_CODES;
+export type CodeOf<F extends ErrorFamily> = (typeof ERROR_CODES)[F][number];
+export type HydraCode = CodeOf<ErrorFamily>;
+export type ConfigCode = CodeOf<'config'>;
+export type VmCode = CodeOf<'vm'>;
+export type NativeCode = CodeOf<'native'>;
+export type TrackerCode = CodeOf<'tracker'>;
+export type IoCode = CodeOf<'io'>;
+export type StoreCode = CodeOf<'store'>;
+export type ProtocolCode = CodeOf<'protocol'>;
+export type CheckpointCode = CodeOf<'checkpoint'>;
+export type RestoreCode = CodeOf<'restore'>;
+export type DiskCode = CodeOf<'disk'>;
+export type HaCode = CodeOf<'ha'>;
+export type BenchCode = CodeOf<'bench'>;
+export type NetCode = CodeOf<'net'>;
+export type ImageCode = CodeOf<'image'>;
+export type RedisCode = CodeOf<'redis'>;
+
+type Options = { cause?: unknown };
+
+export abstract class HydraError<C extends HydraCode = HydraCode> extends Error {
+  readonly code: C;
+  constructor(code: C, message: string, options?: Options) {
     super(message, options);
     this.code = code;
     this.name = new.target.name;
   }
 }
 
+/** The cluster secret is missing or unusable. */
+export class ConfigError extends HydraError<ConfigCode> {}
+
 /** Bad user input: a spec, a flag, a name. */
-export class SpecError extends HydraError {
-  constructor(message: string, options?: { cause?: unknown }) {
+export class SpecError extends HydraError<'HYDRA_SPEC_INVALID'> {
+  constructor(message: string, options?: Options) {
     super('HYDRA_SPEC_INVALID', message, options);
   }
 }
 
-export class VmExistsError extends HydraError {
+/** A local VM, its supervisor or its serial log did not do what was asked. */
+export class VmError extends HydraError<VmCode> {}
+
+export class VmExistsError extends VmError {
   constructor(name: string) {
     super('HYDRA_VM_EXISTS', `VM "${name}" is already running`);
   }
 }
 
-export class VmNotFoundError extends HydraError {
+export class VmNotFoundError extends VmError {
   constructor(name: string) {
     super('HYDRA_VM_NOT_FOUND', `no VM named "${name}"`);
   }
 }
 
-export class QemuError extends HydraError {
-  constructor(message: string, options?: { cause?: unknown }) {
+export class QemuError extends HydraError<'HYDRA_QEMU_FAILED'> {
+  constructor(message: string, options?: Options) {
     super('HYDRA_QEMU_FAILED', message, options);
   }
 }
 
-export class QmpError extends HydraError {
+export class QmpError extends HydraError<'HYDRA_QMP_ERROR'> {
   /** QMP's own error class, e.g. "GenericError", when QEMU answered with an error. */
   readonly qmpClass: string | undefined;
-  constructor(message: string, qmpClass?: string, options?: { cause?: unknown }) {
+  constructor(message: string, qmpClass?: string, options?: Options) {
     super('HYDRA_QMP_ERROR', message, options);
     this.qmpClass = qmpClass;
   }
 }
 
-export class QmpTimeoutError extends HydraError {
+export class QmpTimeoutError extends HydraError<'HYDRA_QMP_TIMEOUT'> {
   constructor(message: string) {
     super('HYDRA_QMP_TIMEOUT', message);
   }
 }
 
-export class QmpClosedError extends HydraError {
-  constructor(message: string, options?: { cause?: unknown }) {
+export class QmpClosedError extends HydraError<'HYDRA_QMP_CLOSED'> {
+  constructor(message: string, options?: Options) {
     super('HYDRA_QMP_CLOSED', message, options);
   }
 }
 
-export class SetupError extends HydraError {
-  constructor(message: string, options?: { cause?: unknown }) {
+export class SetupError extends HydraError<'HYDRA_SETUP_FAILED'> {
+  constructor(message: string, options?: Options) {
     super('HYDRA_SETUP_FAILED', message, options);
   }
 }
 
 /** The native addon or shim is missing or the kernel lacks a feature it needs. */
-export class NativeError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
+export class NativeError extends HydraError<NativeCode> {}
+export class TrackerError extends HydraError<TrackerCode> {}
+/** A file-system call failed; the message names the step and the file. */
+export class IoError extends HydraError<IoCode> {}
+export class StoreError extends HydraError<StoreCode> {}
+export class ProtocolError extends HydraError<ProtocolCode> {}
+export class CheckpointError extends HydraError<CheckpointCode> {}
+export class RestoreError extends HydraError<RestoreCode> {}
+/** Disk state: overlays, layers, merges. */
+export class DiskError extends HydraError<DiskCode> {}
+/** The HA layer: etcd, agents, the manager. */
+export class HaError extends HydraError<HaCode> {}
+/** A benchmark or the demo found its run unusable. */
+export class BenchError extends HydraError<BenchCode> {}
+/** VM networking on this host: bridges, taps, MACs. */
+export class NetError extends HydraError<NetCode> {}
+/** Guest images (`hydravm image build`). */
+export class ImageError extends HydraError<ImageCode> {}
+/** The redis client that watches a VM's service from outside (src/bench/redis-watcher.ts). */
+export class RedisClientError extends HydraError<RedisCode> {}
+
+/** One constructor per family, taking any of its codes (the store's ERROR frames are rebuilt with these). */
+const FAMILY_ERROR: { [F in ErrorFamily]: (code: CodeOf<F>, message: string, options?: Options) => HydraError } = {
+  config: (code, message, options) => new ConfigError(code, message, options),
+  spec: (_code, message, options) => new SpecError(message, options),
+  vm: (code, message, options) => new VmError(code, message, options),
+  qemu: (_code, message, options) => new QemuError(message, options),
+  qmp: (code, message, options) => code === 'HYDRA_QMP_TIMEOUT' ? new QmpTimeoutError(message) : code === 'HYDRA_QMP_CLOSED' ? new QmpClosedError(message, options) : new QmpError(message, undefined, options),
+  setup: (_code, message, options) => new SetupError(message, options),
+  native: (code, message, options) => new NativeError(code, message, options),
+  tracker: (code, message, options) => new TrackerError(code, message, options),
+  io: (code, message, options) => new IoError(code, message, options),
+  store: (code, message, options) => new StoreError(code, message, options),
+  protocol: (code, message, options) => new ProtocolError(code, message, options),
+  checkpoint: (code, message, options) => new CheckpointError(code, message, options),
+  restore: (code, message, options) => new RestoreError(code, message, options),
+  disk: (code, message, options) => new DiskError(code, message, options),
+  ha: (code, message, options) => new HaError(code, message, options),
+  bench: (code, message, options) => new BenchError(code, message, options),
+  net: (code, message, options) => new NetError(code, message, options),
+  image: (code, message, options) => new ImageError(code, message, options),
+  redis: (code, message, options) => new RedisClientError(code, message, options),
+};
+
+const FAMILY_OF = new Map<string, ErrorFamily>(
+  (Object.keys(ERROR_CODES) as ErrorFamily[]).flatMap((f) => ERROR_CODES[f].map((c): [string, ErrorFamily] => [c, f])),
+);
+
+export function isHydraCode(code: unknown): code is HydraCode {
+  return typeof code === 'string' && FAMILY_OF.has(code);
 }
 
-export class TrackerError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
+export function familyOf(code: HydraCode): ErrorFamily {
+  return FAMILY_OF.get(code)!;
 }
 
-export class StoreError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
-}
-
-export class ProtocolError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
-}
-
-export class CheckpointError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
-}
-
-export class RestoreError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
+/**
+ * The error of `code`'s family. A code this build does not know (a newer
+ * peer's) becomes HYDRA_STORE_INTERNAL with the foreign code in the message.
+ */
+export function errorFromCode(code: string, message: string, options?: Options): HydraError {
+  const family = FAMILY_OF.get(code);
+  if (!family) return new StoreError('HYDRA_STORE_INTERNAL', `${code}: ${message}`, options);
+  return (FAMILY_ERROR[family] as (code: string, message: string, options?: Options) => HydraError)(code, message, options);
 }
 
 /** Wrap a failed I/O call so the message names the step and the subject. */
-export function ioStepError(step: string, subject: string, err: unknown): StoreError {
+export function ioStepError(step: string, subject: string, err: unknown): IoError {
   const e = err as NodeJS.ErrnoException;
   const code = e?.code === 'ENOSPC' ? 'HYDRA_IO_NO_SPACE' : e?.code === 'EROFS' || e?.code === 'EACCES' ? 'HYDRA_IO_READ_ONLY' : 'HYDRA_IO_FAILED';
-  return new StoreError(code, `${step} ${subject}: ${e?.message ?? String(err)}`, { cause: err });
+  return new IoError(code, `${step} ${subject}: ${e?.message ?? String(err)}`, { cause: err });
 }
 
-/**
- * VM networking on this host:
- *   HYDRA_NET_BRIDGE_MISSING   a NIC names a bridge that does not exist (or is not a bridge) on this host
- *   HYDRA_NET_TAP_PERMISSION   creating or attaching the tap device needs CAP_NET_ADMIN and /dev/net/tun
- *   HYDRA_NET_TAP_BUSY         the tap name is held open by another process (another VM)
- *   HYDRA_NET_TAP_FAILED       `ip` failed to create, attach or remove a tap for another reason
- *   HYDRA_NET_MAC_CLASH        another running VM on this host already uses the MAC or the tap name
- */
-export class NetError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
-}
-
-/**
- * Guest images (`hydravm image build`):
- *   HYDRA_IMAGE_NO_SPACE       not enough free space in the cache directory for the build
- *   HYDRA_IMAGE_BUILD_FAILED   a build step (mmdebstrap, mkfs.ext4, qemu-img) failed
- *   HYDRA_IMAGE_BAD_ARGS       unknown distribution, bad size or package name
- */
-export class ImageError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
-}
-
-/**
- * The redis client that watches a VM's service from outside (src/bench/redis-watcher.ts):
- *   HYDRA_REDIS_CONNECT    the TCP connection to redis failed
- *   HYDRA_REDIS_TIMEOUT    connecting or a command took longer than its deadline
- *   HYDRA_REDIS_CLOSED     the connection closed before the reply came
- *   HYDRA_REDIS_ERROR      redis answered with an error reply
- *   HYDRA_REDIS_PROTOCOL   the reply was not RESP
- *   HYDRA_REDIS_BUSY       a second command was sent while one was in flight (a bug in the caller)
- */
-export class RedisClientError extends HydraError {
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(code, message, options);
-  }
-}

@@ -4,8 +4,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { cliEntry } from '../src/config/paths.js';
-import { makeLab, readJson } from './helpers.js';
-import { makeTestNet, tapMaster, linkExists, NET_PREFIX, type TestNet } from './net-env.js';
+import { makeLab, readJson } from './support/lab.js';
+import { makeTestNet, tapMaster, linkExists, NET_PREFIX, type TestNet } from './support/net.js';
 
 const lab = makeLab('nics');
 let net: TestNet;

@@ -1,11 +1,9 @@
 import os from 'node:os';
-import { validateSpec } from '../vm/spec.js';
-import { startVm, stopVm } from '../vm/manager.js';
-import { waitForMemcheckStep } from '../vm/serial.js';
-import { vmPaths } from '../vm/runtime.js';
-import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/protection.js';
+import { validateSpec, startVm, stopVm, waitForMemcheckStep, vmPaths } from '../vm/index.js';
+import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/index.js';
 import { benchEnv, summary, fmt, writeResults, sleep, type Summary } from './harness.js';
 import { barChart } from './svg-chart.js';
+import { BenchError } from '../errors.js';
 
 export interface CheckpointBenchOptions {
   outDir: string;
@@ -70,7 +68,7 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
         const target = opts.checkpoints + 1;
         while ((readProtection(name)?.committedEpoch ?? 0) < target) {
           const p = readProtection(name);
-          if (p?.state === 'failed') throw new Error(`protection of ${name} failed: ${p.reason}`);
+          if (p?.state === 'failed') throw new BenchError('HYDRA_BENCH_PROTECT_FAILED', `protection of ${name} failed: ${p.reason}`);
           await sleep(200);
         }
         await unprotectVm(name);

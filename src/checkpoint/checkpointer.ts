@@ -128,6 +128,7 @@ export class Checkpointer {
           if (!this.retryable(err)) throw err;
           this.log.warn({ err: (err as Error).message, unackedBytes: totalBytes(this.unacked) }, 'store connection failed; retrying');
           this.publish({ state: 'retrying', reason: (err as Error).message });
+          // The connection already failed; closing it only frees the socket.
           await this.client?.close().catch(() => undefined);
           this.client = undefined;
           await this.sleep(backoff);
@@ -139,6 +140,7 @@ export class Checkpointer {
       this.publish({ state: 'failed', reason: (err as Error).message });
       throw err;
     } finally {
+      // Ending anyway; a close that fails only leaves a socket the exit frees.
       await this.client?.close().catch(() => undefined);
       // Unprotected on request: fold the disk layers back into the VM's own disks.
       await this.freezer?.close({ flatten: this.stopped }).catch(() => undefined);
@@ -230,6 +232,7 @@ export class Checkpointer {
     // QEMU saves the device state in its own thread while we collect and copy pages.
     const devstateSaved = this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false })
       .then(() => performance.now() - t1);
+    // Awaited (and its error thrown) below; this only keeps an early rejection from being unhandled.
     devstateSaved.catch(() => undefined);
     let runs: Run[] = [];
     let stagedRuns: Run[] = [];
@@ -267,6 +270,7 @@ export class Checkpointer {
         await client.sendPages(batch, this.bounce.subarray(0, n));
       }
     } finally {
+      // Only waits for QEMU to finish before the next step; a failed save already failed the checkpoint above.
       await devstateSaved.catch(() => undefined);
       const t4 = performance.now();
       if (wasRunning) await this.qmp.execute('cont');

@@ -12,7 +12,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--memory <size>', 'guest memory', '512M')
     .option('--no-disk', 'skip the run with a qcow2 disk')
     .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string; disk: boolean }) => {
-      const { runCheckpointBench } = await import('../bench/checkpoint-bench.js');
+      const { runCheckpointBench } = await import('../bench/index.js');
       const r = await runCheckpointBench({
         outDir: opts.out,
         workingSetsMb: opts.workingSets.split(',').map(Number),
@@ -34,7 +34,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--timeout <ms>', 'deadline per command and connection attempt', '1000')
     .option('--kill-at <ms>', 'time of a kill (ms since the epoch): report the time to the first reply after it and the acknowledged writes lost')
     .action(async (opts: { host: string; port: string; out?: string; timeout: string; killAt?: string }) => {
-      const { RedisWatcher, summarizeWatch, lossReport } = await import('../bench/redis-watcher.js');
+      const { RedisWatcher, summarizeWatch, lossReport } = await import('../bench/index.js');
       const w = new RedisWatcher({ host: opts.host, port: Number(opts.port), out: opts.out, timeoutMs: Number(opts.timeout) }).start();
       process.stderr.write(`watching redis at ${opts.host}:${opts.port}${opts.out ? `, records in ${opts.out}` : ''}; stop with SIGINT or SIGTERM\n`);
       await new Promise<void>((resolve) => {
@@ -57,7 +57,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--window <s>', 'seconds of memcheck progress measured before the kill and after the restore', '10')
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string }) => {
-      const { runFailoverBench } = await import('../bench/failover-bench.js');
+      const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
         repeats: Number(opts.repeats),

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { hydraHome } from './paths.js';
-import { HydraError } from '../errors.js';
+import { ConfigError } from '../errors.js';
 
 /**
  * The cluster's shared secret authenticates checkpointers and readers to the
@@ -19,12 +19,12 @@ export function loadSecret(opts: { secretFile?: string; create?: boolean } = {})
   const file = opts.secretFile ?? defaultSecretFile();
   try {
     const s = fs.readFileSync(file, 'utf8').trim();
-    if (s.length < 16) throw new HydraError('HYDRA_SECRET_WEAK', `cluster secret in ${file} is shorter than 16 characters`);
+    if (s.length < 16) throw new ConfigError('HYDRA_SECRET_WEAK', `cluster secret in ${file} is shorter than 16 characters`);
     return s;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     if (!opts.create) {
-      throw new HydraError('HYDRA_SECRET_MISSING', `no cluster secret: set HYDRAVM_SECRET or create ${file} (the store creates it on first start)`);
+      throw new ConfigError('HYDRA_SECRET_MISSING', `no cluster secret: set HYDRAVM_SECRET or create ${file} (the store creates it on first start)`);
     }
     fs.mkdirSync(path.dirname(file), { recursive: true });
     const secret = crypto.randomBytes(32).toString('hex');

@@ -1,14 +1,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { validateSpec } from '../vm/spec.js';
-import { startVm } from '../vm/manager.js';
-import { readState } from '../vm/runtime.js';
-import { waitForMemcheckStep, lastMemcheckProgress, countViolations } from '../vm/serial.js';
+import { validateSpec, startVm, readState, waitForMemcheckStep, lastMemcheckProgress, countViolations } from '../vm/index.js';
 import { checkSetup, runSetup } from '../setup/index.js';
 import { hydraHome } from '../config/paths.js';
-import { readProtection } from '../checkpoint/protection.js';
-import { spawnStore } from '../store/spawn.js';
+import { readProtection } from '../checkpoint/index.js';
+import { spawnStore } from '../store/index.js';
 import { startEmbeddedCluster, stopEmbeddedCluster, protectInCluster, waitForFailover, type EmbeddedCluster, type FailoverTiming } from '../ha/index.js';
+import { BenchError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 export interface DemoOptions {
   memory: string;
@@ -19,7 +18,6 @@ export interface DemoOptions {
 
 const say = (msg: string): void => void process.stdout.write(`${msg}\n`);
 const ms = (v: number | undefined) => (v === undefined ? '-' : `${Math.round(v)} ms`);
-const sleep = (t: number) => new Promise((r) => setTimeout(r, t));
 
 /** The embedded default VM: the test guest with memcheck, nothing to download or write. */
 export function demoSpec(opts: { name?: string; memory: string; workingSetMb: number }) {
@@ -47,6 +45,7 @@ export async function runDemo(opts: DemoOptions): Promise<void> {
     await runSetup({ log: (m: string) => say(`   ${m}`) });
   }
   const base = path.join(hydraHome(), 'demo');
+  // Leftovers of an earlier demo run: none is the normal case.
   await stopEmbeddedCluster(path.join(base, 'cluster')).catch(() => false);
   fs.rmSync(base, { recursive: true, force: true });
   fs.mkdirSync(base, { recursive: true });
@@ -139,7 +138,7 @@ async function showGuest(serial: string, stepBefore: number, offset: number): Pr
   const later = lastMemcheckProgress(serial, offset)!;
   const violations = countViolations(serial, offset);
   say(`   guest continues: step ${stepBefore} before the failure, ${resumed.step} right after the restore, ${later.step} 2 s later; ${violations} memory violations`);
-  if (violations > 0) throw new Error(`memcheck reported ${violations} violations after the restore (see ${serial})`);
+  if (violations > 0) throw new BenchError('HYDRA_DEMO_VIOLATIONS', `memcheck reported ${violations} violations after the restore (see ${serial})`);
 }
 
 /** A whole host's death: its agent and every process of its VMs, at once. */

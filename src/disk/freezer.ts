@@ -4,13 +4,15 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
-import { DiskError } from './errors.js';
+import { DiskError } from '../errors.js';
 import { encodeLayerId } from './layer-id.js';
-import { fsyncFileAndDir, isNoSpace, qemuImg, writeFileAtomic, type ImageInfo } from './qemu-img.js';
+import { fsyncFileAndDir, isNoSpace, qemuImg, type ImageInfo } from './qemu-img.js';
 import { PIN_ALL, pinnedFiles } from './pins.js';
+import { sleep } from '../util/sleep.js';
+import { writeFileAtomic } from '../util/atomic-write.js';
 
 /**
- * Disk state consistent with every checkpoint (DESIGN.md "Disk state").
+ * Disk state consistent with every checkpoint (docs/disk.md).
  *
  * Each protected disk is a qcow2 chain in the running QEMU:
  *
@@ -123,10 +125,6 @@ async function realpathOr(p: string): Promise<string> {
   } catch {
     return path.resolve(p);
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
 
 /** Validate a disk file before protection: it must exist, be qcow2 and be writable. */
@@ -361,11 +359,13 @@ export class DiskFreezer {
     if (this.chainLength() + 1 > this.maxLayers) {
       this.mergeStats.waitsInFreeze++;
       this.log.warn({ chainLength: this.chainLength(), maxLayers: this.maxLayers }, 'disk chain at its bound: checkpoint pause waits for the merge');
+      // The merge reports its own failure (and logs it); here we only wait for it to end.
       await this.mergeTask?.catch(() => undefined);
       if (this.jobs.length === 0) return;
     }
     this.cancelRequested = true;
     for (const id of this.jobs) {
+      // A job that already finished cannot be cancelled; the wait below sees every job stop.
       await this.qmp.execute('block-job-cancel', { device: id, force: true }).catch(() => undefined);
     }
     // Wait until QEMU released the nodes (the job left "running"); the merge task dismisses it.
@@ -377,6 +377,7 @@ export class DiskFreezer {
       if (Date.now() > deadline) throw new DiskError('HYDRA_DISK_FREEZE_FAILED', `VM ${this.vm}: merge job ${busy[0]!.id} did not stop within 5 s`);
       await sleep(1);
     }
+    // Dismissing a job QEMU already dropped fails harmlessly.
     for (const id of this.jobs) await this.qmp.execute('job-dismiss', { id }).catch(() => undefined);
   }
 
@@ -442,7 +443,7 @@ export class DiskFreezer {
       for (const chain of this.chains) {
         const top = tops[chain.index]!;
         if (top < 1) continue;
-        if (this.freezing) throw new Error('freeze in progress');
+        if (this.freezing) throw new DiskError('HYDRA_DISK_BUSY', 'freeze in progress');
         const job = `${JOB_PREFIX}${chain.index}-${this.token}-${++this.jobSeq}`;
         const active = chain.layers[chain.layers.length - 1]!.node;
         this.jobs.push(job);
@@ -480,6 +481,7 @@ export class DiskFreezer {
       await this.syncFile(s.chain.layers[0]!.file);
       await this.syncFile(s.chain.layers[1]!.file);
       for (const l of removed.reverse()) {
+        // QEMU may have removed the node with its job; the layer file is removed either way.
         await this.qmp.execute('blockdev-del', { 'node-name': l.node }).catch(() => undefined);
         if (path.dirname(l.file) === this.dir) await fs.rm(l.file, { force: true });
       }
@@ -523,6 +525,7 @@ export class DiskFreezer {
       const removed = chain.layers.splice(1);
       await this.syncFile(chain.layers[0]!.file);
       for (const l of removed.reverse()) {
+        // QEMU may have removed the node with its job; the layer file is removed either way.
         await this.qmp.execute('blockdev-del', { 'node-name': l.node }).catch(() => undefined);
         if (path.dirname(l.file) === this.dir) await fs.rm(l.file, { force: true });
       }
@@ -544,6 +547,7 @@ export class DiskFreezer {
         if (!j) { out.set(id, { error: 'job dismissed before completion (cancelled by a freeze)' }); continue; }
         if (j.status === 'concluded') {
           out.set(id, { error: j.error });
+          // Dismissing a job QEMU already dropped fails harmlessly; its error was read above.
           await this.qmp.execute('job-dismiss', { id }).catch(() => undefined);
         } else still.push(id);
       }
@@ -598,6 +602,7 @@ export class DiskFreezer {
     if (this.closed) return;
     this.closed = true;
     if (opts.flatten) {
+      // Background tasks log their own failures; closing only waits for them to end.
       await this.prepareTask?.catch(() => undefined);
       await this.mergeTask?.catch(() => undefined);
       try {
@@ -607,10 +612,12 @@ export class DiskFreezer {
       }
     }
     if (this.prepareTimer) clearTimeout(this.prepareTimer);
+    // Background tasks log their own failures; closing only waits for them to end.
     await this.prepareTask?.catch(() => undefined);
     await this.mergeTask?.catch(() => undefined);
     for (const c of this.chains) {
       if (!c.next) continue;
+      // The prepared overlay was never used; a node QEMU no longer has is already gone.
       await this.qmp.execute('blockdev-del', { 'node-name': c.next.node }).catch(() => undefined);
       await fs.rm(c.next.file, { force: true });
       c.next = undefined;
@@ -626,6 +633,7 @@ async function waitOurJobs(qmp: QmpClient): Promise<void> {
   for (;;) {
     const jobs = (await qmp.execute<JobInfo[]>('query-jobs')).filter((j) => j.id.startsWith(JOB_PREFIX));
     const running = jobs.filter((j) => !['concluded', 'null'].includes(j.status));
+    // Dismissing a job QEMU already dropped fails harmlessly.
     for (const j of jobs) if (j.status === 'concluded') await qmp.execute('job-dismiss', { id: j.id }).catch(() => undefined);
     if (running.length === 0) return;
     if (Date.now() > deadline) throw new DiskError('HYDRA_DISK_UNSUPPORTED', `merge job ${running[0]!.id} still running after 120 s`);

@@ -3,4 +3,4 @@ export { DiskFreezer, checkDiskFile, type DiskFreezerOptions, type DiskStatus, t
 export { prepareRestoreDisks, releaseRestoreDisks, type RestoreDisksOptions } from './restore-disks.js';
 export { makeDiskHook, type DiskHook } from './hook.js';
 export { encodeLayerId, parseLayerId, type LayerRef } from './layer-id.js';
-export { DiskError } from './errors.js';
+export { DiskError } from '../errors.js';

@@ -1,4 +1,4 @@
-import { DiskError } from './errors.js';
+import { DiskError } from '../errors.js';
 
 /**
  * What the store keeps for each disk of a committed epoch (StoreMeta.disks):

@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { DiskError } from '../errors.js';
 
 /** Result of one qemu-img run. `code` is its exit status (never throws for a non-zero exit). */
 export interface QemuImgResult {
@@ -16,7 +17,7 @@ export function qemuImg(args: string[], timeoutMs = 60_000): Promise<QemuImgResu
   return new Promise((resolve, reject) => {
     execFile(QEMU_IMG, args, { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' }, (err, stdout, stderr) => {
       if (err && typeof (err as NodeJS.ErrnoException).code === 'string') {
-        reject(new Error(`cannot run ${QEMU_IMG}: ${err.message}`, { cause: err }));
+        reject(new DiskError('HYDRA_DISK_QEMU_IMG', `cannot run ${QEMU_IMG}: ${err.message}`, { cause: err }));
         return;
       }
       const code = err ? ((err as { code?: number }).code ?? 1) : 0;
@@ -45,25 +46,6 @@ export async function fsyncFileAndDir(file: string): Promise<void> {
   } finally {
     await fh.close();
   }
-  const dh = await fs.open(path.dirname(file), 'r');
-  try {
-    await dh.sync();
-  } finally {
-    await dh.close();
-  }
-}
-
-/** Write a small file atomically: temp, fsync, rename, fsync dir. */
-export async function writeFileAtomic(file: string, data: string): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fh = await fs.open(tmp, 'w');
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fs.rename(tmp, file);
   const dh = await fs.open(path.dirname(file), 'r');
   try {
     await dh.sync();

@@ -1,6 +1,6 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { DiskError } from './errors.js';
+import { DiskError } from '../errors.js';
 import { parseLayerId, type LayerRef } from './layer-id.js';
 import { removePin, writePin } from './pins.js';
 import { fsyncFileAndDir, isNoSpace, qemuImg, type ImageInfo } from './qemu-img.js';

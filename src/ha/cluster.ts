@@ -1,7 +1,7 @@
 import os from 'node:os';
 import crypto from 'node:crypto';
 import { Etcd3, type IOptions, type IKeyValue, type IOperation } from 'etcd3';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 
 /**
  * Cluster state in etcd. Every key lives under /hydravm/:

@@ -6,8 +6,10 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { hydraHome } from '../config/paths.js';
 import { Cluster } from './cluster.js';
-import { HaError } from './errors.js';
+import { HaError } from '../errors.js';
 import { startEtcd, stopPid } from './etcd-process.js';
+import { pidAlive } from '../util/pid.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The embedded cluster for one machine (demo, bench): an etcd member, one
@@ -82,20 +84,12 @@ export function readClusterInfo(dir = defaultClusterDir()): EmbeddedClusterInfo 
   }
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** How to run this package's HA daemon entry (src/ha/daemon.ts under tsx, or the compiled .js). */
+/** How to run this package's HA daemon entry (src/cli/ha-daemon.ts under tsx, or the compiled .js). */
 export function daemonCommand(): { command: string; args: string[] } {
   const here = fileURLToPath(import.meta.url);
   const ext = path.extname(here);
-  const entry = path.join(path.dirname(here), `daemon${ext}`);
+  // A path, not an import: the daemon is a command-line entry, above this layer.
+  const entry = path.join(path.dirname(here), '..', 'cli', `ha-daemon${ext}`);
   const args = ext === '.ts' ? ['--import', 'tsx', entry] : [entry];
   return { command: process.execPath, args };
 }
@@ -117,8 +111,6 @@ export function spawnDaemon(dir: string, name: string, daemonArgs: string[], env
   fs.writeFileSync(pidFile, `${child.pid}\n`);
   return { name, pid: child.pid, log, pidFile };
 }
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): Promise<EmbeddedCluster> {
   const dir = path.resolve(opts.dir ?? defaultClusterDir());
@@ -166,6 +158,7 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
     const cluster = new Cluster(etcdProc.url);
     const deadline = Date.now() + (opts.timeoutMs ?? 30_000);
     for (;;) {
+      // etcd may not answer yet while it starts: polled until the deadline.
       const [hosts, leader] = await Promise.all([cluster.hosts().catch(() => new Map()), cluster.leader().catch(() => undefined)]);
       if (hostNames.every((h) => hosts.has(h)) && (opts.manager === false || leader)) break;
       for (const d of [info.manager, ...info.hosts]) {

@@ -10,8 +10,9 @@ export {
 export { HostAgent, startAgent, type AgentOptions } from './agent.js';
 export { FailoverManager, startManager, assignRestore, type ManagerOptions } from './manager.js';
 export { placeVm, reservations, type PlacementRequest, type PlacementResult } from './placement.js';
-export { fenceLocalVm, readLocalVm, listLocalVms, vmDeath, staleReason, writeHaLocal, type HaLocal, type LocalVm } from './fencing.js';
+export { readLocalVm, listLocalVms, vmDeath, writeHaLocal, type HaLocal, type LocalVm } from './local-vm.js';
+export { fenceLocalVm, staleReason } from './fence.js';
 export { protectInCluster, forgetVm, waitForVm, waitForFailover, clusterStatus, type ClusterStatus, type ProtectInClusterRequest } from './client.js';
 export { startEmbeddedCluster, stopEmbeddedCluster, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
 export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';
-export { HaError } from './errors.js';
+export { HaError } from '../errors.js';

@@ -5,6 +5,8 @@ import type { Logger } from 'pino';
 import { log as rootLog } from '../util/log.js';
 import { Cluster, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
 import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
+import { HaError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The fail-over manager. Any number may run; an etcd election makes exactly
@@ -45,8 +47,6 @@ export interface ManagerEvents {
   lost: [{ vm: string; reason: string }];
 }
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
 export class FailoverManager extends EventEmitter<ManagerEvents> {
   readonly id: string;
   readonly cluster: Cluster;
@@ -85,7 +85,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   waitLeader(timeoutMs = 10_000): Promise<void> {
     if (this.isLeader) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error(`manager ${this.id} not elected within ${timeoutMs} ms`)), timeoutMs);
+      const t = setTimeout(() => reject(new HaError('HYDRA_HA_TIMEOUT', `manager ${this.id} not elected within ${timeoutMs} ms`)), timeoutMs);
       this.once('elected', () => {
         clearTimeout(t);
         resolve();
@@ -99,6 +99,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     await this.stepDown('stopping');
     const c = this.campaign;
     this.campaign = undefined;
+    // Stopping: an unreachable etcd ends the election by the lease's TTL anyway.
     await Promise.race([c?.resign().catch(() => undefined), sleep(1000)]);
     this.cluster.close();
   }
@@ -113,9 +114,10 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
         try {
           const key = await c.getCampaignKey();
           const kv = (await this.cluster.etcd.get(key).exec()).kvs[0];
-          if (!kv || c !== this.campaign) throw new Error('election key vanished');
+          if (!kv || c !== this.campaign) throw new HaError('HYDRA_HA_ELECTION_LOST', 'election key vanished');
           this.leaderKey = { key, createRevision: kv.create_revision };
           this.log.info({ key }, 'elected: this manager is active');
+          // Events are an advisory log for `cluster status`; the election does not depend on them.
           await this.cluster.addEvent({ kind: 'manager-elected', message: `manager ${this.id} is active`, manager: this.id }).catch(() => undefined);
           await this.lead(c);
           if (this.leaderKey) this.emit('elected', { id: this.id });
@@ -129,6 +131,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       this.log.warn({ err: err.message }, 'campaign failed; campaigning again');
       this.campaign = undefined;
       void this.stepDown(`campaign failed: ${err.message}`).then(() => {
+        // The campaign already failed; resigning only speeds up the next one.
         c.resign().catch(() => undefined);
         if (this.running) setTimeout(() => this.campaignOnce(), 300);
       });
@@ -177,6 +180,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     this.timer = undefined;
     const ws = this.watchers;
     this.watchers = [];
+    // A cancel that fails leaves a watcher of a client that is closed next.
     await Promise.race([Promise.all(ws.map((w) => w.cancel().catch(() => undefined))), sleep(1000)]);
     if (was) {
       this.log.warn({ reason }, 'no longer the active manager');
@@ -210,7 +214,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const own = (await this.cluster.etcd.get(lk.key).exec()).kvs[0];
     if (!own || own.create_revision !== lk.createRevision) {
       await this.stepDown('election key is gone');
-      this.campaign?.emit('error', new Error('election key is gone'));
+      this.campaign?.emit('error', new HaError('HYDRA_HA_ELECTION_LOST', 'election key is gone'));
       return;
     }
     const [hosts, vms] = await Promise.all([this.cluster.hosts(), this.cluster.vms()]);
@@ -233,6 +237,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     }
     if (now - this.lastPrune > 10_000) {
       this.lastPrune = now;
+      // Pruning old events is housekeeping; the next round tries again.
       await this.cluster.pruneEvents().catch(() => undefined);
     }
   }
@@ -246,6 +251,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       .commit();
     if (r.succeeded) {
       this.log.error({ vm: v.value.name, reason }, 'VM lost');
+      // Events are an advisory log for `cluster status`; the VM's record carries the state.
       await this.cluster.addEvent({ kind: 'lost', vm: v.value.name, message: reason }).catch(() => undefined);
       this.emit('lost', { vm: v.value.name, reason });
     }
@@ -276,6 +282,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       if (!last || last.reason !== placement.reason || sawAt - last.at > 10_000) {
         this.lastNoCapacity.set(r.name, { reason: placement.reason, at: sawAt });
         this.log.error({ vm: r.name, reason: placement.reason }, 'cannot fail over VM now; retrying');
+        // Events are an advisory log for `cluster status`; the retry does not depend on them.
         await this.cluster.addEvent({ kind: 'no-capacity', vm: r.name, message: `${placement.reason}; retrying` }).catch(() => undefined);
         this.emit('no-capacity', { vm: r.name, reason: placement.reason });
         // Make the failure visible in the VM's record (its host is gone).
@@ -285,6 +292,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
             .and(lk.key, 'Create', '==', lk.createRevision)
             .then(this.cluster.etcd.put(keys.vm(r.name)).value(JSON.stringify({ ...r, state: 'host-lost', reason: placement.reason, detectedAt: r.detectedAt ?? this.hostLostAt.get(r.host) ?? sawAt, updatedAt: Date.now() } satisfies VmRecord)))
             .commit()
+            // Guarded by the lease's revision: a failure means the host came back or etcd is away; the next round decides again.
             .catch(() => undefined);
         }
       }
@@ -356,6 +364,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     }
     reserved.set(target, (reserved.get(target) ?? 0) + (r.memoryBytes ?? 0));
     this.log.warn({ vm: r.name, cause, from: r.host, to: target, generation, detectionMs: timing.detectionMs }, 'failing VM over');
+    // Events are an advisory log for `cluster status`; the fail-over does not depend on them.
     await this.cluster.addEvent({ kind: 'failover', vm: r.name, host: target, message: `${cause} on ${r.host}: restoring VM "${r.name}" generation ${generation} (image ${r.imageGeneration}) on ${target}`, generation }).catch(() => undefined);
     this.emit('assigned', { vm: r.name, host: target, generation, cause });
   }

@@ -1,7 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { placeVm, reservations } from './placement.js';
-import { staleReason, vmDeath, type LocalVm } from './fencing.js';
+import { staleReason } from './fence.js';
+import { vmDeath, type LocalVm } from './local-vm.js';
 import type { HostRecord, VmRecord } from './cluster.js';
 
 const MiB = 1024 * 1024;

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { imagesDir, guestArtifactsDir, packageRoot } from '../config/paths.js';
 import { ImageError, HydraError } from '../errors.js';
 import { exists, extractVmlinux, resolveKernelPackage, withLock } from '../setup/index.js';
-import { parseSize } from '../vm/spec.js';
+import { parseSize } from '../vm/index.js';
 import { hostDebianSources } from './sources.js';
 import { assertFreeSpace, debianBuildNeeds } from './space.js';
 

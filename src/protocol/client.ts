@@ -8,7 +8,7 @@
  */
 import net from 'node:net';
 import { crc32 } from 'node:zlib';
-import { HydraError, ProtocolError, StoreError } from '../errors.js';
+import { HydraError, ProtocolError, StoreError, errorFromCode } from '../errors.js';
 import { authResponse } from './auth.js';
 import {
   FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName, type Frame,
@@ -51,9 +51,6 @@ interface Pending {
 
 const MAX_READ_REQUEST = 32 * 1024 * 1024;
 
-function remoteError(code: string, message: string): HydraError {
-  return code.startsWith('HYDRA_PROTOCOL') ? new ProtocolError(code, message) : new StoreError(code, message);
-}
 
 export class StoreClient {
   private readonly decoder = new FrameDecoder();
@@ -133,7 +130,7 @@ export class StoreClient {
       let unsolicited = false;
       try {
         const m = decodeJson(f.type, f.payload, errorSchema);
-        e = remoteError(m.code, m.message);
+        e = errorFromCode(m.code, m.message);
         unsolicited = m.unsolicited === true;
       } catch (err) {
         e = err as HydraError;
@@ -164,11 +161,11 @@ export class StoreClient {
     if (!this.closedError) this.closedError = err;
     const pending = this.pending;
     this.pending = [];
-    for (const p of pending) p.reject(new StoreError(err.code, `${p.what}: ${err.message}`, { cause: err }));
+    for (const p of pending) p.reject(errorFromCode(err.code, `${p.what}: ${err.message}`, { cause: err }));
   }
 
   private alive(what: string): void {
-    if (this.closedError) throw new StoreError(this.closedError.code, `${what}: ${this.closedError.message}`, { cause: this.closedError });
+    if (this.closedError) throw errorFromCode(this.closedError.code, `${what}: ${this.closedError.message}`, { cause: this.closedError });
   }
 
   /**
@@ -210,7 +207,7 @@ export class StoreClient {
   private poisoned(what: string): void {
     if (this.checkpointError) {
       const e = this.checkpointError;
-      throw remoteError(e.code, `${what}: checkpoint failed in the store: ${e.message}`);
+      throw errorFromCode(e.code, `${what}: checkpoint failed in the store: ${e.message}`);
     }
   }
 

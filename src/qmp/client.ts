@@ -1,6 +1,7 @@
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 import { QmpClosedError, QmpError, QmpTimeoutError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * A small typed QMP client. Written by hand: the npm QMP clients are
@@ -78,7 +79,7 @@ export class QmpClient extends EventEmitter {
         reject(new QmpClosedError(`cannot connect to QMP of ${label} at ${address}: ${err.message}`, { cause: err }));
       };
       socket.once('error', onError);
-      socket.once('close', () => onError(new Error('socket closed before greeting')));
+      socket.once('close', () => onError(new QmpClosedError('socket closed before greeting')));
       const onData = (chunk: Buffer) => {
         buf += chunk.toString('utf8');
         const nl = buf.indexOf('\n');
@@ -89,7 +90,7 @@ export class QmpClient extends EventEmitter {
         socket.removeAllListeners('close');
         try {
           const greeting = JSON.parse(buf.slice(0, nl)) as QmpGreeting;
-          if (!greeting.QMP) throw new Error(`not a QMP greeting: ${buf.slice(0, nl)}`);
+          if (!greeting.QMP) throw new QmpError(`not a QMP greeting: ${buf.slice(0, nl)}`);
           resolve({ socket, greeting, rest: buf.slice(nl + 1) });
         } catch (err) {
           socket.destroy();
@@ -199,7 +200,7 @@ export async function connectWhenReady(address: string, opts: QmpConnectOptions 
       return await QmpClient.connect(address, opts);
     } catch (err) {
       lastErr = err;
-      await new Promise((r) => setTimeout(r, 10));
+      await sleep(10);
     }
   }
   throw new QmpTimeoutError(`QMP socket ${address} of ${opts.label ?? 'QEMU'} did not answer: ${(lastErr as Error)?.message ?? 'process exited'}`);

@@ -2,7 +2,7 @@
 import { RestoreError } from '../errors.js';
 import { NIC_MODELS } from '../net/index.js';
 import type { QmpClient } from '../qmp/index.js';
-import type { VmSpec } from '../vm/spec.js';
+import type { VmSpec } from '../vm/index.js';
 import { vmLog } from '../util/log.js';
 
 /**

@@ -2,15 +2,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { RestoreError, HydraError } from '../errors.js';
+import { protectVm } from '../checkpoint/index.js';
 import { StoreClient, type StoreMeta } from '../protocol/index.js';
-import { startVm, stopVm } from '../vm/manager.js';
-import { vmPaths, readState, isLive } from '../vm/runtime.js';
+import { startVm, stopVm, vmPaths, readState, isLive, type LaunchFile, chooseAccel } from '../vm/index.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
-import type { LaunchFile } from '../vm/supervisor.js';
-import { chooseAccel } from '../vm/accel.js';
 import { vmLog } from '../util/log.js';
 import { NetworkPager, type PagerStats } from './network-pager.js';
 import { announceSelf, assertRestorableNics } from './nics.js';
+import { sleep } from '../util/sleep.js';
 
 export type RestoreMode = 'file' | 'network';
 
@@ -140,7 +139,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     const spec = launchFile.spec;
     const accel = chooseAccel(spec.accel, spec.name);
     const tSpawn = performance.now();
-    await startVm(spec, {
+    const state = await startVm(spec, {
       launch: {
         accel,
         ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
@@ -150,7 +149,6 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       },
     });
     const spawnMs = performance.now() - tSpawn;
-    const state = readState(opts.vm)!;
 
     let pager: NetworkPager | undefined;
     let qmp: QmpClient | undefined;
@@ -164,6 +162,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
         // The pager reads through these connections until memory is complete.
         keepClient = true;
+        // Memory is complete (or the pager failed and said so): closing the connections is cleanup.
         pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
@@ -189,7 +188,6 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       if (opts.protect && opts.newGeneration) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;
-        const { protectVm } = await import('../checkpoint/protection.js');
         await protectVm({ vm: opts.vm, store: opts.store, intervalMs: opts.protect.intervalMs, generation: opts.newGeneration, secretFile: opts.protect.secretFile });
       }
       return result;
@@ -197,12 +195,14 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       qmp?.close();
       await pager?.stop();
       keepClient = false;
+      // Undoing a failed restore; the restore's own error is thrown below.
       await stopVm(opts.vm).catch(() => undefined);
       if (err instanceof HydraError) throw err;
       throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
     }
   } finally {
     if (devstateFile) fs.rmSync(devstateFile, { force: true });
+    // Cleanup: the restore's outcome is already decided.
     if (!keepClient) await client.close().catch(() => undefined);
   }
 }
@@ -217,7 +217,7 @@ async function waitMigration(qmp: QmpClient, vm: string): Promise<void> {
       throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": QEMU failed to load the device state: ${info['error-desc'] ?? info.status} (see qemu.log)`);
     }
     if (Date.now() > deadline) throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": device state load did not complete within 30 s`);
-    await new Promise((r) => setTimeout(r, 2));
+    await sleep(2);
   }
 }
 

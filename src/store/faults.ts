@@ -5,6 +5,7 @@
  * crash leaves a torn write behind, then die.
  */
 import { log } from '../util/log.js';
+import { StoreError } from '../errors.js';
 
 export const CRASH_POINTS = [
   'journal-append', // appending a record to the journal (torn: half the record written)
@@ -30,7 +31,7 @@ export class FaultInjector {
     for (const part of (spec ?? '').split(',').map((s) => s.trim()).filter(Boolean)) {
       const m = /^([a-z-]+):(\d+)$/.exec(part);
       if (!m || !(CRASH_POINTS as readonly string[]).includes(m[1]!)) {
-        throw new Error(`bad HYDRAVM_STORE_CRASH_AT entry "${part}": expected <point>:<n> with point one of ${CRASH_POINTS.join(', ')}`);
+        throw new StoreError('HYDRA_STORE_BAD_CRASH_POINT', `bad HYDRAVM_STORE_CRASH_AT entry "${part}": expected <point>:<n> with point one of ${CRASH_POINTS.join(', ')}`);
       }
       this.targets.set(m[1]!, Number(m[2]));
     }

@@ -2,27 +2,12 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { ioStepError } from '../errors.js';
+import { fsyncDir, writeFileAtomic as writeAtomic } from '../util/atomic-write.js';
+import { step } from '../util/io-step.js';
 import type { FaultInjector, CrashPoint } from './faults.js';
 
-export async function step<T>(name: string, subject: string, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if ((err as { code?: string })?.code?.startsWith('HYDRA_')) throw err;
-    throw ioStepError(name, subject, err);
-  }
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  await step('fsync directory', dir, async () => {
-    const fh = await fs.open(dir, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  });
-}
+export { step } from '../util/io-step.js';
+export { fsyncDir } from '../util/atomic-write.js';
 
 export async function mkdirDurable(dir: string): Promise<void> {
   const parent = path.dirname(dir);
@@ -45,7 +30,7 @@ export async function pwriteAll(fh: fs.FileHandle, buf: Buffer, position: number
     let off = 0;
     while (off < buf.length) {
       const { bytesWritten } = await fh.write(buf, off, buf.length - off, position + off);
-      if (bytesWritten <= 0) throw new Error(`short write (${off} of ${buf.length} bytes)`);
+      if (bytesWritten <= 0) throw ioStepError('write', file, { message: `short write (${off} of ${buf.length} bytes)` });
       off += bytesWritten;
     }
   });
@@ -66,25 +51,15 @@ export async function preadAll(fh: fs.FileHandle, buf: Buffer, position: number,
 }
 
 /**
- * Atomically replace `file` with `data`: write a temp file, fsync it, rename it
- * over `file`, fsync the directory. Crash points: meta-write (torn temp),
- * meta-rename, meta-dirsync.
+ * Atomically replace `file` with `data` (util/atomic-write.ts), with the
+ * store's crash points: meta-write (torn temp), meta-rename, meta-dirsync.
  */
 export async function writeFileAtomic(file: string, data: Buffer, faults?: FaultInjector): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  await step('write', tmp, async () => {
-    const fh = await fs.open(tmp, 'w');
-    try {
-      await pwriteAll(fh, data, 0, tmp, faults, 'meta-write');
-      await step('fsync', tmp, () => fh.sync());
-    } finally {
-      await fh.close();
-    }
+  await writeAtomic(file, data, {
+    write: (fh, buf, tmp) => pwriteAll(fh, buf, 0, tmp, faults, 'meta-write'),
+    beforeRename: () => faults?.hit('meta-rename'),
+    beforeDirSync: () => faults?.hit('meta-dirsync'),
   });
-  faults?.hit('meta-rename');
-  await step('rename', `${tmp} -> ${file}`, () => fs.rename(tmp, file));
-  faults?.hit('meta-dirsync');
-  await fsyncDir(path.dirname(file));
 }
 
 export async function exists(p: string): Promise<boolean> {

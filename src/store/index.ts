@@ -4,7 +4,10 @@
  */
 export { startStoreServer, parseAddress, type StoreServer, type StoreServerOptions } from './server.js';
 export { openVmImage, listVms, dropGeneration, fenceGeneration, type OpenedImage } from './offline.js';
-export { Store, GenStore, type StableImage, type VmSummary, type CommitResult as StoreCommitResult } from './vm-store.js';
+export { Store, type VmSummary } from './store.js';
+export { GenerationImage, type StableImage } from './generation-image.js';
+export type { CommitResult as StoreCommitResult } from './checkpoint.js';
 export { storeMetrics, storeRegistry, type StoreMetrics } from './metrics.js';
 export { CRASH_POINTS, FaultInjector, type CrashPoint } from './faults.js';
+export { spawnStore, type StoreProcess } from './spawn.js';
 export type { StoreMeta } from '../protocol/index.js';

@@ -209,8 +209,8 @@ export class JournalWriter {
     this.checksum = chainChecksum(this.checksum, crc);
     this.unsynced += RECORD_HEADER_SIZE + body.length;
     if (this.unsynced >= BACKGROUND_SYNC_BYTES && !this.bgSync) {
-      // Early writeback only; durability is decided by END's own fdatasync.
       this.unsynced = 0;
+      // Early writeback only; durability is decided by END's own fdatasync, whose error counts.
       this.bgSync = this.fh.datasync().catch(() => undefined).finally(() => { this.bgSync = null; });
     }
     return ref;
@@ -237,6 +237,7 @@ export class JournalWriter {
 
   async close(): Promise<void> {
     if (this.bgSync) await this.bgSync;
+    // Closing after END's fdatasync or a discard: nothing depends on the close.
     await this.fh.close().catch(() => undefined);
   }
 }

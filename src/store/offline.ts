@@ -15,7 +15,8 @@ import { createHash } from 'node:crypto';
 import { StoreError } from '../errors.js';
 import type { StoreMeta } from '../protocol/index.js';
 import { liveStores } from './server.js';
-import { Store, pidAlive, type VmSummary } from './vm-store.js';
+import { pidAlive } from '../util/pid.js';
+import { Store, type VmSummary } from './store.js';
 
 export interface OpenedImage {
   vm: string;

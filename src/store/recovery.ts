@@ -20,11 +20,13 @@ import { decodePages, type StoreMeta } from '../protocol/index.js';
 import type { Logger } from 'pino';
 import type { FaultInjector } from './faults.js';
 import { log as rootLog } from '../util/log.js';
+import { pidAlive } from '../util/pid.js';
 import { fsyncDir, preadAll, pwriteAll, step } from './fsutil.js';
 import { HEAT_FILE, countRegions, recordHeat } from './heat.js';
 import { writeRuns, checkRuns } from './image.js';
 import { JOURNAL_HEADER_SIZE, RecordType, scanJournal, encodeJournalHeader, type JournalCheckpoint } from './journal.js';
 import { readMeta, writeMeta } from './meta.js';
+import { sleep } from '../util/sleep.js';
 
 export const MEMORY_FILE = 'memory.img';
 export const META_FILE = 'meta.json';
@@ -128,6 +130,7 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
       epochs: [...prev.epochs, { epoch, kind: cp.begin.kind, pages, bytes, committedAt: now, applyMs: 0 }].slice(-MAX_EPOCH_STATS),
     };
     await writeMeta(path.join(genDir, META_FILE), meta, faults);
+    // meta.json no longer names the old device state; the next recovery removes it otherwise.
     if (prev.devstate.file !== dsName) await fs.rm(path.join(genDir, prev.devstate.file), { force: true }).catch(() => undefined);
     await fs.rm(marker, { force: true }).catch(() => undefined);
     lap('meta');
@@ -210,12 +213,32 @@ async function removeOrphans(genDir: string, meta: StoreMeta | null, logger: Log
       (meta !== null && /^devstate-\d+\.bin$/.test(n) && n !== meta.devstate.file) ||
       (meta !== null && /^memory(-\d+)?\.img$/.test(n) && n !== meta.memoryFile);
     if (orphan) {
+      // An orphan no meta names: removed again by the next recovery if this fails.
       await fs.rm(path.join(genDir, n), { force: true }).catch(() => undefined);
       removed.push(n);
     }
   }
   if (removed.length > 0) {
     logger.info({ dir: genDir, removed }, 'removed files no committed epoch refers to');
+    // Only makes the removals durable; undone removals are redone by the next recovery.
     await fsyncDir(genDir).catch(() => undefined);
+  }
+}
+
+/** Wait (bounded) until no process is applying a checkpoint to the generation in `dir`. */
+export async function waitNoApplying(dir: string, timeoutMs = 30_000): Promise<'clear' | 'stale'> {
+  const marker = path.join(dir, APPLYING_FILE);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let text: string;
+    try {
+      text = await fs.readFile(marker, 'utf8');
+    } catch {
+      return 'clear';
+    }
+    const pid = Number(text.split(' ')[0]);
+    if (!pidAlive(pid)) return 'stale'; // left by a crashed store: only its recovery (journal replay) may clear it
+    if (Date.now() > deadline) throw new StoreError('HYDRA_STORE_BUSY', `${dir}: a checkpoint is still being applied by process ${pid} after ${timeoutMs} ms`);
+    await sleep(10);
   }
 }

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Registry } from 'prom-client';
 import type { Logger } from 'pino';
-import { HydraError, ProtocolError, StoreError } from '../errors.js';
+import { HydraError, ProtocolError, StoreError, isHydraCode } from '../errors.js';
 import { log as rootLog } from '../util/log.js';
 import {
   FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName,
@@ -19,7 +19,10 @@ import {
 } from '../protocol/index.js';
 import { FaultInjector } from './faults.js';
 import { storeMetrics } from './metrics.js';
-import { Store, pidAlive, type Checkpoint, type GenStore } from './vm-store.js';
+import { pidAlive } from '../util/pid.js';
+import { Store } from './store.js';
+import type { Checkpoint } from './checkpoint.js';
+import type { GenerationImage } from './generation-image.js';
 
 /** Largest READ_PAGES request served in one reply (the reply is read under the lock, then sent). */
 export const MAX_READ_BYTES = 32 * 1024 * 1024;
@@ -102,6 +105,7 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
       await Promise.all([...conns].map((c) => c.idle()));
       await store.close();
       liveStores.delete(store.dir);
+      // The lock names a pid that is gone now; a leftover is taken over by the next start.
       await fs.rm(path.join(store.dir, 'store.lock'), { force: true }).catch(() => undefined);
       slog.info('checkpoint store stopped');
     },
@@ -135,7 +139,7 @@ class Connection {
   private hello: Hello | null = null;
   private version = PROTOCOL_VERSION;
   private log: Logger;
-  private gen: GenStore | null = null;
+  private gen: GenerationImage | null = null;
   private release: (() => void) | null = null;
   private cp: Checkpoint | null = null;
   /** Error that ended the current checkpoint early (sent unsolicited); data frames are ignored until BEGIN. */
@@ -213,7 +217,7 @@ class Connection {
 
   private async sendError(err: unknown, unsolicited = false): Promise<void> {
     const e = err as HydraError;
-    const code = typeof e?.code === 'string' && e.code.startsWith('HYDRA_') ? e.code : 'HYDRA_STORE_INTERNAL';
+    const code = isHydraCode(e?.code) ? e.code : 'HYDRA_STORE_INTERNAL';
     await this.send(FrameType.ERROR, encodeJson({ code, message: e?.message ?? String(err), ...(unsolicited ? { unsolicited: true } : {}), committedEpoch: this.gen?.meta?.committedEpoch ?? null }));
   }
 
@@ -332,6 +336,7 @@ class Connection {
           this.cpFailed = err instanceof HydraError ? err : new StoreError('HYDRA_STORE_INTERNAL', String(err));
           const cp = this.cp;
           this.cp = null;
+          // The checkpoint already failed (logged next); the abort only discards its files.
           await cp.abort(`failed: ${(err as Error).message}`).catch(() => undefined);
           this.log.warn({ code: this.cpFailed.code, err: this.cpFailed.message }, 'checkpoint failed');
           return this.sendError(this.cpFailed, true);
@@ -431,7 +436,7 @@ class Connection {
     }
   }
 
-  private async readerGen(generation: number | undefined): Promise<GenStore | null> {
+  private async readerGen(generation: number | undefined): Promise<GenerationImage | null> {
     if (generation === undefined || generation === this.gen?.generation) return this.gen;
     return this.store.gen(this.hello!.vm, generation);
   }

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cliEntry } from '../config/paths.js';
+import { StoreError } from '../errors.js';
 
 export interface StoreProcess {
   address: string;
@@ -23,13 +24,13 @@ export async function spawnStore(opts: { dir: string; listen?: string; secretFil
   proc.stderr?.on('data', (d) => (stderr += d));
   const address = await new Promise<string>((resolve, reject) => {
     let out = '';
-    const timer = setTimeout(() => { proc.kill('SIGKILL'); reject(new Error(`checkpoint store did not start within ${(opts.timeoutMs ?? 15_000) / 1000} s: ${stderr}`)); }, opts.timeoutMs ?? 15_000);
+    const timer = setTimeout(() => { proc.kill('SIGKILL'); reject(new StoreError('HYDRA_STORE_START_FAILED', `checkpoint store did not start within ${(opts.timeoutMs ?? 15_000) / 1000} s: ${stderr}`)); }, opts.timeoutMs ?? 15_000);
     proc.stdout!.on('data', (d) => {
       out += d;
       const m = /listening on (\S+),/.exec(out);
       if (m) { clearTimeout(timer); resolve(m[1]!); }
     });
-    proc.once('exit', (code) => { clearTimeout(timer); reject(new Error(`checkpoint store exited (code ${code})${opts.logFile ? `; see ${opts.logFile}` : `: ${stderr}`}`)); });
+    proc.once('exit', (code) => { clearTimeout(timer); reject(new StoreError('HYDRA_STORE_START_FAILED', `checkpoint store exited (code ${code})${opts.logFile ? `; see ${opts.logFile}` : `: ${stderr}`}`)); });
   });
   return {
     address,

@@ -1,4 +1,6 @@
 import fs from 'node:fs';
+import { VmError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /** Reading what the guest printed on its serial console (the serial log). */
 
@@ -37,8 +39,8 @@ export async function waitForSerial(file: string, predicate: (text: string) => b
   for (;;) {
     const text = readSerial(file).slice(fromOffset);
     if (predicate(text)) return text;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting on serial log ${file}; last lines:\n${text.split('\n').slice(-5).join('\n')}`);
-    await new Promise((r) => setTimeout(r, 100));
+    if (Date.now() > deadline) throw new VmError('HYDRA_VM_SERIAL_TIMEOUT', `timed out after ${timeoutMs} ms waiting on serial log ${file}; last lines:\n${text.split('\n').slice(-5).join('\n')}`);
+    await sleep(100);
   }
 }
 

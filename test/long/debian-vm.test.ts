@@ -3,8 +3,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from '../helpers.js';
-import { makeTestNet, tapMaster, SUBNET, NET_PREFIX, type TestNet } from '../net-env.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive } from '../support/lab.js';
+import { makeTestNet, tapMaster, SUBNET, NET_PREFIX, type TestNet } from '../support/net.js';
 import { cliEntry, imagesDir } from '../../src/config/paths.js';
 import { readWatchLog, summarizeWatch, lossReport, lastAcked, type WatchRecord } from '../../src/bench/redis-watcher.js';
 import { readCheckpointHistory } from '../../src/checkpoint/protection.js';
@@ -55,7 +55,7 @@ after(async () => {
 });
 
 async function waitReplyAfter(t: number, timeoutMs: number, what: string): Promise<WatchRecord> {
-  return until(() => records().find((r) => r.ok && r.op === 'incr' && r.t > t), timeoutMs, what);
+  return until(what, () => records().find((r) => r.ok && r.op === 'incr' && r.t > t), timeoutMs);
 }
 
 test('the Debian VM boots from its qcow2 root on the shared base and serves redis over its NIC to another namespace', async () => {
@@ -80,21 +80,21 @@ test('the Debian VM boots from its qcow2 root on the shared base and serves redi
   const first = await waitReplyAfter(0, 10 * 60_000, 'redis answering the client in the other namespace');
   note(`boot: vm start to the first redis reply over the NIC: ${((first.t - t0) / 1000).toFixed(1)} s`);
   // The console lags behind the service under load: give systemd's status line time to appear.
-  await until(() => /Started .*redis-server\.service/.test(fs.readFileSync(vmFile('serial.log'), 'utf8')), 120_000, 'systemd reporting redis-server started on the console');
+  await until('systemd reporting redis-server started on the console', () => /Started .*redis-server\.service/.test(fs.readFileSync(vmFile('serial.log'), 'utf8')), 120_000);
   assert.match(fs.readFileSync(vmFile('serial.log'), 'utf8'), /Welcome to .*Debian GNU\/Linux/);
 });
 
 /** Kill QEMU shortly after a commit, restore, and check what the client sees. */
 async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promise<void> {
-  await until(() => (protection()?.committedEpoch ?? 0) >= 3, 5 * 60_000, 'three committed checkpoints');
+  await until('three committed checkpoints', () => (protection()?.committedEpoch ?? 0) >= 3, 5 * 60_000);
   const e = protection()!.committedEpoch;
-  await until(() => protection()!.committedEpoch > e, 60_000, 'the next commit');
+  await until('the next commit', () => protection()!.committedEpoch > e, 60_000);
   await sleep(Math.floor(Math.random() * 800));
   const killAt = Date.now();
   process.kill(vmState().qemuPid, 'SIGKILL');
-  await until(() => vmState().lifecycle === 'crashed', 20_000, 'crash recorded');
-  await until(() => !pidAlive(protection()!.pid), 20_000, 'checkpointer gives up on the dead VM');
-  await until(() => !fs.existsSync(`/sys/class/net/${TAP}`), 20_000, 'the dead VM\'s tap removed');
+  await until('crash recorded', () => vmState().lifecycle === 'crashed', 20_000);
+  await until('checkpointer gives up on the dead VM', () => !pidAlive(protection()!.pid), 20_000);
+  await until('the dead VM\'s tap removed', () => !fs.existsSync(`/sys/class/net/${TAP}`), 20_000);
 
   const restoreAt = Date.now();
   const r = await lab.cliAsync(['restore', VM, '--store', store.address, '--mode', mode, ...restoreArgs]);
@@ -142,7 +142,7 @@ test('protected, QEMU SIGKILLed, restored in network mode onto a fresh tap: anno
 });
 
 test('killed again, restored in file mode: the same checks', async () => {
-  await until(() => protection()?.state === 'protected' && pidAlive(protection()!.pid), 60_000, 'protected again after the network restore');
+  await until('protected again after the network restore', () => protection()?.state === 'protected' && pidAlive(protection()!.pid), 60_000);
   await failOver('file', ['--store-dir', storeDir]);
 });
 
@@ -155,7 +155,7 @@ test('after a clean shutdown the root disk chain passes qemu-img check and fsck 
   const qmp = await QmpClient.connect(vmFile('qmp.sock'));
   await qmp.execute('system_powerdown');
   qmp.close();
-  await until(() => !pidAlive(vmState().qemuPid), 5 * 60_000, 'the guest powering off');
+  await until('the guest powering off', () => !pidAlive(vmState().qemuPid), 5 * 60_000);
   assert.equal(lab.cli(['vm', 'stop', VM]).code, 0);
   assert.ok(!fs.existsSync(`/sys/class/net/${TAP}`), 'tap removed');
 

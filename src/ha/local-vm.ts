@@ -1,7 +1,9 @@
+// What an agent reads about its host's VMs from their directories: state, protection, HA record, liveness.
 import fs from 'node:fs';
 import path from 'node:path';
-import type { VmState } from '../vm/runtime.js';
-import type { VmRecord } from './cluster.js';
+import { pidAlive } from '../util/pid.js';
+import type { VmState } from '../vm/index.js';
+import { writeFileAtomicSync } from '../util/atomic-write.js';
 
 /**
  * What an agent knows about the VMs of its host, read straight from
@@ -40,16 +42,6 @@ export interface LocalVm {
   supervisorAlive: boolean;
   /** QEMU or its supervisor exists. */
   live: boolean;
-}
-
-export function pidAlive(pid: number | undefined | null): boolean {
-  if (!pid) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 function readJson<T>(file: string): T | undefined {
@@ -95,10 +87,8 @@ export function listLocalVms(home: string): LocalVm[] {
 export function writeHaLocal(home: string, rec: HaLocal): void {
   const dir = vmDirOf(home, rec.vm);
   fs.mkdirSync(dir, { recursive: true });
-  const file = path.join(dir, 'ha.json');
-  const tmp = `${file}.tmp-${process.pid}`;
-  fs.writeFileSync(tmp, JSON.stringify(rec, null, 2) + '\n');
-  fs.renameSync(tmp, file);
+  // Not fsynced, as state.json beside it: the copy it describes dies with the host.
+  writeFileAtomicSync(path.join(dir, 'ha.json'), JSON.stringify(rec, null, 2) + '\n', { durable: false });
 }
 
 export function removeHaLocal(home: string, vm: string): void {
@@ -139,56 +129,4 @@ export function vmDeath(v: LocalVm): Death {
     default:
       return { kind: 'unknown' };
   }
-}
-
-/**
- * Must this local copy die? Yes when etcd names a newer generation of the VM
- * (it was restored elsewhere, or here again) or another host for this same
- * generation. Returns the reason, or undefined to leave it.
- */
-export function staleReason(v: LocalVm, record: VmRecord | undefined, myHost: string): string | undefined {
-  if (!record) return undefined;
-  const gen = localGeneration(v);
-  if (gen === undefined) return undefined;
-  if (record.generation > gen) return `generation ${gen} is stale: the VM is at generation ${record.generation} on host ${record.host}`;
-  if (record.generation === gen && record.host !== myHost) return `generation ${gen} belongs to host ${record.host}`;
-  return undefined;
-}
-
-export interface FenceResult {
-  vm: string;
-  killedQemu?: number;
-  killedCheckpointer?: number;
-  killedSupervisor?: number;
-}
-
-function kill(pid: number | undefined, signal: NodeJS.Signals = 'SIGKILL'): boolean {
-  if (!pid || !pidAlive(pid)) return false;
-  try {
-    process.kill(pid, signal);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/**
- * Kill a local copy of a VM hard and at once: QEMU and its checkpointer get
- * SIGKILL now; the supervisor records the death and exits by itself, or gets
- * SIGKILL after `supervisorGraceMs`. Marks ha.json as fenced.
- */
-export async function fenceLocalVm(home: string, vm: string, reason: string, supervisorGraceMs = 1500): Promise<FenceResult> {
-  const v = readLocalVm(home, vm);
-  const res: FenceResult = { vm };
-  if (!v) return res;
-  if (kill(v.state?.qemuPid)) res.killedQemu = v.state?.qemuPid;
-  if (v.protection?.pid && kill(v.protection.pid)) res.killedCheckpointer = v.protection.pid;
-  if (v.ha) writeHaLocal(home, { ...v.ha, fenced: reason, fencedAt: Date.now() });
-  const sup = v.state?.supervisorPid;
-  if (sup && pidAlive(sup)) {
-    const deadline = Date.now() + supervisorGraceMs;
-    while (pidAlive(sup) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    if (kill(sup)) res.killedSupervisor = sup;
-  }
-  return res;
 }

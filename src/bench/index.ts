@@ -1,0 +1,5 @@
+// The benchmarks behind `hydravm bench` (the front door of src/bench).
+export { runCheckpointBench, type CheckpointBenchOptions } from './checkpoint-bench.js';
+export { runFailoverBench, type FailoverBenchOptions } from './failover-bench.js';
+export { RedisWatcher, summarizeWatch, lossReport, lastAcked, readWatchLog, type WatcherOptions, type WatchRecord, type WatchSummary, type LossReport } from './redis-watcher.js';
+export { RespConnection, redisOnce, type RespValue } from './resp.js';

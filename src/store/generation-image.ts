@@ -1,0 +1,220 @@
+// One generation of one VM in the store: its committed image, the lock readers and applies share, and the checkpoint in progress.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { createHash } from 'node:crypto';
+import type { Logger } from 'pino';
+import { StoreError } from '../errors.js';
+import { vmLog } from '../util/log.js';
+import type { Begin, HotRegion, PageRun, StoreMeta } from '../protocol/index.js';
+import { Checkpoint } from './checkpoint.js';
+import { Mutex, step } from './fsutil.js';
+import { checkRuns, createImage, readRuns } from './image.js';
+import { loadHeat, scoreHeat } from './heat.js';
+import { JOURNAL_HEADER_SIZE, JournalWriter } from './journal.js';
+import { readMeta } from './meta.js';
+import { JOURNAL_FILE, MEMORY_FILE, META_FILE, applyJournalCheckpoint, devstateFileName, recoverGeneration, waitNoApplying } from './recovery.js';
+import type { Store } from './store.js';
+
+export const DEFAULT_PAGE_SIZE = 4096;
+
+/** A consistent view of a generation's committed image (valid inside withStableImage). */
+export interface StableImage {
+  meta: StoreMeta;
+  genDir: string;
+  memoryPath: string;
+  devstatePath: string;
+}
+
+/** One generation of one VM: committed image, lock, at most one checkpoint in progress. */
+export class GenerationImage {
+  meta: StoreMeta | null = null;
+  /** Held while the image is being changed (apply) and by readers (withStableImage). */
+  readonly lock = new Mutex();
+  /** Set when an apply failed after the journal was durable: the image is a mix until replayed. */
+  private needsRecovery: Error | null = null;
+  private journal: JournalWriter | null = null;
+  current: Checkpoint | null = null;
+  /** The apply of the last journalled commit (settled: never rejects). */
+  pendingApply: Promise<void> = Promise.resolve();
+  readonly log: Logger;
+
+  constructor(readonly store: Store, readonly vm: string, readonly generation: number, readonly dir: string) {
+    this.log = vmLog(vm).child({ generation });
+  }
+
+  get memoryPath(): string | null {
+    return this.meta ? path.join(this.dir, this.meta.memoryFile) : null;
+  }
+
+  /** Run recovery (caller holds the lock). */
+  async recover(): Promise<void> {
+    if (this.store.readOnly) {
+      if ((await waitNoApplying(this.dir)) === 'stale') {
+        throw new StoreError('HYDRA_STORE_RECOVERY_PENDING', `${this.dir}: a crashed store left a checkpoint half-applied; the store daemon that owns the directory must replay its journal first`);
+      }
+      this.meta = await readMeta(path.join(this.dir, META_FILE));
+      return;
+    }
+    if (this.journal) {
+      await this.journal.close();
+      this.journal = null;
+    }
+    this.meta = await recoverGeneration(this.dir, this.vm, this.generation, this.log, this.store.faults);
+    this.needsRecovery = null;
+    if (this.meta) this.store.metrics?.committedEpoch.set({ vm: this.vm }, this.meta.committedEpoch);
+  }
+
+  private async ensureRecovered(): Promise<void> {
+    if (!this.needsRecovery) return;
+    const why = this.needsRecovery;
+    try {
+      await this.recover();
+      this.log.info({ committedEpoch: this.meta?.committedEpoch }, 'completed an interrupted apply by replaying the journal');
+    } catch (err) {
+      throw new StoreError('HYDRA_STORE_RECOVERY_PENDING', `VM ${this.vm} generation ${this.generation}: the image is being repaired after a failed apply (${why.message}) and the replay failed again: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /**
+   * Run `fn` with a committed, stable image: no apply runs meanwhile. Rejects
+   * with HYDRA_STORE_NO_IMAGE when the generation has no committed checkpoint.
+   */
+  async withStableImage<T>(fn: (img: StableImage) => Promise<T>): Promise<T> {
+    return this.lock.run(async () => {
+      await this.ensureRecovered();
+      if (!this.meta) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${this.vm} generation ${this.generation} has no committed checkpoint yet`);
+      const meta = this.meta;
+      return fn({ meta, genDir: this.dir, memoryPath: path.join(this.dir, meta.memoryFile), devstatePath: path.join(this.dir, meta.devstate.file) });
+    });
+  }
+
+  /** The committed meta (null if none), after any pending recovery. */
+  async committedMeta(): Promise<StoreMeta | null> {
+    return this.lock.run(async () => {
+      await this.ensureRecovered();
+      return this.meta;
+    });
+  }
+
+  /**
+   * The 2 MiB regions written most in the last incremental epochs (heat.bin),
+   * hottest first. Advisory: an unusable record reads as empty, never an error.
+   * Waits for a running apply so a reply follows every acknowledged commit.
+   */
+  async hotRegions(limit?: number): Promise<HotRegion[]> {
+    return this.lock.run(async () => {
+      if (!this.meta) return [];
+      const epochs = await loadHeat(this.dir, this.log);
+      return scoreHeat(epochs, { upToEpoch: this.meta.committedEpoch, ...(limit !== undefined ? { limit } : {}) });
+    });
+  }
+
+  /** Start a checkpoint. Aborts an unfinished one. */
+  async begin(b: Begin): Promise<Checkpoint> {
+    if (this.current) await this.current.abort('superseded by a new BEGIN');
+    await this.lock.run(() => this.ensureRecovered());
+    const pageSize = b.pageSize ?? DEFAULT_PAGE_SIZE;
+    const meta = this.meta;
+    const where = `VM ${this.vm} generation ${this.generation}`;
+    if (pageSize !== DEFAULT_PAGE_SIZE) throw new StoreError('HYDRA_STORE_BAD_PAGE_SIZE', `${where}: page size ${pageSize} is not supported (only ${DEFAULT_PAGE_SIZE})`);
+    if (b.ramSize % pageSize !== 0) throw new StoreError('HYDRA_STORE_BAD_RAM_SIZE', `${where}: RAM size ${b.ramSize} is not a multiple of the page size ${pageSize}`);
+    if (b.kind === 'incremental') {
+      if (!meta) throw new StoreError('HYDRA_STORE_NO_BASE_IMAGE', `${where}: incremental checkpoint ${b.epoch} refused: no full checkpoint has been committed for this generation`);
+    }
+    if (meta && b.epoch !== meta.committedEpoch + 1) {
+      throw new StoreError('HYDRA_STORE_EPOCH_MISMATCH', `${where}: checkpoint epoch ${b.epoch} refused: committed epoch is ${meta.committedEpoch}, the next must be ${meta.committedEpoch + 1}`);
+    }
+    if (meta && b.kind === 'incremental' && b.ramSize !== meta.ramSize) {
+      throw new StoreError('HYDRA_STORE_RAM_SIZE_MISMATCH', `${where}: incremental checkpoint with RAM size ${b.ramSize}, the image has ${meta.ramSize}`);
+    }
+    const cp = b.kind === 'full' ? await this.beginFull(b, pageSize) : await this.beginIncremental(b, pageSize);
+    this.current = cp;
+    return cp;
+  }
+
+  private async beginFull(b: Begin, pageSize: number): Promise<Checkpoint> {
+    const memoryFile = this.meta ? `memory-${b.epoch}.img` : MEMORY_FILE;
+    const memoryPath = path.join(this.dir, memoryFile);
+    const dsPath = path.join(this.dir, devstateFileName(b.epoch));
+    const mfh = await createImage(memoryPath, b.ramSize);
+    let dfh: fs.FileHandle;
+    try {
+      dfh = await step('create', dsPath, () => fs.open(dsPath, 'w'));
+    } catch (err) {
+      await mfh.close();
+      // Undoing a failed begin: recovery removes an image meta.json does not name.
+      await fs.rm(memoryPath, { force: true }).catch(() => undefined);
+      throw err;
+    }
+    return new Checkpoint(this, b, pageSize, { memoryFile, memoryPath, mfh, dsPath, dfh });
+  }
+
+  private async beginIncremental(b: Begin, pageSize: number): Promise<Checkpoint> {
+    if (!this.journal) this.journal = await JournalWriter.open(path.join(this.dir, JOURNAL_FILE), this.generation, this.store.faults);
+    const j = this.journal;
+    if (j.size > JOURNAL_HEADER_SIZE) await j.reset();
+    await j.begin({ vm: this.vm, generation: this.generation, epoch: b.epoch, kind: b.kind, ramSize: b.ramSize, pageSize, ...(b.config !== undefined ? { config: b.config } : {}), startedAt: new Date().toISOString() });
+    return new Checkpoint(this, b, pageSize, { journal: j });
+  }
+
+  /** Apply the journalled checkpoint (called by Checkpoint.commit with the lock). */
+  async applyJournalled(j: JournalWriter, cp: Checkpoint, end: Awaited<ReturnType<JournalWriter['end']>>): Promise<{ pages: number; bytes: number; phases: Record<string, number> }> {
+    const prev = this.meta!;
+    try {
+      const r = await applyJournalCheckpoint(this.dir, prev, {
+        begin: { vm: this.vm, generation: this.generation, epoch: cp.epoch, kind: 'incremental', ramSize: prev.ramSize, pageSize: prev.pageSize, ...(cp.config !== undefined ? { config: cp.config } : {}), startedAt: '' },
+        end,
+        records: [...j.records],
+        disks: cp.disks,
+      }, this.store.faults);
+      this.meta = r.meta;
+      return r;
+    } catch (err) {
+      // The image may now hold part of this epoch: keep the journal, exclude readers until replayed.
+      this.needsRecovery = err as Error;
+      this.log.error({ epoch: cp.epoch, err: (err as Error).message }, 'apply failed after the journal was durable; the journal is kept and will be replayed');
+      throw new StoreError('HYDRA_STORE_APPLY_FAILED', `VM ${this.vm} generation ${this.generation}: checkpoint ${cp.epoch} is journalled but applying it failed (${(err as Error).message}); the store will complete it from the journal before serving this generation again`, { cause: err });
+    }
+  }
+
+  async close(): Promise<void> {
+    // Closing: an abort that fails leaves files recovery removes.
+    if (this.current) await this.current.abort('store closing').catch(() => undefined);
+    await this.pendingApply;
+    if (this.journal) await this.journal.close();
+    this.journal = null;
+  }
+
+  async resetJournal(): Promise<void> {
+    if (this.journal) {
+      try {
+        await this.journal.reset();
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, 'could not reset the journal (stale records are ignored on recovery)');
+      }
+    }
+  }
+
+  async readPages(runs: readonly PageRun[]): Promise<Buffer> {
+    return this.withStableImage(async (img) => {
+      checkRuns(runs, img.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
+      const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
+      try {
+        return await readRuns(fh, img.memoryPath, runs);
+      } finally {
+        await fh.close();
+      }
+    });
+  }
+
+  async readDeviceState(): Promise<Buffer> {
+    return this.withStableImage(async (img) => {
+      const buf = await step('read', img.devstatePath, () => fs.readFile(img.devstatePath));
+      const sha = createHash('sha256').update(buf).digest('hex');
+      if (buf.length !== img.meta.devstate.size || sha !== img.meta.devstate.sha256) {
+        throw new StoreError('HYDRA_STORE_DEVSTATE_CORRUPT', `${img.devstatePath}: ${buf.length} bytes sha256 ${sha}, meta says ${img.meta.devstate.size} / ${img.meta.devstate.sha256}`);
+      }
+      return buf;
+    });
+  }
+}

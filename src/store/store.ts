@@ -1,0 +1,240 @@
+// The checkpoint store's root: per VM a fencing record and its generations, each opened on first use.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { StoreError } from '../errors.js';
+import { vmLog } from '../util/log.js';
+import { noFaults, type FaultInjector } from './faults.js';
+import { Mutex, fsyncDir, mkdirDurable, step } from './fsutil.js';
+import { GenerationImage } from './generation-image.js';
+import { readFence, writeFence } from './meta.js';
+import type { StoreMetrics } from './metrics.js';
+
+const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export interface StoreOptions {
+  faults?: FaultInjector;
+  metrics?: StoreMetrics;
+  /**
+   * Another live process (the store daemon) owns the directory: never recover or
+   * write; read meta.json as is, after waiting for any APPLYING marker to go.
+   */
+  readOnly?: boolean;
+  /**
+   * When COMMITTED is sent for a journalled checkpoint: 'journal' (default) as soon as
+   * its journal records are durable, the apply then runs under the generation lock
+   * (readers and the next BEGIN wait for it); 'applied' only after meta.json names it.
+   */
+  commitAck?: 'journal' | 'applied';
+}
+
+export interface VmSummary {
+  vm: string;
+  highestGeneration: number;
+  generations: { generation: number; committedEpoch: number | null; ramSize: number | null; committedAt: string | null }[];
+}
+
+export function checkVmName(vm: string): void {
+  if (!VM_NAME.test(vm)) throw new StoreError('HYDRA_STORE_BAD_VM_NAME', `bad VM name ${JSON.stringify(vm)}: letters, digits, . _ -, at most 64 characters`);
+}
+
+interface VmState {
+  fenceLock: Mutex;
+  gens: Map<number, Promise<GenerationImage>>;
+  /** Generations with a connected checkpointer. */
+  checkpointers: Set<number>;
+}
+
+export class Store {
+  private readonly vms = new Map<string, VmState>();
+  readonly faults: FaultInjector;
+  readonly metrics: StoreMetrics | undefined;
+  readonly readOnly: boolean;
+  readonly commitAck: 'journal' | 'applied';
+
+  private constructor(readonly dir: string, opts: StoreOptions) {
+    this.commitAck = opts.commitAck ?? 'journal';
+    this.faults = opts.faults ?? noFaults;
+    this.metrics = opts.metrics;
+    this.readOnly = opts.readOnly ?? false;
+  }
+
+  static async open(dir: string, opts: StoreOptions = {}): Promise<Store> {
+    const abs = path.resolve(dir);
+    if (!opts.readOnly) await step('mkdir', path.join(abs, 'vms'), () => fs.mkdir(path.join(abs, 'vms'), { recursive: true }));
+    return new Store(abs, opts);
+  }
+
+  vmDir(vm: string): string {
+    return path.join(this.dir, 'vms', vm);
+  }
+
+  genDir(vm: string, generation: number): string {
+    return path.join(this.vmDir(vm), `gen-${generation}`);
+  }
+
+  private state(vm: string): VmState {
+    checkVmName(vm);
+    let s = this.vms.get(vm);
+    if (!s) {
+      s = { fenceLock: new Mutex(), gens: new Map(), checkpointers: new Set() };
+      this.vms.set(vm, s);
+    }
+    return s;
+  }
+
+  /** The highest generation registered for `vm` (0 if none), read from disk every time (other processes may fence). */
+  async highestGeneration(vm: string): Promise<number> {
+    checkVmName(vm);
+    const fence = await readFence(path.join(this.vmDir(vm), 'fence.json'));
+    return fence?.highestGeneration ?? 0;
+  }
+
+  /** Throw HYDRA_STORE_STALE_GENERATION if a newer generation than `generation` was registered. */
+  async checkFence(vm: string, generation: number): Promise<void> {
+    const highest = await this.highestGeneration(vm);
+    if (generation < highest) throw staleGeneration(vm, generation, highest);
+  }
+
+  /**
+   * Register `generation` as the VM's current incarnation (fencing every older
+   * one) and create its directory. Refuses an older generation.
+   */
+  async registerGeneration(vm: string, generation: number): Promise<number> {
+    const s = this.state(vm);
+    if (!Number.isInteger(generation) || generation < 1) throw new StoreError('HYDRA_STORE_BAD_GENERATION', `generation must be a positive integer, got ${generation}`);
+    return s.fenceLock.run(async () => {
+      const highest = await this.highestGeneration(vm);
+      if (generation < highest) throw staleGeneration(vm, generation, highest);
+      await step('mkdir', this.vmDir(vm), () => fs.mkdir(this.vmDir(vm), { recursive: true }));
+      await mkdirDurable(this.genDir(vm, generation));
+      if (generation > highest) {
+        await writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() });
+        vmLog(vm).info({ generation, previous: highest }, 'registered new generation (older generations fenced)');
+      }
+      return generation;
+    });
+  }
+
+  /** Claim the checkpointer slot of vm+generation (one at a time). Returns a release function. */
+  claimCheckpointer(vm: string, generation: number): () => void {
+    const s = this.state(vm);
+    if (s.checkpointers.has(generation)) {
+      throw new StoreError('HYDRA_STORE_CHECKPOINTER_BUSY', `VM ${vm} generation ${generation} already has a connected checkpointer; refusing a second one`);
+    }
+    s.checkpointers.add(generation);
+    let released = false;
+    return () => {
+      if (!released) s.checkpointers.delete(generation);
+      released = true;
+    };
+  }
+
+  /** The generation's store, recovered on first use. Throws for a corrupt meta (and retries next time). */
+  async gen(vm: string, generation: number): Promise<GenerationImage> {
+    const s = this.state(vm);
+    let p = s.gens.get(generation);
+    if (!p) {
+      p = (async () => {
+        const dir = this.genDir(vm, generation);
+        try {
+          await fs.access(dir);
+        } catch {
+          throw new StoreError('HYDRA_STORE_NO_GENERATION', `VM ${vm} has no generation ${generation} in ${this.dir}`);
+        }
+        const g = new GenerationImage(this, vm, generation, dir);
+        await g.lock.run(() => g.recover());
+        return g;
+      })();
+      s.gens.set(generation, p);
+      p.catch(() => s.gens.delete(generation));
+    }
+    return p;
+  }
+
+  /** Generation numbers present on disk for `vm`, ascending. */
+  async generations(vm: string): Promise<number[]> {
+    checkVmName(vm);
+    let names: string[];
+    try {
+      names = await fs.readdir(this.vmDir(vm));
+    } catch {
+      return [];
+    }
+    return names.map((n) => /^gen-(\d+)$/.exec(n)).filter((m): m is RegExpExecArray => m !== null).map((m) => Number(m[1])).sort((a, b) => a - b);
+  }
+
+  /** The newest generation with a committed image, or null. */
+  async latestCommittedGeneration(vm: string): Promise<number | null> {
+    const gens = await this.generations(vm);
+    for (let i = gens.length - 1; i >= 0; i--) {
+      const g = await this.gen(vm, gens[i]!);
+      if (g.meta) return gens[i]!;
+    }
+    return null;
+  }
+
+  async listVms(): Promise<VmSummary[]> {
+    let names: string[];
+    try {
+      names = await fs.readdir(path.join(this.dir, 'vms'));
+    } catch {
+      return [];
+    }
+    const out: VmSummary[] = [];
+    for (const vm of names.sort()) {
+      if (!VM_NAME.test(vm)) continue;
+      const gens = [];
+      for (const g of await this.generations(vm)) {
+        try {
+          const gs = await this.gen(vm, g);
+          gens.push({ generation: g, committedEpoch: gs.meta?.committedEpoch ?? null, ramSize: gs.meta?.ramSize ?? null, committedAt: gs.meta?.committedAt ?? null });
+        } catch (err) {
+          vmLog(vm).warn({ generation: g, err: (err as Error).message }, 'generation unreadable');
+          gens.push({ generation: g, committedEpoch: null, ramSize: null, committedAt: null });
+        }
+      }
+      out.push({ vm, highestGeneration: await this.highestGeneration(vm), generations: gens });
+    }
+    return out;
+  }
+
+  /** Close open files (journals, checkpoints in progress are discarded). */
+  async close(): Promise<void> {
+    for (const s of this.vms.values()) {
+      for (const p of s.gens.values()) {
+        // A generation that failed to open has nothing to close.
+        const g = await p.catch(() => null);
+        if (g) await g.close();
+      }
+    }
+  }
+
+  /** Delete a generation's directory. Refuses the highest generation while a checkpointer is connected to it. */
+  async dropGeneration(vm: string, generation: number): Promise<void> {
+    const s = this.state(vm);
+    if (s.checkpointers.has(generation)) {
+      throw new StoreError('HYDRA_STORE_GENERATION_BUSY', `VM ${vm} generation ${generation} has a connected checkpointer; cannot drop it`);
+    }
+    const p = s.gens.get(generation);
+    const drop = async () => {
+      await step('remove', this.genDir(vm, generation), () => fs.rm(this.genDir(vm, generation), { recursive: true, force: true }));
+      // Only makes the removal durable; a generation that reappears after a host crash is dropped again.
+      await fsyncDir(this.vmDir(vm)).catch(() => undefined);
+      s.gens.delete(generation);
+      vmLog(vm).info({ generation }, 'dropped generation');
+    };
+    if (p) {
+      // A generation that failed to open has no files open: drop it directly.
+      const g = await p.catch(() => null);
+      if (g) return g.lock.run(async () => {
+        await g.close();
+        await drop();
+      });
+    }
+    await drop();
+  }
+}
+
+export function staleGeneration(vm: string, generation: number, highest: number): StoreError {
+  return new StoreError('HYDRA_STORE_STALE_GENERATION', `VM ${vm} generation ${generation} is stale: generation ${highest} has been registered, so this (older) incarnation is fenced and may not checkpoint`);
+}
