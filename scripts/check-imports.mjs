@@ -13,9 +13,9 @@ const LAYERS = [
   ['cli'],
   ['demo', 'bench'],
   ['ha'],
-  ['restore', 'checkpoint'],
+  ['restore', 'checkpoint', 'image'],
   ['store', 'protocol', 'disk', 'tracker', 'vm', 'setup'],
-  ['qmp', 'native'],
+  ['qmp', 'native', 'net'],
   ['config', 'util', 'errors.ts'],
 ];
 const NO_FRONT_DOOR = new Set(['config', 'util', 'errors.ts']);

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Long runs, kept out of `npm test`: every dist/test/long/*.test.js (e.g. the
-# HA chaos loop). Extra arguments go to node --test; CHAOS_FAILURES and
-# CHAOS_SEED tune the chaos loop.
+# Long runs, kept out of `npm test`: every dist/test/long/*.test.js. The HA chaos
+# loop (CHAOS_FAILURES and CHAOS_SEED tune it) and the tests with a real Debian
+# guest (systemd, redis) on a qcow2 root disk and a NIC: they build the Debian
+# image once (cached in HYDRAVM_CACHE), create a bridge and a network namespace
+# (HYDRAVM_TEST_NET_PREFIX, default "hvt-"; addresses from HYDRAVM_TEST_SUBNET,
+# default 198.18.90) and need root. Extra arguments go to node --test.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

@@ -41,7 +41,7 @@ export const ERROR_CODES = {
   checkpoint: ['HYDRA_CKPT_ALREADY', 'HYDRA_CKPT_BAD_FAULT', 'HYDRA_CKPT_COW_COPY_FAILED', 'HYDRA_CKPT_EPOCH_MISMATCH', 'HYDRA_CKPT_FAILED', 'HYDRA_CKPT_FENCED', 'HYDRA_CKPT_INJECTED', 'HYDRA_CKPT_TIMEOUT', 'HYDRA_CKPT_VM_NOT_RUNNING'],
   restore: [
     'HYDRA_RESTORE_BAD_ARGS', 'HYDRA_RESTORE_BAD_CONFIG', 'HYDRA_RESTORE_BAD_IMAGE', 'HYDRA_RESTORE_DEVICE_LOAD', 'HYDRA_RESTORE_EPOCH_MISMATCH', 'HYDRA_RESTORE_FAILED',
-    'HYDRA_RESTORE_NO_IMAGE', 'HYDRA_RESTORE_PAGE_FETCH', 'HYDRA_RESTORE_STORE_UNREACHABLE', 'HYDRA_RESTORE_TORN_IMAGE', 'HYDRA_RESTORE_VM_ALIVE',
+    'HYDRA_RESTORE_NIC_UNSUPPORTED', 'HYDRA_RESTORE_NO_IMAGE', 'HYDRA_RESTORE_PAGE_FETCH', 'HYDRA_RESTORE_STORE_UNREACHABLE', 'HYDRA_RESTORE_TORN_IMAGE', 'HYDRA_RESTORE_VM_ALIVE',
   ],
   disk: [
     'HYDRA_DISK_BUSY', 'HYDRA_DISK_FREEZE_FAILED', 'HYDRA_DISK_LAYER_CORRUPT', 'HYDRA_DISK_LAYER_ID_INVALID', 'HYDRA_DISK_LAYER_MISSING',
@@ -54,6 +54,9 @@ export const ERROR_CODES = {
     'HYDRA_HA_PROTECT_FAILED', 'HYDRA_HA_SPAWN', 'HYDRA_HA_STOPPED', 'HYDRA_HA_TIMEOUT', 'HYDRA_HA_VM_MANAGED',
     'HYDRA_HA_HW_WATCHDOG', 'HYDRA_HA_BAD_ASSIGNMENT', 'HYDRA_ETCD_CREDENTIALS',
   ],
+  net: ['HYDRA_NET_BRIDGE_MISSING', 'HYDRA_NET_TAP_PERMISSION', 'HYDRA_NET_TAP_BUSY', 'HYDRA_NET_TAP_FAILED', 'HYDRA_NET_MAC_CLASH'],
+  image: ['HYDRA_IMAGE_NO_SPACE', 'HYDRA_IMAGE_BUILD_FAILED', 'HYDRA_IMAGE_BAD_ARGS'],
+  redis: ['HYDRA_REDIS_CONNECT', 'HYDRA_REDIS_TIMEOUT', 'HYDRA_REDIS_CLOSED', 'HYDRA_REDIS_ERROR', 'HYDRA_REDIS_PROTOCOL', 'HYDRA_REDIS_BUSY'],
   bench: ['HYDRA_BENCH_NO_PROGRESS', 'HYDRA_BENCH_TIMEOUT', 'HYDRA_BENCH_MIGRATION_FAILED', 'HYDRA_BENCH_PROTECT_FAILED', 'HYDRA_BENCH_WRONG_RESULT', 'HYDRA_DEMO_VIOLATIONS'],
 } as const;
 
@@ -72,6 +75,9 @@ export type RestoreCode = CodeOf<'restore'>;
 export type DiskCode = CodeOf<'disk'>;
 export type HaCode = CodeOf<'ha'>;
 export type BenchCode = CodeOf<'bench'>;
+export type NetCode = CodeOf<'net'>;
+export type ImageCode = CodeOf<'image'>;
+export type RedisCode = CodeOf<'redis'>;
 
 type Options = { cause?: unknown };
 
@@ -157,6 +163,12 @@ export class DiskError extends HydraError<DiskCode> {}
 export class HaError extends HydraError<HaCode> {}
 /** A benchmark or the demo found its run unusable. */
 export class BenchError extends HydraError<BenchCode> {}
+/** VM networking on this host: bridges, taps, MACs. */
+export class NetError extends HydraError<NetCode> {}
+/** Guest images (`hydravm image build`). */
+export class ImageError extends HydraError<ImageCode> {}
+/** The redis client that watches a VM's service from outside (src/bench/redis-watcher.ts). */
+export class RedisClientError extends HydraError<RedisCode> {}
 
 /** One constructor per family, taking any of its codes (the store's ERROR frames are rebuilt with these). */
 const FAMILY_ERROR: { [F in ErrorFamily]: (code: CodeOf<F>, message: string, options?: Options) => HydraError } = {
@@ -176,6 +188,9 @@ const FAMILY_ERROR: { [F in ErrorFamily]: (code: CodeOf<F>, message: string, opt
   disk: (code, message, options) => new DiskError(code, message, options),
   ha: (code, message, options) => new HaError(code, message, options),
   bench: (code, message, options) => new BenchError(code, message, options),
+  net: (code, message, options) => new NetError(code, message, options),
+  image: (code, message, options) => new ImageError(code, message, options),
+  redis: (code, message, options) => new RedisClientError(code, message, options),
 };
 
 const FAMILY_OF = new Map<string, ErrorFamily>(
@@ -206,3 +221,4 @@ export function ioStepError(step: string, subject: string, err: unknown): IoErro
   const code = e?.code === 'ENOSPC' ? 'HYDRA_IO_NO_SPACE' : e?.code === 'EROFS' || e?.code === 'EACCES' ? 'HYDRA_IO_READ_ONLY' : 'HYDRA_IO_FAILED';
   return new IoError(code, `${step} ${subject}: ${e?.message ?? String(err)}`, { cause: err });
 }
+

@@ -49,6 +49,26 @@ export function registerBenchCommand(program: Command): void {
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
     });
 
+  bench.command('redis-watch')
+    .description('a redis client that INCRs a counter and SETs sequence numbers until SIGINT/SIGTERM, recording every reply (JSONL); prints its summary')
+    .requiredOption('--host <addr>', 'redis address (e.g. the VM\'s)')
+    .option('--port <n>', 'redis port', '6379')
+    .option('--out <file>', 'JSONL file receiving every record')
+    .option('--timeout <ms>', 'deadline per command and connection attempt', '1000')
+    .option('--kill-at <ms>', 'time of a kill (ms since the epoch): report the time to the first reply after it and the acknowledged writes lost')
+    .action(async (opts: { host: string; port: string; out?: string; timeout: string; killAt?: string }) => {
+      const { RedisWatcher, summarizeWatch, lossReport } = await import('../bench/index.js');
+      const w = new RedisWatcher({ host: opts.host, port: Number(opts.port), out: opts.out, timeoutMs: Number(opts.timeout) }).start();
+      process.stderr.write(`watching redis at ${opts.host}:${opts.port}${opts.out ? `, records in ${opts.out}` : ''}; stop with SIGINT or SIGTERM\n`);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      const records = await w.stop();
+      const killAt = opts.killAt === undefined ? undefined : Number(opts.killAt);
+      process.stdout.write(JSON.stringify({ ...summarizeWatch(records, killAt), ...(killAt ? { loss: lossReport(records, killAt) } : {}) }) + '\n');
+    });
+
   bench.command('failover')
     .description('fail-over time split (detection, slim restore, guest progress) vs QEMU full save/restore and reboot; network paging; slowdown after restore')
     .option('--out <dir>', 'output directory', path.join('bench', 'results'))

@@ -32,6 +32,7 @@ export function registerRestoreCommand(program: Command): void {
         onProgress: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(`VM ${name} restored from generation ${r.generation} epoch ${r.epoch} (${r.mode} mode): running ${ms(r.timings.spawnToRunningMs)} after QEMU was spawned (${ms(r.timings.launchToRunningMs)} with the supervisor's start; device load ${ms(r.timings.deviceLoadMs)})\n`);
+      if (r.announced) process.stdout.write(`VM ${name} announced itself on its network (QMP announce-self)\n`);
       if (r.pager) {
         // Keep serving memory until it is complete; the VM needs this process until then.
         const stats = await r.pager.done;

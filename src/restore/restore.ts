@@ -9,6 +9,7 @@ import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { NetworkPager, type PagerStats } from './network-pager.js';
 import { validateImage } from './validate.js';
+import { announceSelf, assertRestorableNics } from './nics.js';
 import { sleep } from '../util/sleep.js';
 
 export type RestoreMode = 'file' | 'network';
@@ -68,6 +69,8 @@ export interface RestoreResult {
   timings: RestoreTimings;
   /** Network mode: the pager keeps serving memory after this returns. */
   pager?: NetworkPager;
+  /** Whether QMP announce-self was sent after `cont` (the VM has NICs). */
+  announced: boolean;
 }
 
 /**
@@ -107,6 +110,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     if (!meta) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": the store at ${opts.store} holds no committed image${opts.generation ? ` of generation ${opts.generation}` : ''}`);
     if (meta.committedEpoch < 1) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": generation ${meta.generation} has no committed checkpoint`);
     const checked = validateImage(meta, { vm: opts.vm, ...(opts.generation !== undefined ? { generation: opts.generation } : {}), newGeneration });
+    assertRestorableNics(checked.spec);
     // Network mode: the 2 MiB regions the VM wrote most in its last epochs are prefetched first (advisory: any error -> none).
     // At most 64 Ki of them (128 GiB): the pager spreads the list into an array push, which overflows the stack past ~120 Ki.
     const hotOffsets = opts.mode === 'network' && (opts.prefetch ?? true)
@@ -187,6 +191,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       if (!opts.paused) await qmp.execute('cont');
       const tRun = performance.now();
       pager?.startPrefetch();
+      const announced = await announceSelf(qmp, spec);
       const timings: RestoreTimings = {
         prepareMs,
         spawnMs,
@@ -197,7 +202,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');
       qmp.close();
-      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager };
+      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager, announced };
       if (opts.protect) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;

@@ -76,6 +76,10 @@ export function validateImage(meta: StoreMeta, want: ExpectedImage): ValidatedIm
     cmdline: s.cmdline,
     // No size: a restore never creates a disk the image names.
     disks: Array.isArray(s.disks) ? s.disks.map((d: { path?: unknown }) => ({ path: d?.path })) : s.disks,
+    ...(s.nics !== undefined ? { nics: s.nics } : {}),
+    ...(s.protection && typeof s.protection === 'object'
+      ? { protection: { cow: (s.protection as { cow?: unknown }).cow, ...((s.protection as { grainBytes?: unknown }).grainBytes !== undefined ? { grain: (s.protection as { grainBytes?: unknown }).grainBytes } : {}) } }
+      : {}),
   };
   let spec: VmSpec;
   try {
@@ -84,6 +88,8 @@ export function validateImage(meta: StoreMeta, want: ExpectedImage): ValidatedIm
     if (err instanceof SpecError) throw new RestoreError('HYDRA_RESTORE_BAD_IMAGE', `${err.message}; refusing to restore from it`, { cause: err });
     throw err;
   }
+  // The root disk is disks[0] either way; only how QEMU is told to boot from it depends on this flag.
+  if (s.hasRoot === true) spec.hasRoot = true;
   if (spec.name !== vm) throw bad('spec.name', `is ${JSON.stringify(spec.name)}, not the VM being restored`);
   if (spec.memoryBytes !== meta.ramSize) throw bad('spec.memory', `(${spec.memoryBytes} bytes) does not match the image's RAM size ${meta.ramSize}`);
   for (const [field, p] of [['spec.kernel', spec.kernel], ['spec.initrd', spec.initrd]] as const) {

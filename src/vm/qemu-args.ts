@@ -76,6 +76,15 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
       '-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}`,
     );
   });
+  // Userspace virtio-net (vhost=off): QEMU itself writes received packets into
+  // guest RAM, so the dirty tracker sees every write and the ring state is in
+  // QEMU's device state. No option ROM: the guest boots with -kernel.
+  (spec.nics ?? []).forEach((nic, i) => {
+    args.push(
+      '-netdev', `tap,id=net${i},ifname=${nic.tap},script=no,downscript=no,vhost=off`,
+      '-device', `${nic.model},netdev=net${i},mac=${nic.mac},id=vnet${i},romfile=`,
+    );
+  });
   if (opts.incomingDefer) {
     args.push('-incoming', 'defer', '-global', 'migration.send-configuration=off');
   }

@@ -9,6 +9,7 @@ import { vmPaths, writeState, readState, removeStaleSockets, type VmState } from
 import { procStartTime } from '../util/pid.js';
 import { guardWithWatchdog, type WatchdogGuard } from './watchdog.js';
 import type { VmSpec } from './spec.js';
+import { releaseNics } from './nics.js';
 
 /** What `vm start` (or a restore) hands to the supervisor through spec.json. */
 export interface LaunchFile {
@@ -178,6 +179,8 @@ export async function runSupervisor(name: string): Promise<void> {
   control.close();
   control.closeAllConnections();
   removeStaleSockets(name);
+  // Before the final state: whoever sees the VM ended may create the same taps at once (a restore).
+  await releaseNics(spec).catch((err: unknown) => logger.warn({ err }, 'removing the VM\'s taps failed'));
   save();
   logger.info({ lifecycle: state.lifecycle, reason: state.reason }, 'VM ended');
   fs.closeSync(qemuErr);
