@@ -10,6 +10,7 @@ import { batchRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import type { CheckpointerOptions } from './checkpointer.js';
 import { killFencedQemu } from './fenced-qemu.js';
+import { vmPaths, writeCowGuard, clearCowGuard } from '../vm/index.js';
 
 const PAGE = 4096;
 /** Page data per protocol frame batch. */
@@ -106,6 +107,8 @@ export class CowCheckpointer {
         this.freezer = await DiskFreezer.open({ vm, qmp: this.qmp, disks: this.opts.disks.paths, layerDir: this.opts.disks.layerDir });
         await this.freezer.prepare();
       }
+      // From here guest writes may wait on our handler: if this process dies, the VM's supervisor releases them.
+      writeCowGuard(vmPaths(vm).cowGuard);
       this.bounce = this.tracker.allocStaging(BATCH_BYTES);
       this.log.info({ ramSize: this.tracker.ramSize, grain: this.cow.grain, staging: this.tracker.staging.length, store: this.opts.store, generation: this.opts.generation }, 'copy-on-write protection started');
       let backoff = 250;
@@ -152,6 +155,7 @@ export class CowCheckpointer {
     } finally {
       // Un-protect first: no guest write may wait on a handler that is going away.
       this.tracker.close();
+      clearCowGuard(vmPaths(vm).cowGuard);
       await this.client?.close().catch((e: Error) => this.log.debug({ err: e.message }, 'closing the store connection'));
       await this.freezer?.close({ flatten: this.stopped }).catch((e: Error) => this.log.warn({ err: e.message }, 'closing the disk freezer'));
       this.qmp?.close();

@@ -30,6 +30,8 @@ export interface VmPaths extends QemuRuntimePaths {
   supervisorLog: string;
   /** The HA watchdog feed (see watchdog.ts); present while the VM is under HA. */
   watchdog: string;
+  /** Names the copy-on-write checkpointer holding guest RAM write-protected (see cow-guard.ts). */
+  cowGuard: string;
   /** The serial console's input (a FIFO the supervisor holds open; see serial.ts). */
   serialIn: string;
 }
@@ -48,6 +50,7 @@ export function vmPaths(name: string): VmPaths {
     qemuLog: path.join(dir, 'qemu.log'),
     supervisorLog: path.join(dir, 'supervisor.log'),
     watchdog: path.join(dir, 'watchdog.json'),
+    cowGuard: path.join(dir, 'cow-guard.json'),
     serialIn: path.join(dir, 'serial.in'),
   };
 }

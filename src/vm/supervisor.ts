@@ -8,6 +8,7 @@ import { buildQemuArgs, type QemuLaunchOptions } from './qemu-args.js';
 import { vmPaths, writeState, readState, removeStaleSockets, type VmState } from './runtime.js';
 import { procStartTime } from '../util/pid.js';
 import { guardWithWatchdog, type WatchdogGuard } from './watchdog.js';
+import { guardCowProtection } from './cow-guard.js';
 import type { VmSpec } from './spec.js';
 import { releaseNics } from './nics.js';
 
@@ -116,6 +117,10 @@ export async function runSupervisor(name: string): Promise<void> {
     save();
   });
 
+  // A record left by a checkpointer of an earlier QEMU does not apply to this one.
+  fs.rmSync(paths.cowGuard, { force: true });
+  const cowGuard = guardCowProtection(paths.cowGuard, () => (qemuExited ? undefined : qemu.pid), logger);
+
   let qmp: QmpClient | undefined;
   try {
     qmp = await connectWhenReady(paths.supervisorQmpSocket, { label: `VM ${name}`, deadlineMs: 15_000, isAlive: () => !qemuExited });
@@ -174,6 +179,7 @@ export async function runSupervisor(name: string): Promise<void> {
 
   await exited;
   watchdog.stop();
+  cowGuard.stop();
   if (serialIn !== undefined) fs.closeSync(serialIn);
   qmp?.close();
   control.close();
