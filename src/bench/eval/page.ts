@@ -11,7 +11,7 @@ import type { EvalDocument } from './types.js';
 
 function plannedMinutes(quick: boolean): number {
   const o = defaultOptions(quick);
-  return [sizePart, vmsPart, baselinePart, overheadPart].reduce((s, p) => { const x = p.plan(o); return s + x.samples * x.estimateS; }, 0) / 60;
+  return [sizePart, vmsPart, baselinePart, overheadPart].reduce((s, p) => { const x = p.plan(o, { debianImage: false, cow: false, modes: ['basic'] }); return s + x.samples * x.estimateS; }, 0) / 60;
 }
 
 export function renderPage(doc: EvalDocument | null, source: string): string {

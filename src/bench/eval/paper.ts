@@ -8,7 +8,7 @@ export interface PaperRow {
   why: string;
 }
 
-export const PAPER_SETUP = 'the paper: Xen 3.3.2, para-virtualised guest, 512 MB VM, on its 2010-era testbed';
+export const PAPER_SETUP = 'Xen 3.3.2, para-virtualised guest, 512 MB VM, on its 2010-era testbed';
 
 export const PAPER: Record<string, PaperRow> = {
   pause: {

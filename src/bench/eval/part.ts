@@ -39,12 +39,13 @@ export interface PartOutcome<S = unknown> {
   samples: S[];
   waitingFor?: string[];
   waiting?: { what: string; needs: string[] }[];
+  errors?: { what: string; error: string }[];
 }
 
 export interface Part<S = unknown> {
   id: PartId;
   title: string;
   /** Samples the part will take and a rough duration of each, for the ETA. */
-  plan(opts: EvalOptions): { samples: number; estimateS: number };
+  plan(opts: EvalOptions, caps: Capabilities): { samples: number; estimateS: number };
   run(ctx: PartContext): Promise<PartOutcome<S>>;
 }

@@ -26,7 +26,7 @@ export class Progress {
 
   constructor(private readonly plan: PlannedPart[], private readonly write: (line: string) => void) {
     this.heartbeat = setInterval(() => {
-      if (this.part) this.emit(`${this.sampleLabel} running for ${fmtS((performance.now() - this.sampleStart) / 1000)}`);
+      if (this.part) this.emit(`${this.sampleLabel || this.part} running for ${fmtS((performance.now() - this.sampleStart) / 1000)}`);
     }, 20_000);
     this.heartbeat.unref();
   }
@@ -60,6 +60,7 @@ export class Progress {
   startPart(id: string): void {
     this.part = id;
     this.sampleIdx = 0;
+    this.sampleLabel = '';
     this.sampleStart = performance.now();
     this.done.set(id, { n: 0, seconds: 0 });
     this.emit('start');
@@ -77,6 +78,8 @@ export class Progress {
     d.n++;
     d.seconds += (performance.now() - this.sampleStart) / 1000;
     this.emit(`${this.sampleLabel}: ${result}`);
+    this.sampleLabel = '';
+    this.sampleStart = performance.now();
   }
 
   log(msg: string): void {

@@ -42,7 +42,7 @@ export async function runEval(o: EvalRunOptions): Promise<{ doc: EvalDocument; f
   const caps = detectCapabilities();
   const t0 = performance.now();
   const startedAt = new Date().toISOString();
-  const progress = new Progress(parts.map((p) => ({ id: p.id, ...p.plan(opts) })), o.log);
+  const progress = new Progress(parts.map((p) => ({ id: p.id, ...p.plan(opts, caps) })), o.log);
   const results: PartResult[] = [];
   try {
     for (const p of parts) {
@@ -52,7 +52,7 @@ export async function runEval(o: EvalRunOptions): Promise<{ doc: EvalDocument; f
       let r: PartResult;
       try {
         const out = await p.run({ opts, caps, progress });
-        r = { id: p.id, title: p.title, status: out.waitingFor?.length ? 'waiting' : 'done', waitingFor: out.waitingFor, startedAt: start.at, durationS: 0, load: { start, end: start }, config: out.config, samples: out.samples, waiting: out.waiting };
+        r = { id: p.id, title: p.title, status: out.waitingFor?.length ? 'waiting' : 'done', waitingFor: out.waitingFor, startedAt: start.at, durationS: 0, load: { start, end: start }, config: out.config, samples: out.samples, waiting: out.waiting, errors: out.errors?.length ? out.errors : undefined };
       } catch (err) {
         // A failed part is recorded and the run goes on: the report says which part failed and why.
         r = { id: p.id, title: p.title, status: 'failed', error: (err as Error).message, startedAt: start.at, durationS: 0, load: { start, end: start }, config: {}, samples: [] };

@@ -34,6 +34,8 @@ export interface PartResult<S = unknown> {
   samples: S[];
   /** Sub-results that wait (a part may run some rows and wait on others). */
   waiting?: { what: string; needs: string[] }[];
+  /** Configurations that failed while the rest of the part went on (e.g. the largest VM timing out). */
+  errors?: { what: string; error: string }[];
 }
 
 export interface EvalDocument {

@@ -99,7 +99,7 @@ async function neverFailed(w: DebianWorkload): Promise<PaperSample> {
 export const paperPart: Part<PaperSample> = {
   id: 'paper',
   title: "The paper's Figures 2-4 and Table II (kernel-style compile, ffmpeg transcode, Debian guest)",
-  plan: (o) => ({ samples: DEBIAN_WORKLOADS.length * (1 + (o.quick ? 1 : PAPER_INTERVALS_S.length) * 2 + 4), estimateS: 600 }),
+  plan: (o, caps) => ({ samples: !caps.debianImage ? 0 : DEBIAN_WORKLOADS.length * (1 + (o.quick ? 1 : PAPER_INTERVALS_S.length) * 2 + 4), estimateS: 600 }),
   async run(ctx) {
     const { caps, opts, progress } = ctx;
     const waiting = ROWS.map((r) => ({ what: r.figure, needs: missing(r.needs, caps).map((n) => NEED_TEXT[n]) })).filter((r) => r.needs.length);
