@@ -40,6 +40,8 @@ export async function runEval(o: EvalRunOptions): Promise<{ doc: EvalDocument; f
   const opts: EvalOptions = { ...defaultOptions(o.quick), ...o.overrides };
   const parts = PARTS.filter((p) => ids.includes(p.id));
   const caps = detectCapabilities();
+  // Read before the run: the checkout may move while a long run goes on.
+  const env = environment();
   const t0 = performance.now();
   const startedAt = new Date().toISOString();
   const progress = new Progress(parts.map((p) => ({ id: p.id, ...p.plan(opts, caps) })), o.log);
@@ -68,7 +70,7 @@ export async function runEval(o: EvalRunOptions): Promise<{ doc: EvalDocument; f
   const doc: EvalDocument = {
     schema: 'hydravm-eval/1',
     startedAt, finishedAt: new Date().toISOString(), durationS: (performance.now() - t0) / 1000,
-    quick: o.quick, command: o.command, environment: environment(), capabilities: caps, parts: results,
+    quick: o.quick, command: o.command, environment: env, capabilities: caps, parts: results,
   };
   const rendered = renderReport(doc);
   fs.mkdirSync(o.outDir, { recursive: true });
