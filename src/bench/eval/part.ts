@@ -46,6 +46,6 @@ export interface Part<S = unknown> {
   id: PartId;
   title: string;
   /** Samples the part will take and a rough duration of each, for the ETA. */
-  plan(opts: EvalOptions, caps: Capabilities): { samples: number; estimateS: number };
+  plan(opts: EvalOptions, caps: Capabilities): { samples: number; estimateS: number; weights?: number[] };
   run(ctx: PartContext): Promise<PartOutcome<S>>;
 }

@@ -3,8 +3,10 @@
 export interface PlannedPart {
   id: string;
   samples: number;
-  /** Rough seconds per sample before any is measured (replaced by the measured mean once one is). */
+  /** Rough seconds per unit of weight before any sample is measured (then replaced by the measured rate). */
   estimateS: number;
+  /** Relative cost of each sample (a 4 GB VM takes longer than a 0.5 GB one); default 1 each. */
+  weights?: number[];
 }
 
 const fmtS = (s: number) => (s >= 3600 ? `${Math.floor(s / 3600)}h${String(Math.round((s % 3600) / 60)).padStart(2, '0')}m` : s >= 60 ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, '0')}s` : `${Math.round(s)}s`);
@@ -12,12 +14,12 @@ const fmtS = (s: number) => (s >= 3600 ? `${Math.floor(s / 3600)}h${String(Math.
 /**
  * Lines on stderr, one per event, plus a heartbeat every 20 s while a sample
  * runs (a 4 GB guest fills its memory for minutes under TCG). The ETA of a
- * part is its remaining samples times its measured mean per sample; parts not
- * yet started count with their estimate.
+ * part is the weight of its remaining samples times the seconds per unit of
+ * weight measured so far; parts not yet started count with their estimate.
  */
 export class Progress {
   private readonly t0 = performance.now();
-  private readonly done = new Map<string, { n: number; seconds: number }>();
+  private readonly done = new Map<string, { n: number; seconds: number; weight: number }>();
   private part = '';
   private sampleLabel = '';
   private sampleIdx = 0;
@@ -32,7 +34,7 @@ export class Progress {
   }
 
   private planned(id: string) {
-    return this.plan.find((p) => p.id === id) ?? { id, samples: 1, estimateS: 60 };
+    return this.plan.find((p) => p.id === id) ?? { id, samples: 1, estimateS: 60, weights: undefined };
   }
 
   /** Seconds left in the run: this part's remaining samples plus later parts. */
@@ -40,12 +42,15 @@ export class Progress {
     let left = 0;
     for (const p of this.plan) {
       const d = this.done.get(p.id);
+      const w = (i: number) => p.weights?.[i] ?? 1;
+      const weightFrom = (i: number) => Array.from({ length: Math.max(0, p.samples - i) }, (_, k) => w(i + k)).reduce((a, b) => a + b, 0);
       if (p.id === this.part) {
-        const perSample = d && d.n ? d.seconds / d.n : p.estimateS;
-        const inSample = Math.min(perSample, (performance.now() - this.sampleStart) / 1000);
-        left += Math.max(0, p.samples - (d?.n ?? 0)) * perSample - (this.sampleIdx > (d?.n ?? 0) ? inSample : 0);
+        const n = d?.n ?? 0;
+        const perWeight = d && d.weight ? d.seconds / d.weight : p.estimateS;
+        const inSample = this.sampleIdx > n ? Math.min(perWeight * w(n), (performance.now() - this.sampleStart) / 1000) : 0;
+        left += weightFrom(n) * perWeight - inSample;
       } else if (!d) {
-        left += p.samples * p.estimateS;
+        left += weightFrom(0) * p.estimateS;
       }
     }
     return Math.max(0, left);
@@ -62,7 +67,7 @@ export class Progress {
     this.sampleIdx = 0;
     this.sampleLabel = '';
     this.sampleStart = performance.now();
-    this.done.set(id, { n: 0, seconds: 0 });
+    this.done.set(id, { n: 0, seconds: 0, weight: 0 });
     this.emit('start');
   }
 
@@ -75,6 +80,7 @@ export class Progress {
 
   endSample(result: string): void {
     const d = this.done.get(this.part)!;
+    d.weight += this.planned(this.part).weights?.[d.n] ?? 1;
     d.n++;
     d.seconds += (performance.now() - this.sampleStart) / 1000;
     this.emit(`${this.sampleLabel}: ${result}`);

@@ -61,7 +61,7 @@ export function dropCaches(): void {
 export const baselinePart: Part<BaselineSample> = {
   id: 'baseline',
   title: 'QEMU full save/restore (fully populated guest)',
-  plan: (o) => ({ samples: o.baselineSizesGb.length * o.baselineRepeats * 2, estimateS: 20 }),
+  plan: (o) => ({ samples: o.baselineSizesGb.length * o.baselineRepeats * 2, estimateS: 10, weights: o.baselineSizesGb.flatMap((g) => Array<number>(o.baselineRepeats * 2).fill(1 + 2 * g)) }),
   async run({ opts, progress }) {
     const samples: BaselineSample[] = [];
     // An isolated home for the VMs and the saved files (its store is not used).

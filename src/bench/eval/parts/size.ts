@@ -35,7 +35,8 @@ export interface SizeSample {
 export const sizePart: Part<SizeSample> = {
   id: 'size',
   title: 'Scaling with VM size',
-  plan: (o) => ({ samples: o.sizesGb.length * o.restoreRounds, estimateS: 90 }),
+  // Filling, copying and paging memory dominate: a round costs about its size plus a constant.
+  plan: (o) => ({ samples: o.sizesGb.length * o.restoreRounds, estimateS: 60, weights: o.sizesGb.flatMap((g) => Array<number>(o.restoreRounds).fill(0.5 + g)) }),
   async run({ opts, progress }) {
     const samples: SizeSample[] = [];
     const errors: { what: string; error: string }[] = [];

@@ -29,7 +29,7 @@ export interface VmsSample {
 export const vmsPart: Part<VmsSample> = {
   id: 'vms',
   title: 'Scaling with VMs per store',
-  plan: (o) => ({ samples: o.vmCounts.length, estimateS: 60 + o.windowS }),
+  plan: (o) => ({ samples: o.vmCounts.length, estimateS: 20 + o.windowS / 2, weights: o.vmCounts.map((n) => 1 + n) }),
   async run({ opts, progress }) {
     const samples: VmsSample[] = [];
     const errors: { what: string; error: string }[] = [];
