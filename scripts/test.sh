@@ -5,6 +5,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh
+node scripts/check-imports.mjs
+node scripts/check-swallowed.mjs
 node dist/src/cli/main.js setup
 mapfile -t files < <(find dist/src dist/test -name '*.test.js' 2>/dev/null | sort)
 if [ "${#files[@]}" -eq 0 ]; then echo "no test files found" >&2; exit 1; fi

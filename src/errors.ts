@@ -19,8 +19,8 @@ export const ERROR_CODES = {
     'HYDRA_TRACKER_NO_MEMORY', 'HYDRA_TRACKER_NO_RAM', 'HYDRA_TRACKER_NO_RAM_VIEW', 'HYDRA_TRACKER_NO_UFFD', 'HYDRA_TRACKER_PROCESS_GONE',
     'HYDRA_TRACKER_PROC_FAILED', 'HYDRA_TRACKER_RAM_TOO_LARGE', 'HYDRA_TRACKER_RANGE_BUSY', 'HYDRA_TRACKER_RANGE_CHANGED', 'HYDRA_TRACKER_SCAN_FAILED',
   ],
+  io: ['HYDRA_IO_FAILED', 'HYDRA_IO_NO_SPACE', 'HYDRA_IO_READ_ONLY'],
   store: [
-    'HYDRA_IO_FAILED', 'HYDRA_IO_NO_SPACE', 'HYDRA_IO_READ_ONLY',
     'HYDRA_STORE_APPLY_FAILED', 'HYDRA_STORE_BAD_ADDRESS', 'HYDRA_STORE_BAD_CRASH_POINT', 'HYDRA_STORE_BAD_GENERATION', 'HYDRA_STORE_BAD_PAGE_SIZE',
     'HYDRA_STORE_BAD_RAM_SIZE', 'HYDRA_STORE_BAD_RUN', 'HYDRA_STORE_BAD_VM_NAME', 'HYDRA_STORE_BUSY', 'HYDRA_STORE_CHECKPOINTER_BUSY',
     'HYDRA_STORE_CONNECTION_LOST', 'HYDRA_STORE_DEVSTATE_CORRUPT', 'HYDRA_STORE_DIR_BUSY', 'HYDRA_STORE_EPOCH_MISMATCH', 'HYDRA_STORE_GENERATION_BUSY',
@@ -47,7 +47,7 @@ export const ERROR_CODES = {
   ],
   ha: [
     'HYDRA_ETCD_FAILED', 'HYDRA_ETCD_MISSING', 'HYDRA_HA_BAD_HOST', 'HYDRA_HA_BAD_REQUEST', 'HYDRA_HA_CLUSTER_RUNNING', 'HYDRA_HA_CONTENDED',
-    'HYDRA_HA_ELECTION_LOST', 'HYDRA_HA_HOME', 'HYDRA_HA_LEASE', 'HYDRA_HA_NO_ETCD', 'HYDRA_HA_NO_HOST', 'HYDRA_HA_NO_RESTORE',
+    'HYDRA_HA_ELECTION_LOST', 'HYDRA_HA_HOME', 'HYDRA_HA_LEASE', 'HYDRA_HA_NO_ETCD', 'HYDRA_HA_NO_HOST',
     'HYDRA_HA_PROTECT_FAILED', 'HYDRA_HA_SPAWN', 'HYDRA_HA_STOPPED', 'HYDRA_HA_TIMEOUT', 'HYDRA_HA_VM_MANAGED',
   ],
   bench: ['HYDRA_BENCH_NO_PROGRESS', 'HYDRA_BENCH_TIMEOUT', 'HYDRA_BENCH_MIGRATION_FAILED', 'HYDRA_BENCH_PROTECT_FAILED', 'HYDRA_BENCH_BAD_OPTION', 'HYDRA_BENCH_BAD_RESULTS', 'HYDRA_DEMO_VIOLATIONS'],
@@ -60,6 +60,7 @@ export type ConfigCode = CodeOf<'config'>;
 export type VmCode = CodeOf<'vm'>;
 export type NativeCode = CodeOf<'native'>;
 export type TrackerCode = CodeOf<'tracker'>;
+export type IoCode = CodeOf<'io'>;
 export type StoreCode = CodeOf<'store'>;
 export type ProtocolCode = CodeOf<'protocol'>;
 export type CheckpointCode = CodeOf<'checkpoint'>;
@@ -140,6 +141,8 @@ export class SetupError extends HydraError<'HYDRA_SETUP_FAILED'> {
 /** The native addon or shim is missing or the kernel lacks a feature it needs. */
 export class NativeError extends HydraError<NativeCode> {}
 export class TrackerError extends HydraError<TrackerCode> {}
+/** A file-system call failed; the message names the step and the file. */
+export class IoError extends HydraError<IoCode> {}
 export class StoreError extends HydraError<StoreCode> {}
 export class ProtocolError extends HydraError<ProtocolCode> {}
 export class CheckpointError extends HydraError<CheckpointCode> {}
@@ -161,6 +164,7 @@ const FAMILY_ERROR: { [F in ErrorFamily]: (code: CodeOf<F>, message: string, opt
   setup: (_code, message, options) => new SetupError(message, options),
   native: (code, message, options) => new NativeError(code, message, options),
   tracker: (code, message, options) => new TrackerError(code, message, options),
+  io: (code, message, options) => new IoError(code, message, options),
   store: (code, message, options) => new StoreError(code, message, options),
   protocol: (code, message, options) => new ProtocolError(code, message, options),
   checkpoint: (code, message, options) => new CheckpointError(code, message, options),
@@ -193,8 +197,8 @@ export function errorFromCode(code: string, message: string, options?: Options):
 }
 
 /** Wrap a failed I/O call so the message names the step and the subject. */
-export function ioStepError(step: string, subject: string, err: unknown): StoreError {
+export function ioStepError(step: string, subject: string, err: unknown): IoError {
   const e = err as NodeJS.ErrnoException;
   const code = e?.code === 'ENOSPC' ? 'HYDRA_IO_NO_SPACE' : e?.code === 'EROFS' || e?.code === 'EACCES' ? 'HYDRA_IO_READ_ONLY' : 'HYDRA_IO_FAILED';
-  return new StoreError(code, `${step} ${subject}: ${e?.message ?? String(err)}`, { cause: err });
+  return new IoError(code, `${step} ${subject}: ${e?.message ?? String(err)}`, { cause: err });
 }

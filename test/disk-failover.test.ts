@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from './helpers.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
 import { lastMemcheckProgress, waitForMemcheckStep, waitForSerial, readSerial } from '../src/vm/serial.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 import { openVmImage } from '../src/store/index.js';
@@ -104,11 +104,11 @@ function diskRecords(buf: Buffer): { runs: Set<string>; seqs: number[]; torn: nu
 
 /** Wait for the checkpointer of `vm` to commit `n` more epochs of its current generation. */
 async function waitCommits(vm: string, n: number, timeoutMs: number): Promise<Protection> {
-  const p0 = await until(() => { const p = protection(vm); return p?.state === 'protected' ? p : undefined; }, 30_000, `${vm} protected`);
-  return until(() => {
+  const p0 = await until(`${vm} protected`, () => { const p = protection(vm); return p?.state === 'protected' ? p : undefined; }, 30_000);
+  return until(`${n} commits of ${vm} after epoch ${p0.committedEpoch}`, () => {
     const p = protection(vm);
     return p && p.generation === p0.generation && p.committedEpoch >= p0.committedEpoch + n ? p : undefined;
-  }, timeoutMs, `${n} commits of ${vm} after epoch ${p0.committedEpoch}`);
+  }, timeoutMs);
 }
 
 test(`disk fail-over: ${ROUNDS} rounds of SIGKILL at a random moment, restore onto the frozen layer, memory and disk agree, the chain stays bounded`, { timeout: 90_000 + ROUNDS * 60_000 }, async (t) => {
@@ -159,8 +159,8 @@ test(`disk fail-over: ${ROUNDS} rounds of SIGKILL at a random moment, restore on
       const st = vmState(vm);
       const { pid: cpPid, committedEpoch: killedAtEpoch } = protection(vm)!;
       process.kill(st.qemuPid!, 'SIGKILL');
-      await until(() => vmState(vm).lifecycle === 'crashed', 10_000, 'crash recorded');
-      await until(() => !pidAlive(cpPid), 15_000, 'checkpointer exits after its VM died');
+      await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
+      await until('checkpointer exits after its VM died', () => !pidAlive(cpPid), 15_000);
 
       const tr = Date.now();
       const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network', '--protect', '--interval', '1s'], { timeoutMs: 120_000 });
@@ -324,7 +324,7 @@ test('restore refuses a checkpoint whose frozen disk layer was deleted, naming t
   await waitCommits(vm, 3, 60_000);
   const cpPid = protection(vm)!.pid;
   process.kill(vmState(vm).qemuPid!, 'SIGKILL');
-  await until(() => !pidAlive(cpPid), 15_000, 'checkpointer exits');
+  await until('checkpointer exits', () => !pidAlive(cpPid), 15_000);
 
   // The layer the store's newest committed checkpoint names.
   const gen = protection(vm)!.generation;

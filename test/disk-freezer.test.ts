@@ -5,7 +5,7 @@ import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { DiskFreezer, prepareRestoreDisks, parseLayerId, releaseRestoreDisks, type DiskError } from '../src/disk/index.js';
 import { QmpClient } from '../src/qmp/index.js';
-import { chainOf, createQcow2, median, percentile, readDisk, sh, sleep, startQemu, tmpDir, type Vm } from './disk-harness.js';
+import { chainOf, createQcow2, median, percentile, readDisk, sh, sleep, startQemu, tmpDir, type Vm } from './support/disk-qemu.js';
 
 /**
  * Disk freezer against a real QEMU (no guest code: data is written through

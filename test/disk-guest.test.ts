@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DiskFreezer, makeDiskHook, parseLayerId, prepareRestoreDisks } from '../src/disk/index.js';
-import { createQcow2, guestAvailable, GUEST_DIR, median, percentile, readDisk, sleep, startQemu, tmpDir, type Vm } from './disk-harness.js';
+import { createQcow2, guestAvailable, GUEST_DIR, median, percentile, readDisk, sleep, startQemu, tmpDir, type Vm } from './support/disk-qemu.js';
 
 /**
  * The real guest: diskcheck writes numbered 4 KiB records to /dev/vda with

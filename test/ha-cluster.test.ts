@@ -7,7 +7,8 @@ import { Cluster, keys } from '../src/ha/cluster.js';
 import { FailoverManager, assignRestore } from '../src/ha/manager.js';
 import { daemonCommand } from '../src/ha/embedded.js';
 import { findEtcd } from '../src/ha/etcd-process.js';
-import { GiB, alive, crashFakeVm, etcdLab, fakeVm, inProcessAgent, partitionableProxy, quiet, registerVm, until } from './ha-helpers.js';
+import { GiB, alive, crashFakeVm, etcdLab, fakeVm, inProcessAgent, partitionableProxy, quiet, registerVm, until } from './support/ha.js';
+import { sleep } from '../src/util/sleep.js';
 
 /**
  * Failure detection and fail-over against a real etcd (one per test). VMs are
@@ -49,7 +50,7 @@ test('an agent holds a 1 s lease; a killed agent\'s host is seen dead within the
 
     const watcher = await lab.cluster.etcd.watch().key(keys.host('h1')).create();
     const gone = new Promise<number>((r) => watcher.on('delete', () => r(Date.now())));
-    await new Promise((r) => setTimeout(r, 300));
+    await sleep(300);
     const killedAt = Date.now();
     child.kill('SIGKILL');
     const detectedAt = await gone;
@@ -73,7 +74,7 @@ test('QEMU death is reported at once by the agent, without waiting for any lease
       const vm = fakeVm(home, name, 1, 'h1');
       await registerVm(lab.cluster, { name, host: 'h1', generation: 1 });
       await until('agent saw the record', () => agent.knowsVm(name));
-      await new Promise((r) => setTimeout(r, 100));
+      await sleep(100);
       const killedAt = crashFakeVm(vm);
       const rec = await until('crash reported', async () => {
         const r = (await lab.cluster.vm(name))?.value;
@@ -99,7 +100,7 @@ test('two managers: exactly one is active; when it stops the other takes over', 
     const b = manager(lab, 'mgr-b');
     await Promise.all([a.start(), b.start()]);
     await until('one leader', () => a.isLeader || b.isLeader, 10_000);
-    await new Promise((r) => setTimeout(r, 500));
+    await sleep(500);
     assert.equal(Number(a.isLeader) + Number(b.isLeader), 1, 'exactly one manager is active');
     const [leader, other] = a.isLeader ? [a, b] : [b, a];
     assert.equal(await lab.cluster.leader(), leader.id);
@@ -147,7 +148,7 @@ test('fail-over: QEMU dies on h1 -> manager restores on h2 at generation+1 with 
     const vm = fakeVm(h1.home, 'web', 1, 'h1', 256 << 20);
     await registerVm(lab.cluster, { name: 'web', host: 'h1', generation: 1, memoryBytes: 256 << 20 });
     await until('agent saw the record', () => h1.knowsVm('web'));
-    await new Promise((r) => setTimeout(r, 100));
+    await sleep(100);
     const killedAt = crashFakeVm(vm);
     const rec = await until('restored on h2', async () => {
       const r = (await lab.cluster.vm('web'))?.value;
@@ -199,7 +200,7 @@ test('fail-over on host death: agent killed -> lease expires -> VM restored else
     const m = manager(lab, 'mgr');
     await m.start();
     await m.waitLeader();
-    await new Promise((r) => setTimeout(r, 300));
+    await sleep(300);
     assert.equal((await lab.cluster.vm('db'))!.value.state, 'protected', 'nothing happens while h1 lives');
     const killedAt = Date.now();
     child.kill('SIGKILL');
@@ -229,7 +230,7 @@ test('a stale-generation VM found by an agent at start is killed', { skip }, asy
     await registerVm(lab.cluster, { name: 'other', host: 'h1', generation: 7 });
     const agent = await inProcessAgent(lab, 'h1', { home });
     await until('stale VM killed', () => !alive(stale.qemuPid) && !alive(stale.checkpointerPid), 3000);
-    await new Promise((r) => setTimeout(r, 300));
+    await sleep(300);
     assert.ok(alive(current.qemuPid), 'the current generation keeps running');
     assert.ok(alive(unmanaged.qemuPid), 'a VM the cluster does not manage is left alone');
     const ha = JSON.parse(fs.readFileSync(path.join(home, 'vms', 'app', 'ha.json'), 'utf8'));
@@ -258,7 +259,7 @@ test('an agent partitioned from etcd self-fences its VM before the manager resto
     const m = manager(lab, 'mgr');
     await m.start();
     await m.waitLeader();
-    await new Promise((r) => setTimeout(r, 400));
+    await sleep(400);
     assert.ok(alive(vm.qemuPid));
     let fencedAt = 0;
     h1.on('fenced', (e) => {
@@ -278,7 +279,7 @@ test('an agent partitioned from etcd self-fences its VM before the manager resto
     assert.ok(fencedAt > 0 || !alive(vm.qemuPid));
     proxy.heal();
     await until('h1 back', async () => (await lab.cluster.hosts()).get('h1'), 10_000);
-    await new Promise((r) => setTimeout(r, 500));
+    await sleep(500);
     const after = (await lab.cluster.vm('svc'))!.value;
     assert.equal(after.host, 'h2', 'the healed agent does not claim the VM back');
     assert.equal(after.generation, rec.generation);
@@ -299,13 +300,13 @@ test('etcd down for longer than the TTL: the agent self-fences; when etcd return
     const m = manager(lab, 'mgr');
     await m.start();
     await m.waitLeader();
-    await new Promise((r) => setTimeout(r, 400));
+    await sleep(400);
     const t0 = Date.now();
     lab.etcd.pause();
     try {
       await until('self-fenced while etcd is down', () => !alive(vm.qemuPid), 3000, 5);
       console.log(`# etcd frozen -> VM self-fenced after ${Date.now() - t0} ms`);
-      await new Promise((r) => setTimeout(r, 1500));
+      await sleep(1500);
     } finally {
       lab.etcd.resume();
     }

@@ -2,7 +2,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, until, pidAlive } from './helpers.js';
+import { makeLab, startStore, until, pidAlive } from './support/lab.js';
 import type { StoreProcess } from '../src/store/spawn.js';
 import { startEmbeddedCluster, protectInCluster, waitForFailover, forgetVm, type EmbeddedCluster } from '../src/ha/index.js';
 import { loadSpecFile } from '../src/vm/spec.js';
@@ -69,7 +69,7 @@ for (const s of scenarios) {
     const qemuPid = (await withHome(s.host, () => startVm(spec))).qemuPid!;
     await waitForMemcheckStep(serialOn(s.host, s.vm), 1, 30_000);
     const rec = await protectInCluster(cluster.cluster, { vm: s.vm, host: s.host, store: store.address, storeDir: s.mode === 'file' ? storeDir : undefined, mode: s.mode, intervalMs: 1000 }, { timeoutMs: 120_000 });
-    await until(() => (withHome(s.host, () => readProtection(s.vm))?.committedEpoch ?? 0) >= 3, 60_000, 'three commits');
+    await until('three commits', () => (withHome(s.host, () => readProtection(s.vm))?.committedEpoch ?? 0) >= 3, 60_000);
 
     // What the guest had printed over time, to bound where a checkpoint caught it.
     const samples: { at: number; step: number }[] = [];

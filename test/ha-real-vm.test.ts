@@ -9,8 +9,9 @@ import { daemonCommand } from '../src/ha/embedded.js';
 import { FailoverManager } from '../src/ha/manager.js';
 import { protectInCluster, waitForFailover } from '../src/ha/client.js';
 import { freePort } from '../src/ha/etcd-process.js';
-import { etcdLab, inProcessAgent, killFakeVms, quiet, registerVm, until } from './ha-helpers.js';
+import { etcdLab, inProcessAgent, killFakeVms, quiet, registerVm, until } from './support/ha.js';
 import { writeHaLocal } from '../src/ha/local-vm.js';
+import { sleep } from '../src/util/sleep.js';
 
 /**
  * The HA layer with real QEMU guests (TCG). Needs the guest artifacts
@@ -54,7 +55,7 @@ test('real QEMU killed: its agent reports the death to etcd at once', { skip, ti
     await registerVm(lab.cluster, { name: 'real1', host: 'h1', generation: 1, memoryBytes: 256 << 20 });
     const agent = await inProcessAgent(lab, 'h1', { home });
     await until('agent knows the VM', () => agent.knowsVm('real1'));
-    await new Promise((r) => setTimeout(r, 300));
+    await sleep(300);
     const killedAt = Date.now();
     process.kill(state.qemuPid!, 'SIGKILL');
     const rec = await until('crash in etcd', async () => {
@@ -109,7 +110,7 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     }
     const rec = await protectInCluster(lab.cluster, { vm: 'realfo', host: 'h1', store, mode: 'network', intervalMs: 500 }, { timeoutMs: 60_000 });
     assert.equal(rec.state, 'protected');
-    await new Promise((r) => setTimeout(r, 1500)); // a few incremental checkpoints
+    await sleep(1500); // a few incremental checkpoints
     const killedAt = Date.now();
     process.kill(qemuPid, 'SIGKILL');
     const { record, timing } = await waitForFailover(lab.cluster, 'realfo', rec.generation, { timeoutMs: 60_000 });

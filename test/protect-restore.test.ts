@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from './helpers.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -49,14 +49,14 @@ async function startProtected(vm: string, mb = 32, interval = '1s'): Promise<voi
 
 test('image equals memory: after commits of a paused VM the image is byte for byte its RAM, device state too', async () => {
   await startProtected('img1');
-  await until(() => (protection('img1')?.committedEpoch ?? 0) >= 4, 60_000, 'epoch 4');
+  await until('epoch 4', () => (protection('img1')?.committedEpoch ?? 0) >= 4, 60_000);
   const st = vmState('img1');
   const qmp = await QmpClient.connect(path.join(lab.home, 'vms', 'img1', 'qmp.sock'));
   // Pause, then let two more checkpoints commit: the second started after the pause for sure.
   for (let attempt = 0; ; attempt++) {
     await qmp.execute('stop');
     const e0 = protection('img1')!.committedEpoch;
-    await until(() => protection('img1')!.committedEpoch >= e0 + 2, 30_000, 'two commits after pause');
+    await until('two commits after pause', () => protection('img1')!.committedEpoch >= e0 + 2, 30_000);
     // A checkpoint in flight when we paused may have resumed the VM: then try again.
     if ((await qmp.execute<{ status: string }>('query-status')).status === 'paused') break;
     assert.ok(attempt < 5, 'VM stays paused');
@@ -85,7 +85,7 @@ for (const mode of ['network', 'file'] as const) {
   test(`fail-over (${mode} mode): SIGKILL the primary's QEMU, restore, memcheck continues with zero violations`, async () => {
     const vm = `fo-${mode}`;
     await startProtected(vm);
-    await until(() => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000, 'epoch 3');
+    await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
     // Sample the guest's printed step over time, to know what it had reached when a checkpoint began.
     const samples: { at: number; step: number }[] = [];
     const sampler = setInterval(() => {
@@ -94,13 +94,13 @@ for (const mode of ['network', 'file'] as const) {
     }, 20);
     // Kill after a commit, at a moment that varies from run to run.
     const e = protection(vm)!.committedEpoch;
-    await until(() => protection(vm)!.committedEpoch > e, 30_000, 'next commit');
+    await until('next commit', () => protection(vm)!.committedEpoch > e, 30_000);
     await sleep(Math.floor(Math.random() * 800));
     clearInterval(sampler);
     const killedAt = fs.statSync(serialOf(vm)).size;
     process.kill(vmState(vm).qemuPid, 'SIGKILL');
-    await until(() => vmState(vm).lifecycle === 'crashed', 10_000, 'crash recorded');
-    await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer gives up on a dead VM');
+    await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
+    await until('checkpointer gives up on a dead VM', () => !pidAlive(protection(vm)!.pid), 10_000);
 
     const args = ['restore', vm, '--store', store.address, '--mode', mode];
     // File mode: RAM is the image mapped privately; protecting it again reads QEMU's copy-on-write pages.
@@ -112,7 +112,7 @@ for (const mode of ['network', 'file'] as const) {
     if (mode === 'file') {
       assert.match(r.stdout, /protected again as generation \d+/);
       const g = protection(vm)!.generation;
-      await until(() => (protection(vm)?.generation === g && protection(vm)!.committedEpoch >= 3) || undefined, 60_000, 'file-mode VM checkpoints again');
+      await until('file-mode VM checkpoints again', () => (protection(vm)?.generation === g && protection(vm)!.committedEpoch >= 3) || undefined, 60_000);
     }
 
     // The guest continues from the newest committed checkpoint: it had printed
@@ -148,10 +148,10 @@ test('restore refuses a VM that is still running, and a store without its image'
 test('protected again: a restored VM checkpoints as a new generation, survives a second failure, and the old incarnation is fenced', async () => {
   const vm = 'again1';
   await startProtected(vm);
-  await until(() => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000, 'epoch 2');
+  await until('epoch 2', () => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000);
   const gen1 = protection(vm)!.generation;
   process.kill(vmState(vm).qemuPid, 'SIGKILL');
-  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+  await until('checkpointer exits', () => !pidAlive(protection(vm)!.pid), 10_000);
   const r1 = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network', '--protect', '--interval', '1s']);
   assert.equal(r1.code, 0, r1.stderr);
   assert.match(r1.stdout, new RegExp(`protected again as generation ${gen1 + 1}`));
@@ -164,11 +164,11 @@ test('protected again: a restored VM checkpoints as a new generation, survives a
   );
   assert.ok(stale && /stale|fenced/i.test(stale.message), `old generation refused: ${stale?.message}`);
 
-  await until(() => (protection(vm)?.generation === gen1 + 1 && protection(vm)!.committedEpoch >= 3) || undefined, 60_000, 'new generation epoch 3');
+  await until('new generation epoch 3', () => (protection(vm)?.generation === gen1 + 1 && protection(vm)!.committedEpoch >= 3) || undefined, 60_000);
   const offset = fs.statSync(serialOf(vm)).size;
   const stepBefore = lastMemcheckProgress(serialOf(vm))!.step;
   process.kill(vmState(vm).qemuPid, 'SIGKILL');
-  await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+  await until('checkpointer exits', () => !pidAlive(protection(vm)!.pid), 10_000);
   const r2 = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network']);
   assert.equal(r2.code, 0, r2.stderr);
   assert.match(r2.stdout, new RegExp(`restored from generation ${gen1 + 1} epoch`));
@@ -188,18 +188,18 @@ test('a page fetch that fails mid-run stops the restored VM loudly instead of le
     await waitForMemcheckStep(serialOf(vm), 1, 30_000);
     const p = await lab.cliAsync(['protect', vm, '--store', store2.address, '--interval', '1s']);
     assert.equal(p.code, 0, p.stderr);
-    await until(() => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000, 'epoch 2');
+    await until('epoch 2', () => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000);
     process.kill(vmState(vm).qemuPid, 'SIGKILL');
-    await until(() => !pidAlive(protection(vm)!.pid), 10_000, 'checkpointer exits');
+    await until('checkpointer exits', () => !pidAlive(protection(vm)!.pid), 10_000);
     // Pure demand paging, then the store dies while the guest still needs pages.
     const restoring = lab.cliAsync(['restore', vm, '--store', store2.address, '--mode', 'network', '--no-prefetch']);
-    await until(() => vmState(vm)?.lifecycle === 'running' && pidAlive(vmState(vm).qemuPid) || undefined, 30_000, 'restored VM running');
+    await until('restored VM running', () => vmState(vm)?.lifecycle === 'running' && pidAlive(vmState(vm).qemuPid) || undefined, 30_000);
     const offset = fs.statSync(serialOf(vm)).size;
     store2.proc.kill('SIGKILL');
     const r = await restoring;
     assert.notEqual(r.code, 0, 'restore reports the failure');
     assert.match(r.stderr, /cannot fetch guest pages .* from the store after 3 tries/);
-    await until(() => !pidAlive(vmState(vm).qemuPid) || undefined, 10_000, 'the VM is stopped');
+    await until('the VM is stopped', () => !pidAlive(vmState(vm).qemuPid) || undefined, 10_000);
     assert.equal(vmState(vm).lifecycle, 'crashed');
     assert.equal(countViolations(serialOf(vm), offset), 0, 'the guest never ran on a wrong page');
   } finally {

@@ -2,7 +2,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, pidAlive, sleep } from './helpers.js';
+import { makeLab, pidAlive, sleep } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations } from '../src/vm/serial.js';
 

@@ -1,9 +1,6 @@
 import os from 'node:os';
-import { validateSpec } from '../vm/spec.js';
-import { startVm, stopVm } from '../vm/manager.js';
-import { waitForMemcheckStep } from '../vm/serial.js';
-import { vmPaths } from '../vm/runtime.js';
-import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/protection.js';
+import { validateSpec, startVm, stopVm, waitForMemcheckStep, vmPaths } from '../vm/index.js';
+import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/index.js';
 import { benchEnv, summary, fmt, writeResults, sleep, type Summary } from './harness.js';
 import { barChart } from './svg-chart.js';
 import { BenchError } from '../errors.js';

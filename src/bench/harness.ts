@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { spawnStore, type StoreProcess } from '../store/spawn.js';
-import { quantile } from '../checkpoint/stats.js';
+import { spawnStore, type StoreProcess } from '../store/index.js';
+import { quantile } from '../checkpoint/index.js';
 
 /** Shared pieces of the benchmarks: an isolated HydraVM home, a store process, stats. */
 export interface BenchEnv {
@@ -61,4 +61,4 @@ export function writeResults(outDir: string, name: string, json: unknown, markdo
   return files;
 }
 
-export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+export { sleep } from '../util/sleep.js';

@@ -4,11 +4,13 @@ import { spawn } from 'node:child_process';
 import { cliEntry } from '../config/paths.js';
 import { loadSecret } from '../config/secret.js';
 import { CheckpointError, VmNotFoundError } from '../errors.js';
-import { vmPaths, readState, isLive, pidAlive } from '../vm/runtime.js';
+import { vmPaths, readState, isLive, type LaunchFile } from '../vm/index.js';
+import { pidAlive } from '../util/pid.js';
 import { vmLog } from '../util/log.js';
 import { Checkpointer } from './checkpointer.js';
 import type { CheckpointStats, ProtectionStatus } from './stats.js';
-import type { LaunchFile } from '../vm/supervisor.js';
+import { sleep } from '../util/sleep.js';
+import { writeFileAtomicSync } from '../util/atomic-write.js';
 
 /**
  * Protection of one VM runs in its own detached process (like the VM's
@@ -50,10 +52,8 @@ export function readProtection(vm: string): ProtectionStatus | undefined {
 }
 
 function writeProtection(status: ProtectionStatus): void {
-  const file = files(status.vm).status;
-  const tmp = `${file}.tmp`;
-  fs.writeFileSync(tmp, JSON.stringify(status, null, 2) + '\n');
-  fs.renameSync(tmp, file);
+  // Not fsynced: a status report rewritten after every commit, of a process a host crash ends.
+  writeFileAtomicSync(files(status.vm).status, JSON.stringify(status, null, 2) + '\n', { durable: false });
 }
 
 /** Measurements of every checkpoint committed for this VM on this host. */
@@ -65,9 +65,13 @@ export function readCheckpointHistory(vm: string): (CheckpointStats & { generati
   }
 }
 
-export function isProtected(vm: string): boolean {
-  const s = readProtection(vm);
+/** Whether this status names a checkpointer still protecting its VM. */
+function protecting(s: ProtectionStatus | undefined): s is ProtectionStatus {
   return !!s && pidAlive(s.pid) && s.state !== 'stopped' && s.state !== 'failed';
+}
+
+export function isProtected(vm: string): boolean {
+  return protecting(readProtection(vm));
 }
 
 /** A VM can be protected while it runs on this host. */
@@ -85,7 +89,8 @@ export function assertProtectable(vm: string): void {
  */
 export async function protectVm(req: ProtectRequest, onProgress?: (s: ProtectionStatus) => void, timeoutMs = 300_000): Promise<ProtectionStatus> {
   assertProtectable(req.vm);
-  if (isProtected(req.vm)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${readProtection(req.vm)!.pid})`);
+  const current = readProtection(req.vm);
+  if (protecting(current)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${current.pid})`);
   loadSecret({ secretFile: req.secretFile });
   const f = files(req.vm);
   fs.writeFileSync(f.request, JSON.stringify(req, null, 2) + '\n');
@@ -109,7 +114,7 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
       process.kill(child.pid!, 'SIGTERM');
       throw new CheckpointError('HYDRA_CKPT_TIMEOUT', `VM "${req.vm}": initial checkpoint not committed within ${timeoutMs / 1000} s (see ${f.log})`);
     }
-    await new Promise((r) => setTimeout(r, 100));
+    await sleep(100);
   }
 }
 
@@ -123,7 +128,7 @@ export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<Prote
       process.kill(s.pid, 'SIGKILL');
       break;
     }
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
   }
   return readProtection(vm);
 }

@@ -1,7 +1,7 @@
 import { Registry, Gauge } from 'prom-client';
-import { listVmNames, readState, isLive } from '../vm/runtime.js';
+import { listVmNames, readState, isLive } from '../vm/index.js';
 import { readProtection } from './protection.js';
-import { pidAlive } from '../vm/runtime.js';
+import { pidAlive } from '../util/pid.js';
 
 export interface StatusRow {
   vm: string;

@@ -13,7 +13,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--memory <size>', 'guest memory', '512M')
     .option('--no-disk', 'skip the run with a qcow2 disk')
     .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string; disk: boolean }) => {
-      const { runCheckpointBench } = await import('../bench/checkpoint-bench.js');
+      const { runCheckpointBench } = await import('../bench/index.js');
       const r = await runCheckpointBench({
         outDir: opts.out,
         workingSetsMb: opts.workingSets.split(',').map(Number),
@@ -38,7 +38,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--window <s>', 'seconds of memcheck progress measured before the kill and after the restore', '10')
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string }) => {
-      const { runFailoverBench } = await import('../bench/failover-bench.js');
+      const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
         repeats: Number(opts.repeats),

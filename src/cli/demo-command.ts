@@ -8,7 +8,7 @@ export function registerDemoCommand(program: Command): void {
     .option('--interval <duration>', 'checkpoint interval', '1s')
     .option('--keep', 'leave the cluster and the VM running at the end')
     .action(async (opts: { memory: string; workingSet: string; interval: string; keep?: boolean }) => {
-      const { runDemo } = await import('../demo/demo.js');
+      const { runDemo } = await import('../demo/index.js');
       const { parseDuration } = await import('./duration.js');
       await runDemo({ memory: opts.memory, workingSetMb: Number(opts.workingSet), intervalMs: parseDuration(opts.interval, '--interval'), keep: !!opts.keep });
       process.exit(0);

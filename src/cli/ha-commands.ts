@@ -8,7 +8,7 @@ import { SpecError } from '../errors.js';
 async function resolveEtcd(opts: { etcd?: string; dir?: string }): Promise<string> {
   if (opts.etcd) return opts.etcd;
   if (process.env.HYDRAVM_ETCD) return process.env.HYDRAVM_ETCD;
-  const { readClusterInfo, defaultClusterDir } = await import('../ha/embedded.js');
+  const { readClusterInfo, defaultClusterDir } = await import('../ha/index.js');
   const info = readClusterInfo(opts.dir ?? defaultClusterDir());
   if (info) return info.etcdUrl;
   throw new SpecError('no etcd endpoint: give --etcd URL, set HYDRAVM_ETCD, or start an embedded cluster with `hydravm cluster up`');
@@ -47,8 +47,8 @@ export function registerHaCommands(program: Command): void {
     .action(async (opts: { host: string; etcd?: string; home?: string; memory?: string; address?: string; leaseTtl: string; secretFile?: string }) => {
       // Restore and protection act on HYDRAVM_HOME: this process is the host.
       if (opts.home) process.env.HYDRAVM_HOME = path.resolve(opts.home);
-      const { parseSize } = await import('../vm/spec.js');
-      const { HostAgent } = await import('../ha/agent.js');
+      const { parseSize } = await import('../vm/index.js');
+      const { HostAgent } = await import('../ha/index.js');
       const etcd = await resolveEtcd(opts);
       const agent = new HostAgent({
         host: opts.host,
@@ -70,7 +70,7 @@ export function registerHaCommands(program: Command): void {
     .option('--leader-ttl <seconds>', 'election lease TTL', '2')
     .option('--restore-timeout <duration>', 'a restore taking longer is retried elsewhere', '120s')
     .action(async (opts: { etcd?: string; id?: string; leaderTtl: string; restoreTimeout: string }) => {
-      const { FailoverManager } = await import('../ha/manager.js');
+      const { FailoverManager } = await import('../ha/index.js');
       const m = new FailoverManager({
         etcd: await resolveEtcd(opts),
         id: opts.id,
@@ -93,8 +93,8 @@ export function registerHaCommands(program: Command): void {
     .option('--secret-file <file>', 'cluster secret (default DIR/cluster.secret, created)')
     .option('--json', 'print the cluster description as JSON')
     .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl: string; secretFile?: string; json?: boolean }) => {
-      const { startEmbeddedCluster } = await import('../ha/embedded.js');
-      const { parseSize } = await import('../vm/spec.js');
+      const { startEmbeddedCluster } = await import('../ha/index.js');
+      const { parseSize } = await import('../vm/index.js');
       const hosts = /^\d+$/.test(opts.hosts) ? positiveInt(opts.hosts, '--hosts') : opts.hosts.split(',').map((s) => s.trim()).filter(Boolean);
       const c = await startEmbeddedCluster({
         dir: opts.dir,
@@ -116,7 +116,7 @@ export function registerHaCommands(program: Command): void {
     .description('stop the embedded cluster: manager, agents (they kill their HA VMs), etcd')
     .option('--dir <dir>', 'cluster directory')
     .action(async (opts: { dir?: string }) => {
-      const { stopEmbeddedCluster, defaultClusterDir } = await import('../ha/embedded.js');
+      const { stopEmbeddedCluster, defaultClusterDir } = await import('../ha/index.js');
       const dir = opts.dir ?? defaultClusterDir();
       process.stdout.write((await stopEmbeddedCluster(dir)) ? `cluster in ${dir} stopped\n` : `no cluster in ${dir}\n`);
     });
@@ -128,8 +128,8 @@ export function registerHaCommands(program: Command): void {
     .option('--events <n>', 'recent events to show', '10')
     .option('--json', 'machine-readable output')
     .action(async (opts: { etcd?: string; dir?: string; events: string; json?: boolean }) => {
-      const { Cluster } = await import('../ha/cluster.js');
-      const { clusterStatus } = await import('../ha/client.js');
+      const { Cluster } = await import('../ha/index.js');
+      const { clusterStatus } = await import('../ha/index.js');
       const c = new Cluster(await resolveEtcd(opts));
       try {
         const s = await clusterStatus(c, { events: Number(opts.events) || 0 });
@@ -165,8 +165,8 @@ export function registerHaCommands(program: Command): void {
     .action(async (vm: string, opts: { host: string; store: string; storeDir?: string; mode: string; interval: string; etcd?: string; dir?: string; wait: boolean }) => {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
       if (opts.mode === 'file' && !opts.storeDir) throw new SpecError('--mode file restores map the image file: give the store directory as the hosts see it (--store-dir)');
-      const { Cluster } = await import('../ha/cluster.js');
-      const { protectInCluster } = await import('../ha/client.js');
+      const { Cluster } = await import('../ha/index.js');
+      const { protectInCluster } = await import('../ha/index.js');
       const c = new Cluster(await resolveEtcd(opts));
       try {
         const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval') }, { wait: opts.wait });
@@ -182,8 +182,8 @@ export function registerHaCommands(program: Command): void {
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .action(async (vm: string, opts: { etcd?: string; dir?: string }) => {
-      const { Cluster } = await import('../ha/cluster.js');
-      const { forgetVm } = await import('../ha/client.js');
+      const { Cluster } = await import('../ha/index.js');
+      const { forgetVm } = await import('../ha/index.js');
       const c = new Cluster(await resolveEtcd(opts));
       try {
         process.stdout.write((await forgetVm(c, vm)) ? `VM ${vm} removed from the cluster\n` : `VM ${vm} was not in the cluster\n`);
@@ -199,7 +199,7 @@ export function registerHaCommands(program: Command): void {
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .option('--json', 'machine-readable output')
     .action(async (vm: string | undefined, opts: { etcd?: string; dir?: string; json?: boolean }) => {
-      const { Cluster } = await import('../ha/cluster.js');
+      const { Cluster } = await import('../ha/index.js');
       const c = new Cluster(await resolveEtcd(opts));
       try {
         const ts = await c.timings(vm);

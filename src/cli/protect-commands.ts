@@ -13,8 +13,8 @@ export function registerProtectCommands(program: Command): void {
     .option('--secret-file <file>', 'cluster secret file (default $HYDRAVM_HOME/cluster.secret or $HYDRAVM_SECRET)')
     .option('--layer-dir <dir>', 'shared directory for frozen disk layers (default: .hydravm-layers beside the first disk)')
     .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string; layerDir?: string }) => {
-      const { protectVm, assertProtectable } = await import('../checkpoint/protection.js');
-      const { nextGeneration } = await import('../checkpoint/generation.js');
+      const { protectVm, assertProtectable } = await import('../checkpoint/index.js');
+      const { nextGeneration } = await import('../checkpoint/index.js');
       const intervalMs = parseDuration(opts.interval, '--interval');
       assertProtectable(name);
       let generation: number;
@@ -40,7 +40,7 @@ export function registerProtectCommands(program: Command): void {
     .description('stop checkpointing a VM (the VM keeps running; the image stays in the store)')
     .argument('<name>')
     .action(async (name: string) => {
-      const { unprotectVm } = await import('../checkpoint/protection.js');
+      const { unprotectVm } = await import('../checkpoint/index.js');
       const s = await unprotectVm(name);
       process.stdout.write(s ? `VM ${name} unprotected at epoch ${s.committedEpoch}\n` : `VM ${name} was not protected\n`);
     });
@@ -50,7 +50,7 @@ export function registerProtectCommands(program: Command): void {
     .option('--json', 'machine-readable output')
     .option('--prometheus', 'Prometheus text format')
     .action(async (opts: { json?: boolean; prometheus?: boolean }) => {
-      const { collectStatus, renderPrometheus } = await import('../checkpoint/status-report.js');
+      const { collectStatus, renderPrometheus } = await import('../checkpoint/index.js');
       const rows = collectStatus();
       if (opts.prometheus) return void process.stdout.write(await renderPrometheus(rows));
       if (opts.json) return printJson(rows);
@@ -66,7 +66,7 @@ export function registerProtectCommands(program: Command): void {
   program.command('internal-checkpoint', { hidden: true })
     .argument('<name>')
     .action(async (name: string) => {
-      const { runCheckpointerProcess } = await import('../checkpoint/protection.js');
+      const { runCheckpointerProcess } = await import('../checkpoint/index.js');
       await runCheckpointerProcess(name);
     });
 }

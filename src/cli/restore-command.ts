@@ -19,7 +19,7 @@ export function registerRestoreCommand(program: Command): void {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
       const { restoreVm } = await import('../restore/index.js');
       const { loadSecret } = await import('../config/secret.js');
-      const { nextGeneration } = await import('../checkpoint/generation.js');
+      const { nextGeneration } = await import('../checkpoint/index.js');
       const generation = opts.generation === undefined ? undefined : Number(opts.generation);
       const secret = loadSecret({ secretFile: opts.secretFile });
       // The restored VM is a new incarnation: its generation fences the old one at the store.
@@ -36,7 +36,7 @@ export function registerRestoreCommand(program: Command): void {
         process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched\n`);
       }
       if (opts.protect) {
-        const { protectVm } = await import('../checkpoint/protection.js');
+        const { protectVm } = await import('../checkpoint/index.js');
         const s = await protectVm({ vm: name, store: opts.store, intervalMs: parseDuration(opts.interval, '--interval'), generation: newGeneration, secretFile: opts.secretFile });
         process.stdout.write(`VM ${name} protected again as generation ${s.generation}\n`);
       }

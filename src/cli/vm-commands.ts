@@ -9,8 +9,8 @@ export function registerVmCommands(program: Command): void {
     .argument('<spec>', 'VM spec file')
     .option('--json', 'print the VM status as JSON')
     .action(async (specFile: string, opts: { json?: boolean }) => {
-      const { loadSpecFile } = await import('../vm/spec.js');
-      const { startVm, vmStatus } = await import('../vm/manager.js');
+      const { loadSpecFile } = await import('../vm/index.js');
+      const { startVm, vmStatus } = await import('../vm/index.js');
       const spec = loadSpecFile(specFile);
       await startVm(spec);
       const status = await vmStatus(spec.name);
@@ -25,7 +25,9 @@ export function registerVmCommands(program: Command): void {
     .description('stop a VM and wait until its QEMU is gone')
     .argument('<name>')
     .action(async (name: string) => {
-      const { stopVm } = await import('../vm/manager.js');
+      const { stopVm } = await import('../vm/index.js');
+      // Loading protection registers its stop hook: a protected VM ends its protection first.
+      await import('../checkpoint/index.js');
       const state = await stopVm(name);
       process.stdout.write(`VM ${name} ${state.lifecycle}${state.reason ? ` (${state.reason})` : ''}\n`);
     });
@@ -34,7 +36,7 @@ export function registerVmCommands(program: Command): void {
     .description('list VMs on this host')
     .option('--json', 'machine-readable output')
     .action(async (opts: { json?: boolean }) => {
-      const { listVms } = await import('../vm/manager.js');
+      const { listVms } = await import('../vm/index.js');
       const vms = await listVms();
       if (opts.json) return printJson(vms.map(summary));
       if (vms.length === 0) return void process.stdout.write('no VMs\n');
@@ -47,7 +49,7 @@ export function registerVmCommands(program: Command): void {
     .argument('<name>')
     .option('--json', 'machine-readable output')
     .action(async (name: string, opts: { json?: boolean }) => {
-      const { vmStatus } = await import('../vm/manager.js');
+      const { vmStatus } = await import('../vm/index.js');
       const v = await vmStatus(name);
       if (opts.json) return printJson(summary(v));
       const rows: [string, string | number | undefined][] = [
@@ -59,7 +61,7 @@ export function registerVmCommands(program: Command): void {
     });
 }
 
-type Status = Awaited<ReturnType<typeof import('../vm/manager.js')['vmStatus']>>;
+type Status = Awaited<ReturnType<typeof import('../vm/index.js')['vmStatus']>>;
 
 function stateWord(v: Status): string {
   return v.live && v.runState ? v.runState : v.lifecycle;

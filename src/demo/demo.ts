@@ -1,15 +1,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { validateSpec } from '../vm/spec.js';
-import { startVm } from '../vm/manager.js';
-import { readState } from '../vm/runtime.js';
-import { waitForMemcheckStep, lastMemcheckProgress, countViolations } from '../vm/serial.js';
+import { validateSpec, startVm, readState, waitForMemcheckStep, lastMemcheckProgress, countViolations } from '../vm/index.js';
 import { checkSetup, runSetup } from '../setup/index.js';
 import { hydraHome } from '../config/paths.js';
-import { readProtection } from '../checkpoint/protection.js';
-import { spawnStore } from '../store/spawn.js';
+import { readProtection } from '../checkpoint/index.js';
+import { spawnStore } from '../store/index.js';
 import { startEmbeddedCluster, stopEmbeddedCluster, protectInCluster, waitForFailover, type EmbeddedCluster, type FailoverTiming } from '../ha/index.js';
 import { BenchError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 export interface DemoOptions {
   memory: string;
@@ -20,7 +18,6 @@ export interface DemoOptions {
 
 const say = (msg: string): void => void process.stdout.write(`${msg}\n`);
 const ms = (v: number | undefined) => (v === undefined ? '-' : `${Math.round(v)} ms`);
-const sleep = (t: number) => new Promise((r) => setTimeout(r, t));
 
 /** The embedded default VM: the test guest with memcheck, nothing to download or write. */
 export function demoSpec(opts: { name?: string; memory: string; workingSetMb: number }) {

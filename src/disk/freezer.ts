@@ -6,11 +6,13 @@ import { QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskError } from '../errors.js';
 import { encodeLayerId } from './layer-id.js';
-import { fsyncFileAndDir, isNoSpace, qemuImg, writeFileAtomic, type ImageInfo } from './qemu-img.js';
+import { fsyncFileAndDir, isNoSpace, qemuImg, type ImageInfo } from './qemu-img.js';
 import { PIN_ALL, pinnedFiles } from './pins.js';
+import { sleep } from '../util/sleep.js';
+import { writeFileAtomic } from '../util/atomic-write.js';
 
 /**
- * Disk state consistent with every checkpoint (DESIGN.md "Disk state").
+ * Disk state consistent with every checkpoint (docs/disk.md).
  *
  * Each protected disk is a qcow2 chain in the running QEMU:
  *
@@ -123,10 +125,6 @@ async function realpathOr(p: string): Promise<string> {
   } catch {
     return path.resolve(p);
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
 
 /** Validate a disk file before protection: it must exist, be qcow2 and be writable. */

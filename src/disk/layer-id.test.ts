@@ -1,10 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { encodeLayerId, parseLayerId } from './layer-id.js';
 import { PIN_ALL, pinnedFiles, removePin, writePin } from './pins.js';
+import { tmpDir } from '../../test/support/tmp.js';
 
 test('layer ids round-trip, accept the short form, and reject garbage with a clear code', () => {
   const id = encodeLayerId({ disk: 1, epoch: 12, layer: '/shared/l/web/d1-abc123-12.qcow2' });
@@ -17,7 +17,7 @@ test('layer ids round-trip, accept the short form, and reject garbage with a cle
 });
 
 test('pins: written atomically, listed, removed; an unreadable pin stops all merging', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hv-pins-'));
+  const dir = tmpDir('pins');
   try {
     assert.equal((await pinnedFiles(dir)).size, 0);
     await writePin(dir, ['/l/a.qcow2'], ['/o/x.qcow2']);

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { writeFileAtomic } from './qemu-img.js';
+import { writeFileAtomic } from '../util/atomic-write.js';
 
 /**
  * Pins: a restore that runs while the primary still merges (a restore drill,

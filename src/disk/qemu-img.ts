@@ -54,25 +54,6 @@ export async function fsyncFileAndDir(file: string): Promise<void> {
   }
 }
 
-/** Write a small file atomically: temp, fsync, rename, fsync dir. */
-export async function writeFileAtomic(file: string, data: string): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fh = await fs.open(tmp, 'w');
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fs.rename(tmp, file);
-  const dh = await fs.open(path.dirname(file), 'r');
-  try {
-    await dh.sync();
-  } finally {
-    await dh.close();
-  }
-}
-
 export function isNoSpace(text: string): boolean {
   return /No space left on device|ENOSPC|Disk quota exceeded/i.test(text);
 }

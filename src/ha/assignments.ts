@@ -101,6 +101,7 @@ export class AssignmentRunner {
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
     }).catch(() => undefined);
+    // The restored copy's files, read once: its memory size for etcd, its protection below.
     const local = readLocalVm(home, a.vm);
     const written = await cluster.updateVm(a.vm, (cur) =>
       cur.host === host && cur.generation === a.generation && cur.state === 'restoring'
@@ -115,9 +116,8 @@ export class AssignmentRunner {
     core.log.info({ vm: a.vm, generation: a.generation, restoreMs: runningAt - startedAt, spawnToRunningMs: res.timings?.spawnToRunningMs }, 'VM restored');
     core.emit('restored', { vm: a.vm, generation: a.generation });
 
-    // Protect the new incarnation under its generation (unless the restore did).
-    const now = readLocalVm(home, a.vm);
-    if (!(now?.protection?.state === 'protected' && now.protection.generation === a.generation && now.protection.pid && pidAlive(now.protection.pid))) {
+    // Protect the new incarnation under its generation (unless the restore did: read once above, after it returned).
+    if (!(local?.protection?.state === 'protected' && local.protection.generation === a.generation && local.protection.pid && pidAlive(local.protection.pid))) {
       try {
         if (res.pager) await res.pager.done;
         await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile });

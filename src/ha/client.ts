@@ -1,5 +1,6 @@
 import { Cluster, keys, ON_HOST, FAILOVER_PENDING, type Assignment, type ClusterEvent, type FailoverTiming, type HostRecord, type KnownHost, type RestoreMode, type VmRecord } from './cluster.js';
 import { HaError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * What users, the demo and the bench do with a cluster: put a VM under HA,
@@ -77,7 +78,7 @@ export async function waitForVm(cluster: Cluster, vm: string, pred: (v: VmRecord
       /* etcd hiccup: keep polling */
     }
     if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `VM "${vm}": condition not reached within ${timeoutMs} ms (last: ${last ? `${last.state} on ${last.host} gen ${last.generation}` : 'no record'})`);
-    await new Promise((r) => setTimeout(r, 20));
+    await sleep(20);
   }
 }
 

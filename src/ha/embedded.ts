@@ -8,6 +8,8 @@ import { hydraHome } from '../config/paths.js';
 import { Cluster } from './cluster.js';
 import { HaError } from '../errors.js';
 import { startEtcd, stopPid } from './etcd-process.js';
+import { pidAlive } from '../util/pid.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The embedded cluster for one machine (demo, bench): an etcd member, one
@@ -82,20 +84,12 @@ export function readClusterInfo(dir = defaultClusterDir()): EmbeddedClusterInfo 
   }
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** How to run this package's HA daemon entry (src/ha/daemon.ts under tsx, or the compiled .js). */
+/** How to run this package's HA daemon entry (src/cli/ha-daemon.ts under tsx, or the compiled .js). */
 export function daemonCommand(): { command: string; args: string[] } {
   const here = fileURLToPath(import.meta.url);
   const ext = path.extname(here);
-  const entry = path.join(path.dirname(here), `daemon${ext}`);
+  // A path, not an import: the daemon is a command-line entry, above this layer.
+  const entry = path.join(path.dirname(here), '..', 'cli', `ha-daemon${ext}`);
   const args = ext === '.ts' ? ['--import', 'tsx', entry] : [entry];
   return { command: process.execPath, args };
 }
@@ -117,8 +111,6 @@ export function spawnDaemon(dir: string, name: string, daemonArgs: string[], env
   fs.writeFileSync(pidFile, `${child.pid}\n`);
   return { name, pid: child.pid, log, pidFile };
 }
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): Promise<EmbeddedCluster> {
   const dir = path.resolve(opts.dir ?? defaultClusterDir());

@@ -4,6 +4,8 @@ import path from 'node:path';
 import http from 'node:http';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { HaError } from '../errors.js';
+import { pidAlive } from '../util/pid.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * A single local etcd member for the embedded mode (demo, tests, one-machine
@@ -83,17 +85,6 @@ export function etcdHealthy(url: string, timeoutMs = 500): Promise<boolean> {
     req.on('error', () => resolve(false));
   });
 }
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Stop an etcd (or any process) by pid: SIGTERM, then SIGKILL after graceMs. */
 export async function stopPid(pid: number, graceMs = 3000): Promise<void> {

@@ -2,6 +2,7 @@
 import { pidAlive } from '../util/pid.js';
 import type { VmRecord } from './cluster.js';
 import { localGeneration, readLocalVm, writeHaLocal, type LocalVm } from './local-vm.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * Must this local copy die? Yes when etcd names a newer generation of the VM
@@ -49,7 +50,7 @@ export async function fenceLocalVm(home: string, vm: string, reason: string, sup
   const sup = v.state?.supervisorPid;
   if (sup && pidAlive(sup)) {
     const deadline = Date.now() + supervisorGraceMs;
-    while (pidAlive(sup) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    while (pidAlive(sup) && Date.now() < deadline) await sleep(20);
     if (kill(sup)) res.killedSupervisor = sup;
   }
   return res;

@@ -2,7 +2,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { pidAlive } from '../util/pid.js';
-import type { VmState } from '../vm/runtime.js';
+import type { VmState } from '../vm/index.js';
+import { writeFileAtomicSync } from '../util/atomic-write.js';
 
 /**
  * What an agent knows about the VMs of its host, read straight from
@@ -86,10 +87,8 @@ export function listLocalVms(home: string): LocalVm[] {
 export function writeHaLocal(home: string, rec: HaLocal): void {
   const dir = vmDirOf(home, rec.vm);
   fs.mkdirSync(dir, { recursive: true });
-  const file = path.join(dir, 'ha.json');
-  const tmp = `${file}.tmp-${process.pid}`;
-  fs.writeFileSync(tmp, JSON.stringify(rec, null, 2) + '\n');
-  fs.renameSync(tmp, file);
+  // Not fsynced, as state.json beside it: the copy it describes dies with the host.
+  writeFileAtomicSync(path.join(dir, 'ha.json'), JSON.stringify(rec, null, 2) + '\n', { durable: false });
 }
 
 export function removeHaLocal(home: string, vm: string): void {

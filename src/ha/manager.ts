@@ -6,6 +6,7 @@ import { log as rootLog } from '../util/log.js';
 import { Cluster, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
 import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
 import { HaError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The fail-over manager. Any number may run; an etcd election makes exactly
@@ -45,8 +46,6 @@ export interface ManagerEvents {
   'no-capacity': [{ vm: string; reason: string }];
   lost: [{ vm: string; reason: string }];
 }
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export class FailoverManager extends EventEmitter<ManagerEvents> {
   readonly id: string;

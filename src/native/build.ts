@@ -32,7 +32,8 @@ export function nativeBuildIsFresh(): boolean {
   return statSync(nativeAddonPath).mtimeMs >= src && statSync(shimPath).mtimeMs >= src;
 }
 
-const sleep = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+/** Blocks the thread: the build runs before anything asynchronous may. */
+const sleepSync = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
 /** Serialises builds across processes (node --test runs files in parallel; node-gyp rebuild wipes build/). */
 function withBuildLock(fn: () => void): void {
@@ -48,7 +49,7 @@ function withBuildLock(fn: () => void): void {
         if (Date.now() - statSync(lock).mtimeMs > 300_000) rmdirSync(lock);
       } catch { /* raced */ }
       if (Date.now() - t0 > 600_000) throw new NativeError('HYDRA_NATIVE_BUILD_FAILED', `timed out waiting for the native build lock ${lock}`);
-      sleep(100);
+      sleepSync(100);
     }
   }
   try {

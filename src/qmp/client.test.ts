@@ -1,11 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import fs from 'node:fs';
 import { QmpClient } from './client.js';
 import { QmpClosedError, QmpError, QmpTimeoutError } from '../errors.js';
+import { tmpDir } from '../../test/support/tmp.js';
 
 /**
  * A scripted QMP peer, to drive the client through orderings real QEMU rarely
@@ -13,7 +13,7 @@ import { QmpClosedError, QmpError, QmpTimeoutError } from '../errors.js';
  * test/vm-lifecycle.test.ts exercises the client against real QEMU.
  */
 function fakeQmp(onCommand: (cmd: { execute: string; id: string; arguments?: unknown }, sock: net.Socket) => void) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmp-'));
+  const dir = tmpDir('qmp');
   const sockPath = path.join(dir, 'qmp.sock');
   const server = net.createServer((sock) => {
     sock.write(JSON.stringify({ QMP: { version: { qemu: { major: 10, minor: 0, micro: 2 }, package: 'fake' }, capabilities: [] } }) + '\n');

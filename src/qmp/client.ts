@@ -1,6 +1,7 @@
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 import { QmpClosedError, QmpError, QmpTimeoutError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * A small typed QMP client. Written by hand: the npm QMP clients are
@@ -199,7 +200,7 @@ export async function connectWhenReady(address: string, opts: QmpConnectOptions 
       return await QmpClient.connect(address, opts);
     } catch (err) {
       lastErr = err;
-      await new Promise((r) => setTimeout(r, 10));
+      await sleep(10);
     }
   }
   throw new QmpTimeoutError(`QMP socket ${address} of ${opts.label ?? 'QEMU'} did not answer: ${(lastErr as Error)?.message ?? 'process exited'}`);

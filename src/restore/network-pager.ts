@@ -1,7 +1,8 @@
 import { RestoreError } from '../errors.js';
 import type { StoreClient, StoreMeta } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
-import { MissingPageHandler } from './page-fault-handler.js';
+import { MissingPageHandler } from '../tracker/index.js';
+import { sleep } from '../util/sleep.js';
 
 const PAGE = 4096;
 /** Pages fetched around each fault: the paper saw strong spatial locality. */
@@ -240,7 +241,7 @@ export class NetworkPager {
         data = await client.readPages(runs);
       } catch (err) {
         lastErr = err;
-        await new Promise((r) => setTimeout(r, 50 * (attempt + 1)));
+        await sleep(50 * (attempt + 1));
       }
     }
     if (!data) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages ${start}..${end} from the store after ${FETCH_RETRIES} tries: ${(lastErr as Error)?.message}`, { cause: lastErr });

@@ -2,14 +2,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { RestoreError, HydraError } from '../errors.js';
+import { protectVm } from '../checkpoint/index.js';
 import { StoreClient, type StoreMeta } from '../protocol/index.js';
-import { startVm, stopVm } from '../vm/manager.js';
-import { vmPaths, readState, isLive } from '../vm/runtime.js';
+import { startVm, stopVm, vmPaths, readState, isLive, type LaunchFile, chooseAccel } from '../vm/index.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
-import type { LaunchFile } from '../vm/supervisor.js';
-import { chooseAccel } from '../vm/accel.js';
 import { vmLog } from '../util/log.js';
 import { NetworkPager, type PagerStats } from './network-pager.js';
+import { sleep } from '../util/sleep.js';
 
 export type RestoreMode = 'file' | 'network';
 
@@ -136,7 +135,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     const spec = launchFile.spec;
     const accel = chooseAccel(spec.accel, spec.name);
     const tSpawn = performance.now();
-    await startVm(spec, {
+    const state = await startVm(spec, {
       launch: {
         accel,
         ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
@@ -146,7 +145,6 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       },
     });
     const spawnMs = performance.now() - tSpawn;
-    const state = readState(opts.vm)!;
 
     let pager: NetworkPager | undefined;
     let qmp: QmpClient | undefined;
@@ -185,7 +183,6 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       if (opts.protect && opts.newGeneration) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;
-        const { protectVm } = await import('../checkpoint/protection.js');
         await protectVm({ vm: opts.vm, store: opts.store, intervalMs: opts.protect.intervalMs, generation: opts.newGeneration, secretFile: opts.protect.secretFile });
       }
       return result;
@@ -215,7 +212,7 @@ async function waitMigration(qmp: QmpClient, vm: string): Promise<void> {
       throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": QEMU failed to load the device state: ${info['error-desc'] ?? info.status} (see qemu.log)`);
     }
     if (Date.now() > deadline) throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": device state load did not complete within 30 s`);
-    await new Promise((r) => setTimeout(r, 2));
+    await sleep(2);
   }
 }
 

@@ -7,6 +7,7 @@ import zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import { guestArtifactsDir, packageRoot } from '../config/paths.js';
 import { SetupError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /**
  * The test guest: the Debian kernel plus an initramfs with busybox, /init and
@@ -96,9 +97,10 @@ export function runCommand(step: string, cmd: string, args: string[], opts: { cw
   });
 }
 
-export async function exists(p: string): Promise<boolean> {
+/** Whether `p` exists (or, with `mode`, is accessible so: fsc.X_OK for a program). */
+export async function exists(p: string, mode: number = fsc.F_OK): Promise<boolean> {
   try {
-    await fs.access(p, fsc.F_OK);
+    await fs.access(p, mode);
     return true;
   } catch {
     return false;
@@ -341,7 +343,7 @@ async function withLock<T>(dir: string, fn: () => Promise<T>, log: (m: string) =
         log(`guest: waiting for another build (pid ${pid})`);
         said = true;
       }
-      await new Promise((r) => setTimeout(r, 250));
+      await sleep(250);
     }
   }
   try {

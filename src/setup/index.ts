@@ -41,12 +41,7 @@ async function onPath(tool: string): Promise<string | undefined> {
   for (const dir of (process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin').split(':')) {
     if (!dir) continue;
     const p = path.join(dir, tool);
-    try {
-      await fs.access(p, fsc.X_OK);
-      return p;
-    } catch {
-      /* next */
-    }
+    if (await exists(p, fsc.X_OK)) return p;
   }
   return undefined;
 }

@@ -13,7 +13,7 @@ import path from 'node:path';
 import { StoreClient } from '../protocol/index.js';
 import { CRASH_POINTS } from './faults.js';
 import { startStoreServer } from './server.js';
-import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, sha256, spawnStore, tmpDir } from './test-helpers.js';
+import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, sha256, spawnStore, tmpDir } from '../../test/support/store-data.js';
 
 const RAM = 2 * 1024 * 1024;
 const EPOCHS = 4;

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { StoreClient } from '../protocol/index.js';
 import { startStoreServer, openVmImage, type StoreServer } from './index.js';
-import { PAGE, SECRET, applyToBuffer, prng, tmpDir } from './test-helpers.js';
+import { PAGE, SECRET, applyToBuffer, prng, tmpDir } from '../../test/support/store-data.js';
 
 const mounts: string[] = [];
 const servers: StoreServer[] = [];

@@ -1,28 +1,13 @@
 /** Small file-system steps, each failing with an error that names the step and the file. */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { HydraError, ioStepError } from '../errors.js';
+import { ioStepError } from '../errors.js';
+import { fsyncDir, writeFileAtomic as writeAtomic } from '../util/atomic-write.js';
+import { step } from '../util/io-step.js';
 import type { FaultInjector, CrashPoint } from './faults.js';
 
-export async function step<T>(name: string, subject: string, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (err instanceof HydraError) throw err;
-    throw ioStepError(name, subject, err);
-  }
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  await step('fsync directory', dir, async () => {
-    const fh = await fs.open(dir, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  });
-}
+export { step } from '../util/io-step.js';
+export { fsyncDir } from '../util/atomic-write.js';
 
 export async function mkdirDurable(dir: string): Promise<void> {
   const parent = path.dirname(dir);
@@ -66,25 +51,15 @@ export async function preadAll(fh: fs.FileHandle, buf: Buffer, position: number,
 }
 
 /**
- * Atomically replace `file` with `data`: write a temp file, fsync it, rename it
- * over `file`, fsync the directory. Crash points: meta-write (torn temp),
- * meta-rename, meta-dirsync.
+ * Atomically replace `file` with `data` (util/atomic-write.ts), with the
+ * store's crash points: meta-write (torn temp), meta-rename, meta-dirsync.
  */
 export async function writeFileAtomic(file: string, data: Buffer, faults?: FaultInjector): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  await step('write', tmp, async () => {
-    const fh = await fs.open(tmp, 'w');
-    try {
-      await pwriteAll(fh, data, 0, tmp, faults, 'meta-write');
-      await step('fsync', tmp, () => fh.sync());
-    } finally {
-      await fh.close();
-    }
+  await writeAtomic(file, data, {
+    write: (fh, buf, tmp) => pwriteAll(fh, buf, 0, tmp, faults, 'meta-write'),
+    beforeRename: () => faults?.hit('meta-rename'),
+    beforeDirSync: () => faults?.hit('meta-dirsync'),
   });
-  faults?.hit('meta-rename');
-  await step('rename', `${tmp} -> ${file}`, () => fs.rename(tmp, file));
-  faults?.hit('meta-dirsync');
-  await fsyncDir(path.dirname(file));
 }
 
 export async function exists(p: string): Promise<boolean> {

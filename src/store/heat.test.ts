@@ -5,7 +5,7 @@ import path from 'node:path';
 import { StoreClient, type PageRun } from '../protocol/index.js';
 import { startStoreServer, type StoreServer } from './index.js';
 import { HEAT_EPOCHS, HEAT_FILE, HEAT_REGION_BYTES, countRegions, decodeHeat, encodeHeat, heatEpoch, scoreHeat } from './heat.js';
-import { PAGE, SECRET, prng, spawnStore, tmpDir } from './test-helpers.js';
+import { PAGE, SECRET, prng, spawnStore, tmpDir } from '../../test/support/store-data.js';
 
 const MB2 = HEAT_REGION_BYTES;
 const RAM = 32 * 1024 * 1024; // 16 regions

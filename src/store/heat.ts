@@ -30,6 +30,7 @@ import { crc32 } from 'node:zlib';
 import type { Logger } from 'pino';
 import { StoreError } from '../errors.js';
 import type { HotRegion, PageRun } from '../protocol/index.js';
+import { writeFileAtomic } from '../util/atomic-write.js';
 
 export const HEAT_FILE = 'heat.bin';
 export const HEAT_MAGIC = Buffer.from('HVMH', 'latin1');
@@ -164,8 +165,8 @@ export async function recordHeat(genDir: string, epoch: number, counts: Readonly
     const prev = await loadHeat(genDir, logger);
     // A replayed or re-committed epoch replaces what was recorded for it and anything after it.
     const epochs = [...prev.filter((e) => e.epoch < epoch), heatEpoch(epoch, counts)].slice(-HEAT_EPOCHS);
-    await fs.writeFile(tmp, encodeHeat(epochs));
-    await fs.rename(tmp, file);
+    // Advisory: a crash may lose the newest record, so no fsync on the commit path.
+    await writeFileAtomic(file, encodeHeat(epochs), { durable: false });
   } catch (err) {
     logger.warn({ epoch, err: (err as Error).message }, 'could not update the heat record (advisory); the commit is unaffected');
     // The temporary file of a failed (advisory) heat write; recovery removes it otherwise.

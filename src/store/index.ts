@@ -9,4 +9,5 @@ export { GenerationImage, type StableImage } from './generation-image.js';
 export type { CommitResult as StoreCommitResult } from './checkpoint.js';
 export { storeMetrics, storeRegistry, type StoreMetrics } from './metrics.js';
 export { CRASH_POINTS, FaultInjector, type CrashPoint } from './faults.js';
+export { spawnStore, type StoreProcess } from './spawn.js';
 export type { StoreMeta } from '../protocol/index.js';

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { encodePages } from '../protocol/index.js';
 import { JOURNAL_HEADER_SIZE, JournalWriter, RecordType, encodeJournalHeader, encodeRecordHeader, scanJournal } from './journal.js';
 import { encodeMeta, readMeta } from './meta.js';
-import { tmpDir } from './test-helpers.js';
+import { tmpDir } from '../../test/support/store-data.js';
 
 const code = (c: string) => (e: unknown) => {
   assert.equal((e as { code?: string }).code, c, (e as Error).message);

@@ -26,6 +26,7 @@ import { HEAT_FILE, countRegions, recordHeat } from './heat.js';
 import { writeRuns, checkRuns } from './image.js';
 import { JOURNAL_HEADER_SIZE, RecordType, scanJournal, encodeJournalHeader, type JournalCheckpoint } from './journal.js';
 import { readMeta, writeMeta } from './meta.js';
+import { sleep } from '../util/sleep.js';
 
 export const MEMORY_FILE = 'memory.img';
 export const META_FILE = 'meta.json';
@@ -238,6 +239,6 @@ export async function waitNoApplying(dir: string, timeoutMs = 30_000): Promise<'
     const pid = Number(text.split(' ')[0]);
     if (!pidAlive(pid)) return 'stale'; // left by a crashed store: only its recovery (journal replay) may clear it
     if (Date.now() > deadline) throw new StoreError('HYDRA_STORE_BUSY', `${dir}: a checkpoint is still being applied by process ${pid} after ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 10));
+    await sleep(10);
   }
 }

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { Registry } from 'prom-client';
 import { StoreClient, encodeFrame, FrameType, FrameDecoder } from '../protocol/index.js';
 import { startStoreServer, openVmImage, listVms, dropGeneration, fenceGeneration, type StoreServer } from './index.js';
-import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, sha256, spawnStore, tmpDir } from './test-helpers.js';
+import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, sha256, spawnStore, tmpDir } from '../../test/support/store-data.js';
 
 const code = (c: string) => (e: unknown) => {
   assert.equal((e as { code?: string }).code, c, (e as Error).message);

@@ -1,7 +1,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { Dirtier, PAGE, ensureNativeBuilt } from '../../test/fixtures/dirtier.js';
+import { Dirtier, PAGE, dirtierPool, ensureNativeBuilt } from '../../test/fixtures/dirtier.js';
 import { TrackerError } from '../errors.js';
 import { DirtyTracker, type DirtyRun } from './index.js';
 import { findGuestRam, parseMaps } from './guest-ram.js';
@@ -36,13 +36,9 @@ async function expectTrackerError(p: Promise<unknown> | (() => unknown), code: s
   assert.fail(`expected TrackerError ${code}, nothing thrown`);
 }
 
-const live: Dirtier[] = [];
+const pool = dirtierPool();
+const dirtier = pool.start;
 const trackers: DirtyTracker[] = [];
-async function dirtier(pages: number, opts?: Parameters<typeof Dirtier.start>[1]): Promise<Dirtier> {
-  const d = await Dirtier.start(pages, opts);
-  live.push(d);
-  return d;
-}
 async function attach(pid: number): Promise<DirtyTracker> {
   const t = await DirtyTracker.attach(pid);
   trackers.push(t);
@@ -54,7 +50,7 @@ before(() => {
 });
 after(async () => {
   for (const t of trackers) t.close();
-  await Promise.all(live.map((d) => d.kill()));
+  await pool.killAll();
 });
 
 describe('guest RAM discovery', () => {

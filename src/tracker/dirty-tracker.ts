@@ -1,7 +1,7 @@
 /**
  * Dirty-page tracking of a QEMU process's guest RAM with userfaultfd
- * write-protect (async mode) and PAGEMAP_SCAN. See DESIGN.md "Dirty-page
- * tracking (verified)".
+ * write-protect (async mode) and PAGEMAP_SCAN. See docs/design.md,
+ * "Protection".
  *
  *   const t = await DirtyTracker.attach(qemuPid);   // armed: everything clean from now
  *   ... full copy of t.ram (or of t.populatedRuns()) ...
@@ -27,12 +27,13 @@
  * Async write-protect + PAGEMAP_SCAN work on both (Linux 6.7+ lets WP_ASYNC
  * register any memory type; verified on a private file mapping, kernel 6.18).
  */
-import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readFileSync } from 'node:fs';
 import { constants as bufferConstants } from 'node:buffer';
 import { TrackerError } from '../errors.js';
-import { loadNative, type RawAddon } from '../native/index.js';
-import { findGuestRam, mappingStillThere, processStartTime, type GuestRamMapping, type GuestRamSelector } from './guest-ram.js';
-import { errnoCode, errnoText, processGoneError, takeUffd } from './uffd.js';
+import type { RawAddon } from '../native/index.js';
+import { processStartTime, type GuestRamMapping, type GuestRamSelector } from './guest-ram.js';
+import { errnoCode, errnoText, processGoneError } from './uffd.js';
+import { UffdSession } from './uffd-session.js';
 
 export interface DirtyRun {
   /** Byte offset into guest RAM, page aligned. */
@@ -61,33 +62,22 @@ export class DirtyTracker {
   /** Stats of the last collect(). */
   lastCollect: CollectStats = { scanCalls: 0, pages: 0, runs: 0, ms: 0 };
 
+  readonly #session: UffdSession;
   readonly #native: RawAddon;
-  readonly #uffd: number;
-  readonly #pidfd: number;
   readonly #pagemapFd: number;
-  readonly #ramFd: number;
-  readonly #ramIno: number;
   readonly #ram: Buffer | undefined;
-  readonly #startTime: number | undefined;
   #closed = false;
 
-  private constructor(a: {
-    native: RawAddon; pid: number; mapping: GuestRamMapping; ram: Buffer | undefined; uffd: number; pidfd: number;
-    pagemapFd: number; ramFd: number; ramIno: number; startTime: number | undefined;
-  }) {
-    this.#native = a.native;
-    this.pid = a.pid;
-    this.mapping = a.mapping;
-    this.ramStart = a.mapping.start;
-    this.ramSize = a.mapping.size;
-    this.pageSize = a.native.pageSize;
-    this.#ram = a.ram;
-    this.#uffd = a.uffd;
-    this.#pidfd = a.pidfd;
-    this.#pagemapFd = a.pagemapFd;
-    this.#ramFd = a.ramFd;
-    this.#ramIno = a.ramIno;
-    this.#startTime = a.startTime;
+  private constructor(session: UffdSession, pagemapFd: number, ram: Buffer | undefined) {
+    this.#session = session;
+    this.#native = session.native;
+    this.pid = session.pid;
+    this.mapping = session.mapping;
+    this.ramStart = session.mapping.start;
+    this.ramSize = session.mapping.size;
+    this.pageSize = session.native.pageSize;
+    this.#ram = ram;
+    this.#pagemapFd = pagemapFd;
   }
 
   /**
@@ -116,49 +106,30 @@ export class DirtyTracker {
    * addon is not built.
    */
   static async attach(qemuPid: number, opts: DirtyTrackerOptions = {}): Promise<DirtyTracker> {
-    const native = loadNative();
-    const C = native.constants;
     const pid = qemuPid;
-    const startTime = processStartTime(pid);
-    if (startTime === undefined) throw processGoneError(pid, `no live process ${pid}`);
-    const mapping = findGuestRam(pid, opts);
-    const shared = mapping.kind === 'shared';
-    if (shared && mapping.size > bufferConstants.MAX_LENGTH) {
-      throw new TrackerError('HYDRA_TRACKER_RAM_TOO_LARGE', `guest RAM of process ${pid} is ${mapping.size} bytes, more than a Node Buffer can view (${bufferConstants.MAX_LENGTH})`);
-    }
-    const taken = takeUffd(pid, 'wp', C.UFFD_FEATURE_WP_ASYNC, native);
-    const cleanup: Array<() => void> = [() => native.close(taken.fd), () => native.close(taken.pidfd)];
-    const fail = (err: unknown): never => {
-      for (const f of cleanup.reverse()) {
-        try { f(); } catch { /* best effort */ }
+    const session = UffdSession.open(pid, 'wp', opts, (m) => {
+      if (m.kind === 'shared' && m.size > bufferConstants.MAX_LENGTH) {
+        throw new TrackerError('HYDRA_TRACKER_RAM_TOO_LARGE', `guest RAM of process ${pid} is ${m.size} bytes, more than a Node Buffer can view (${bufferConstants.MAX_LENGTH})`);
       }
-      throw err;
-    };
+    });
+    const { native, mapping, startTime } = session;
+    const C = native.constants;
+    let registered = false;
     try {
-      // The RAM file, through the mapping itself (root: map_files).
-      let ramFd: number;
-      try {
-        ramFd = openSync(mapping.mapFilesPath, fsConstants.O_RDONLY);
-      } catch (err) {
-        if (processStartTime(pid) !== startTime) throw processGoneError(pid, `opening ${mapping.mapFilesPath}`, err);
-        throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping ${mapping.mapFilesPath} vanished while attaching: ${errnoText(err)}`, { cause: err });
-      }
-      cleanup.push(() => closeSync(ramFd));
-      const ramIno = fstatSync(ramFd).ino;
       let pagemapFd: number;
       try {
         pagemapFd = openSync(`/proc/${pid}/pagemap`, fsConstants.O_RDONLY);
       } catch (err) {
         throw processGoneError(pid, `opening /proc/${pid}/pagemap`, err);
       }
-      cleanup.push(() => closeSync(pagemapFd));
+      session.onClose(() => closeSync(pagemapFd));
 
       // Arm: API (unless re-attaching to a uffd already set up), REGISTER, WRITEPROTECT.
       const want = C.UFFD_FEATURE_WP_ASYNC | C.UFFD_FEATURE_WP_UNPOPULATED | C.UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-      if (taken.features === 0) {
+      if (session.features === 0) {
         let granted: number;
         try {
-          granted = native.uffdApi(taken.fd, want).features;
+          granted = native.uffdApi(session.uffd, want).features;
         } catch (err) {
           throw DirtyTracker.#unsupported(native, pid, want, err);
         }
@@ -166,34 +137,38 @@ export class DirtyTracker {
       }
       let ioctls: number;
       try {
-        ioctls = native.uffdRegister(taken.fd, mapping.start, mapping.size, C.UFFDIO_REGISTER_MODE_WP);
+        ioctls = native.uffdRegister(session.uffd, mapping.start, mapping.size, C.UFFDIO_REGISTER_MODE_WP);
       } catch (err) {
         throw DirtyTracker.#armError(pid, mapping, 'UFFDIO_REGISTER (write-protect)', err, startTime);
       }
       if (Math.floor(ioctls / 2 ** C.UFFDIO_WRITEPROTECT_IOCTL_BIT) % 2 !== 1) {
         throw new TrackerError('HYDRA_TRACKER_KERNEL_UNSUPPORTED', `process ${pid}: UFFDIO_WRITEPROTECT is not available on its RAM mapping ${mapping.path} (ioctls 0x${ioctls.toString(16)})`);
       }
-      cleanup.push(() => native.uffdUnregister(taken.fd, mapping.start, mapping.size));
+      registered = true;
       try {
-        native.uffdWriteProtect(taken.fd, mapping.start, mapping.size, true);
+        native.uffdWriteProtect(session.uffd, mapping.start, mapping.size, true);
       } catch (err) {
         throw DirtyTracker.#armError(pid, mapping, 'UFFDIO_WRITEPROTECT', err, startTime);
       }
       // Still the same mapping after arming (cheap, catches a race with a remap).
-      if (!mappingStillThere(mapping, ramIno)) {
+      if (!session.mappingUnchanged()) {
         throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping at 0x${mapping.start.toString(16)} changed while attaching`);
       }
       let ram: Buffer | undefined;
-      if (shared) {
+      if (mapping.kind === 'shared') {
         try {
-          ram = native.mmapFile(ramFd, mapping.size, mapping.fileOffset, false);
+          ram = native.mmapFile(session.ramFd, mapping.size, mapping.fileOffset, false);
         } catch (err) {
           throw new TrackerError('HYDRA_TRACKER_MAP_FAILED', `process ${pid}: mapping its guest RAM (${mapping.size} bytes of ${mapping.path}): ${errnoText(err)}`, { cause: err });
         }
       }
-      return new DirtyTracker({ native, pid, mapping, ram, uffd: taken.fd, pidfd: taken.pidfd, pagemapFd, ramFd, ramIno, startTime });
+      return new DirtyTracker(session, pagemapFd, ram);
     } catch (err) {
-      return fail(err);
+      if (registered) {
+        try { native.uffdUnregister(session.uffd, mapping.start, mapping.size); } catch { /* attach failed anyway: the process or mapping is gone */ }
+      }
+      session.close();
+      throw err;
     }
   }
 
@@ -234,7 +209,7 @@ export class DirtyTracker {
 
   /** True while the tracked process is alive (same process, not a zombie). */
   isAlive(): boolean {
-    return processStartTime(this.pid) === this.#startTime;
+    return this.#session.isAlive();
   }
 
   /**
@@ -259,7 +234,7 @@ export class DirtyTracker {
     } catch (err) {
       throw this.#runtimeError('PAGEMAP_SCAN', err);
     }
-    if (!mappingStillThere(this.mapping, this.#ramIno)) {
+    if (!this.#session.mappingUnchanged()) {
       // An unmapped range scans as empty without error: one stat makes sure the result is real.
       throw this.#runtimeError('PAGEMAP_SCAN', undefined);
     }
@@ -270,7 +245,7 @@ export class DirtyTracker {
   #runtimeError(step: string, err: unknown): TrackerError {
     if (!this.isAlive() || errnoCode(err) === 'ESRCH') return processGoneError(this.pid, step, err);
     const code = errnoCode(err);
-    if (err === undefined || code === 'EPERM' || code === 'ENOENT' || !mappingStillThere(this.mapping, this.#ramIno)) {
+    if (err === undefined || code === 'EPERM' || code === 'ENOENT' || !this.#session.mappingUnchanged()) {
       return new TrackerError(
         'HYDRA_TRACKER_RANGE_CHANGED',
         `process ${this.pid}: ${step}: guest RAM mapping 0x${this.ramStart.toString(16)}+${this.ramSize} is no longer the write-protected one${err ? `: ${errnoText(err)}` : ''}`,
@@ -306,7 +281,7 @@ export class DirtyTracker {
       return this.#native.processReadRuns(this.pid, this.ramStart, flat, dst, dstOffset, this.ramSize);
     } catch (err) {
       if (errnoCode(err) === 'ESRCH' || !this.isAlive()) throw processGoneError(this.pid, 'process_vm_readv of guest RAM', err);
-      if (!(err instanceof TypeError) && !mappingStillThere(this.mapping, this.#ramIno)) throw this.#runtimeError('process_vm_readv of guest RAM', err);
+      if (!(err instanceof TypeError) && !this.#session.mappingUnchanged()) throw this.#runtimeError('process_vm_readv of guest RAM', err);
       throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: reading dirty runs of its private guest RAM (${this.mapping.path}): ${errnoText(err)}`, { cause: err });
     }
   }
@@ -334,7 +309,7 @@ export class DirtyTracker {
    */
   populatedRuns(): DirtyRun[] {
     this.#check('populatedRuns');
-    const fileRuns = populatedRunsOf(this.#native, this.#ramFd, this.mapping.fileOffset, this.ramSize);
+    const fileRuns = populatedRunsOf(this.#native, this.#session.ramFd, this.mapping.fileOffset, this.ramSize);
     if (this.#ram) return fileRuns;
     const C = this.#native.constants;
     const anyof = C.PAGE_IS_PRESENT | (swapActive() ? C.PAGE_IS_SWAPPED : 0);
@@ -349,7 +324,7 @@ export class DirtyTracker {
     } catch (err) {
       throw this.#runtimeError('PAGEMAP_SCAN (present pages)', err);
     }
-    if (!mappingStillThere(this.mapping, this.#ramIno)) throw this.#runtimeError('PAGEMAP_SCAN (present pages)', undefined);
+    if (!this.#session.mappingUnchanged()) throw this.#runtimeError('PAGEMAP_SCAN (present pages)', undefined);
     const anon: DirtyRun[] = [];
     for (let i = 0; i < res.runs.length; i += 2) anon.push({ offset: res.runs[i]!, length: res.runs[i + 1]! });
     return unionRuns(fileRuns, anon);
@@ -357,7 +332,7 @@ export class DirtyTracker {
 
   /** Cheap check that the mapping is still the one armed. */
   mappingUnchanged(): boolean {
-    return mappingStillThere(this.mapping, this.#ramIno);
+    return this.#session.mappingUnchanged();
   }
 
   /**
@@ -371,17 +346,12 @@ export class DirtyTracker {
     this.#closed = true;
     const n = this.#native;
     if (this.isAlive()) {
-      try { n.uffdUnregister(this.#uffd, this.ramStart, this.ramSize); } catch { /* mapping gone: nothing to undo */ }
+      try { n.uffdUnregister(this.#session.uffd, this.ramStart, this.ramSize); } catch { /* mapping gone: nothing to undo */ }
     }
     if (this.#ram) {
       try { n.releaseMapping(this.#ram); } catch { /* finalizer unmaps later */ }
     }
-    for (const fd of [this.#uffd, this.#pidfd]) {
-      try { n.close(fd); } catch { /* already closed */ }
-    }
-    for (const fd of [this.#pagemapFd, this.#ramFd]) {
-      try { closeSync(fd); } catch { /* already closed */ }
-    }
+    this.#session.close();
   }
 }
 

@@ -1,10 +1,9 @@
-/**
- * Dirty-page tracking of a QEMU process's guest RAM (userfaultfd async
- * write-protect + PAGEMAP_SCAN). The rest of HydraVM uses this module only.
- */
+// userfaultfd on a QEMU process's guest RAM: dirty-page tracking (write-protect + PAGEMAP_SCAN) and missing-page filling (the front door of src/tracker).
 export { DirtyTracker, populatedRunsOf, unionRuns } from './dirty-tracker.js';
 export type { DirtyRun, DirtyTrackerOptions, CollectStats } from './dirty-tracker.js';
 export { findGuestRam, parseMaps, readMaps, sharedFileMappings, privateFileMappings, processStartTime } from './guest-ram.js';
 export type { GuestRamKind, GuestRamMapping, GuestRamSelector, MapsEntry } from './guest-ram.js';
 export { listUffds, takeUffd, UFFD_FEATURE_INITIALIZED } from './uffd.js';
 export type { UffdInProcess, TakenUffd } from './uffd.js';
+export { MissingPageHandler, type FillResult, type MissingPageHandlerOptions } from './page-fault-handler.js';
+export { UffdSession } from './uffd-session.js';

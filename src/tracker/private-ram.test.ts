@@ -6,16 +6,16 @@
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync, ftruncateSync } from 'node:fs';
-import os from 'node:os';
+import { closeSync, openSync, readFileSync, readSync, rmSync, writeSync, ftruncateSync } from 'node:fs';
 import path from 'node:path';
 import { Dirtier, PAGE, ensureNativeBuilt } from '../../test/fixtures/dirtier.js';
-import { haveQemu, startMiniVm, type MiniVm } from '../../test/fixtures/qemu-mini.js';
+import { haveQemu, ramBlockHva, startMiniVm, type MiniVm } from '../../test/support/mini-qemu.js';
 import { TrackerError } from '../errors.js';
 import { loadNative } from '../native/index.js';
 import { DirtyTracker, findGuestRam, type DirtyRun } from './index.js';
+import { tmpDir } from '../../test/support/tmp.js';
 
-const dir = mkdtempSync(path.join(os.tmpdir(), 'hydra-private-ram-'));
+const dir = tmpDir('private-ram');
 const live: Dirtier[] = [];
 const vms: MiniVm[] = [];
 const trackers: DirtyTracker[] = [];
@@ -176,7 +176,7 @@ describe('DirtyTracker on a real QEMU with RAM = private file mapping (file-mode
     const file = makeImage('qemu.img', size, dataRegions, filePage);
     const vm = await startMiniVm({ ramMiB: 256, privateFile: file });
     vms.push(vm);
-    const hva = await vm.qmp.ramBlockHva('ram0');
+    const hva = await ramBlockHva(vm.qmp, 'ram0');
     const m = findGuestRam(vm.pid);
     assert.equal(m.kind, 'private-file');
     assert.equal(m.start, hva);

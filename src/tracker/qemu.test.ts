@@ -1,7 +1,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { ensureNativeBuilt } from '../../test/fixtures/dirtier.js';
-import { haveQemu, startMiniVm, type MiniVm } from '../../test/fixtures/qemu-mini.js';
+import { haveQemu, ramBlockHva, startMiniVm, type MiniVm } from '../../test/support/mini-qemu.js';
 import { TrackerError } from '../errors.js';
 import { DirtyTracker, findGuestRam, type DirtyRun } from './index.js';
 
@@ -55,7 +55,7 @@ describe('DirtyTracker on a real QEMU', { skip }, () => {
   it('finds the RAM block QEMU reports and keeps a checkpoint image equal to RAM', async () => {
     const vm = await startMiniVm();
     vms.push(vm);
-    const hva = await vm.qmp.ramBlockHva('ram0');
+    const hva = await ramBlockHva(vm.qmp, 'ram0');
     assert.equal(findGuestRam(vm.pid).start, hva);
     assert.equal(findGuestRam(vm.pid, { ramId: 'ram0' }).start, hva);
     const pages = await checkpointRounds(vm, 3);

@@ -6,9 +6,11 @@ import { supervisorEntry, shimPath } from '../config/paths.js';
 import { QemuError, SpecError, VmError, VmExistsError, VmNotFoundError } from '../errors.js';
 import { chooseAccel } from './accel.js';
 import type { QemuLaunchOptions } from './qemu-args.js';
-import { vmPaths, readState, isLive, listVmNames, pidAlive, removeStaleSockets, type VmState } from './runtime.js';
+import { vmPaths, readState, isLive, listVmNames, removeStaleSockets, type VmState } from './runtime.js';
 import { checkSpecFiles, type VmSpec } from './spec.js';
 import type { LaunchFile } from './supervisor.js';
+import { sleep } from '../util/sleep.js';
+import { pidAlive } from '../util/pid.js';
 
 export const QEMU_BINARY = process.env.HYDRAVM_QEMU ?? 'qemu-system-x86_64';
 
@@ -144,10 +146,6 @@ async function waitGone(state: VmState, timeoutMs: number): Promise<boolean> {
   return true;
 }
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
 function controlRequest<T>(name: string, method: string, urlPath: string, timeoutMs = 10_000): Promise<T> {
   return new Promise((resolve, reject) => {
     const req = http.request({ socketPath: vmPaths(name).controlSocket, method, path: urlPath, timeout: timeoutMs }, (res) => {
@@ -167,14 +165,25 @@ function controlRequest<T>(name: string, method: string, urlPath: string, timeou
   });
 }
 
-/** Stop a VM: ask its supervisor, escalate to signals if it does not answer. */
+/** Runs before a live VM is stopped, while QEMU still runs (protection ends itself there). */
+export type StopHook = (vm: string) => Promise<void>;
+const stopHooks: StopHook[] = [];
+
+/** Register a hook every stopVm runs first; returns its removal. */
+export function onStop(hook: StopHook): () => void {
+  stopHooks.push(hook);
+  return () => {
+    const i = stopHooks.indexOf(hook);
+    if (i >= 0) stopHooks.splice(i, 1);
+  };
+}
+
+/** Stop a VM: run the stop hooks, ask its supervisor, escalate to signals if it does not answer. */
 export async function stopVm(name: string, opts: { timeoutMs?: number } = {}): Promise<VmState> {
   const state = readState(name);
   if (!state) throw new VmNotFoundError(name);
   if (!isLive(state)) return state;
-  // End protection first, so disk layers are merged back while QEMU still runs.
-  const { isProtected, unprotectVm } = await import('../checkpoint/protection.js');
-  if (isProtected(name)) await unprotectVm(name, 120_000);
+  for (const hook of stopHooks) await hook(name);
   try {
     await controlRequest(name, 'POST', '/stop', opts.timeoutMs ?? 10_000);
   } catch {

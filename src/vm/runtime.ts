@@ -2,6 +2,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { vmDir, vmsDir } from '../config/paths.js';
 import type { QemuRuntimePaths } from './qemu-args.js';
+import { pidAlive } from '../util/pid.js';
+import { writeFileAtomicSync } from '../util/atomic-write.js';
 
 /**
  * The runtime directory of one VM: $HYDRAVM_HOME/vms/NAME/
@@ -70,26 +72,8 @@ export function readState(name: string): VmState | undefined {
 }
 
 export function writeState(state: VmState): void {
-  const file = vmPaths(state.name).state;
-  const tmp = `${file}.tmp-${process.pid}`;
-  fs.writeFileSync(tmp, JSON.stringify(state, null, 2) + '\n');
-  fs.renameSync(tmp, file);
-}
-
-export function pidAlive(pid: number | undefined | null): boolean {
-  if (!pid) return false;
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
-  }
-  // A zombie has exited; it only waits for its parent (or init) to reap it.
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
-  }
+  // Not fsynced: it describes live processes, and the supervisor rewrites it on every transition.
+  writeFileAtomicSync(vmPaths(state.name).state, JSON.stringify(state, null, 2) + '\n', { durable: false });
 }
 
 /** A VM counts as live while its supervisor or its QEMU process exists. */

@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import { VmError } from '../errors.js';
+import { sleep } from '../util/sleep.js';
 
 /** Reading what the guest printed on its serial console (the serial log). */
 
@@ -39,7 +40,7 @@ export async function waitForSerial(file: string, predicate: (text: string) => b
     const text = readSerial(file).slice(fromOffset);
     if (predicate(text)) return text;
     if (Date.now() > deadline) throw new VmError('HYDRA_VM_SERIAL_TIMEOUT', `timed out after ${timeoutMs} ms waiting on serial log ${file}; last lines:\n${text.split('\n').slice(-5).join('\n')}`);
-    await new Promise((r) => setTimeout(r, 100));
+    await sleep(100);
   }
 }
 

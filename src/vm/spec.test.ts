@@ -1,11 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { loadSpecFile, parseSize, validateSpec, checkSpecFiles } from './spec.js';
 import { chooseAccel } from './accel.js';
 import { SpecError } from '../errors.js';
+import { tmpDir } from '../../test/support/tmp.js';
 
 const base = { name: 'web1', memory: '512M', kernel: '/boot/vmlinuz', cmdline: 'console=ttyS0' };
 
@@ -41,7 +41,7 @@ test('bad specs name the field at fault', () => {
 });
 
 test('spec files: YAML and JSON parse, syntax errors and missing files are clear', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'spec-'));
+  const dir = tmpDir('spec');
   fs.writeFileSync(path.join(dir, 'a.yaml'), 'name: a\nmemory: 256M\nkernel: k\n');
   assert.equal(loadSpecFile(path.join(dir, 'a.yaml')).kernel, path.join(dir, 'k'));
   fs.writeFileSync(path.join(dir, 'b.json'), '{"name": "b", "memory": "256M"');

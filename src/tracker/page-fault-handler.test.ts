@@ -1,17 +1,13 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { Dirtier, PAGE, ensureNativeBuilt } from '../../test/fixtures/dirtier.js';
+import { Dirtier, PAGE, dirtierPool, ensureNativeBuilt } from '../../test/fixtures/dirtier.js';
 import { TrackerError } from '../errors.js';
 import { DirtyTracker } from '../tracker/index.js';
 import { MissingPageHandler } from './page-fault-handler.js';
 
-const live: Dirtier[] = [];
+const pool = dirtierPool();
+const dirtier = pool.start;
 const handlers: MissingPageHandler[] = [];
-async function dirtier(pages: number, opts?: Parameters<typeof Dirtier.start>[1]): Promise<Dirtier> {
-  const d = await Dirtier.start(pages, opts);
-  live.push(d);
-  return d;
-}
 async function handler(pid: number): Promise<MissingPageHandler> {
   const h = await MissingPageHandler.attach(pid);
   handlers.push(h);
@@ -24,7 +20,7 @@ before(() => {
 });
 after(async () => {
   for (const h of handlers) h.close();
-  await Promise.all(live.map((d) => d.kill()));
+  await pool.killAll();
 });
 
 describe('MissingPageHandler', () => {

@@ -1,6 +1,6 @@
+// The missing-page side of a network-mode slim restore: fills a QEMU process's guest RAM on demand through userfaultfd.
 /**
- * The missing-page side of a network-mode slim restore (DESIGN.md "Slim
- * restore", network mode): QEMU runs with shared memfd RAM and the shim; before
+ * QEMU runs with shared memfd RAM and the shim; before
  * `migrate-incoming`, this handler takes one of QEMU's userfaultfds, registers
  * the RAM range in MISSING mode, and every first touch of a page (guest or
  * QEMU itself) blocks until fill() supplies it with UFFDIO_COPY.
@@ -23,12 +23,12 @@
  * Errors are TrackerErrors with the tracker's codes (HYDRA_TRACKER_*), since
  * they come from the same native layer.
  */
-import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
 import { TrackerError } from '../errors.js';
-import { loadNative, type RawAddon } from '../native/index.js';
-import { findGuestRam, mappingStillThere, processStartTime, type GuestRamMapping, type GuestRamSelector } from '../tracker/guest-ram.js';
-import { populatedRunsOf, type DirtyRun } from '../tracker/dirty-tracker.js';
-import { errnoCode, errnoText, processGoneError, takeUffd } from '../tracker/uffd.js';
+import type { RawAddon } from '../native/index.js';
+import type { GuestRamMapping, GuestRamSelector } from './guest-ram.js';
+import { populatedRunsOf, type DirtyRun } from './dirty-tracker.js';
+import { errnoCode, errnoText, processGoneError } from './uffd.js';
+import { UffdSession } from './uffd-session.js';
 
 export interface MissingPageHandlerOptions extends GuestRamSelector {}
 
@@ -50,33 +50,23 @@ export class MissingPageHandler {
   /** Faults seen and pages placed, for metrics. */
   readonly stats = { faults: 0, fills: 0, bytesFilled: 0, bytesExisted: 0 };
 
+  readonly #session: UffdSession;
   readonly #native: RawAddon;
   readonly #uffd: number;
-  readonly #pidfd: number;
   readonly #cancelFd: number;
-  readonly #ramFd: number;
-  readonly #ramIno: number;
-  readonly #startTime: number | undefined;
   #waiting: Promise<unknown> | undefined;
   #closed = false;
-  #fdsClosed = false;
 
-  private constructor(a: {
-    native: RawAddon; pid: number; mapping: GuestRamMapping; uffd: number; pidfd: number; cancelFd: number;
-    ramFd: number; ramIno: number; startTime: number | undefined;
-  }) {
-    this.#native = a.native;
-    this.pid = a.pid;
-    this.mapping = a.mapping;
-    this.ramStart = a.mapping.start;
-    this.ramSize = a.mapping.size;
-    this.pageSize = a.native.pageSize;
-    this.#uffd = a.uffd;
-    this.#pidfd = a.pidfd;
-    this.#cancelFd = a.cancelFd;
-    this.#ramFd = a.ramFd;
-    this.#ramIno = a.ramIno;
-    this.#startTime = a.startTime;
+  private constructor(session: UffdSession, cancelFd: number) {
+    this.#session = session;
+    this.#native = session.native;
+    this.pid = session.pid;
+    this.mapping = session.mapping;
+    this.ramStart = session.mapping.start;
+    this.ramSize = session.mapping.size;
+    this.pageSize = session.native.pageSize;
+    this.#uffd = session.uffd;
+    this.#cancelFd = cancelFd;
   }
 
   /**
@@ -84,38 +74,25 @@ export class MissingPageHandler {
    * this VM left registered) and register its guest RAM in MISSING mode.
    */
   static async attach(qemuPid: number, opts: MissingPageHandlerOptions = {}): Promise<MissingPageHandler> {
-    const native = loadNative();
-    const C = native.constants;
     const pid = qemuPid;
-    const startTime = processStartTime(pid);
-    if (startTime === undefined) throw processGoneError(pid, `no live process ${pid}`);
-    const mapping = findGuestRam(pid, opts);
-    const taken = takeUffd(pid, 'missing', C.UFFD_FEATURE_WP_ASYNC, native);
-    const cleanup: Array<() => void> = [() => native.close(taken.fd), () => native.close(taken.pidfd)];
+    const session = UffdSession.open(pid, 'missing', opts);
+    const { native, mapping } = session;
+    const C = native.constants;
     try {
-      let ramFd: number;
-      try {
-        ramFd = openSync(mapping.mapFilesPath, fsConstants.O_RDONLY);
-      } catch (err) {
-        if (processStartTime(pid) !== startTime) throw processGoneError(pid, `opening ${mapping.mapFilesPath}`, err);
-        throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping ${mapping.mapFilesPath} vanished while attaching: ${errnoText(err)}`, { cause: err });
-      }
-      cleanup.push(() => closeSync(ramFd));
-      const ramIno = fstatSync(ramFd).ino;
-      if (taken.features === 0) {
+      if (session.features === 0) {
         try {
-          native.uffdApi(taken.fd, 0);
+          native.uffdApi(session.uffd, 0);
         } catch (err) {
-          throw new TrackerError('HYDRA_TRACKER_ARM_FAILED', `process ${pid}: UFFDIO_API on its userfaultfd (fd ${taken.targetFd}): ${errnoText(err)}`, { cause: err });
+          throw new TrackerError('HYDRA_TRACKER_ARM_FAILED', `process ${pid}: UFFDIO_API on its userfaultfd (fd ${session.targetFd}): ${errnoText(err)}`, { cause: err });
         }
       }
-      native.setNonblock(taken.fd);
+      native.setNonblock(session.uffd);
       let ioctls: number;
       try {
-        ioctls = native.uffdRegister(taken.fd, mapping.start, mapping.size, C.UFFDIO_REGISTER_MODE_MISSING);
+        ioctls = native.uffdRegister(session.uffd, mapping.start, mapping.size, C.UFFDIO_REGISTER_MODE_MISSING);
       } catch (err) {
         const code = errnoCode(err);
-        if (code === 'ESRCH' || processStartTime(pid) !== startTime) throw processGoneError(pid, 'UFFDIO_REGISTER (missing)', err);
+        if (code === 'ESRCH' || !session.isAlive()) throw processGoneError(pid, 'UFFDIO_REGISTER (missing)', err);
         const where = `guest RAM 0x${mapping.start.toString(16)}+${mapping.size} (${mapping.path})`;
         if (code === 'EBUSY') throw new TrackerError('HYDRA_TRACKER_RANGE_BUSY', `process ${pid}: UFFDIO_REGISTER (missing) on ${where}: registered with another userfaultfd (a tracker attached?): ${errnoText(err)}`, { cause: err });
         if (code === 'ENOMEM') throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: UFFDIO_REGISTER (missing) on ${where}: not mapped in the process that created the userfaultfd: ${errnoText(err)}`, { cause: err });
@@ -125,11 +102,10 @@ export class MissingPageHandler {
         throw new TrackerError('HYDRA_TRACKER_KERNEL_UNSUPPORTED', `process ${pid}: UFFDIO_COPY is not available on its RAM mapping ${mapping.path} (ioctls 0x${ioctls.toString(16)})`);
       }
       const cancelFd = native.eventfdCreate();
-      return new MissingPageHandler({ native, pid, mapping, uffd: taken.fd, pidfd: taken.pidfd, cancelFd, ramFd, ramIno, startTime });
+      session.onClose(() => native.close(cancelFd));
+      return new MissingPageHandler(session, cancelFd);
     } catch (err) {
-      for (const f of cleanup.reverse()) {
-        try { f(); } catch { /* best effort */ }
-      }
+      session.close();
       throw err;
     }
   }
@@ -139,7 +115,7 @@ export class MissingPageHandler {
   }
 
   isAlive(): boolean {
-    return processStartTime(this.pid) === this.#startTime;
+    return this.#session.isAlive();
   }
 
   /**
@@ -150,7 +126,7 @@ export class MissingPageHandler {
   async waitFaults(timeoutMs: number): Promise<number[]> {
     this.#check('waitFaults');
     if (this.#waiting) throw new TrackerError('HYDRA_TRACKER_BUSY', `missing-page handler of process ${this.pid}: waitFaults() already in progress`);
-    const p = this.#native.waitFaults(this.#uffd, this.#cancelFd, this.#pidfd, timeoutMs);
+    const p = this.#native.waitFaults(this.#uffd, this.#cancelFd, this.#session.pidfd, timeoutMs);
     this.#waiting = p;
     let r;
     try {
@@ -210,7 +186,7 @@ export class MissingPageHandler {
   isPopulated(offset: number): boolean {
     this.#check('isPopulated');
     const pos = this.mapping.fileOffset + offset;
-    const d = this.#native.lseek(this.#ramFd, pos, 'data');
+    const d = this.#native.lseek(this.#session.ramFd, pos, 'data');
     return d >= 0 && d < pos + this.pageSize;
   }
 
@@ -218,7 +194,7 @@ export class MissingPageHandler {
   nextMissing(from = 0): number {
     this.#check('nextMissing');
     const base = this.mapping.fileOffset;
-    const hole = this.#native.lseek(this.#ramFd, base + from, 'hole');
+    const hole = this.#native.lseek(this.#session.ramFd, base + from, 'hole');
     if (hole < 0 || hole >= base + this.ramSize) return -1;
     return hole - base;
   }
@@ -226,7 +202,7 @@ export class MissingPageHandler {
   /** Populated runs of guest RAM (what is already in). */
   populatedRuns(): DirtyRun[] {
     this.#check('populatedRuns');
-    return populatedRunsOf(this.#native, this.#ramFd, this.mapping.fileOffset, this.ramSize);
+    return populatedRunsOf(this.#native, this.#session.ramFd, this.mapping.fileOffset, this.ramSize);
   }
 
   /**
@@ -246,7 +222,7 @@ export class MissingPageHandler {
   #runtimeError(step: string, err: unknown): TrackerError {
     const code = errnoCode(err);
     if (code === 'ESRCH' || !this.isAlive()) return processGoneError(this.pid, step, err);
-    if (code === 'ENOENT' || !mappingStillThere(this.mapping, this.#ramIno)) {
+    if (code === 'ENOENT' || !this.#session.mappingUnchanged()) {
       return new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${this.pid}: ${step}: guest RAM mapping 0x${this.ramStart.toString(16)}+${this.ramSize} is no longer the registered one: ${errnoText(err)}`, { cause: err });
     }
     return new TrackerError('HYDRA_TRACKER_FILL_FAILED', `process ${this.pid}: ${step}: ${errnoText(err)}`, { cause: err });
@@ -265,11 +241,6 @@ export class MissingPageHandler {
   }
 
   #closeFds(): void {
-    if (this.#fdsClosed) return;
-    this.#fdsClosed = true;
-    for (const fd of [this.#uffd, this.#pidfd, this.#cancelFd]) {
-      try { this.#native.close(fd); } catch { /* ignore */ }
-    }
-    try { closeSync(this.#ramFd); } catch { /* ignore */ }
+    this.#session.close();
   }
 }

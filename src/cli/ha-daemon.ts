@@ -1,12 +1,13 @@
+// Entry of the detached HA daemons (agent, manager) an embedded cluster starts.
 /**
  * Entry of the detached HA daemons started by `hydravm cluster up` /
- * startEmbeddedCluster(): `daemon.js agent ...` and `daemon.js manager ...`
+ * startEmbeddedCluster(): `ha-daemon.js agent ...` and `ha-daemon.js manager ...`
  * take the same options as `hydravm agent` and `hydravm manager`. It exists
  * so the embedded cluster can run from the sources (tsx) as well as from dist.
  */
 import { Command } from 'commander';
 import { HydraError } from '../errors.js';
-import { registerHaCommands } from '../cli/ha-commands.js';
+import { registerHaCommands } from './ha-commands.js';
 
 const program = new Command();
 program.name('hydravm-ha-daemon');

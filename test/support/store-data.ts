@@ -1,32 +1,12 @@
-/** Shared helpers for the store tests (not a test file itself). */
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+// Helpers of the store tests: deterministic page data, synthetic incrementals, a store process to crash.
 import { createHash, randomBytes } from 'node:crypto';
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import type { PageRun } from '../protocol/index.js';
+import type { PageRun } from '../../src/protocol/index.js';
+import { spawnStore as spawnStoreProcess } from '../../src/store/index.js';
 
 export const PAGE = 4096;
 export const SECRET = 'test-cluster-secret';
 
-const created: string[] = [];
-process.on('exit', () => {
-  for (const d of created) {
-    try {
-      fs.rmSync(d, { recursive: true, force: true });
-    } catch {
-      // a still-mounted tmpfs: the test's own cleanup reports it
-    }
-  }
-});
-
-/** A fresh temp directory, removed when the test process exits. */
-export function tmpDir(prefix = 'hydra-store-'): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  created.push(d);
-  return d;
-}
+export { tmpDir } from './tmp.js';
 
 export function sha256(b: Buffer): string {
   return createHash('sha256').update(b).digest('hex');
@@ -87,33 +67,23 @@ export function applyToBuffer(img: Buffer, runs: PageRun[], data: Buffer): void 
 
 export { randomBytes };
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-
-export interface StoreProcess {
+export interface TestStoreProcess {
   address: string;
   /** Resolves with the exit signal (or code). */
   exited: Promise<NodeJS.Signals | number | null>;
   kill(signal?: NodeJS.Signals): void;
 }
 
-/** Run the store as its own process (src/store/store-process.ts), with extra env (e.g. HYDRAVM_STORE_CRASH_AT). */
-export function spawnStore(dir: string, env: Record<string, string> = {}): Promise<StoreProcess> {
-  // Compiled tests (dist/) run the compiled entry; tests run from sources go through tsx.
-  const entry = import.meta.url.endsWith('.ts') ? ['--import', 'tsx', path.join(here, 'store-process.ts')] : [path.join(here, 'store-process.js')];
-  const child = spawn(process.execPath, [...entry, '--dir', dir, '--secret', SECRET], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, HYDRAVM_LOG_LEVEL: 'error', ...env },
+/**
+ * Run the store as its own process (`hydravm store`, as the demo and the
+ * benchmarks do), with the tests' secret and extra env (e.g. HYDRAVM_STORE_CRASH_AT).
+ */
+export async function spawnStore(dir: string, env: Record<string, string> = {}): Promise<TestStoreProcess> {
+  const p = await spawnStoreProcess({ dir, env: { ...process.env, HYDRAVM_SECRET: SECRET, HYDRAVM_LOG_LEVEL: 'error', ...env } });
+  const { proc } = p;
+  const exited = new Promise<NodeJS.Signals | number | null>((r) => {
+    if (proc.exitCode !== null || proc.signalCode !== null) r(proc.signalCode ?? proc.exitCode);
+    else proc.once('exit', (code, sig) => r(sig ?? code));
   });
-  let stderr = '';
-  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-  const exited = new Promise<NodeJS.Signals | number | null>((r) => child.on('exit', (code, sig) => r(sig ?? code)));
-  return new Promise((resolve, reject) => {
-    let out = '';
-    child.stdout.on('data', (b: Buffer) => {
-      out += b.toString();
-      const m = /LISTENING (\S+)/.exec(out);
-      if (m) resolve({ address: m[1]!, exited, kill: (sig = 'SIGKILL') => child.kill(sig) });
-    });
-    child.on('exit', () => reject(new Error(`store process exited before listening: ${stderr}`)));
-  });
+  return { address: p.address, exited, kill: (sig = 'SIGKILL') => proc.kill(sig) };
 }

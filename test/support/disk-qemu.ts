@@ -1,10 +1,14 @@
+// A QEMU with qcow2 disks and the test guest, started directly (no supervisor), for the disk tests.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { buildQemuArgs } from '../src/vm/qemu-args.js';
-import type { VmSpec } from '../src/vm/spec.js';
-import { connectWhenReady, type QmpClient } from '../src/qmp/index.js';
+import { buildQemuArgs } from '../../src/vm/qemu-args.js';
+import type { VmSpec } from '../../src/vm/spec.js';
+import { connectWhenReady, type QmpClient } from '../../src/qmp/index.js';
+
+export { tmpDir } from './tmp.js';
+export { sleep } from '../../src/util/sleep.js';
 
 /**
  * Test harness for the disk tests: QEMU started directly with the project's
@@ -18,10 +22,6 @@ export const INITRD = path.join(GUEST_DIR, 'initrd.img');
 
 export function guestAvailable(): boolean {
   return fs.existsSync(KERNEL) && fs.existsSync(INITRD);
-}
-
-export function tmpDir(prefix: string): string {
-  return fs.mkdtempSync(path.join('/tmp', `hv-${prefix}-`));
 }
 
 export function sh(cmd: string, args: string[]): string {
@@ -160,6 +160,3 @@ export function percentile(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
 }
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}

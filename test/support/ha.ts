@@ -1,21 +1,22 @@
+// Helpers of the HA tests: an etcd lab, fake VMs, in-process agents, a partitionable proxy.
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { pino } from 'pino';
-import { startEtcd, type EtcdProcess } from '../src/ha/etcd-process.js';
-import { Cluster, keys, type VmRecord } from '../src/ha/cluster.js';
-import { HostAgent, type AgentOptions } from '../src/ha/agent.js';
-import { writeHaLocal } from '../src/ha/local-vm.js';
-import type { RestoreFn } from '../src/ha/restore-adapter.js';
+import { startEtcd, type EtcdProcess } from '../../src/ha/etcd-process.js';
+import { Cluster, keys, type VmRecord } from '../../src/ha/cluster.js';
+import { HostAgent, type AgentOptions } from '../../src/ha/agent.js';
+import { writeHaLocal } from '../../src/ha/local-vm.js';
+import type { RestoreFn } from '../../src/ha/restore-adapter.js';
+import { tmpDir } from './tmp.js';
+
+export { tmpDir } from './tmp.js';
+export { until } from './until.js';
 
 /** Test scaffolding for the HA layer: a real etcd per test, fake VMs made of `sleep` processes. */
 export const GiB = 1024 ** 3;
 export const quiet = pino({ level: process.env.HA_TEST_LOG ?? 'silent' }, pino.destination({ fd: 2, sync: true }));
-
-export function tmpDir(prefix: string): string {
-  return fs.mkdtempSync(path.join('/tmp', `hv-ha-${prefix}-`));
-}
 
 export interface EtcdLab {
   dir: string;
@@ -168,21 +169,6 @@ export async function inProcessAgent(lab: EtcdLab, host: string, extra: Partial<
   lab.defer(() => agent.stop());
   await agent.start();
   return agent;
-}
-
-export async function until<T>(what: string, fn: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 10_000, everyMs = 10): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    let v: T | undefined | false;
-    try {
-      v = await fn();
-    } catch {
-      v = undefined;
-    }
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for: ${what}`);
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
 }
 
 /** A TCP proxy in front of etcd whose link can be cut (a network partition of whoever uses it). */

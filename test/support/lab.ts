@@ -1,12 +1,12 @@
+// A lab for tests that drive HydraVM through its CLI: an own HYDRAVM_HOME, the CLI, a store.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { spawnSync, spawn } from 'node:child_process';
-import { cliEntry } from '../src/config/paths.js';
-import { spawnStore, type StoreProcess } from '../src/store/spawn.js';
+import { cliEntry } from '../../src/config/paths.js';
+import { spawnStore, type StoreProcess } from '../../src/store/index.js';
 
 /**
- * Test harness: each test file gets its own HYDRAVM_HOME so runs never see
+ * Each test file gets its own HYDRAVM_HOME so runs never see
  * each other's VMs, and drives HydraVM through its real CLI as a user would.
  */
 export interface Lab {
@@ -76,13 +76,10 @@ export function makeLab(prefix: string): Lab {
   return lab;
 }
 
-export { pidAlive } from '../src/vm/runtime.js';
-
-export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-export function tmpDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-}
+export { pidAlive } from '../../src/util/pid.js';
+export { sleep } from '../../src/util/sleep.js';
+export { tmpDir } from './tmp.js';
+export { until } from './until.js';
 
 /** A checkpoint store started through the CLI, as a user would. */
 export function startStore(lab: Lab, dir: string, port = 0): Promise<StoreProcess> {
@@ -94,16 +91,5 @@ export function readJson<T>(file: string): T | undefined {
     return JSON.parse(fs.readFileSync(file, 'utf8')) as T;
   } catch {
     return undefined;
-  }
-}
-
-/** Wait until `fn` returns a truthy value. */
-export async function until<T>(fn: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs: number, what: string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(50);
   }
 }
