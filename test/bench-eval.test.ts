@@ -3,7 +3,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab } from './helpers.js';
+import { makeLab } from './support/lab.js';
 
 const lab = makeLab('evaltest');
 after(() => lab.cleanup());

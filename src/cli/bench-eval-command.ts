@@ -20,7 +20,7 @@ export function registerEvalCommands(bench: Command): void {
     .option('--checkpoints <n>', 'incremental checkpoints per protection in the size part (default 10; --quick 3)')
     .option('--window <s>', 'seconds per measuring window (default 30; --quick 8)')
     .action(async (o: { quick: boolean; only?: string; out: string; sizes?: string; vms?: string; baselineSizes?: string; repeats?: string; rounds?: string; checkpoints?: string; window?: string }) => {
-      const { runEval, parseOnly } = await import('../bench/eval/index.js');
+      const { runEval, parseOnly } = await import('../bench/index.js');
       const only = parseOnly(list(o.only));
       const overrides = Object.fromEntries(Object.entries({
         sizesGb: nums(o.sizes), vmCounts: nums(o.vms), baselineSizesGb: nums(o.baselineSizes),
@@ -39,7 +39,7 @@ export function registerEvalCommands(bench: Command): void {
     .option('--out <file>', 'page to write', path.join('docs', 'evaluation.md'))
     .option('--none', 'write the page without results (method and how to reproduce only)', false)
     .action(async (o: { json: string; out: string; none: boolean }) => {
-      const { readEvalDocument, renderPage } = await import('../bench/eval/index.js');
+      const { readEvalDocument, renderPage } = await import('../bench/index.js');
       const doc = o.none || !fs.existsSync(o.json) ? null : readEvalDocument(o.json);
       fs.writeFileSync(o.out, renderPage(doc, o.json));
       process.stdout.write(`written: ${o.out}${doc ? ` from ${o.json}` : ' (no results)'}\n`);

@@ -1,7 +1,6 @@
 // Driving a Debian workload VM: its spec, and the timestamped `hydra-workload:` lines its runner prints on the serial console.
 import fs from 'node:fs';
-import { validateSpec, type VmSpec } from '../../vm/spec.js';
-import { vmPaths } from '../../vm/runtime.js';
+import { validateSpec, type VmSpec, vmPaths } from '../../vm/index.js';
 import { BenchError } from '../../errors.js';
 import { sleep } from '../../util/sleep.js';
 import type { DebianWorkload } from './workloads.js';

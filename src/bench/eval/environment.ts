@@ -2,8 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { execFileSync } from 'node:child_process';
-import { findQemu } from '../../vm/manager.js';
-import { chooseAccel } from '../../vm/accel.js';
+import { findQemu, chooseAccel } from '../../vm/index.js';
 import { packageRoot } from '../../config/paths.js';
 import type { Environment, LoadSample } from './types.js';
 

@@ -1,9 +1,6 @@
 // The memcheck test guest as an evaluation workload: boot it over (nearly) all its RAM, read its progress, kill and slim-restore it.
 import fs from 'node:fs';
-import { validateSpec, type VmSpec } from '../../vm/spec.js';
-import { startVm, stopVm } from '../../vm/manager.js';
-import { vmPaths, readState, isLive } from '../../vm/runtime.js';
-import { readSerial } from '../../vm/serial.js';
+import { validateSpec, type VmSpec, startVm, stopVm, vmPaths, readState, isLive, readSerial } from '../../vm/index.js';
 import { restoreVm, type RestoreResult } from '../../restore/index.js';
 import { BenchError } from '../../errors.js';
 import { sleep } from '../../util/sleep.js';

@@ -2,10 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { stopVm, findQemu } from '../../../vm/manager.js';
-import { vmPaths, removeStaleSockets } from '../../../vm/runtime.js';
-import { buildQemuArgs } from '../../../vm/qemu-args.js';
-import { chooseAccel } from '../../../vm/accel.js';
+import { stopVm, findQemu, vmPaths, removeStaleSockets, buildQemuArgs, chooseAccel } from '../../../vm/index.js';
 import { shimPath } from '../../../config/paths.js';
 import { benchEnv } from '../../harness.js';
 import { connectWhenReady, type QmpClient } from '../../../qmp/index.js';

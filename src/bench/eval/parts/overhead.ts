@@ -1,5 +1,5 @@
 // Protection overhead: memcheck's throughput on the same VM, unprotected and protected, alternating.
-import { protectVm, unprotectVm, readCheckpointHistory } from '../../../checkpoint/protection.js';
+import { protectVm, unprotectVm, readCheckpointHistory } from '../../../checkpoint/index.js';
 import { benchEnv } from '../../harness.js';
 import { sleep } from '../../../util/sleep.js';
 import { bootMemcheck, stepsPerSecond, stopQuietly } from '../memcheck-guest.js';

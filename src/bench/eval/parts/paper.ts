@@ -1,14 +1,13 @@
 // The paper's Figures 2-4 and Table II on its own two workloads inside the Debian guest (waits until that image and CoW land).
-import { protectVm, unprotectVm, readCheckpointHistory } from '../../../checkpoint/protection.js';
+import { protectVm, unprotectVm, readCheckpointHistory } from '../../../checkpoint/index.js';
 import { restoreVm, type RestoreMode } from '../../../restore/index.js';
-import { startVm } from '../../../vm/manager.js';
-import { readState, isLive } from '../../../vm/runtime.js';
+import { startVm, readState, isLive } from '../../../vm/index.js';
 import { benchEnv, type BenchEnv } from '../../harness.js';
 import { debianSpec, WorkloadWatch } from '../debian-guest.js';
 import { DEBIAN_WORKLOADS, missing, NEED_TEXT, type DebianWorkload, type Need } from '../workloads.js';
 import { stopQuietly, waitFor } from '../memcheck-guest.js';
 import type { Part, PartContext } from '../part.js';
-import type { CheckpointStats } from '../../../checkpoint/stats.js';
+import type { CheckpointStats } from '../../../checkpoint/index.js';
 
 export const PAPER_INTERVALS_S = [1, 2, 5, 10];
 

@@ -1,5 +1,5 @@
 // Scaling with VM size: full checkpoint, pause at a fixed dirty rate, restore spawn → running, memory complete; and the memory held elsewhere.
-import { protectVm, unprotectVm, readProtection, readCheckpointHistory } from '../../../checkpoint/protection.js';
+import { protectVm, unprotectVm, readProtection, readCheckpointHistory } from '../../../checkpoint/index.js';
 import { benchEnv } from '../../harness.js';
 import { BenchError } from '../../../errors.js';
 import { sleep } from '../../../util/sleep.js';

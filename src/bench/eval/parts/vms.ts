@@ -1,5 +1,5 @@
 // Scaling with the number of VMs protected to one store: commit latency, achieved interval, store RSS and CPU.
-import { protectVm, unprotectVm, readCheckpointHistory } from '../../../checkpoint/protection.js';
+import { protectVm, unprotectVm, readCheckpointHistory } from '../../../checkpoint/index.js';
 import { benchEnv } from '../../harness.js';
 import { sleep } from '../../../util/sleep.js';
 import { bootMemcheck, stopQuietly } from '../memcheck-guest.js';
