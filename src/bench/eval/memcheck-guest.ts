@@ -7,12 +7,13 @@ import { sleep } from '../../util/sleep.js';
 
 /**
  * memcheck's working set for a fully populated guest of `memoryMb`: all RAM
- * but what the kernel, the initramfs and memcheck's own index need (the
- * kernel's page structs grow with RAM, ~1.6 %). memcheck writes every page of
- * its working set before its first progress line.
+ * but what the kernel, the initramfs and memcheck's own index need. The
+ * kernel's share grows with RAM (page structs, zone watermarks): a 4 GB guest
+ * runs out of memory at 96 % - 112 MB, so 8 % is left. memcheck writes every
+ * page of its working set before its first progress line.
  */
 export function fullWorkingSetMb(memoryMb: number): number {
-  return Math.max(16, Math.floor(memoryMb * 0.96) - 112);
+  return Math.max(16, Math.floor(memoryMb * 0.92) - 112);
 }
 
 export interface MemcheckGuestOptions {
@@ -54,6 +55,8 @@ export async function bootMemcheck(o: MemcheckGuestOptions): Promise<{ spec: VmS
     if (s.step !== null) return { spec, bootMs: performance.now() - t0 };
     const text = readSerial(vmPaths(o.name).serialLog);
     if (/MEMCHECK ERROR/.test(text)) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${o.name}: memcheck failed to start: ${/MEMCHECK ERROR[^\n]*/.exec(text)![0]}`);
+    const oom = /Out of memory: Killed process \d+ \(memcheck\)[^\n]*/.exec(text);
+    if (oom) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${o.name}: the guest kernel killed memcheck (${o.workingSetMb} MB of ${o.memoryMb} MB): ${oom[0].trim()}`);
     if (!isLive(readState(o.name))) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${o.name} exited before memcheck started (see ${vmPaths(o.name).qemuLog})`);
     if (performance.now() > deadline) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${o.name}: no memcheck progress within ${Math.round((deadline - t0) / 1000)} s of its start (see ${vmPaths(o.name).serialLog})`);
     await sleep(250);

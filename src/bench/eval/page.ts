@@ -64,7 +64,7 @@ export function renderPage(doc: EvalDocument | null, source: string): string {
     '',
     '## Method',
     '',
-    '- **Guest now:** the memcheck test guest (busybox initramfs; memcheck writes pages at a set rate and verifies them). "Fully populated" means memcheck over all RAM but ~4 % + 112 MB (kernel, initramfs, page structs); it writes every page before its first progress line.',
+    '- **Guest now:** the memcheck test guest (busybox initramfs; memcheck writes pages at a set rate and verifies them). "Fully populated" means memcheck over all RAM but 8 % + 112 MB (kernel, initramfs, page structs); it writes every page before its first progress line.',
     '- **Scaling with VM size** (0.5, 1, 2, 4 GB): per size, rounds of protect (every 1 s, dirtying 32 MB/s) → incremental checkpoints → stop checkpointing → SIGKILL of QEMU → slim restore in network mode with prefetch. Full checkpoint = the initial copy while the VM runs; pause = QMP `stop` to `cont`; restore = QEMU spawn → running; memory complete = running → the pager holding every page.',
     '- **VMs per store** (1, 2, 4): 512 MB guests, memcheck 64 MB at 16 MB/s, protected every 1 s to one store process; commit latency and achieved interval from each checkpoint\'s record, store RSS and CPU from `/proc/<pid>/status` and `/proc/<pid>/stat` over the window.',
     '- **Growth:** a least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero, else the slope per GB or per VM.',

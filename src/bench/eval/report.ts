@@ -46,7 +46,7 @@ function sizeSection(p: PartResult<SizeSample>, r: Rendered): string[] {
   const s = p.samples;
   const sizes = [...new Set(s.map((x) => x.sizeGb))];
   const by = (g: number) => s.filter((x) => x.sizeGb === g);
-  const out = [`## Scaling with VM size`, '', ...statusBlock(p), `${loadLine(p)}. Guest: memcheck over all RAM but ~4 % + 112 MB (fully populated), writing ${p.config.dirtyRateMb} MB/s, protected every ${Number(p.config.intervalMs) / 1000} s; ${p.config.rounds} protect → kill → network restore round(s) per size, ${p.config.checkpointsPerRound} incremental checkpoints each. Cells: median (min-max) over samples.`, ''];
+  const out = [`## Scaling with VM size`, '', ...statusBlock(p), `${loadLine(p)}. Guest: memcheck over all RAM but 8 % + 112 MB (fully populated), writing ${p.config.dirtyRateMb} MB/s, protected every ${Number(p.config.intervalMs) / 1000} s; ${p.config.rounds} protect → kill → network restore round(s) per size, ${p.config.checkpointsPerRound} incremental checkpoints each. Cells: median (min-max) over samples.`, ''];
   out.push('| VM size | rounds | full checkpoint | full ckpt size | pause median | pause p99 | MB per ckpt | commit median | restore spawn → running | kill → running | memory complete after running | paper (512 MB) |');
   out.push('|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const g of sizes) {
@@ -123,7 +123,7 @@ function vmsSection(p: PartResult<VmsSample>, r: Rendered): string[] {
 
 function baselineSection(p: PartResult<BaselineSample>, size: PartResult<SizeSample> | undefined, r: Rendered): string[] {
   const s = p.samples;
-  const out = [`## Baseline: QEMU full save/restore`, '', ...statusBlock(p), `${loadLine(p)}. A fully populated guest (memcheck over all RAM but ~4 % + 112 MB) is stopped and saved with \`migrate\` to \`file:\`; a new QEMU with the same arguments and \`-incoming defer\` loads it (\`migrate-incoming\`) and runs (\`cont\`). Cold: \`sync; echo 3 > /proc/sys/vm/drop_caches\`, then \`fincore\` must show at most 1 % of the file cached; warm: the file read just before.`, ''];
+  const out = [`## Baseline: QEMU full save/restore`, '', ...statusBlock(p), `${loadLine(p)}. A fully populated guest (memcheck over all RAM but 8 % + 112 MB) is stopped and saved with \`migrate\` to \`file:\`; a new QEMU with the same arguments and \`-incoming defer\` loads it (\`migrate-incoming\`) and runs (\`cont\`). Cold: \`sync; echo 3 > /proc/sys/vm/drop_caches\`, then \`fincore\` must show at most 1 % of the file cached; warm: the file read just before.`, ''];
   out.push('| VM size | cache | n | saved file | save | load | spawn → running | cold verified (cached before load) | HydraVM slim restore spawn → running (same size) | paper |');
   out.push('|---|---|---|---|---|---|---|---|---|---|');
   const cats: string[] = [];

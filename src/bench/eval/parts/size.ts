@@ -109,7 +109,7 @@ export const sizePart: Part<SizeSample> = {
     } finally {
       await env.close();
     }
-    return { config: { sizesGb: opts.sizesGb, dirtyRateMb: SIZE_DIRTY_RATE_MB, intervalMs: SIZE_INTERVAL_MS, checkpointsPerRound: opts.checkpoints, rounds: opts.restoreRounds, restoreMode: 'network, prefetch on', guest: 'memcheck over all RAM but ~4 % + 112 MB' }, samples, errors };
+    return { config: { sizesGb: opts.sizesGb, dirtyRateMb: SIZE_DIRTY_RATE_MB, intervalMs: SIZE_INTERVAL_MS, checkpointsPerRound: opts.checkpoints, rounds: opts.restoreRounds, restoreMode: 'network, prefetch on', guest: 'memcheck over all RAM but 8 % + 112 MB' }, samples, errors };
   },
 };
 
