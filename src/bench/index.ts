@@ -1,4 +1,4 @@
 // The benchmarks behind `hydravm bench` (the front door of src/bench).
 export { runCheckpointBench, type CheckpointBenchOptions } from './checkpoint-bench.js';
 export { runFailoverBench, type FailoverBenchOptions } from './failover-bench.js';
-export { runEval, readEvalDocument, renderPage, parseOnly } from './eval/index.js';
+export { runEval, readEvalDocument, renderPage, renderReport, parseOnly } from './eval/index.js';

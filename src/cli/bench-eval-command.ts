@@ -38,10 +38,18 @@ export function registerEvalCommands(bench: Command): void {
     .option('--json <file>', 'evaluation results', path.join('bench', 'results', 'eval', 'eval.json'))
     .option('--out <file>', 'page to write', path.join('docs', 'evaluation.md'))
     .option('--none', 'write the page without results (method and how to reproduce only)', false)
-    .action(async (o: { json: string; out: string; none: boolean }) => {
-      const { readEvalDocument, renderPage } = await import('../bench/index.js');
+    .option('--rerender', 'also rewrite eval.md and the SVG plots beside the JSON (after a change to the report code)', false)
+    .action(async (o: { json: string; out: string; none: boolean; rerender: boolean }) => {
+      const { readEvalDocument, renderPage, renderReport } = await import('../bench/index.js');
       const doc = o.none || !fs.existsSync(o.json) ? null : readEvalDocument(o.json);
       fs.writeFileSync(o.out, renderPage(doc, o.json));
+      if (doc && o.rerender) {
+        const r = renderReport(doc);
+        const dir = path.dirname(o.json);
+        fs.writeFileSync(path.join(dir, 'eval.md'), r.markdown);
+        for (const [file, svg] of Object.entries(r.charts)) fs.writeFileSync(path.join(dir, file), svg);
+        process.stdout.write(`rewritten: eval.md and ${Object.keys(r.charts).length} plots in ${dir}\n`);
+      }
       process.stdout.write(`written: ${o.out}${doc ? ` from ${o.json}` : ' (no results)'}\n`);
     });
 }
