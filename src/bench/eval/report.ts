@@ -71,7 +71,7 @@ function sizeSection(p: PartResult<SizeSample>, r: Rendered): string[] {
   out.push('', `Plots: ${series.map((se) => `\`size-${se.key}.svg\``).join(', ')}.`, '');
 
   out.push('### Memory cost against a standby VM', '');
-  out.push('Memory held while a VM is protected, against a standby-VM design that keeps one full copy of the VM\'s RAM on another host. Elsewhere: the store process (anonymous RSS, max over the protected window; its file pages are reclaimable cache, and one store serves many VMs, see the next section). On the VM\'s own host: its checkpointer, mostly the pre-faulted staging buffer the dirty pages are copied into during the pause.', '');
+  out.push('Memory held while a VM is protected, against a standby-VM design that keeps one full copy of the VM\'s RAM on another host. Elsewhere: the store process (anonymous RSS, max over the protected window; its file pages are reclaimable cache, and one store serves many VMs, see the next section). One store process serves the sizes one after another, so its RSS is a high-water mark that a smaller size may have set. On the VM\'s own host: its checkpointer, mostly the pre-faulted staging buffer the dirty pages are copied into during the pause.', '');
   out.push('| VM size | store RSS (anon), elsewhere | elsewhere / standby | checkpointer RSS (anon), VM\'s host | (store + checkpointer) / standby | standby VM | paper |');
   out.push('|---|---|---|---|---|---|---|');
   const ratios: { g: number; store: number; ck: number | null }[] = [];
