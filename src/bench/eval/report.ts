@@ -60,7 +60,7 @@ function sizeSection(p: PartResult<SizeSample>, r: Rendered): string[] {
     { key: 'restore', what: 'restore spawn → running', unit: 'ms', pts: s.map((x) => ({ x: x.sizeGb, y: x.restore?.spawnToRunningMs })) },
     { key: 'memory-complete', what: 'memory complete after running (network)', unit: 'ms', pts: s.map((x) => ({ x: x.sizeGb, y: x.restore?.completeAfterRunningMs })) },
   ];
-  out.push('', 'Growth with VM size (least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero):', '');
+  out.push('', `Growth with VM size (least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero)${Number(p.config.rounds) === 1 ? '. This run took one round per size, so full checkpoint, restore and memory-complete fits rest on one point per size: read them as indicative' : ''}:`, '');
   for (const se of series) {
     const fit = fitOf(se.pts, se.unit, 'GB');
     r.fits.push({ what: `${se.what} vs VM size`, fit });
@@ -94,7 +94,7 @@ function sizeSection(p: PartResult<SizeSample>, r: Rendered): string[] {
   return out;
 }
 
-function vmsSection(p: PartResult<VmsSample>, r: Rendered): string[] {
+function vmsSection(p: PartResult<VmsSample>, r: Rendered, cores: number): string[] {
   const s = p.samples;
   const out = [`## Scaling with VMs per store`, '', ...statusBlock(p), `${loadLine(p)}. Each VM: ${p.config.memoryMb} MB, memcheck over ${p.config.workingSetMb} MB at ${p.config.rateMb} MB/s, protected every ${Number(p.config.intervalMs) / 1000} s to one store process; measured over a ${p.config.windowS} s window after the initial checkpoints.`, ''];
   out.push('| VMs | checkpoints | commit median | commit p99 | achieved interval median | pause median | store RSS (anon) | store CPU (% of a core) | paper |');
@@ -116,6 +116,12 @@ function vmsSection(p: PartResult<VmsSample>, r: Rendered): string[] {
     out.push(`- ${se.what}: ${fit.text}`);
     const pts = se.pts.filter((q): q is { x: number; y: number } => typeof q.y === 'number');
     r.charts[`vms-${se.key}.svg`] = scatterChart({ title: `${se.what} vs VMs per store`, xLabel: 'VMs protected to one store', yLabel: se.unit, series: [{ name: 'samples', points: pts, fit: { slope: fit.slope, intercept: fit.intercept, label: fit.text } }] });
+  }
+  const configured = Number(p.config.intervalMs);
+  const holds = s.filter((x) => (med(x.intervalMs) ?? Infinity) <= configured * 1.2).map((x) => x.vms);
+  const misses = s.filter((x) => !holds.includes(x.vms));
+  if (s.length) {
+    out.push('', `**What fits:** ${holds.length ? `up to ${Math.max(...holds)} VM(s) per store hold the configured ${configured / 1000} s interval (median within 20 %)` : 'no count held the configured interval'}${misses.length ? `; with ${misses.map((x) => x.vms).join(', ')} VMs the achieved interval is ${misses.map((x) => `${f((med(x.intervalMs) ?? 0) / 1000, 1)} s`).join(', ')}, while the store uses ${misses.map((x) => `${f(x.storeCpuPct, 0)} %`).join(', ')} of a core, so the store is not what limits it: the VMs' TCG threads and their checkpointers share the ${cores} cores` : ''}.`);
   }
   out.push('', `Plots: ${series.map((se) => `\`vms-${se.key}.svg\``).join(', ')}.`, '', `Why the commit differs from the paper: ${PAPER.commit!.why} Why the interval does: ${PAPER.interval!.why}`, '');
   return out;
@@ -146,6 +152,11 @@ function baselineSection(p: PartResult<BaselineSample>, size: PartResult<SizeSam
   return out;
 }
 
+/** Per round: 1 - protected / unprotected steps/s, in %. */
+function overheads(rs: OverheadSample[]): number[] {
+  return rs.filter((x) => x.unprotectedStepsPerS && x.protectedStepsPerS !== null).map((x) => (1 - x.protectedStepsPerS! / x.unprotectedStepsPerS!) * 100);
+}
+
 function overheadSection(p: PartResult<OverheadSample>, r: Rendered): string[] {
   const s = p.samples;
   const out = [`## Protection overhead (same VM, unprotected vs protected)`, '', ...statusBlock(p), `${loadLine(p)}. A ${p.config.memoryMb} MB guest runs memcheck unthrottled over ${p.config.workingSetMb} MB (a worst case: it writes as fast as the vCPU can); each round measures its steps/s for ${p.config.windowS} s unprotected, then ${p.config.windowS} s protected every ${Number(p.config.intervalMs) / 1000} s (the paper's interval).`, ''];
@@ -156,11 +167,8 @@ function overheadSection(p: PartResult<OverheadSample>, r: Rendered): string[] {
     out.push(`| ${x.round} | ${x.mode} | ${f(x.unprotectedStepsPerS)} | ${f(x.protectedStepsPerS)} | ${f(pct)} % | ${x.checkpoints} | ${f(med(x.pauseMs))} ms | ${f(med(x.checkpointMb))} | ${PAPER.overhead!.paper} |`);
   }
   for (const mode of [...new Set(s.map((x) => x.mode))]) {
-    const m = s.filter((x) => x.mode === mode);
-    const u = med(m.map((x) => x.unprotectedStepsPerS));
-    const pr = med(m.map((x) => x.protectedStepsPerS));
-    const pct = u && pr !== null ? (1 - pr / u) * 100 : null;
-    out.push('', `${mode}, median over ${m.length} round(s): ${f(u)} → ${f(pr)} steps/s, overhead **${f(pct)} %**.`);
+    const pcts = overheads(s.filter((x) => x.mode === mode));
+    out.push('', `${mode}: overhead **${range(pcts, 1)} %** (median (min-max) of ${pcts.length} round(s), each protected against the unprotected window just before it).`);
   }
   if (s.length) r.charts['overhead.svg'] = barChart({ title: 'memcheck throughput, same VM', unit: 'steps/s', categories: s.map((x) => `round ${x.round} ${x.mode}`), series: [{ name: 'unprotected', values: s.map((x) => x.unprotectedStepsPerS) }, { name: `protected every ${Number(p.config.intervalMs) / 1000} s`, values: s.map((x) => x.protectedStepsPerS) }] });
   out.push('', 'Plot: `overhead.svg`.', '', `Why it differs from the paper: ${PAPER.overhead!.why}`, '');
@@ -188,16 +196,14 @@ function comparisonTable(doc: EvalDocument): string[] {
   const coldAll = base?.samples.filter((x) => x.cache === 'cold') ?? [];
   const coldGb = coldAll.some((x) => x.sizeGb === 1) ? 1 : Math.max(0, ...coldAll.map((x) => x.sizeGb));
   const coldGb1 = coldAll.filter((x) => x.sizeGb === coldGb);
-  const basic = over?.samples.filter((x) => x.mode === 'basic') ?? [];
-  const ou = med(basic.map((x) => x.unprotectedStepsPerS));
-  const op = med(basic.map((x) => x.protectedStepsPerS));
+  const basicPct = overheads(over?.samples.filter((x) => x.mode === 'basic') ?? []);
   const rows: [string, string, string][] = [
     ['pause', half.length ? `${f(med(half.flatMap((x) => x.pauseMs)))} ms median (0.5 GB, basic)` : '-', PAPER.pause!.why],
     ['commit', one ? `${f(med(one.commitMs), 0)} ms median for ~${f(med(one.checkpointMb ?? []), 0)} MB per checkpoint (1 VM)` : '-', PAPER.commit!.why],
     ['interval', one ? `${f(med(one.intervalMs), 0)} ms achieved for 1000 ms configured` : '-', PAPER.interval!.why],
     ['failover', half.length ? `${range(half.map((x) => x.restore?.killToRunningMs))} ms QEMU death → running (0.5 GB, network)` : '-', PAPER.failover!.why],
     ['fullRestore', coldGb1.length ? `${range(coldGb1.map((x) => x.spawnToRunningMs))} ms QEMU full restore, ${coldGb} GB fully populated, cold cache` : '-', PAPER.fullRestore!.why],
-    ['overhead', ou && op !== null ? `${f((1 - op / ou) * 100)} % (basic; memcheck unthrottled, every 2 s)` : '-', PAPER.overhead!.why],
+    ['overhead', basicPct.length ? `${range(basicPct, 1)} % (basic; memcheck unthrottled, every 2 s; median (min-max) of rounds)` : '-', PAPER.overhead!.why],
   ];
   return [
     `## Beside the paper`, '', `Paper: ${PAPER_SETUP}. Ours: this run (${doc.environment.accel.toUpperCase()}, ${doc.environment.machine.cores} cores).`, '',
@@ -221,7 +227,7 @@ export function renderReport(doc: EvalDocument): Rendered {
   if (doc.parts.some((p) => p.id !== 'paper' && p.status === 'done')) out.push(...comparisonTable(doc));
   if (size) out.push(...sizeSection(size, r));
   const vms = part<VmsSample>(doc, 'vms');
-  if (vms) out.push(...vmsSection(vms, r));
+  if (vms) out.push(...vmsSection(vms, r, doc.environment.machine.cores));
   const base = part<BaselineSample>(doc, 'baseline');
   if (base) out.push(...baselineSection(base, size, r));
   const over = part<OverheadSample>(doc, 'overhead');
