@@ -9,8 +9,10 @@ import { baselinePart } from './parts/baseline.js';
 import { overheadPart } from './parts/overhead.js';
 import type { EvalDocument } from './types.js';
 
+const peakLoad = (doc: EvalDocument) => Math.max(...doc.parts.flatMap((p) => [p.load.start.loadavg[0] ?? 0, p.load.end.loadavg[0] ?? 0]));
+
 function loadWords(doc: EvalDocument): string {
-  const peak = Math.max(...doc.parts.flatMap((p) => [p.load.start.loadavg[0] ?? 0, p.load.end.loadavg[0] ?? 0]));
+  const peak = peakLoad(doc);
   const cores = doc.environment.machine.cores;
   return peak > cores
     ? `the machine was loaded by other work (1-minute load average up to ${peak.toFixed(1)} on ${cores} cores), so every timing here is noisy and slower than on a quiet host`
@@ -58,7 +60,7 @@ export function renderPage(doc: EvalDocument | null, source: string): string {
     '',
     'Run as root (the cold-cache baseline writes `/proc/sys/vm/drop_caches`) on a machine as quiet as you can get: every part records the load average at its start and end, and the report shows it. Options: `--sizes 0.5,1,2,4,8` (GB), `--vms 1,2,4,8`, `--baseline-sizes`, `--repeats`, `--rounds`, `--checkpoints`, `--window`.',
     '',
-    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min without the Debian workloads (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? `The run below took ${(doc.durationS / 60).toFixed(1)} min.` : ''}`,
+    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min without the Debian workloads (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : ''}.` : ''}`,
     '',
     largest(doc),
     '',
