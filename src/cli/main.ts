@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import path from 'node:path';
 import { Command } from 'commander';
 import { HydraError } from '../errors.js';
 import { registerVmCommands } from './vm-commands.js';
@@ -9,6 +10,7 @@ import { registerStoreCommand } from './store-command.js';
 import { registerRestoreCommand } from './restore-command.js';
 import { registerBenchCommand } from './bench-command.js';
 import { registerHaCommands } from './ha-commands.js';
+import { registerImageCommands } from './image-command.js';
 
 // `hydravm ... | head` closes our stdout early: that is the reader's choice, not an error.
 process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -21,9 +23,16 @@ program
   .name('hydravm')
   .description('High availability for QEMU VMs without backup memory')
   .version('0.1.0')
-  .showHelpAfterError();
+  .option('--store-tls-ca <path>', 'connect to the checkpoint store over TLS, trusting this CA (PEM file or directory); sets HYDRAVM_STORE_TLS_CA for this command and every process it starts')
+  .showHelpAfterError()
+  .hook('preAction', () => {
+    const ca = program.opts<{ storeTlsCa?: string }>().storeTlsCa;
+    // Through the environment, so checkpointers, restores and agents started from here inherit it.
+    if (ca) process.env.HYDRAVM_STORE_TLS_CA = path.resolve(ca);
+  });
 
 registerSetupCommands(program);
+registerImageCommands(program);
 registerVmCommands(program);
 registerStoreCommand(program);
 registerProtectCommands(program);

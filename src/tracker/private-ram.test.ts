@@ -57,6 +57,16 @@ function apply(image: Buffer, runs: DirtyRun[], staging: Buffer): void {
 }
 
 /** Memory of `pid` at [addr, +len) read through /proc/PID/mem (independent of process_vm_readv). */
+/** The first page-aligned offset from `base` at or past `from` that no mapping of `pid` covers. */
+function unmappedOffsetAfter(pid: number, base: number, from: number): number {
+  const maps = readFileSync(`/proc/${pid}/maps`, 'utf8').trim().split('\n')
+    .map((l) => l.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number])
+    .sort((a, b) => a[0] - b[0]);
+  let addr = base + from;
+  for (const [start, end] of maps) if (addr >= start && addr < end) addr = end;
+  return addr - base;
+}
+
 function procMem(pid: number, addr: number, len: number): Buffer {
   const fd = openSync(`/proc/${pid}/mem`, 'r');
   try {
@@ -90,9 +100,11 @@ describe('processReadRuns (addon)', () => {
     }
     assert.throws(() => n.processReadRuns(d.pid, d.address, new Float64Array([0, 2 * PAGE]), dst, 0, PAGE), /outside/);
     assert.throws(() => n.processReadRuns(d.pid, d.address, new Float64Array([0, 2 * PAGE]), Buffer.alloc(PAGE)), /dst too small/);
-    // Beyond the mapping: a short read names the offset.
-    assert.throws(() => n.processReadRuns(d.pid, d.address, new Float64Array([0, PAGE, (pages + 1000) * PAGE, PAGE]), dst),
-      (e: unknown) => (e as { code?: string }).code === 'EFAULT' && (e as { offset?: number }).offset === (pages + 1000) * PAGE);
+    // Beyond the mapping: a short read names the offset. The offset is one the process has no mapping at
+    // (found in its maps), since what lies past a mapping depends on the random address layout.
+    const hole = unmappedOffsetAfter(d.pid, d.address, pages * PAGE);
+    assert.throws(() => n.processReadRuns(d.pid, d.address, new Float64Array([0, PAGE, hole, PAGE]), dst),
+      (e: unknown) => (e as { code?: string }).code === 'EFAULT' && (e as { offset?: number }).offset === hole);
     await d.kill();
     assert.throws(() => n.processReadRuns(d.pid, d.address, new Float64Array([0, PAGE]), dst), (e: unknown) => (e as { code?: string }).code === 'ESRCH');
   });

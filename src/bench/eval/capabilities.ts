@@ -4,6 +4,7 @@ import { cliEntry } from '../../config/paths.js';
 import type { Capabilities } from './types.js';
 
 export const WAITING_DEBIAN = 'the Debian guest image (`hydravm image build debian`, specs with `root:` and `nics:`)';
+export const WAITING_WORKLOADS = 'a workload runner in the Debian image (`hydra.workload=<id>` on the kernel command line, progress lines on the serial console; gcc, make, BusyBox source and ffmpeg installed)';
 export const WAITING_COW = 'copy-on-write checkpoints (`hydravm protect --cow`)';
 
 /** `hydravm <args> --help` of this very build: exit 0 and its text. */
@@ -21,5 +22,7 @@ export function detectCapabilities(): Capabilities {
   // An unknown subcommand makes commander print the top-level help (exit 0), so the usage line must name it.
   const debianImage = image.ok && /Usage: hydravm image build\b/.test(image.text);
   const cow = /--cow\b/.test(help(['protect']).text);
-  return { debianImage, cow, modes: cow ? ['basic', 'cow'] : ['basic'] };
+  // The runner contract is in src/bench/eval/workloads.ts; the image builder names it in its help once it carries one.
+  const debianWorkloads = debianImage && /hydra\.workload/.test(image.text);
+  return { debianImage, debianWorkloads, cow, modes: cow ? ['basic', 'cow'] : ['basic'] };
 }

@@ -21,7 +21,7 @@ function loadWords(doc: EvalDocument): string {
 
 function plannedMinutes(quick: boolean): number {
   const o = defaultOptions(quick);
-  return [sizePart, vmsPart, baselinePart, overheadPart].reduce((s, p) => { const x = p.plan(o, { debianImage: false, cow: false, modes: ['basic'] }); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
+  return [sizePart, vmsPart, baselinePart, overheadPart].reduce((s, p) => { const x = p.plan(o, { debianImage: false, debianWorkloads: false, cow: false, modes: ['basic'] }); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
 }
 
 /** What the page says about 8 GB VMs and 8 VMs per store: measured, failed, or left out, and why. */

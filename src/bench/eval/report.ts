@@ -219,7 +219,7 @@ export function renderReport(doc: EvalDocument): Rendered {
     `# HydraVM evaluation${doc.quick ? ' (--quick)' : ''}`, '',
     `Run ${doc.startedAt} → ${doc.finishedAt} (${(doc.durationS / 60).toFixed(1)} min): \`${doc.command.join(' ')}\`.`, '',
     `Machine: ${e.machine.cpuModel}, ${e.machine.cores} cores, ${e.machine.memGiB} GiB, Linux ${e.machine.kernel}; ${e.qemu.version}; accelerator ${e.accel}; commit ${e.git.commit.slice(0, 12)}${e.git.dirty ? ' (with uncommitted changes)' : ''} on ${e.git.branch}; Node ${e.node}.`, '',
-    `Protection modes measured: ${doc.capabilities.modes.join(', ')}${doc.capabilities.cow ? '' : ' (copy-on-write waits for `hydravm protect --cow`)'}; Debian guest image: ${doc.capabilities.debianImage ? 'available' : 'not yet (`hydravm image build` is absent)'}.`, '',
+    `Protection modes measured: ${doc.capabilities.modes.join(', ')}${doc.capabilities.cow ? '' : ' (copy-on-write waits for `hydravm protect --cow`)'}; Debian guest image: ${doc.capabilities.debianImage ? 'available' : 'not yet (`hydravm image build` is absent)'}; its workload runner: ${doc.capabilities.debianWorkloads ? 'available' : 'not yet'}.`, '',
     '| part | status | duration | load average at start → end (1 min) |', '|---|---|---|---|',
     ...doc.parts.map((p) => `| ${p.title} | ${p.status}${p.waitingFor ? ` (for ${p.waitingFor.join(', ')})` : ''} | ${p.durationS.toFixed(0)} s | ${p.load.start.loadavg[0]} → ${p.load.end.loadavg[0]} |`), '',
   ];

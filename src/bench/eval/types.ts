@@ -54,6 +54,8 @@ export interface EvalDocument {
 export interface Capabilities {
   /** `hydravm image build` exists (the Debian guest with gcc, make, ffmpeg). */
   debianImage: boolean;
+  /** The Debian image runs a workload named on the kernel command line (`hydra.workload=<id>`) and reports its progress. */
+  debianWorkloads: boolean;
   /** `hydravm protect --cow` is accepted (copy-on-write checkpoints). */
   cow: boolean;
   /** The protection modes this build measures. */

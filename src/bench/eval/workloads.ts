@@ -1,13 +1,13 @@
 // The evaluation's workloads: the memcheck test guest (runs now) and the paper's two Debian workloads (wait for the Debian guest image).
 import type { Capabilities } from './types.js';
-import { WAITING_COW, WAITING_DEBIAN } from './capabilities.js';
+import { WAITING_COW, WAITING_DEBIAN, WAITING_WORKLOADS } from './capabilities.js';
 
-export type Need = 'debian-image' | 'cow';
+export type Need = 'debian-image' | 'debian-workloads' | 'cow';
 
-export const NEED_TEXT: Record<Need, string> = { 'debian-image': WAITING_DEBIAN, cow: WAITING_COW };
+export const NEED_TEXT: Record<Need, string> = { 'debian-image': WAITING_DEBIAN, 'debian-workloads': WAITING_WORKLOADS, cow: WAITING_COW };
 
 export function missing(needs: Need[], caps: Capabilities): Need[] {
-  return needs.filter((n) => (n === 'debian-image' ? !caps.debianImage : !caps.cow));
+  return needs.filter((n) => (n === 'debian-image' ? !caps.debianImage : n === 'debian-workloads' ? !caps.debianWorkloads : !caps.cow));
 }
 
 /**

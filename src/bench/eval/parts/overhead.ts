@@ -39,8 +39,8 @@ export const overheadPart: Part<OverheadSample> = {
           progress.startSample(`round ${round}, ${mode}: ${opts.windowS} s unprotected, then ${opts.windowS} s protected every ${OVERHEAD_INTERVAL_MS / 1000} s`);
           const unprotectedStepsPerS = await stepsPerSecond(name, opts.windowS);
           generation++;
-          // The CoW mode travels as `cow: true` in the protect request (what `hydravm protect --cow` sets).
-          await protectVm({ vm: name, store: env.store.address, intervalMs: OVERHEAD_INTERVAL_MS, generation, ...(mode === 'cow' ? { cow: true } : {}) });
+          // Each mode explicitly, whatever the VM's spec says.
+          await protectVm({ vm: name, store: env.store.address, intervalMs: OVERHEAD_INTERVAL_MS, generation, cow: mode === 'cow' ? {} : false });
           const from = Date.now();
           const protectedStepsPerS = await stepsPerSecond(name, opts.windowS);
           await unprotectVm(name);

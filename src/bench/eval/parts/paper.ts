@@ -18,10 +18,10 @@ export type PaperSample =
   | { figure: 'table2'; workload: string; config: 'never failed' | 'file' | 'network' | 'network, no prefetch'; lastHalfS: number };
 
 const ROWS: { figure: string; needs: Need[] }[] = [
-  { figure: 'Figure 2 (pause per phase) and Figure 3 (overhead, checkpoints per second), basic', needs: ['debian-image'] },
-  { figure: 'Figure 2 and Figure 3, copy-on-write', needs: ['debian-image', 'cow'] },
-  { figure: 'Figure 4 (fail-over time split)', needs: ['debian-image'] },
-  { figure: 'Table II (last 50 % after a slim restore vs never failed)', needs: ['debian-image'] },
+  { figure: 'Figure 2 (pause per phase) and Figure 3 (overhead, checkpoints per second), basic', needs: ['debian-image', 'debian-workloads'] },
+  { figure: 'Figure 2 and Figure 3, copy-on-write', needs: ['debian-image', 'debian-workloads', 'cow'] },
+  { figure: 'Figure 4 (fail-over time split)', needs: ['debian-image', 'debian-workloads'] },
+  { figure: 'Table II (last 50 % after a slim restore vs never failed)', needs: ['debian-image', 'debian-workloads'] },
 ];
 
 async function boot(w: DebianWorkload, name: string): Promise<WorkloadWatch> {
@@ -35,7 +35,7 @@ async function runOnce(ctx: PartContext, env: BenchEnv, w: DebianWorkload, mode:
   const name = `eval-${w.id}`;
   const watch = await boot(w, name);
   try {
-    if (mode) await protectVm({ vm: name, store: env.store.address, intervalMs: intervalS * 1000, generation: gen, ...(mode === 'cow' ? { cow: true } : {}) });
+    if (mode) await protectVm({ vm: name, store: env.store.address, intervalMs: intervalS * 1000, generation: gen, cow: mode === 'cow' ? {} : false });
     const start = watch.lines.find((l) => l.kind === 'start')!;
     const done = await watch.finished(w.expectedS * 4000);
     const runS = (done.t - start.t) / 1000;
@@ -98,12 +98,12 @@ async function neverFailed(w: DebianWorkload): Promise<PaperSample> {
 export const paperPart: Part<PaperSample> = {
   id: 'paper',
   title: "The paper's Figures 2-4 and Table II (kernel-style compile, ffmpeg transcode, Debian guest)",
-  plan: (o, caps) => ({ samples: !caps.debianImage ? 0 : DEBIAN_WORKLOADS.length * (1 + (o.quick ? 1 : PAPER_INTERVALS_S.length) * 2 + 4), estimateS: 600 }),
+  plan: (o, caps) => ({ samples: !caps.debianWorkloads ? 0 : DEBIAN_WORKLOADS.length * (1 + (o.quick ? 1 : PAPER_INTERVALS_S.length) * 2 + 4), estimateS: 600 }),
   async run(ctx) {
     const { caps, opts, progress } = ctx;
     const waiting = ROWS.map((r) => ({ what: r.figure, needs: missing(r.needs, caps).map((n) => NEED_TEXT[n]) })).filter((r) => r.needs.length);
     const config = { workloads: DEBIAN_WORKLOADS.map((w) => ({ id: w.id, title: w.title, paper: w.paper, memoryMb: w.memoryMb, packages: w.packages, script: w.script })), intervalsS: opts.quick ? [2] : PAPER_INTERVALS_S, modes: caps.modes };
-    if (!caps.debianImage) return { config, samples: [], waitingFor: [NEED_TEXT['debian-image']], waiting };
+    if (!caps.debianWorkloads) return { config, samples: [], waitingFor: missing(['debian-image', 'debian-workloads'], caps).map((n) => NEED_TEXT[n]), waiting };
     const samples: PaperSample[] = [];
     const env = await benchEnv('eval-paper');
     let gen = 0;

@@ -1,0 +1,162 @@
+// Copy-on-write protection end to end: real QEMU, real guest, real store.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
+import { QmpClient } from '../src/qmp/index.js';
+import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
+import { findGuestRam } from '../src/tracker/guest-ram.js';
+import { openVmImage } from '../src/store/index.js';
+import { readCheckpointHistory } from '../src/checkpoint/protection.js';
+
+const lab = makeLab('pcow');
+const storeDir = path.join(lab.home, 'store');
+let store: Awaited<ReturnType<typeof startStore>>;
+
+before(async () => {
+  store = await startStore(lab, storeDir);
+});
+after(async () => {
+  await store?.stop();
+  lab.cleanup();
+});
+
+interface Protection { committedEpoch: number; generation: number; state: string; mode?: string; pid: number; last?: { pauseMs: number; bytes: number; cow?: { cowCopies: number; faults: number } } }
+const protection = (vm: string) => readJson<Protection>(path.join(lab.home, 'vms', vm, 'protection.json'));
+const vmState = (vm: string) => readJson<{ qemuPid: number; lifecycle: string }>(path.join(lab.home, 'vms', vm, 'state.json'))!;
+const serialOf = (vm: string) => path.join(lab.home, 'vms', vm, 'serial.log');
+
+function guestRam(qemuPid: number): Buffer {
+  const ram = findGuestRam(qemuPid);
+  return fs.readFileSync(`/proc/${qemuPid}/map_files/${ram.start.toString(16)}-${ram.end.toString(16)}`);
+}
+
+/** memcheck rate 0 = as fast as the guest can write. */
+async function startProtectedCow(vm: string, { mb = 32, rate = 8, grain = '64K', spec = false } = {}): Promise<void> {
+  const fields: Record<string, unknown> = { cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${mb} memcheck.rate=${rate}` };
+  if (spec) fields.protection = { cow: true, grain };
+  const file = lab.writeSpec(vm, fields);
+  const r = lab.cli(['vm', 'start', file]);
+  assert.equal(r.code, 0, r.stderr);
+  await waitForMemcheckStep(serialOf(vm), 1, 120_000);
+  const args = ['protect', vm, '--store', store.address, '--interval', '1s'];
+  if (!spec) args.push('--cow', '--grain', grain);
+  const p = await lab.cliAsync(args);
+  assert.equal(p.code, 0, p.stderr);
+  assert.match(p.stdout, new RegExp(`VM ${vm} protected: generation \\d+, epoch 1 committed .*copy-on-write`));
+  assert.equal(protection(vm)!.mode, 'cow');
+}
+
+test('CoW image equals memory: the guest writes unthrottled; after commits of the paused VM the image is byte for byte its RAM', async () => {
+  const vm = 'cimg';
+  await startProtectedCow(vm, { mb: 64, rate: 0, grain: '256K', spec: true });
+  await until('epoch 4', () => (protection(vm)?.committedEpoch ?? 0) >= 4, 90_000);
+  const hist = readCheckpointHistory(vm).filter((h) => h.kind === 'incremental');
+  assert.ok(hist.every((h) => h.cow && h.cow.grain === 256 * 1024), 'checkpoints are copy-on-write at the spec\'s grain');
+  assert.ok(hist.some((h) => h.bytes > 16 * 1024 * 1024), `the guest dirtied memory between checkpoints (${hist.map((h) => h.bytes).join(', ')})`);
+  const st = vmState(vm);
+  const qmp = await QmpClient.connect(path.join(lab.home, 'vms', vm, 'qmp.sock'));
+  for (let attempt = 0; ; attempt++) {
+    await qmp.execute('stop');
+    const e0 = protection(vm)!.committedEpoch;
+    await until('two commits after pause', () => protection(vm)!.committedEpoch >= e0 + 2, 30_000);
+    if ((await qmp.execute<{ status: string }>('query-status')).status === 'paused') break;
+    assert.ok(attempt < 5, 'VM stays paused');
+  }
+  const p = protection(vm)!;
+  const image = path.join(storeDir, 'vms', vm, `gen-${p.generation}`, 'memory.img');
+  const ram = guestRam(st.qemuPid);
+  const img = fs.readFileSync(image);
+  assert.equal(img.length, ram.length, 'image size is RAM size');
+  if (!img.equals(ram)) {
+    let diff = 0;
+    for (let i = 0; i < ram.length; i += 4096) if (!img.subarray(i, i + 4096).equals(ram.subarray(i, i + 4096))) diff++;
+    assert.fail(`${diff} pages of the image differ from guest RAM at epoch ${p.committedEpoch}`);
+  }
+  const { meta } = await openVmImage(storeDir, vm, p.generation);
+  const fresh = path.join(lab.home, 'fresh-devstate.bin');
+  await qmp.execute('xen-save-devices-state', { filename: fresh, live: false });
+  assert.equal((await import('node:crypto')).createHash('sha256').update(fs.readFileSync(fresh)).digest('hex'), meta.devstate.sha256, 'device state equals a fresh save');
+  await qmp.execute('cont');
+  qmp.close();
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  // Unprotected: nothing is write-protected any more, the guest runs on.
+  const { step } = lastMemcheckProgress(serialOf(vm))!;
+  await waitForMemcheckStep(serialOf(vm), step + 2, 60_000);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
+test('CoW fail-over: SIGKILL the primary\'s QEMU, restore from a copy-on-write checkpoint, memcheck continues with zero violations', async () => {
+  const vm = 'cfo';
+  await startProtectedCow(vm, { mb: 32, rate: 32, grain: '64K' });
+  await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
+  const samples: { at: number; step: number }[] = [];
+  const sampler = setInterval(() => {
+    const p = lastMemcheckProgress(serialOf(vm));
+    if (p) samples.push({ at: Date.now(), step: p.step });
+  }, 20);
+  const e = protection(vm)!.committedEpoch;
+  await until('next commit', () => protection(vm)!.committedEpoch > e, 30_000);
+  // Often inside the next checkpoint's background copy.
+  await sleep(Math.floor(Math.random() * 800));
+  clearInterval(sampler);
+  const killedAt = fs.statSync(serialOf(vm)).size;
+  process.kill(vmState(vm).qemuPid, 'SIGKILL');
+  await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
+  await until('checkpointer gives up on a dead VM', () => !pidAlive(protection(vm)!.pid), 10_000);
+
+  const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'network']);
+  assert.equal(r.code, 0, r.stderr);
+  const restoredEpoch = Number(/epoch (\d+)/.exec(r.stdout)![1]);
+  const ckpt = readCheckpointHistory(vm).find((h) => h.epoch === restoredEpoch)!;
+  assert.ok(ckpt?.cow, `epoch ${restoredEpoch} was a copy-on-write checkpoint`);
+  const floor = samples.filter((x) => x.at < ckpt.startedAt - 50).at(-1)?.step ?? 0;
+  const resumed = await waitForMemcheckStep(serialOf(vm), 1, 30_000, killedAt);
+  assert.ok(resumed.step >= floor, `resumed at step ${resumed.step}, but the guest had reached ${floor} before checkpoint ${restoredEpoch}`);
+  // memcheck verifies every page's generation on its full passes (every 10 s): run past one.
+  await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, killedAt);
+  await sleep(11_000);
+  assert.equal(countViolations(serialOf(vm)), 0, readSerial(serialOf(vm)).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
+  assert.doesNotMatch(readSerial(serialOf(vm)).slice(killedAt), /memcheck: start/, 'the guest did not reboot');
+
+  // The restored VM (memfd RAM, its first uffd used for missing pages) is protected copy-on-write again.
+  const p = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
+  assert.equal(p.code, 0, p.stderr);
+  await until('restored VM checkpoints copy-on-write', () => (protection(vm)?.committedEpoch ?? 0) >= 3 || undefined, 60_000);
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
+test('a SIGKILLed CoW checkpointer does not leave the guest blocked: unprotect releases its write protection', async () => {
+  const vm = 'ckill';
+  await startProtectedCow(vm, { mb: 32, rate: 0, grain: '64K' });
+  await until('epoch 2', () => (protection(vm)?.committedEpoch ?? 0) >= 2, 60_000);
+  process.kill(protection(vm)!.pid, 'SIGKILL');
+  await until('checkpointer dead', () => !pidAlive(protection(vm)!.pid), 10_000);
+  // RAM stays protected on the uffd QEMU holds: the guest's writes wait.
+  await sleep(1500);
+  const stuck = lastMemcheckProgress(serialOf(vm))!.step;
+  await sleep(1500);
+  assert.ok(lastMemcheckProgress(serialOf(vm))!.step <= stuck + 1, 'with its handler gone the guest waits on protected grains');
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  await waitForMemcheckStep(serialOf(vm), stuck + 3, 60_000);
+  // And it can be protected again (the same sync uffd is taken over).
+  const p = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
+  assert.equal(p.code, 0, p.stderr);
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  assert.equal(countViolations(serialOf(vm)), 0);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
+test('bad CoW options are refused naming the problem', () => {
+  const bad = lab.cli(['protect', 'nosuch', '--store', '127.0.0.1:1', '--cow', '--grain', '48K']);
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.stderr, /--grain: 48K is not a power of two from 4K to 2M/);
+  const noCow = lab.cli(['protect', 'nosuch', '--store', '127.0.0.1:1', '--grain', '64K']);
+  assert.match(noCow.stderr, /--grain applies to copy-on-write checkpoints: add --cow/);
+  const spec = lab.writeSpec('badspec', { protection: { cow: true, grain: '3M' } });
+  const r = lab.cli(['vm', 'start', spec]);
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /protection\.grain: 3M is not a power of two from 4K to 2M/);
+});
