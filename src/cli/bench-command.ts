@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import path from 'node:path';
+import { registerEvalCommands } from './bench-eval-command.js';
 
 export function registerBenchCommand(program: Command): void {
   const bench = program.command('bench').description('benchmarks: write JSON, a Markdown table and SVG plots');
@@ -99,4 +100,6 @@ export function registerBenchCommand(program: Command): void {
       process.stdout.write(r.markdown);
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
     });
+
+  registerEvalCommands(bench);
 }
