@@ -6,6 +6,7 @@ import { CowTracker, processStartTime } from '../tracker/index.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
+import { openCheckpoint, streamFullCopy } from './full-copy.js';
 import { batchRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import type { CheckpointerOptions } from './checkpointer.js';
@@ -189,41 +190,22 @@ export class CowCheckpointer {
   private async fullCheckpoint(): Promise<void> {
     const client = this.client!;
     const epoch = this.status.committedEpoch + 1;
-    const t0 = Date.now();
     // A copy of a previous (failed) checkpoint may still be pending: give it up, the full copy covers it.
     this.tracker.fail('full checkpoint');
     this.tracker.armAll();
-    const runs = this.tracker.populatedRuns();
-    const total = totalBytes(runs);
-    this.publish({ state: 'initial-copy', initialCopy: { bytesSent: 0, bytesTotal: total } });
-    this.log.info({ epoch, bytes: total }, 'initial full checkpoint: copying guest RAM while the VM runs');
-    await client.begin(epoch, 'full', { ramSize: this.tracker.ramSize, config: this.opts.config });
-    let sent = 0;
-    let lastReport = 0;
-    for (const batch of batchRuns(runs, BATCH_BYTES)) {
-      if (this.stopped) return;
-      const n = this.tracker.copyRuns(batch, this.bounce);
-      await client.sendPages(batch, this.bounce.subarray(0, n));
-      sent += n;
-      if (Date.now() - lastReport > 500) {
-        lastReport = Date.now();
-        this.publish({ initialCopy: { bytesSent: sent, bytesTotal: total } });
-      }
-    }
-    this.publish({ initialCopy: { bytesSent: sent, bytesTotal: total, ms: Date.now() - t0 } });
-    await this.checkpoint(epoch, 'full', true);
-    this.needFull = false;
-    this.log.info({ epoch, ms: Date.now() - t0 }, 'initial full checkpoint committed');
+    const copied = await streamFullCopy({
+      client, epoch, ramSize: this.tracker.ramSize, config: this.opts.config, runs: this.tracker.populatedRuns(),
+      copyRuns: (batch, dst) => this.tracker.copyRuns(batch, dst), bounce: this.bounce,
+      stopped: () => this.stopped, publish: (p) => this.publish(p), log: this.log,
+      closingPause: () => this.checkpoint(epoch, 'full', true),
+    });
+    if (copied) this.needFull = false;
   }
 
   private async checkpoint(epoch: number, kind: 'full' | 'incremental', continued = false): Promise<void> {
     const client = this.client!;
-    const startedAt = Date.now();
-    const intervalMs = this.lastStart === null ? null : startedAt - this.lastStart;
+    const { wasRunning, startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
     this.lastStart = startedAt;
-    await this.freezer?.prepare();
-    const wasRunning = (await this.qmp.execute<{ status: string }>('query-status')).status === 'running';
-    if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
 
     // Re-protecting a large dirty set takes milliseconds: do it while the VM still runs.
     const prearm = this.tracker.prearm();
