@@ -8,6 +8,9 @@ const raw = (over: Record<string, unknown>) => JSON.stringify({ ...good, ...over
 test('a manager-written assignment parses', () => {
   assert.deepEqual(parseAssignment(JSON.stringify(good), 'h2', 'web1'), good);
   assert.equal(parseAssignment(raw({ mode: 'file', storeDir: '/srv/store' }), 'h2', 'web1').storeDir, '/srv/store');
+  // Copy-on-write protection travels with the assignment, so a restored incarnation is protected the same way.
+  assert.deepEqual(parseAssignment(raw({ cow: { grain: 65536 } }), 'h2', 'web1').cow, { grain: 65536 });
+  assert.deepEqual(parseAssignment(raw({ cow: {} }), 'h2', 'web1').cow, {});
 });
 
 test('malformed assignments are refused, naming the key and the field', () => {
@@ -28,6 +31,9 @@ test('malformed assignments are refused, naming the key and the field', () => {
     [{ intervalMs: 0 }, /intervalMs/],
     [{ kind: 'exec' }, /kind/],
     [{ extra: 'field' }, /extra|Unrecognized/i],
+    [{ cow: { grain: 48 * 1024 } }, /cow\.grain/],
+    [{ cow: { grain: 1024 } }, /cow\.grain/],
+    [{ cow: true }, /cow/],
   ];
   for (const [over, re] of bad) {
     const text = typeof over === 'string' ? over : raw(over);

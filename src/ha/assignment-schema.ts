@@ -20,6 +20,10 @@ const assignmentSchema = z.object({
   storeDir: z.string().max(4096).refine((d) => path.isAbsolute(d) && path.normalize(d) === d && !d.includes('\0'), 'must be an absolute, normalised path').optional(),
   mode: z.enum(['file', 'network']),
   intervalMs: z.number().int().min(10).max(86_400_000),
+  /** Copy-on-write checkpoints, with the grain in bytes (a power of two from 4 KiB to 2 MiB). */
+  cow: z.object({
+    grain: z.number().int().min(4096).max(2 * 1024 * 1024).refine((g) => (g & (g - 1)) === 0, 'must be a power of two').optional(),
+  }).strict().optional(),
   createdAt: z.number().finite(),
   by: z.string().max(200),
 }).strict().superRefine((a, ctx) => {
