@@ -50,6 +50,7 @@ export const ERROR_CODES = {
     'HYDRA_HA_ELECTION_LOST', 'HYDRA_HA_HOME', 'HYDRA_HA_LEASE', 'HYDRA_HA_NO_ETCD', 'HYDRA_HA_NO_HOST',
     'HYDRA_HA_PROTECT_FAILED', 'HYDRA_HA_SPAWN', 'HYDRA_HA_STOPPED', 'HYDRA_HA_TIMEOUT', 'HYDRA_HA_VM_MANAGED',
   ],
+  netns: ['HYDRA_NETNS_ADDRESS_IN_USE', 'HYDRA_NETNS_FAILED', 'HYDRA_NETNS_IP_MISSING', 'HYDRA_NETNS_LEFTOVER', 'HYDRA_NETNS_NOT_ROOT'],
   bench: ['HYDRA_BENCH_NO_PROGRESS', 'HYDRA_BENCH_TIMEOUT', 'HYDRA_BENCH_MIGRATION_FAILED', 'HYDRA_BENCH_PROTECT_FAILED', 'HYDRA_DEMO_VIOLATIONS'],
 } as const;
 
@@ -67,6 +68,7 @@ export type CheckpointCode = CodeOf<'checkpoint'>;
 export type RestoreCode = CodeOf<'restore'>;
 export type DiskCode = CodeOf<'disk'>;
 export type HaCode = CodeOf<'ha'>;
+export type NetnsCode = CodeOf<'netns'>;
 export type BenchCode = CodeOf<'bench'>;
 
 type Options = { cause?: unknown };
@@ -151,6 +153,8 @@ export class RestoreError extends HydraError<RestoreCode> {}
 export class DiskError extends HydraError<DiskCode> {}
 /** The HA layer: etcd, agents, the manager. */
 export class HaError extends HydraError<HaCode> {}
+/** Hosts that are network namespaces: `ip`, privileges, addresses, leftovers. */
+export class NetnsError extends HydraError<NetnsCode> {}
 /** A benchmark or the demo found its run unusable. */
 export class BenchError extends HydraError<BenchCode> {}
 
@@ -171,6 +175,7 @@ const FAMILY_ERROR: { [F in ErrorFamily]: (code: CodeOf<F>, message: string, opt
   restore: (code, message, options) => new RestoreError(code, message, options),
   disk: (code, message, options) => new DiskError(code, message, options),
   ha: (code, message, options) => new HaError(code, message, options),
+  netns: (code, message, options) => new NetnsError(code, message, options),
   bench: (code, message, options) => new BenchError(code, message, options),
 };
 

@@ -6,6 +6,7 @@ import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { HaError } from '../errors.js';
 import { pidAlive } from '../util/pid.js';
 import { sleep } from '../util/sleep.js';
+import { inNetns } from './netns.js';
 
 /**
  * A single local etcd member for the embedded mode (demo, tests, one-machine
@@ -31,6 +32,20 @@ export interface EtcdOptions {
   detached?: boolean;
   /** How long to wait for /health. */
   timeoutMs?: number;
+  /** Address to listen and advertise on (default 127.0.0.1). */
+  listenHost?: string;
+  /**
+   * Members of a multi-member cluster, NAME=PEER_URL comma-separated, this
+   * member included (default: this member alone).
+   */
+  initialCluster?: string;
+  /** Run inside this network namespace (/run/netns/NAME), through nsenter. */
+  netns?: string;
+  /**
+   * Wait for /health (default true). A member of a new multi-member cluster
+   * is healthy only once a quorum runs: start them all, then waitEtcdHealthy().
+   */
+  waitHealthy?: boolean;
 }
 
 export interface EtcdProcess {
@@ -116,8 +131,9 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
   const clientPort = opts.clientPort || (await freePort());
   const peerPort = opts.peerPort || (await freePort());
   const name = opts.name ?? 'default';
-  const url = `http://127.0.0.1:${clientPort}`;
-  const peerUrl = `http://127.0.0.1:${peerPort}`;
+  const listen = opts.listenHost ?? '127.0.0.1';
+  const url = `http://${listen}:${clientPort}`;
+  const peerUrl = `http://${listen}:${peerPort}`;
   fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   fs.chmodSync(opts.dataDir, 0o700);
   const logFile = opts.logFile ?? path.join(path.dirname(path.resolve(opts.dataDir)), 'etcd.log');
@@ -128,7 +144,7 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
     '--advertise-client-urls', url,
     '--listen-peer-urls', peerUrl,
     '--initial-advertise-peer-urls', peerUrl,
-    '--initial-cluster', `${name}=${peerUrl}`,
+    '--initial-cluster', opts.initialCluster ?? `${name}=${peerUrl}`,
     '--initial-cluster-state', 'new',
     '--heartbeat-interval', '50',
     '--election-timeout', '300',
@@ -138,7 +154,8 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
   const logFd = fs.openSync(logFile, 'a');
   let child: ChildProcess;
   try {
-    child = spawn(binary, args, { stdio: ['ignore', logFd, logFd], detached: !!opts.detached });
+    const argv = opts.netns ? [...inNetns(opts.netns), binary, ...args] : [binary, ...args];
+    child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', logFd, logFd], detached: !!opts.detached });
   } finally {
     fs.closeSync(logFd);
   }
@@ -150,6 +167,7 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
 
   const deadline = Date.now() + (opts.timeoutMs ?? 15_000);
   for (;;) {
+    if (opts.waitHealthy === false) break;
     if (await etcdHealthy(url)) break;
     if (exited) throw new HaError('HYDRA_ETCD_FAILED', `etcd exited during start (port ${clientPort} or ${peerPort} taken? see ${logFile}): ${lastLines(logFile)}`);
     if (Date.now() > deadline) {
@@ -167,6 +185,20 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
     pause: () => process.kill(pid, 'SIGSTOP'),
     resume: () => process.kill(pid, 'SIGCONT'),
   };
+}
+
+/** Wait until every member answers /health (a quorum formed), or say which did not. */
+export async function waitEtcdHealthy(members: EtcdProcess[], timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const sick: EtcdProcess[] = [];
+    for (const m of members) if (!(await etcdHealthy(m.url))) sick.push(m);
+    if (sick.length === 0) return;
+    const dead = sick.find((m) => !pidAlive(m.pid));
+    if (dead) throw new HaError('HYDRA_ETCD_FAILED', `etcd member at ${dead.url} exited during start (see ${dead.logFile}): ${lastLines(dead.logFile)}`);
+    if (Date.now() > deadline) throw new HaError('HYDRA_ETCD_FAILED', `etcd members ${sick.map((m) => m.url).join(', ')} not healthy within ${timeoutMs / 1000} s (see ${sick.map((m) => m.logFile).join(', ')})`);
+    await sleep(100);
+  }
 }
 
 function lastLines(file: string, n = 3): string {
