@@ -179,10 +179,19 @@ export function removeNetns(layout: NetnsLayout): string[] {
     ip(['netns', 'del', h.netns]);
     removed.push(h.netns);
   }
-  const links = new Set(listLinks());
-  for (const name of [...layout.hosts.map((h) => h.veth), layout.bridge]) {
-    if (!links.has(name)) continue;
-    ip(['link', 'del', name]);
+  // The kernel tears a deleted namespace down in the background: its veth
+  // ends (and their root-namespace peers) vanish a moment later.
+  const veths = layout.hosts.map((h) => h.veth);
+  const deadline = Date.now() + 3000;
+  while (Date.now() < deadline && listLinks().some((l) => veths.includes(l))) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+  for (const name of [...veths, layout.bridge]) {
+    if (!listLinks().includes(name)) continue;
+    try {
+      ip(['link', 'del', name]);
+    } catch (err) {
+      if (!/Cannot find device/.test((err as Error).message)) throw err;
+      // gone between the listing and the delete: the namespace teardown took it
+    }
     removed.push(name);
   }
   return removed;

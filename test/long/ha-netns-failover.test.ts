@@ -57,7 +57,7 @@ async function checkResumed(host: string, offset: number): Promise<void> {
 }
 const serialSize = (host: string) => (fs.existsSync(serialOn(host)) ? fs.statSync(serialOn(host)).size : 0);
 
-test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail over, cluster down leaves nothing', { timeout: 540_000 }, async () => {
+test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail over, cluster down leaves nothing', { timeout: 540_000 }, async (t) => {
   // Three started members, one per namespace address; every daemon in its own namespace.
   const members = await cluster.cluster.etcd.cluster.memberList({ linearizable: true });
   assert.equal(members.members.length, 3, JSON.stringify(members.members));
@@ -86,6 +86,7 @@ test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail o
   const first = await waitForFailover(cluster.cluster, vm, rec.generation, { timeoutMs: 120_000 });
   assert.notEqual(first.record.host, 'host1');
   const second = first.record.host;
+  t.diagnostic(`QEMU death: detected ${first.timing?.detectionMs} ms, running on ${second} ${first.timing?.totalMs} ms after the failure`);
   const st2 = withHome(second, () => readState(vm))!;
   assert.ok(processInNetns(st2.qemuPid!, hostOf(second).netns!), `restored QEMU runs in ${second}'s namespace`);
   await checkResumed(second, offsets.get(second) ?? 0);
@@ -99,6 +100,7 @@ test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail o
   for (const pid of [hostOf(second).pid, st2.supervisorPid, st2.qemuPid, cp?.pid, member.pid]) if (pid && pidAlive(pid)) process.kill(pid, 'SIGKILL');
   const third = await waitForFailover(cluster.cluster, vm, prot.generation, { timeoutMs: 120_000 });
   assert.notEqual(third.record.host, second);
+  t.diagnostic(`host death (agent, QEMU, etcd member): detected ${third.timing?.detectionMs} ms, running on ${third.record.host} ${third.timing?.totalMs} ms after the failure`);
   const st3 = withHome(third.record.host, () => readState(vm))!;
   assert.ok(processInNetns(st3.qemuPid!, hostOf(third.record.host).netns!), 'restored QEMU runs in its host\'s namespace');
   await checkResumed(third.record.host, offsets.get(third.record.host) ?? 0);

@@ -45,7 +45,7 @@ function withHome<T>(host: string, fn: () => T): T {
   }
 }
 
-test('partitioned host: self-fence before the restore on the majority, minority member writes nothing, heal brings the host back without the VM', { timeout: 480_000 }, async () => {
+test('partitioned host: self-fence before the restore on the majority, minority member writes nothing, heal brings the host back without the VM', { timeout: 480_000 }, async (t) => {
   const ns = hostOf('host2').netns!;
   const spec = lab.writeSpec(vm, {});
   const r = spawnSync(inNetns(ns)[0]!, [...inNetns(ns).slice(1), process.execPath, cliEntry, 'vm', 'start', spec], { env: { ...lab.env, HYDRAVM_HOME: hostOf('host2').home }, encoding: 'utf8', timeout: 120_000 });
@@ -68,6 +68,7 @@ test('partitioned host: self-fence before the restore on the majority, minority 
     assert.ok(timing?.restoreStartedAt, 'restore timing recorded');
     assert.ok(fencedAt <= timing!.restoreStartedAt!, `fenced ${fencedAt - cutAt} ms after the cut, before the restore started (${timing!.restoreStartedAt! - cutAt} ms)`);
 
+    t.diagnostic(`self-fence ${fencedAt - cutAt} ms after the cut; restore started ${timing!.restoreStartedAt! - cutAt} ms, running ${timing!.runningAt! - cutAt} ms after it, on ${record.host}`);
     // The minority member, asked from inside host2, takes no write.
     const put = spawnSync(inNetns(ns)[0]!, [...inNetns(ns).slice(1), 'etcdctl', '--endpoints', `http://${hostOf('host2').address}:2379`, '--command-timeout=3s', 'put', '/hydravm-partition-probe', 'x'], { encoding: 'utf8', env: { ...process.env, ETCDCTL_API: '3' } });
     assert.notEqual(put.status, 0, `a write through the minority member must fail: ${put.stdout}${put.stderr}`);
