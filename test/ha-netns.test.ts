@@ -16,6 +16,7 @@ let cluster: EmbeddedCluster | undefined;
 after(async () => {
   await cluster?.stop();
   spawnSync('ip', ['netns', 'del', `${PREFIX}stray`]);
+  spawnSync('ip', ['link', 'del', `${PREFIX}dummy`]);
   lab.cleanup();
 });
 
@@ -81,4 +82,17 @@ test('a namespace with the prefix that no cluster recorded is refused with the c
   assert.deepEqual(ourNetns(), [`${PREFIX}stray`], 'nothing else created, the stray left alone');
   spawnSync('ip', ['netns', 'del', `${PREFIX}stray`]);
   assert.ok(!fs.existsSync(path.join(lab.home, 'third', 'cluster.json')));
+});
+
+test('a subnet already on an interface of this machine is refused, naming the address', { skip: !isRoot && 'needs root' }, async () => {
+  assert.equal(spawnSync('ip', ['link', 'add', `${PREFIX}dummy`, 'type', 'bridge']).status, 0);
+  try {
+    assert.equal(spawnSync('ip', ['addr', 'add', '198.18.101.1/24', 'dev', `${PREFIX}dummy`]).status, 0);
+    await assert.rejects(startNetnsCluster({ dir: path.join(lab.home, 'fourth'), hosts: 3, prefix: `${PREFIX}x`, subnet: '198.18.101.0/24' }),
+      (err: Error & { code?: string }) => err.code === 'HYDRA_NETNS_ADDRESS_IN_USE' && /198\.18\.101\.1 on hv9n-dummy/.test(err.message));
+    assert.deepEqual(ourNetns(), [], 'nothing created');
+    assert.deepEqual(ourLinks(), [`${PREFIX}dummy`], 'only the test\'s own link');
+  } finally {
+    spawnSync('ip', ['link', 'del', `${PREFIX}dummy`]);
+  }
 });

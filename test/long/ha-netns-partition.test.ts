@@ -18,6 +18,8 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * so there is never a second running copy. A write through the minority
  * member fails. After the heal host2 comes back without its VM, which stays
  * where it was restored, and the guest's memory checker saw no violation.
+ * Then the etcd member of the VM's host is killed: nothing is fenced, and
+ * a QEMU death is still failed over by the two members left.
  */
 const PREFIX = 'hv9n-';
 const lab = makeLab('nspt');
@@ -45,7 +47,7 @@ function withHome<T>(host: string, fn: () => T): T {
   }
 }
 
-test('partitioned host: self-fence before the restore on the majority, minority member writes nothing, heal brings the host back without the VM', { timeout: 480_000 }, async (t) => {
+test('partitioned host: self-fence before the restore on the majority, minority member writes nothing, heal brings the host back without the VM; then one etcd member dies and fail-over still works', { timeout: 480_000 }, async (t) => {
   const ns = hostOf('host2').netns!;
   const spec = lab.writeSpec(vm, {});
   const r = spawnSync(inNetns(ns)[0]!, [...inNetns(ns).slice(1), process.execPath, cliEntry, 'vm', 'start', spec], { env: { ...lab.env, HYDRAVM_HOME: hostOf('host2').home }, encoding: 'utf8', timeout: 120_000 });
@@ -90,5 +92,23 @@ test('partitioned host: self-fence before the restore on the majority, minority 
   const now = await cluster.cluster.vm(vm);
   assert.notEqual(now?.value.host, 'host2');
   assert.ok(!pidAlive(qemu), 'the old copy stays dead');
+
+  // One etcd member of three dies (that of the VM's host): nothing is fenced, and a fail-over still works.
+  const where = now!.value.host;
+  const member = cluster.etcdMembers!.find((m) => m.netns === hostOf(where).netns)!;
+  process.kill(member.pid, 'SIGKILL');
+  const qemu2 = withHome(where, () => readState(vm))!.qemuPid!;
+  await new Promise((res) => setTimeout(res, 3000));
+  assert.ok(pidAlive(qemu2), `the VM on ${where} survives the death of ${where}'s own etcd member (its agent uses the other two)`);
+  const before = await cluster.cluster.vm(vm);
+  const offsets2 = new Map(cluster.hosts.map((h) => [h.host, fs.existsSync(serialOn(h.host)) ? fs.statSync(serialOn(h.host)).size : 0]));
+  process.kill(qemu2, 'SIGKILL');
+  const again = await waitForFailover(cluster.cluster, vm, before!.value.generation, { timeoutMs: 120_000 });
+  assert.notEqual(again.record.host, where);
+  t.diagnostic(`with 2 of 3 members: QEMU death on ${where}, running on ${again.record.host} ${again.timing?.totalMs} ms after`);
+  const serial2 = serialOn(again.record.host);
+  const resumed2 = await waitForMemcheckStep(serial2, 1, 60_000, offsets2.get(again.record.host) ?? 0);
+  await waitForMemcheckStep(serial2, resumed2.step + 3, 90_000, offsets2.get(again.record.host) ?? 0);
+  assert.equal(countViolations(serial2, offsets2.get(again.record.host) ?? 0), 0);
   await forgetVm(cluster.cluster, vm);
 });
