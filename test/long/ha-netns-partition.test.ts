@@ -32,6 +32,8 @@ before(async () => {
 after(async () => {
   if (cluster?.netns) for (const h of cluster.netns.hosts) try { setHostLink(cluster.netns, h.host, true); } catch { /* the cluster may be gone already */ }
   await cluster?.stop();
+  // HA_TEST_KEEP=DIR keeps the cluster's logs for a post-mortem.
+  if (process.env.HA_TEST_KEEP && cluster) fs.cpSync(path.join(cluster.dir, 'logs'), process.env.HA_TEST_KEEP, { recursive: true });
   lab.cleanup();
 });
 
