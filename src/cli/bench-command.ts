@@ -26,6 +26,25 @@ export function registerBenchCommand(program: Command): void {
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
     });
 
+  bench.command('protocol')
+    .description('cost of frame tags (HMAC) in the frame codec, and checkpoint / page-read throughput through a store over TCP vs TLS')
+    .option('--out <dir>', 'output directory', path.join('bench', 'results'))
+    .option('--codec-mb <n>', 'MiB pushed through the frame codec per measurement', '512')
+    .option('--checkpoint-mb <n>', 'size of the full checkpoint sent through the store', '256')
+    .option('--repeats <n>', 'measurements per configuration; medians are reported', '5')
+    .action(async (opts: { out: string; codecMb: string; checkpointMb: string; repeats: string }) => {
+      const { runProtocolBench } = await import('../bench/index.js');
+      const r = await runProtocolBench({
+        outDir: opts.out,
+        codecMb: Number(opts.codecMb),
+        checkpointMb: Number(opts.checkpointMb),
+        repeats: Number(opts.repeats),
+        log: (m) => process.stderr.write(`${m}\n`),
+      });
+      process.stdout.write(r.markdown);
+      process.stdout.write(`written: ${r.files.join(', ')}\n`);
+    });
+
   bench.command('failover')
     .description('fail-over time split (detection, slim restore, guest progress) vs QEMU full save/restore and reboot; network paging; slowdown after restore')
     .option('--out <dir>', 'output directory', path.join('bench', 'results'))

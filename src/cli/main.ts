@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import path from 'node:path';
 import { Command } from 'commander';
 import { HydraError } from '../errors.js';
 import { registerVmCommands } from './vm-commands.js';
@@ -21,7 +22,13 @@ program
   .name('hydravm')
   .description('High availability for QEMU VMs without backup memory')
   .version('0.1.0')
-  .showHelpAfterError();
+  .option('--store-tls-ca <path>', 'connect to the checkpoint store over TLS, trusting this CA (PEM file or directory); sets HYDRAVM_STORE_TLS_CA for this command and every process it starts')
+  .showHelpAfterError()
+  .hook('preAction', () => {
+    const ca = program.opts<{ storeTlsCa?: string }>().storeTlsCa;
+    // Through the environment, so checkpointers, restores and agents started from here inherit it.
+    if (ca) process.env.HYDRAVM_STORE_TLS_CA = path.resolve(ca);
+  });
 
 registerSetupCommands(program);
 registerVmCommands(program);

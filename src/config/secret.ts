@@ -8,14 +8,20 @@ import { ConfigError } from '../errors.js';
  * The cluster's shared secret authenticates checkpointers and readers to the
  * store. Taken from HYDRAVM_SECRET, else from a file (default
  * $HYDRAVM_HOME/cluster.secret, mode 0600), which the store creates on first
- * start in the embedded single-machine setup.
+ * start in the embedded single-machine setup. Both sources must hold at least
+ * 16 characters: the store protocol's proofs (src/protocol/auth.ts) are only
+ * as strong as the secret against offline guessing.
  */
 export function defaultSecretFile(): string {
   return path.join(hydraHome(), 'cluster.secret');
 }
 
 export function loadSecret(opts: { secretFile?: string; create?: boolean } = {}): string {
-  if (process.env.HYDRAVM_SECRET) return process.env.HYDRAVM_SECRET;
+  const fromEnv = process.env.HYDRAVM_SECRET;
+  if (fromEnv) {
+    if (fromEnv.length < 16) throw new ConfigError('HYDRA_SECRET_WEAK', 'cluster secret in HYDRAVM_SECRET is shorter than 16 characters');
+    return fromEnv;
+  }
   const file = opts.secretFile ?? defaultSecretFile();
   try {
     const s = fs.readFileSync(file, 'utf8').trim();

@@ -4,19 +4,22 @@
  * ERROR marked `unsolicited` (a failure while PAGES were streaming) poisons the
  * current checkpoint: later sends and commit() reject with it. Sends resolve
  * once the socket accepted the bytes (awaiting 'drain'), so a slow store
- * slows the sender instead of growing its memory.
+ * slows the sender instead of growing its memory. The store must prove the
+ * shared secret (WELCOME) before anything is sent after the handshake, and every
+ * frame after it is tagged in both directions (auth.ts, frames.ts).
  */
 import net from 'node:net';
-import { crc32 } from 'node:zlib';
+import tls from 'node:tls';
 import { HydraError, ProtocolError, StoreError, errorFromCode } from '../errors.js';
-import { authResponse } from './auth.js';
+import { deriveSession, makeNonce, proofMatches } from './auth.js';
 import {
-  FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName, type Frame,
+  FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, MAX_PAGES_DATA, MAX_PREAUTH_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName, type Frame,
 } from './frames.js';
 import {
   FEATURE_HOT, batchRuns, challengeSchema, committedSchema, decodeHot, decodeJson, decodePages, encodeJson, encodeRunTable, errorSchema, metaReplySchema, welcomeSchema,
   type CheckpointKind, type HotRegion, type PageRun, type Role, type StoreMeta, type Welcome,
 } from './messages.js';
+import { TLS_CA_ENV, clientTlsFromEnv, loadCa, tlsFailure, type StoreTlsClientOptions } from './tls.js';
 
 export interface StoreClientOptions {
   /** 'host:port' of the store. */
@@ -31,6 +34,8 @@ export interface StoreClientOptions {
   timeoutMs?: number;
   /** Test hook: versions announced in HELLO (default [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]). */
   versions?: [number, number];
+  /** TLS to the store: null for plain TCP; default from HYDRAVM_STORE_TLS_CA (tls.ts). */
+  tls?: StoreTlsClientOptions | null;
 }
 
 export interface CommitResult {
@@ -50,11 +55,21 @@ interface Pending {
 }
 
 const MAX_READ_REQUEST = 32 * 1024 * 1024;
+/** Longest gap between frames the client sends once connected (PING fills it); also capped at a third of the store's idle timeout. */
+const KEEPALIVE_MS = 5000;
 
 
 export class StoreClient {
-  private readonly decoder = new FrameDecoder();
+  private readonly decoder = new FrameDecoder({ maxPayload: MAX_PREAUTH_PAYLOAD });
   private pending: Pending[] = [];
+  /** Tag state of frames to the store, set once AUTH is sent. */
+  private sendMac: FrameMac | null = null;
+  /** True once the store proved the secret: from then on every received frame must be tagged. */
+  private authenticated = false;
+  private lastWrite = Date.now();
+  /** Bytes received from the store (0: it never answered). */
+  private received = 0;
+  private keepalive: NodeJS.Timeout | null = null;
   private closedError: HydraError | null = null;
   /** An unsolicited ERROR received during the current checkpoint. */
   private checkpointError: HydraError | null = null;
@@ -65,7 +80,10 @@ export class StoreClient {
   welcome!: Welcome;
 
   private constructor(private readonly sock: net.Socket, private readonly opts: StoreClientOptions) {
-    this.closed = new Promise((resolve) => sock.once('close', () => resolve()));
+    this.closed = new Promise((resolve) => sock.once('close', () => {
+      if (this.keepalive) clearInterval(this.keepalive);
+      resolve();
+    }));
     sock.on('data', (chunk: Buffer) => this.onData(chunk));
     sock.on('error', (err) => this.shutdown(new StoreError('HYDRA_STORE_CONNECTION_LOST', `connection to store ${opts.address} failed: ${err.message}`, { cause: err })));
     sock.on('close', () => this.shutdown(new StoreError('HYDRA_STORE_CONNECTION_LOST', `connection to store ${opts.address} closed${this.closing ? '' : ' by the store'}`)));
@@ -77,8 +95,13 @@ export class StoreClient {
     if (!m) throw new StoreError('HYDRA_STORE_BAD_ADDRESS', `bad store address ${JSON.stringify(opts.address)}: expected host:port`);
     const host = m[1] ?? m[2]!;
     const port = Number(m[3]);
-    const sock = net.connect({ host, port });
+    const tlsOpts = opts.tls === undefined ? clientTlsFromEnv() : opts.tls;
+    const sock = tlsOpts
+      ? tls.connect({ host, port, ca: loadCa(tlsOpts.ca), ...(tlsOpts.servername ? { servername: tlsOpts.servername } : net.isIP(host) ? {} : { servername: host }) })
+      : net.connect({ host, port });
     sock.setNoDelay(true);
+    // The kernel notices a vanished store host even while no request is outstanding.
+    sock.setKeepAlive(true, KEEPALIVE_MS);
     const client = new StoreClient(sock, opts);
     const timer = setTimeout(() => {
       client.shutdown(new StoreError('HYDRA_STORE_TIMEOUT', `connecting to store ${opts.address} (vm ${opts.vm}): no answer within ${timeoutMs} ms`));
@@ -86,18 +109,13 @@ export class StoreClient {
     }, timeoutMs);
     try {
       await new Promise<void>((resolve, reject) => {
-        sock.once('connect', resolve);
-        sock.once('error', (err) => reject(new StoreError('HYDRA_STORE_CONNECTION_LOST', `cannot connect to store ${opts.address}: ${err.message}`, { cause: err })));
+        sock.once(tlsOpts ? 'secureConnect' : 'connect', resolve);
+        sock.once('error', (err: NodeJS.ErrnoException) => reject(tlsOpts && err.code !== 'ECONNREFUSED'
+          ? tlsFailure(opts.address, tlsOpts.ca, err)
+          : new StoreError('HYDRA_STORE_CONNECTION_LOST', `cannot connect to store ${opts.address}: ${err.message}`, { cause: err })));
         sock.once('close', () => reject(client.closedError ?? new StoreError('HYDRA_STORE_CONNECTION_LOST', `connection to store ${opts.address} closed`)));
       });
-      const [minV, maxV] = opts.versions ?? [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION];
-      const [ch] = await client.request(FrameType.HELLO, encodeJson({ minVersion: minV, maxVersion: maxV, vm: opts.vm, generation: opts.generation, role: opts.role }), FrameType.CHALLENGE, 'HELLO', maxV);
-      const c = decodeJson(FrameType.CHALLENGE, ch!.payload, challengeSchema);
-      client.version = c.version;
-      client.decoder.setVersion(c.version);
-      const hmac = authResponse(opts.secret, Buffer.from(c.nonce, 'hex')).toString('hex');
-      const [w] = await client.request(FrameType.AUTH, encodeJson({ hmac }), FrameType.WELCOME, 'AUTH');
-      client.welcome = decodeJson(FrameType.WELCOME, w!.payload, welcomeSchema);
+      await client.handshake(tlsOpts !== null);
       return client;
     } catch (err) {
       sock.destroy();
@@ -107,12 +125,71 @@ export class StoreClient {
     }
   }
 
+  /** HELLO/CHALLENGE/AUTH/WELCOME (auth.ts): both sides prove the secret over the whole handshake. */
+  private async handshake(overTls: boolean): Promise<void> {
+    const opts = this.opts;
+    const [minV, maxV] = opts.versions ?? [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION];
+    const clientNonce = makeNonce();
+    const hello = encodeJson({ minVersion: minV, maxVersion: maxV, vm: opts.vm, generation: opts.generation, role: opts.role, nonce: clientNonce.toString('hex') });
+    let ch: Frame;
+    try {
+      [ch] = (await this.request(FrameType.HELLO, hello, FrameType.CHALLENGE, 'HELLO', maxV)) as [Frame];
+    } catch (err) {
+      // A TLS store hangs up on plain bytes (or answers with an alert): say what to check instead of "closed" or "bad magic".
+      const e = err as HydraError;
+      const tlsAlert = e.code === 'HYDRA_PROTOCOL_BAD_MAGIC' && /magic 1[56]03/.test(e.message);
+      if (!overTls && (tlsAlert || (e.code === 'HYDRA_STORE_CONNECTION_LOST' && this.received === 0))) {
+        const msg = `store ${opts.address} hung up on HELLO without an answer (${e.message}): if it runs with --tls-cert, give this side its CA with --store-tls-ca or ${TLS_CA_ENV}; otherwise it is not a HydraVM store, or it dropped this handshake under load`;
+        throw tlsAlert ? new StoreError('HYDRA_STORE_TLS_REQUIRED', msg, { cause: err }) : errorFromCode(e.code, msg, { cause: err });
+      }
+      throw err;
+    }
+    const c = decodeJson(FrameType.CHALLENGE, ch.payload, challengeSchema);
+    if (c.version < minV || c.version > maxV) {
+      throw new ProtocolError('HYDRA_PROTOCOL_VERSION', `store ${opts.address} chose protocol version ${c.version}, outside the offered ${minV}-${maxV}`);
+    }
+    this.version = c.version;
+    this.decoder.setVersion(c.version);
+    const keys = deriveSession(opts.secret, clientNonce, Buffer.from(c.nonce, 'hex'), hello, ch.payload);
+    this.decoder.setReceiveMac({ mac: new FrameMac(keys.serverToClient), peer: `store ${opts.address}` });
+    const auth = encodeJson({ proof: keys.clientProof.toString('hex') });
+    const [w] = (await this.request(FrameType.AUTH, auth, FrameType.WELCOME, 'AUTH')) as [Frame];
+    if (!w.authenticated) {
+      throw new ProtocolError('HYDRA_PROTOCOL_UNAUTHENTICATED', `store ${opts.address} sent WELCOME without a tag: it did not prove the cluster secret (not the genuine store, or a relay)`);
+    }
+    const welcome = decodeJson(FrameType.WELCOME, w.payload, welcomeSchema);
+    if (!proofMatches(keys.serverProof, Buffer.from(welcome.proof, 'hex'))) {
+      throw new ProtocolError('HYDRA_PROTOCOL_UNAUTHENTICATED', `store ${opts.address} failed to prove the cluster secret in WELCOME (not the genuine store, or a relay)`);
+    }
+    if (welcome.vm !== opts.vm || (opts.generation > 0 && welcome.generation !== opts.generation)) {
+      throw new ProtocolError('HYDRA_PROTOCOL_UNEXPECTED', `store ${opts.address} welcomed vm ${welcome.vm} generation ${welcome.generation}, but this side asked for vm ${opts.vm} generation ${opts.generation}`);
+    }
+    this.welcome = welcome;
+    this.authenticated = true;
+    this.sendMac = new FrameMac(keys.clientToServer);
+    this.decoder.setMaxPayload(MAX_FRAME_PAYLOAD);
+    const every = Math.max(100, Math.min(KEEPALIVE_MS, Math.floor(welcome.idleTimeoutMs / 3)));
+    this.keepalive = setInterval(() => this.ping(every), every / 2);
+    this.keepalive.unref();
+  }
+
+  /**
+   * Keep a quiet connection alive so the store does not take it for a dead
+   * peer. Skipped while the socket is backed up: the store paused reading by
+   * choice and does not count that time as silence.
+   */
+  private ping(every: number): void {
+    if (this.closedError || this.sock.writableLength > 0 || Date.now() - this.lastWrite < every) return;
+    this.write(FrameType.PING, [encodeJson({})]).catch(() => undefined); // a failed write surfaces via 'close' -> shutdown
+  }
+
   /** The store's committed epoch for this generation at connect time (null: none). */
   get committedEpoch(): number | null {
     return this.welcome.committedEpoch;
   }
 
   private onData(chunk: Buffer): void {
+    this.received += chunk.length;
     let frames: Frame[];
     try {
       frames = this.decoder.push(chunk);
@@ -125,6 +202,12 @@ export class StoreClient {
   }
 
   private onFrame(f: Frame): void {
+    if (this.authenticated && !f.authenticated) {
+      this.shutdown(new ProtocolError('HYDRA_PROTOCOL_UNAUTHENTICATED', `store ${this.opts.address} sent an untagged ${frameTypeName(f.type)} frame after the handshake (not from the authenticated store)`));
+      this.sock.destroy();
+      return;
+    }
+    if (f.type === FrameType.PONG) return;
     if (f.type === FrameType.ERROR) {
       let e: HydraError;
       let unsolicited = false;
@@ -176,22 +259,14 @@ export class StoreClient {
    */
   private async write(type: FrameType, parts: Buffer[], flags = 0, version = this.version): Promise<void> {
     this.alive(frameTypeName(type));
-    let len = 0;
-    let crc = 0;
-    for (const p of parts) {
-      len += p.length;
-      crc = crc32(p, crc);
-    }
-    const [h] = encodeFrameParts(type, Buffer.alloc(0), { flags, version, crc });
-    h.writeUInt32BE(len, 12);
+    const out = encodeFrameParts(type, parts, { flags, version, ...(this.sendMac ? { mac: this.sendMac } : {}) });
+    this.lastWrite = Date.now();
     const flushed = new Promise<void>((resolve, reject) => {
       this.sock.cork();
-      this.sock.write(h);
-      parts.forEach((p, i) => {
-        if (i < parts.length - 1) this.sock.write(p);
+      out.forEach((p, i) => {
+        if (i < out.length - 1) this.sock.write(p);
         else this.sock.write(p, (err) => (err ? reject(new StoreError('HYDRA_STORE_CONNECTION_LOST', `writing to store ${this.opts.address}: ${err.message}`, { cause: err })) : resolve()));
       });
-      if (parts.length === 0) resolve();
       this.sock.uncork();
     });
     await flushed;
@@ -303,6 +378,7 @@ export class StoreClient {
 
   async close(): Promise<void> {
     this.closing = true;
+    if (this.keepalive) clearInterval(this.keepalive);
     this.sock.end();
     const t = setTimeout(() => this.sock.destroy(), 2000);
     await this.closed;

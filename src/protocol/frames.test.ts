@@ -1,32 +1,34 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { crc32 } from 'node:zlib';
+import * as nodeCrypto from 'node:crypto';
 import {
-  FrameDecoder, FrameFlag, FrameType, FRAME_HEADER_SIZE, PROTOCOL_VERSION, encodeFrame,
-  batchRuns, decodeHot, decodeJson, decodePages, encodeHot, encodePages, encodeRunTable, helloSchema,
+  FrameDecoder, FrameFlag, FrameMac, FrameType, FRAME_HEADER_SIZE, FRAME_TAG_SIZE, MAX_PREAUTH_PAYLOAD, PROTOCOL_VERSION, encodeFrame,
+  beginSchema, welcomeSchema, batchRuns, decodeHot, decodeJson, decodePages, encodeHot, encodePages, encodeRunTable, helloSchema,
 } from './index.js';
 
 const code = (c: string) => (e: unknown) => (e as { code?: string }).code === c;
 
 test('frame golden bytes', () => {
-  assert.equal(PROTOCOL_VERSION, 1);
+  assert.equal(PROTOCOL_VERSION, 2);
   const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'), { flags: FrameFlag.MORE });
-  // magic "HVMP", version 1, type 10 (COMMIT), flags 1, length 2, crc32("{}") = 0xa3a6bf43, payload "{}"
-  assert.equal(f.toString('hex'), '48564d50' + '0001' + '000a' + '00000001' + '00000002' + 'a3a6bf43' + '7b7d');
-  const [d] = new FrameDecoder().push(Buffer.from('48564d500001000a0000000100000002a3a6bf437b7d', 'hex'));
+  // magic "HVMP", version 2, type 10 (COMMIT), flags 1, length 2, crc32("{}") = 0xa3a6bf43, payload "{}"
+  assert.equal(f.toString('hex'), '48564d50' + '0002' + '000a' + '00000001' + '00000002' + 'a3a6bf43' + '7b7d');
+  const [d] = new FrameDecoder().push(Buffer.from('48564d500002000a0000000100000002a3a6bf437b7d', 'hex'));
   assert.equal(d!.type, FrameType.COMMIT);
   assert.equal(d!.flags, FrameFlag.MORE);
   assert.equal(d!.payload.toString(), '{}');
 });
 
 test('golden: fixed HELLO frame decodes', () => {
-  const payload = Buffer.from('{"minVersion":1,"maxVersion":1,"vm":"web1","generation":3,"role":"checkpointer"}');
-  const hex = '48564d50' + '0001' + '0001' + '00000000' + payload.length.toString(16).padStart(8, '0') + crc32(payload).toString(16).padStart(8, '0');
+  const nonce = 'ab'.repeat(32);
+  const payload = Buffer.from(`{"minVersion":2,"maxVersion":2,"vm":"web1","generation":3,"role":"checkpointer","nonce":"${nonce}"}`);
+  const hex = '48564d50' + '0002' + '0001' + '00000000' + payload.length.toString(16).padStart(8, '0') + crc32(payload).toString(16).padStart(8, '0');
   const bytes = Buffer.concat([Buffer.from(hex, 'hex'), payload]);
   assert.equal(bytes.length, FRAME_HEADER_SIZE + payload.length);
   const [f] = new FrameDecoder().push(bytes);
   assert.equal(f!.type, FrameType.HELLO);
-  assert.deepEqual(decodeJson(f!.type, f!.payload, helloSchema), { minVersion: 1, maxVersion: 1, vm: 'web1', generation: 3, role: 'checkpointer' });
+  assert.deepEqual(decodeJson(f!.type, f!.payload, helloSchema), { minVersion: 2, maxVersion: 2, vm: 'web1', generation: 3, role: 'checkpointer', nonce });
   assert.deepEqual(encodeFrame(FrameType.HELLO, payload), bytes);
 });
 
@@ -77,7 +79,7 @@ test('oversize length is an error, not an allocation', () => {
 
 test('version mismatch names both versions; HELLO and ERROR pass at any version', () => {
   const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'), { version: 9 });
-  assert.throws(() => new FrameDecoder().push(f), (e: unknown) => code('HYDRA_PROTOCOL_VERSION')(e) && /version 9/.test((e as Error).message) && /version 1/.test((e as Error).message));
+  assert.throws(() => new FrameDecoder().push(f), (e: unknown) => code('HYDRA_PROTOCOL_VERSION')(e) && /version 9/.test((e as Error).message) && /version 2/.test((e as Error).message));
   assert.equal(new FrameDecoder().push(encodeFrame(FrameType.HELLO, Buffer.from('{}'), { version: 9 })).length, 1);
   assert.equal(new FrameDecoder().push(encodeFrame(FrameType.ERROR, Buffer.from('{}'), { version: 9 })).length, 1);
 });
@@ -138,4 +140,60 @@ test('HOT payload round trip and validation', () => {
   const [f] = new FrameDecoder().push(encodeFrame(FrameType.HOT, p, { flags: FrameFlag.MORE }));
   assert.equal(f!.type, FrameType.HOT);
   assert.deepEqual(decodeHot(f!.payload), regions);
+});
+
+test('golden: a tagged frame (key 32 x 0x01, sequence 0)', () => {
+  const key = Buffer.alloc(32, 1);
+  const f = encodeFrame(FrameType.COMMIT, Buffer.from('{}'), { mac: new FrameMac(key) });
+  assert.equal(f.length, FRAME_HEADER_SIZE + 2 + FRAME_TAG_SIZE);
+  assert.equal(f.readUInt32BE(8), FrameFlag.MAC);
+  // HMAC-SHA256(key, u64 0 || header || payload), first 16 bytes
+  const { createHmac } = nodeCrypto;
+  const expected = createHmac('sha256', key).update(Buffer.alloc(8)).update(f.subarray(0, 20)).update(Buffer.from('{}')).digest().subarray(0, 16);
+  assert.deepEqual(f.subarray(22), expected);
+  const d = new FrameDecoder();
+  d.setReceiveMac({ mac: new FrameMac(key), peer: 'test' });
+  const [g] = d.push(f);
+  assert.equal(g!.authenticated, true);
+});
+
+test('tags refuse replay, reorder, a flip anywhere, a wrong key and a tag before keys exist', () => {
+  const key = Buffer.alloc(32, 7);
+  const tx = new FrameMac(key);
+  const a = encodeFrame(FrameType.PAGES, encodePages([{ offset: 0, length: 8 }], Buffer.from('abcdefgh')), { mac: tx });
+  const b = encodeFrame(FrameType.COMMIT, Buffer.from('{}'), { mac: tx });
+  const rx = () => {
+    const d = new FrameDecoder();
+    d.setReceiveMac({ mac: new FrameMac(key), peer: 'test' });
+    return d;
+  };
+  assert.equal(rx().push(Buffer.concat([a, b])).length, 2);
+  assert.throws(() => rx().push(Buffer.concat([a, a])), code('HYDRA_PROTOCOL_BAD_MAC'), 'replayed frame');
+  assert.throws(() => rx().push(Buffer.concat([b, a])), code('HYDRA_PROTOCOL_BAD_MAC'), 'reordered frames');
+  assert.throws(() => rx().push(b), code('HYDRA_PROTOCOL_BAD_MAC'), 'dropped first frame');
+  // Flip every bit position class of the frame: header fields, page data (CRC fixed up), tag.
+  for (let i = 4; i < a.length; i++) {
+    const x = Buffer.from(a);
+    x[i]! ^= 0x10;
+    if (i >= FRAME_HEADER_SIZE && i < a.length - FRAME_TAG_SIZE) x.writeUInt32BE(crc32(x.subarray(FRAME_HEADER_SIZE, a.length - FRAME_TAG_SIZE)), 16);
+    let out: unknown[] = [];
+    // A flipped length field makes the decoder wait for bytes that never come: no frame either way.
+    assert.throws(() => { out = rx().push(x); if (i >= 12 && i < 16 && out.length === 0) throw Object.assign(new Error('waits'), { code: 'WAITS' }); }, (e: unknown) => typeof (e as { code?: string }).code === 'string', `flip at byte ${i}`);
+  }
+  const wrong = new FrameDecoder();
+  wrong.setReceiveMac({ mac: new FrameMac(Buffer.alloc(32, 8)), peer: 'test' });
+  assert.throws(() => wrong.push(a), code('HYDRA_PROTOCOL_BAD_MAC'));
+  assert.throws(() => new FrameDecoder().push(a), code('HYDRA_PROTOCOL_UNEXPECTED'));
+});
+
+test('pre-authentication frame limit and u32 ranges', () => {
+  const d = new FrameDecoder({ maxPayload: MAX_PREAUTH_PAYLOAD });
+  assert.throws(() => d.push(encodeFrame(FrameType.HELLO, Buffer.alloc(MAX_PREAUTH_PAYLOAD + 1))), code('HYDRA_PROTOCOL_FRAME_TOO_LARGE'));
+  assert.equal(MAX_PREAUTH_PAYLOAD, 4096);
+  const hello = { minVersion: 2, maxVersion: 2, vm: 'v', role: 'checkpointer', nonce: 'ab'.repeat(32) };
+  assert.equal(helloSchema.safeParse({ ...hello, generation: 0xffffffff }).success, true);
+  assert.equal(helloSchema.safeParse({ ...hello, generation: 2 ** 32 }).success, false);
+  assert.equal(helloSchema.safeParse({ ...hello, generation: 2 ** 40 }).success, false);
+  assert.equal(beginSchema.safeParse({ epoch: 2 ** 32, kind: 'full', ramSize: 4096 }).success, false);
+  assert.equal(welcomeSchema.safeParse({ version: 2, vm: 'v', generation: 1, highestGeneration: 2 ** 33, committedEpoch: null, proof: 'ab'.repeat(32), idleTimeoutMs: 1000 }).success, false);
 });

@@ -10,20 +10,34 @@
  *   12     4     payload length u32 big-endian (<= the decoder's maxPayload)
  *   16     4     crc32 (zlib/IEEE) of the payload, u32 big-endian
  *   20     n     payload
+ *   20+n   16    tag, only when flags has FrameFlag.MAC:
+ *                HMAC-SHA256(direction key, u64 BE sequence || bytes 0..20 || payload), first 16 bytes
  *
- * The length is checked against the maximum before anything is allocated, and
- * the CRC is checked before a frame is handed on. A decoding error is fatal to
- * the connection: the stream cannot be resynchronised.
+ * Every frame after the handshake carries a tag (src/protocol/auth.ts derives
+ * the per-direction keys); the sequence number counts the tagged frames of one
+ * direction from 0, so a replayed, dropped, reordered or altered frame fails.
+ * The length is checked against the maximum before anything is allocated; the
+ * CRC and the tag are checked before a frame is handed on. A decoding error is
+ * fatal to the connection: the stream cannot be resynchronised.
  */
+import { createHmac, timingSafeEqual } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { ProtocolError } from '../errors.js';
 
 export const FRAME_MAGIC = Buffer.from('HVMP', 'latin1');
 export const FRAME_HEADER_SIZE = 20;
-/** The protocol version this build speaks. */
-export const PROTOCOL_VERSION = 1;
-/** Oldest version this build still speaks (HELLO negotiates inside [MIN, PROTOCOL_VERSION]). */
-export const MIN_PROTOCOL_VERSION = 1;
+/** The protocol version this build speaks (2: mutual authentication and frame tags). */
+export const PROTOCOL_VERSION = 2;
+/**
+ * Oldest version this build still speaks (HELLO negotiates inside [MIN, PROTOCOL_VERSION]).
+ * Version 1 (one-way authentication, no frame tags) is refused: accepting it would let a
+ * peer downgrade every connection to it.
+ */
+export const MIN_PROTOCOL_VERSION = 2;
+/** Size of the tag after the payload of a FrameFlag.MAC frame. */
+export const FRAME_TAG_SIZE = 16;
+/** Largest payload accepted before the peer has authenticated (HELLO, CHALLENGE, AUTH are far smaller). */
+export const MAX_PREAUTH_PAYLOAD = 4096;
 /** Default largest accepted payload: 16 MiB (a PAGES frame carries at most MAX_PAGES_DATA of page data). */
 export const MAX_FRAME_PAYLOAD = 16 * 1024 * 1024;
 /** Page data per PAGES frame the client and server produce: 8 MiB. */
@@ -50,11 +64,45 @@ export enum FrameType {
   /** Reader request for the heat record (only sent to a store whose WELCOME lists the "hot" feature). */
   GET_HOT = 18,
   HOT = 19,
+  /** Keepalive from the client; the store answers PONG. Both are tagged like any frame after the handshake. */
+  PING = 20,
+  PONG = 21,
 }
 
 export enum FrameFlag {
   /** More frames of the same message follow (DEVSTATE chunks, PAGES replies). */
   MORE = 1,
+  /** A FRAME_TAG_SIZE tag follows the payload. */
+  MAC = 2,
+}
+
+/**
+ * The tag state of one direction of one connection: the key and the sequence
+ * number of the next tagged frame. The sender and the receiver each hold one.
+ */
+export class FrameMac {
+  private seq = 0n;
+  constructor(private readonly key: Buffer) {}
+
+  /** Tag of the next frame (header already complete, payload in parts); advances the sequence. */
+  next(header: Buffer, parts: readonly Buffer[]): Buffer {
+    const seq = Buffer.allocUnsafe(8);
+    seq.writeBigUInt64BE(this.seq++);
+    const h = createHmac('sha256', this.key).update(seq).update(header);
+    for (const p of parts) h.update(p);
+    return h.digest().subarray(0, FRAME_TAG_SIZE);
+  }
+
+  /** Check a received frame's tag against the next sequence number; advances it. */
+  verify(header: Buffer, payload: Buffer, tag: Buffer): boolean {
+    const expected = this.next(header, [payload]);
+    return tag.length === expected.length && timingSafeEqual(tag, expected);
+  }
+
+  /** Sequence number of the next frame (reported in errors). */
+  get sequence(): bigint {
+    return this.seq;
+  }
 }
 
 export interface Frame {
@@ -64,30 +112,49 @@ export interface Frame {
   payload: Buffer;
   /** The payload CRC as carried by the frame (verified). */
   crc: number;
+  /** True when the frame carried a tag and the tag was verified with the receive key. */
+  authenticated: boolean;
 }
 
 export function frameTypeName(type: number): string {
   return FrameType[type] ?? `type#${type}`;
 }
 
+export interface EncodeOptions {
+  flags?: number;
+  version?: number;
+  /** CRC of the payload parts when already known. */
+  crc?: number;
+  /** Tag the frame with the sender's state (sets FrameFlag.MAC and appends the tag). */
+  mac?: FrameMac;
+}
+
 /**
- * Encode one frame. Returns [header, payload] so large payloads are not copied;
- * write both (socket.cork/uncork or writev). `crc` may be passed when known.
+ * Encode one frame whose payload is given in parts. Returns [header, ...parts, tag?]
+ * so large payloads are not copied; write them all in order (socket.cork/uncork).
  */
-export function encodeFrameParts(type: FrameType, payload: Buffer, opts: { flags?: number; version?: number; crc?: number } = {}): [Buffer, Buffer] {
+export function encodeFrameParts(type: FrameType, parts: readonly Buffer[], opts: EncodeOptions = {}): Buffer[] {
+  let length = 0;
+  let crc = 0;
+  for (const p of parts) {
+    length += p.length;
+    if (opts.crc === undefined) crc = crc32(p, crc);
+  }
   const header = Buffer.allocUnsafe(FRAME_HEADER_SIZE);
   FRAME_MAGIC.copy(header, 0);
   header.writeUInt16BE(opts.version ?? PROTOCOL_VERSION, 4);
   header.writeUInt16BE(type, 6);
-  header.writeUInt32BE((opts.flags ?? 0) >>> 0, 8);
-  header.writeUInt32BE(payload.length, 12);
-  header.writeUInt32BE(opts.crc ?? crc32(payload), 16);
-  return [header, payload];
+  header.writeUInt32BE(((opts.flags ?? 0) | (opts.mac ? FrameFlag.MAC : 0)) >>> 0, 8);
+  header.writeUInt32BE(length, 12);
+  header.writeUInt32BE(opts.crc ?? crc, 16);
+  const out = [header, ...parts];
+  if (opts.mac) out.push(opts.mac.next(header, parts));
+  return out;
 }
 
 /** Encode one frame into a single buffer (small frames, tests). */
-export function encodeFrame(type: FrameType, payload: Buffer, opts: { flags?: number; version?: number } = {}): Buffer {
-  return Buffer.concat(encodeFrameParts(type, payload, opts));
+export function encodeFrame(type: FrameType, payload: Buffer, opts: EncodeOptions = {}): Buffer {
+  return Buffer.concat(encodeFrameParts(type, [payload], opts));
 }
 
 export interface FrameDecoderOptions {
@@ -101,6 +168,13 @@ export interface FrameDecoderOptions {
   acceptVersion?: number;
 }
 
+/** Tag checking of received frames (set once the session keys are known). */
+export interface ReceiveMac {
+  mac: FrameMac;
+  /** What a bad tag means, for the error message (e.g. "store 10.0.0.1:7780"). */
+  peer: string;
+}
+
 /**
  * Incremental frame decoder: push() socket chunks, get whole frames back.
  * Holds at most one partial frame (bounded by maxPayload + header).
@@ -108,10 +182,11 @@ export interface FrameDecoderOptions {
 export class FrameDecoder {
   private chunks: Buffer[] = [];
   private buffered = 0;
-  private header: { version: number; type: number; flags: number; length: number; crc: number } | null = null;
-  private readonly maxPayload: number;
+  private header: { version: number; type: number; flags: number; length: number; crc: number; raw: Buffer } | null = null;
+  private maxPayload: number;
   private version: number;
   private failed = false;
+  private recv: ReceiveMac | null = null;
 
   constructor(opts: FrameDecoderOptions = {}) {
     this.maxPayload = opts.maxPayload ?? MAX_FRAME_PAYLOAD;
@@ -120,6 +195,16 @@ export class FrameDecoder {
 
   setVersion(v: number): void {
     this.version = v;
+  }
+
+  /** Change the largest accepted payload (raised once the peer has authenticated). */
+  setMaxPayload(n: number): void {
+    this.maxPayload = n;
+  }
+
+  /** Verify tags of received frames from now on with this state. */
+  setReceiveMac(r: ReceiveMac): void {
+    this.recv = r;
   }
 
   /** Bytes held waiting for the rest of a frame. */
@@ -147,13 +232,25 @@ export class FrameDecoder {
           const h = this.take(FRAME_HEADER_SIZE);
           this.header = parseHeader(h, this.maxPayload, this.version);
         }
-        if (this.buffered < this.header.length) break;
+        const tagged = (this.header.flags & FrameFlag.MAC) !== 0;
+        if (this.buffered < this.header.length + (tagged ? FRAME_TAG_SIZE : 0)) break;
         const payload = this.take(this.header.length);
         const crc = crc32(payload);
+        const name = frameTypeName(this.header.type);
         if (crc !== this.header.crc) {
-          throw new ProtocolError('HYDRA_PROTOCOL_BAD_CRC', `${frameTypeName(this.header.type)} frame payload crc32 ${hex(crc)} != header crc32 ${hex(this.header.crc)} (${this.header.length} bytes)`);
+          throw new ProtocolError('HYDRA_PROTOCOL_BAD_CRC', `${name} frame payload crc32 ${hex(crc)} != header crc32 ${hex(this.header.crc)} (${this.header.length} bytes)`);
         }
-        out.push({ version: this.header.version, type: this.header.type as FrameType, flags: this.header.flags, payload, crc });
+        let authenticated = false;
+        if (tagged) {
+          const tag = this.take(FRAME_TAG_SIZE);
+          if (!this.recv) throw new ProtocolError('HYDRA_PROTOCOL_UNEXPECTED', `${name} frame carries a tag before the session keys exist (during the handshake)`);
+          const seq = this.recv.mac.sequence;
+          if (!this.recv.mac.verify(this.header.raw, payload, tag)) {
+            throw new ProtocolError('HYDRA_PROTOCOL_BAD_MAC', `${name} frame #${seq} from ${this.recv.peer} fails its tag check (altered, replayed, reordered, or not from the session's peer)`);
+          }
+          authenticated = true;
+        }
+        out.push({ version: this.header.version, type: this.header.type as FrameType, flags: this.header.flags, payload, crc, authenticated });
         this.header = null;
       }
     } catch (err) {
@@ -208,7 +305,7 @@ function parseHeader(h: Buffer, maxPayload: number, acceptVersion: number) {
   if (length > maxPayload) {
     throw new ProtocolError('HYDRA_PROTOCOL_FRAME_TOO_LARGE', `${frameTypeName(type)} frame payload length ${length} exceeds the maximum ${maxPayload}`);
   }
-  return { version, type, flags, length, crc };
+  return { version, type, flags, length, crc, raw: Buffer.from(h) };
 }
 
 function hex(n: number): string {

@@ -27,23 +27,32 @@ export interface PageRun {
 }
 
 const int = z.number().int().nonnegative();
+/** Generations, epochs, versions and counts are stored as u32: the wire may not carry more. */
+const u32 = int.max(0xffffffff);
+const hex32 = z.string().regex(/^[0-9a-f]{64}$/, '32 bytes as 64 lowercase hex digits');
 const vmName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, 'VM name: letters, digits, . _ -, at most 64 characters');
 
 export const helloSchema = z.object({
-  minVersion: int,
-  maxVersion: int,
+  minVersion: u32,
+  maxVersion: u32,
   vm: vmName,
-  generation: int,
+  generation: u32,
   role: z.enum(['checkpointer', 'reader']),
+  /** The client's nonce (bound into both proofs and the session keys). */
+  nonce: hex32,
 });
-export const challengeSchema = z.object({ version: int, nonce: z.string().regex(/^[0-9a-f]{64}$/) });
-export const authSchema = z.object({ hmac: z.string().regex(/^[0-9a-f]{64}$/) });
+export const challengeSchema = z.object({ version: u32, nonce: hex32 });
+export const authSchema = z.object({ proof: hex32 });
 export const welcomeSchema = z.object({
-  version: int,
+  version: u32,
   vm: z.string(),
-  generation: int,
-  highestGeneration: int,
-  committedEpoch: int.nullable(),
+  generation: u32,
+  highestGeneration: u32,
+  committedEpoch: u32.nullable(),
+  /** The store's proof that it knows the shared secret (see auth.ts). */
+  proof: hex32,
+  /** The store drops a connection silent for this long; the client sends PING well within it. */
+  idleTimeoutMs: z.number().int().positive(),
   /**
    * Optional requests this store serves beyond the base set ("hot": GET_HOT).
    * Absent from older stores; older clients ignore it.
@@ -51,42 +60,42 @@ export const welcomeSchema = z.object({
   features: z.array(z.string()).optional(),
 });
 export const beginSchema = z.object({
-  epoch: z.number().int().positive(),
+  epoch: u32.positive(),
   kind: z.enum(['full', 'incremental']),
   ramSize: z.number().int().positive(),
   pageSize: z.number().int().positive().optional(),
   config: z.unknown().optional(),
 });
-export const begunSchema = z.object({ epoch: int });
+export const begunSchema = z.object({ epoch: u32 });
 export const disksSchema = z.object({ ids: z.array(z.string().max(4096)).max(4096) });
-export const commitSchema = z.object({ epoch: int.optional() });
+export const commitSchema = z.object({ epoch: u32.optional() });
 export const committedSchema = z.object({
-  epoch: int,
+  epoch: u32,
   durableAt: z.number(),
   applyMs: z.number(),
   bytes: int,
-  pages: int,
+  pages: u32,
 });
 export const errorSchema = z.object({
   code: z.string(),
   message: z.string(),
   /** true when the error was not the reply to a request (e.g. ENOSPC while PAGES streamed). */
   unsolicited: z.boolean().optional(),
-  committedEpoch: int.nullable().optional(),
+  committedEpoch: u32.nullable().optional(),
 });
-export const getMetaSchema = z.object({ generation: int.optional() });
-export const getDevstateSchema = z.object({ generation: int.optional() });
+export const getMetaSchema = z.object({ generation: u32.optional() });
+export const getDevstateSchema = z.object({ generation: u32.optional() });
 export const abortSchema = z.object({});
 /** GET_HOT: the heat record of this connection's generation (or `generation`), at most `limit` regions. */
-export const getHotSchema = z.object({ generation: int.optional(), limit: int.optional() });
+export const getHotSchema = z.object({ generation: u32.optional(), limit: u32.optional() });
 
 /** WELCOME feature name of stores that serve GET_HOT. */
 export const FEATURE_HOT = 'hot';
 
 export const epochStatSchema = z.object({
-  epoch: int,
+  epoch: u32,
   kind: z.enum(['full', 'incremental']),
-  pages: int,
+  pages: u32,
   bytes: int,
   committedAt: z.string(),
   applyMs: z.number(),
@@ -95,8 +104,8 @@ export const epochStatSchema = z.object({
 /** What the store says about one VM generation's image (the meta.json body; also the META reply). */
 export const storeMetaSchema = z.object({
   vm: z.string(),
-  generation: int,
-  committedEpoch: int,
+  generation: u32,
+  committedEpoch: u32,
   ramSize: z.number().int().positive(),
   pageSize: z.number().int().positive(),
   /** File name of the RAM image inside the generation directory (normally "memory.img"). */

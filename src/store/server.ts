@@ -3,8 +3,13 @@
  * protocol (src/protocol). One connection = one peer (checkpointer or reader)
  * of one VM generation. Frames of a connection are handled strictly in order;
  * while the disk is behind, reading from the socket pauses (bounded memory).
+ * Before a peer has proved the shared secret it may hold one small frame and
+ * one of a bounded number of handshake slots; once authenticated, a silent
+ * peer is dropped after the idle timeout, and a new checkpointer of the same
+ * generation replaces the old connection (the old one may be half-open).
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,9 +18,10 @@ import type { Logger } from 'pino';
 import { HydraError, ProtocolError, StoreError, isHydraCode } from '../errors.js';
 import { log as rootLog } from '../util/log.js';
 import {
-  FrameDecoder, FrameFlag, FrameType, MAX_PAGES_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName,
-  FEATURE_HOT, MAX_HOT_PER_FRAME, authSchema, batchRuns, beginSchema, commitSchema, decodeJson, decodePages, disksSchema, encodeHot, encodeJson, encodeRunTable,
-  getDevstateSchema, getHotSchema, getMetaSchema, helloSchema, makeNonce, verifyAuth, type Frame, type Hello, type HotRegion,
+  FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, MAX_PAGES_DATA, MAX_PREAUTH_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName,
+  FEATURE_HOT, MAX_HOT_PER_FRAME, authSchema, batchRuns, beginSchema, commitSchema, decodeJson, decodePages, deriveSession, disksSchema, encodeHot, encodeJson, encodeRunTable,
+  getDevstateSchema, getHotSchema, getMetaSchema, helloSchema, makeNonce, proofMatches, serverTlsContext,
+  type Frame, type Hello, type HotRegion, type SessionKeys, type StoreTlsServerOptions,
 } from '../protocol/index.js';
 import { FaultInjector } from './faults.js';
 import { storeMetrics } from './metrics.js';
@@ -41,8 +47,30 @@ export interface StoreServerOptions {
   faultInjection?: string;
   /** When COMMITTED is sent: 'journal' (default: journal durable, apply follows under the lock) or 'applied'. */
   commitAck?: 'journal' | 'applied';
-  /** Handshake timeout per connection (ms), default 10 s. */
+  /** Handshake timeout per connection (ms), default 10 s (TLS and HELLO..WELCOME). */
   handshakeTimeoutMs?: number;
+  /** Connections still in their handshake at most; a new one beyond it evicts the oldest. Default 64. */
+  maxPendingHandshakes?: number;
+  /** An authenticated peer silent this long (ms) is dropped; clients PING well within it. Default 20 s. */
+  idleTimeoutMs?: number;
+  /** Serve TLS only, with this certificate and key. */
+  tls?: StoreTlsServerOptions;
+}
+
+export const DEFAULT_IDLE_TIMEOUT_MS = 20_000;
+export const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
+
+/** What every connection of one server shares: limits, keys and who holds which checkpointer slot. */
+interface ServerContext {
+  store: Store;
+  secret: string;
+  handshakeMs: number;
+  idleMs: number;
+  /** Connections not yet authenticated, oldest first. */
+  pending: Set<Connection>;
+  /** The authenticated checkpointer connection of each "vm generation". */
+  checkpointers: Map<string, Connection>;
+  log: Logger;
 }
 
 export interface StoreServer {
@@ -74,11 +102,31 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
     slog.debug({ vm: v.vm, generations: v.generations.length }, 'recovered');
   }
 
+  const secureContext = opts.tls ? serverTlsContext(opts.tls) : null;
+  const maxPending = opts.maxPendingHandshakes ?? DEFAULT_MAX_PENDING_HANDSHAKES;
+  const ctx: ServerContext = {
+    store, secret: opts.secret, handshakeMs: opts.handshakeTimeoutMs ?? 10_000, idleMs: opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
+    pending: new Set(), checkpointers: new Map(), log: slog,
+  };
   const conns = new Set<Connection>();
-  const server = net.createServer((sock) => {
-    const c = new Connection(sock, store, opts.secret, opts.handshakeTimeoutMs ?? 10_000, slog);
+  let evicted = 0;
+  const server = net.createServer((raw) => {
+    if (ctx.pending.size >= maxPending) {
+      // Evicting the oldest keeps the store reachable for a real client during a flood of stalled handshakes.
+      const oldest = ctx.pending.values().next().value as Connection;
+      ctx.pending.delete(oldest);
+      oldest.destroy();
+      if (evicted++ % 1000 === 0) slog.warn({ maxPending, evicted }, 'too many unauthenticated connections: evicting the oldest');
+    }
+    // Wrapped before any byte is read, so the TLS handshake counts against the handshake slot and timeout.
+    const sock = secureContext ? new tls.TLSSocket(raw, { isServer: true, secureContext }) : raw;
+    const c = new Connection(sock, raw, ctx);
     conns.add(c);
-    sock.on('close', () => conns.delete(c));
+    ctx.pending.add(c);
+    sock.on('close', () => {
+      conns.delete(c);
+      ctx.pending.delete(c);
+    });
   });
   const { host, port } = parseAddress(opts.listen);
   await new Promise<void>((resolve, reject) => {
@@ -90,7 +138,7 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
   });
   const a = server.address() as net.AddressInfo;
   const address = `${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`;
-  slog.info({ address }, 'checkpoint store listening');
+  slog.info({ address, tls: secureContext !== null }, 'checkpoint store listening');
   let closed = false;
   return {
     address,
@@ -131,29 +179,38 @@ type Phase = 'hello' | 'auth' | 'ready' | 'closed';
 
 class Connection {
   private phase: Phase = 'hello';
-  private readonly decoder = new FrameDecoder();
+  private readonly decoder = new FrameDecoder({ maxPayload: MAX_PREAUTH_PAYLOAD });
   private chain: Promise<void> = Promise.resolve();
   private queued = 0;
+  private inflight = 0;
   private paused = false;
-  private nonce: Buffer | null = null;
   private hello: Hello | null = null;
+  private keys: SessionKeys | null = null;
+  private sendMac: FrameMac | null = null;
   private version = PROTOCOL_VERSION;
   private log: Logger;
   private gen: GenerationImage | null = null;
   private release: (() => void) | null = null;
+  private slotKey: string | null = null;
   private cp: Checkpoint | null = null;
   /** Error that ended the current checkpoint early (sent unsolicited); data frames are ignored until BEGIN. */
   private cpFailed: HydraError | null = null;
   private readonly timer: NodeJS.Timeout;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private lastRecv = Date.now();
+  /** Resolves once the close was processed (checkpoint aborted, slot released). */
+  readonly closed: Promise<void>;
+  private markClosed!: () => void;
 
-  constructor(private readonly sock: net.Socket, private readonly store: Store, private readonly secret: string, handshakeMs: number, parent: Logger) {
-    this.log = parent.child({ peer: `${sock.remoteAddress}:${sock.remotePort}` });
-    sock.setNoDelay(true);
+  constructor(private readonly sock: net.Socket, raw: net.Socket, private readonly ctx: ServerContext) {
+    this.log = ctx.log.child({ peer: `${raw.remoteAddress}:${raw.remotePort}` });
+    this.closed = new Promise((resolve) => (this.markClosed = resolve));
+    raw.setNoDelay(true);
     this.timer = setTimeout(() => {
-      if (this.phase !== 'ready') this.fail(new ProtocolError('HYDRA_PROTOCOL_TIMEOUT', `handshake not completed within ${handshakeMs} ms`));
-    }, handshakeMs);
+      if (this.phase !== 'ready') this.fail(new ProtocolError('HYDRA_PROTOCOL_TIMEOUT', `handshake not completed within ${ctx.handshakeMs} ms`));
+    }, ctx.handshakeMs);
     sock.on('data', (chunk: Buffer) => this.onData(chunk));
-    sock.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
+    sock.on('error', (err: NodeJS.ErrnoException) => this.log.debug({ err: err.message, code: err.code }, sock instanceof tls.TLSSocket ? 'socket or TLS error' : 'socket error'));
     sock.on('close', () => this.onClose());
   }
 
@@ -165,8 +222,15 @@ class Connection {
     return this.chain;
   }
 
+  /** Replaced by a newer checkpointer connection of the same generation. */
+  evict(): void {
+    this.log.warn('a new checkpointer of this generation authenticated: closing this connection');
+    this.sock.destroy();
+  }
+
   private onData(chunk: Buffer): void {
     if (this.phase === 'closed') return;
+    this.lastRecv = Date.now();
     let frames: Frame[];
     try {
       frames = this.decoder.push(chunk);
@@ -174,12 +238,20 @@ class Connection {
       this.fail(err as HydraError);
       return;
     }
+    if (this.phase !== 'ready' && frames.length + this.inflight > 1) {
+      // A genuine client waits for each handshake reply; anything more is a peer trying to make the store queue data.
+      this.fail(new ProtocolError('HYDRA_PROTOCOL_PIPELINED', `${frames.length + this.inflight} frames sent during the handshake; one at a time is allowed before WELCOME`));
+      return;
+    }
     for (const f of frames) {
       this.queued += f.payload.length;
+      this.inflight++;
       this.chain = this.chain.then(() => this.handle(f)).finally(() => {
         this.queued -= f.payload.length;
+        this.inflight--;
         if (this.paused && this.queued < LOW_WATER && this.phase !== 'closed') {
           this.paused = false;
+          this.lastRecv = Date.now();
           this.sock.resume();
         }
       });
@@ -187,6 +259,8 @@ class Connection {
     if (!this.paused && this.queued > HIGH_WATER) {
       this.paused = true;
       this.sock.pause();
+    // Dying connections give up their handshake slot, so evictions hit only live handshakes.
+    this.ctx.pending.delete(this);
     }
   }
 
@@ -194,6 +268,7 @@ class Connection {
     const wasMid = this.decoder.midFrame;
     this.phase = 'closed';
     clearTimeout(this.timer);
+    if (this.idleTimer) clearInterval(this.idleTimer);
     this.chain = this.chain.then(async () => {
       if (this.cp) {
         await this.cp.abort(`peer disconnected mid-checkpoint${wasMid ? ' (inside a frame)' : ''}`).catch((err) => this.log.warn({ err: (err as Error).message }, 'abort failed'));
@@ -201,16 +276,17 @@ class Connection {
       }
       this.release?.();
       this.release = null;
-    });
+      if (this.slotKey && this.ctx.checkpointers.get(this.slotKey) === this) this.ctx.checkpointers.delete(this.slotKey);
+    }).finally(() => this.markClosed());
   }
 
-  /** Send a frame; resolves when the socket accepted it without exceeding its buffer (drain). */
+  /** Send a frame (tagged once the peer authenticated); resolves when the socket accepted it without exceeding its buffer (drain). */
   private async send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
     if (this.sock.destroyed) return;
-    const [h, p] = encodeFrameParts(type, payload, { flags, version: this.version, ...(crc !== undefined ? { crc } : {}) });
+    const parts = encodeFrameParts(type, [payload], { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
     this.sock.cork();
-    this.sock.write(h);
-    const ok = this.sock.write(p);
+    let ok = true;
+    for (const p of parts) ok = this.sock.write(p);
     this.sock.uncork();
     if (!ok) await waitDrain(this.sock);
   }
@@ -227,12 +303,19 @@ class Connection {
     this.log.info({ code: err.code, err: err.message }, 'closing connection');
     void this.sendError(err).finally(() => this.sock.end());
     this.phase = 'closed';
+    // Read nothing more: a flooding peer then fills its own socket buffer instead of our CPU.
+    this.sock.pause();
     setTimeout(() => this.sock.destroy(), 1000).unref();
   }
 
   private async handle(f: Frame): Promise<void> {
-    if (this.phase === 'closed' && f.type !== FrameType.ABORT) return;
+    if (this.phase === 'closed') return;
     try {
+      if ((this.phase === 'ready') !== f.authenticated) {
+        throw new ProtocolError('HYDRA_PROTOCOL_UNAUTHENTICATED', this.phase === 'ready'
+          ? `untagged ${frameTypeName(f.type)} frame after the handshake: every frame must carry the session tag`
+          : `tagged ${frameTypeName(f.type)} frame during the handshake`);
+      }
       switch (this.phase) {
         case 'hello':
           return await this.onHello(f);
@@ -259,26 +342,34 @@ class Connection {
     this.decoder.setVersion(v);
     this.hello = h;
     this.log = this.log.child({ vm: h.vm, generation: h.generation, role: h.role });
-    this.nonce = makeNonce();
+    const serverNonce = makeNonce();
+    const challenge = encodeJson({ version: v, nonce: serverNonce.toString('hex') });
+    this.keys = deriveSession(this.ctx.secret, Buffer.from(h.nonce, 'hex'), serverNonce, f.payload, challenge);
+    this.decoder.setReceiveMac({ mac: new FrameMac(this.keys.clientToServer), peer: `${h.role} of ${h.vm} generation ${h.generation}` });
     this.phase = 'auth';
-    await this.send(FrameType.CHALLENGE, encodeJson({ version: v, nonce: this.nonce.toString('hex') }));
+    await this.send(FrameType.CHALLENGE, challenge);
   }
 
   private async onAuth(f: Frame): Promise<void> {
     if (f.type !== FrameType.AUTH) throw new ProtocolError('HYDRA_PROTOCOL_UNEXPECTED', `expected AUTH, got ${frameTypeName(f.type)}`);
     const a = decodeJson(f.type, f.payload, authSchema);
-    if (!verifyAuth(this.secret, this.nonce!, Buffer.from(a.hmac, 'hex'))) {
-      throw new ProtocolError('HYDRA_STORE_AUTH_FAILED', 'authentication failed: the client does not know the cluster shared secret (wrong secret?)');
+    if (!proofMatches(this.keys!.clientProof, Buffer.from(a.proof, 'hex'))) {
+      throw new ProtocolError('HYDRA_STORE_AUTH_FAILED', 'authentication failed: the client does not know the cluster shared secret (wrong secret?), or its AUTH belongs to another handshake');
     }
+    // From here on the peer is authenticated: everything sent is tagged, bigger frames are allowed.
+    this.sendMac = new FrameMac(this.keys!.serverToClient);
+    this.decoder.setMaxPayload(MAX_FRAME_PAYLOAD);
+    this.ctx.pending.delete(this);
     const h = this.hello!;
+    const store = this.ctx.store;
     try {
       if (h.role === 'checkpointer') {
-        await this.store.registerGeneration(h.vm, h.generation);
-        this.release = this.store.claimCheckpointer(h.vm, h.generation);
-        this.gen = await this.store.gen(h.vm, h.generation);
+        await store.registerGeneration(h.vm, h.generation);
+        await this.takeSlot(h.vm, h.generation);
+        this.gen = await store.gen(h.vm, h.generation);
       } else {
-        const g = h.generation > 0 ? h.generation : await this.store.latestCommittedGeneration(h.vm);
-        if (g !== null) this.gen = await this.store.gen(h.vm, g).catch((err) => {
+        const g = h.generation > 0 ? h.generation : await store.latestCommittedGeneration(h.vm);
+        if (g !== null) this.gen = await store.gen(h.vm, g).catch((err) => {
           if ((err as HydraError).code === 'HYDRA_STORE_NO_GENERATION') return null;
           throw err;
         });
@@ -289,28 +380,66 @@ class Connection {
       if (err instanceof HydraError) return this.fail(err);
       throw err;
     }
+    if (this.phase === 'closed') return;
     clearTimeout(this.timer);
     this.phase = 'ready';
+    this.lastRecv = Date.now();
+    this.idleTimer = setInterval(() => this.checkIdle(), Math.max(50, Math.floor(this.ctx.idleMs / 4)));
+    this.idleTimer.unref();
     this.log.info('peer connected');
     await this.send(FrameType.WELCOME, encodeJson({
       version: this.version,
       vm: h.vm,
       generation: this.gen?.generation ?? h.generation,
-      highestGeneration: await this.store.highestGeneration(h.vm),
+      highestGeneration: await store.highestGeneration(h.vm),
       committedEpoch: this.gen?.meta?.committedEpoch ?? null,
+      proof: this.keys!.serverProof.toString('hex'),
+      idleTimeoutMs: this.ctx.idleMs,
       features: [FEATURE_HOT],
     }));
+  }
+
+  /**
+   * The checkpointer slot of this generation. A connection already holding it
+   * is closed first (the newest authenticated checkpointer wins: the old one is
+   * a dead or half-open peer that has not timed out yet); its checkpoint in
+   * progress is aborted before this one may begin.
+   */
+  private async takeSlot(vm: string, generation: number): Promise<void> {
+    const key = `${vm} ${generation}`;
+    for (;;) {
+      const old = this.ctx.checkpointers.get(key);
+      if (!old || old === this) break;
+      old.evict();
+      await old.closed;
+      if (this.phase === 'closed') throw new StoreError('HYDRA_STORE_CONNECTION_LOST', `checkpointer of ${vm} generation ${generation} went away while taking over the slot`);
+    }
+    this.release = this.ctx.store.claimCheckpointer(vm, generation);
+    this.slotKey = key;
+    this.ctx.checkpointers.set(key, this);
+  }
+
+  private checkIdle(): void {
+    if (this.phase !== 'ready' || this.paused) return;
+    const silent = Date.now() - this.lastRecv;
+    if (silent < this.ctx.idleMs) return;
+    this.log.warn({ silentMs: silent }, 'peer silent beyond the idle timeout: closing the connection');
+    // No goodbye: a peer silent this long is most likely gone, and a half-open socket would hold the write.
+    this.phase = 'closed';
+    this.sock.destroy();
   }
 
   private async onRequest(f: Frame): Promise<void> {
     const h = this.hello!;
     switch (f.type) {
+      case FrameType.PING:
+        return this.send(FrameType.PONG, encodeJson({}));
       case FrameType.BEGIN: {
         const b = decodeJson(f.type, f.payload, beginSchema);
         this.requireCheckpointer(f);
         this.cpFailed = null;
         try {
-          await this.store.checkFence(h.vm, h.generation);
+          await this.ctx.store.checkFence(h.vm, h.generation);
           this.cp = await this.gen!.begin(b);
         } catch (err) {
           this.cp = null;
@@ -438,7 +567,7 @@ class Connection {
 
   private async readerGen(generation: number | undefined): Promise<GenerationImage | null> {
     if (generation === undefined || generation === this.gen?.generation) return this.gen;
-    return this.store.gen(this.hello!.vm, generation);
+    return this.ctx.store.gen(this.hello!.vm, generation);
   }
 
   private requireCheckpointer(f: Frame): void {

@@ -14,9 +14,10 @@ export interface StoreProcess {
  * the address it listens on (port 0 picks a free one). Used by the demo, the
  * benchmarks and the tests.
  */
-export async function spawnStore(opts: { dir: string; listen?: string; secretFile?: string; env?: NodeJS.ProcessEnv; logFile?: string; timeoutMs?: number }): Promise<StoreProcess> {
+export async function spawnStore(opts: { dir: string; listen?: string; secretFile?: string; env?: NodeJS.ProcessEnv; logFile?: string; timeoutMs?: number; extraArgs?: string[] }): Promise<StoreProcess> {
   const args = [cliEntry, 'store', '--dir', opts.dir, '--listen', opts.listen ?? '127.0.0.1:0'];
   if (opts.secretFile) args.push('--secret-file', opts.secretFile);
+  if (opts.extraArgs) args.push(...opts.extraArgs);
   const logFd = opts.logFile ? fs.openSync(opts.logFile, 'a') : undefined;
   const proc = spawn(process.execPath, args, { env: opts.env ?? process.env, stdio: ['ignore', 'pipe', logFd ?? 'pipe'] });
   if (logFd !== undefined) fs.closeSync(logFd);

@@ -154,7 +154,7 @@ test('version mismatch names both versions', async () => {
   const s = await start();
   await assert.rejects(
     StoreClient.connect({ address: s.address, secret: SECRET, vm: 'vm1', generation: 1, role: 'checkpointer', versions: [5, 6] }),
-    (e: unknown) => code('HYDRA_PROTOCOL_VERSION')(e) && /5-6/.test((e as Error).message) && /1-1/.test((e as Error).message),
+    (e: unknown) => code('HYDRA_PROTOCOL_VERSION')(e) && /5-6/.test((e as Error).message) && /2-2/.test((e as Error).message),
   );
 });
 
@@ -185,14 +185,16 @@ test('fencing: stale generation refused, newer generation fences a connected old
   const RAM = 1024 * 1024;
   const g1 = await connect(s, 'vmf', 1);
   await fullCheckpoint(g1, 1, RAM, 3);
-  const g2 = await connect(s, 'vmf', 2);
+  let g2 = await connect(s, 'vmf', 2);
   assert.equal(g2.welcome.highestGeneration, 2);
   // The old primary, still connected, may no longer checkpoint.
   await assert.rejects(g1.begin(2, 'incremental', { ramSize: RAM }), code('HYDRA_STORE_STALE_GENERATION'));
   // Nor reconnect.
   await assert.rejects(connect(s, 'vmf', 1), code('HYDRA_STORE_STALE_GENERATION'));
-  // A second checkpointer for the same generation is refused.
-  await assert.rejects(connect(s, 'vmf', 2), code('HYDRA_STORE_CHECKPOINTER_BUSY'));
+  // A second checkpointer for the same generation takes over the slot: the first connection is closed.
+  const g2b = await connect(s, 'vmf', 2);
+  await assert.rejects(g2.begin(1, 'incremental', { ramSize: RAM }), code('HYDRA_STORE_CONNECTION_LOST'));
+  g2 = g2b;
   // The new generation needs a full checkpoint first.
   await assert.rejects(g2.begin(1, 'incremental', { ramSize: RAM }), code('HYDRA_STORE_NO_BASE_IMAGE'));
   const img2 = await fullCheckpoint(g2, 1, RAM, 9);
