@@ -22,9 +22,10 @@ import { checkNetnsTools, cleanupCommands, createNetns, existingWithPrefix, inNe
  *                    host1 also runs the checkpoint store (:7000) on DIR/shared/store
  *
  * The etcd members form one cluster (initial-cluster of the namespace
- * addresses); agents and the manager are given all members, so a host that
- * is cut off reaches only its own member, which has no quorum: its lease
- * expires and it self-fences. Shared storage is DIR/shared, the same path in
+ * addresses). Each agent talks to its own host's member: a host that is cut
+ * off keeps its member, which has no quorum, so its lease expires and it
+ * self-fences; a member dying takes its host's agent out of the cluster like
+ * a host death. The manager is given every member. Shared storage is DIR/shared, the same path in
  * every namespace (namespaces share the file system).
  */
 export interface NetnsClusterOptions {
@@ -166,7 +167,9 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
     for (const h of layout.hosts) {
       const home = path.join(dir, 'hosts', h.host);
       fs.mkdirSync(home, { recursive: true });
-      const args = ['agent', '--host', h.host, '--etcd', info.etcdUrl, '--home', home, '--address', h.address, '--lease-ttl', String(ttl), '--secret-file', secretFile];
+      // The agent talks to its own host's member only: a member cut off elsewhere (whose
+      // connections hang rather than fail) cannot stall this host's lease keepalives.
+      const args = ['agent', '--host', h.host, '--etcd', memberUrl(h.address), '--home', home, '--address', h.address, '--lease-ttl', String(ttl), '--secret-file', secretFile];
       if (opts.hostMemoryBytes) args.push('--memory', String(opts.hostMemoryBytes));
       const d = spawnDaemon(dir, `agent-${h.host}`, args, { ...baseEnv, HYDRAVM_HOME: home }, h.netns);
       info.hosts.push({ ...d, host: h.host, home, netns: h.netns, address: h.address });
