@@ -89,13 +89,13 @@ export function registerHaCommands(program: Command): void {
     .option('--hosts <n|names>', 'number of hosts, or comma-separated names', '2')
     .option('--host-memory <size>', 'memory each host offers to VMs, e.g. 2G')
     .option('--etcd-port <port>', 'etcd client port (default: a free one)')
-    .option('--lease-ttl <seconds>', 'host lease TTL', '1')
+    .option('--lease-ttl <seconds>', 'host lease TTL (default 1; 3 with --netns)')
     .option('--secret-file <file>', 'cluster secret (default DIR/cluster.secret, created)')
     .option('--netns', 'each host in its own network namespace on one bridge, with its own etcd member (a 3-member etcd for 3 hosts) and a checkpoint store in the first host (needs root)')
     .option('--netns-prefix <prefix>', 'name prefix of the namespaces, bridge and veths', 'hvm-')
     .option('--netns-subnet <cidr>', 'the hosts\' /24 inside 198.18.0.0/15 (bridge .1, hosts .11, .12, ...)', '198.18.100.0/24')
     .option('--json', 'print the cluster description as JSON')
-    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl: string; secretFile?: string; json?: boolean; netns?: boolean; netnsPrefix: string; netnsSubnet: string }) => {
+    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl?: string; secretFile?: string; json?: boolean; netns?: boolean; netnsPrefix: string; netnsSubnet: string }) => {
       const { startEmbeddedCluster, startNetnsCluster } = await import('../ha/index.js');
       const { parseSize } = await import('../vm/index.js');
       const hosts = /^\d+$/.test(opts.hosts) ? positiveInt(opts.hosts, '--hosts') : opts.hosts.split(',').map((s) => s.trim()).filter(Boolean);
@@ -106,14 +106,14 @@ export function registerHaCommands(program: Command): void {
         prefix: opts.netnsPrefix,
         subnet: opts.netnsSubnet,
         hostMemoryBytes: opts.hostMemory ? parseSize(opts.hostMemory, '--host-memory') : undefined,
-        leaseTtlSec: positiveInt(opts.leaseTtl, '--lease-ttl'),
+        leaseTtlSec: opts.leaseTtl === undefined ? undefined : positiveInt(opts.leaseTtl, '--lease-ttl'),
         secretFile: opts.secretFile,
       }) : await startEmbeddedCluster({
         dir: opts.dir,
         hosts,
         hostMemoryBytes: opts.hostMemory ? parseSize(opts.hostMemory, '--host-memory') : undefined,
         etcdPort: opts.etcdPort ? positiveInt(opts.etcdPort, '--etcd-port') : undefined,
-        leaseTtlSec: positiveInt(opts.leaseTtl, '--lease-ttl'),
+        leaseTtlSec: positiveInt(opts.leaseTtl ?? '1', '--lease-ttl'),
         secretFile: opts.secretFile,
       });
       c.cluster.close();

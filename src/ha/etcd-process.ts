@@ -39,6 +39,9 @@ export interface EtcdOptions {
    * member included (default: this member alone).
    */
   initialCluster?: string;
+  /** Raft timing (default 50 / 300 ms: one member answers at once; several need more slack, see netns-cluster.ts). */
+  heartbeatMs?: number;
+  electionMs?: number;
   /** Run inside this network namespace (/run/netns/NAME), through nsenter. */
   netns?: string;
   /**
@@ -146,8 +149,8 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
     '--initial-advertise-peer-urls', peerUrl,
     '--initial-cluster', opts.initialCluster ?? `${name}=${peerUrl}`,
     '--initial-cluster-state', 'new',
-    '--heartbeat-interval', '50',
-    '--election-timeout', '300',
+    '--heartbeat-interval', String(opts.heartbeatMs ?? 50),
+    '--election-timeout', String(opts.electionMs ?? 300),
     '--logger', 'zap',
     '--log-outputs', 'stderr',
   ];

@@ -36,6 +36,7 @@ export interface NetnsClusterOptions {
   /** A /24 inside 198.18.0.0/15 (default 198.18.100.0/24). */
   subnet?: string;
   hostMemoryBytes?: number;
+  /** Host lease TTL (default 3 s: see MEMBER_ELECTION_MS). */
   leaseTtlSec?: number;
   secretFile?: string;
   env?: NodeJS.ProcessEnv;
@@ -46,6 +47,17 @@ export const DEFAULT_NETNS_PREFIX = 'hvm-';
 const ETCD_CLIENT_PORT = 2379;
 const ETCD_PEER_PORT = 2380;
 const STORE_PORT = 7000;
+/**
+ * Several members elect a leader, and on this loaded 2-core machine a
+ * 300 ms election timeout made the leader step down now and then: each
+ * election left every agent ~1 s without acknowledged keepalives, and with
+ * a 1 s lease they self-fenced healthy VMs. Members get 100 / 1000 ms, and
+ * the lease 3 s, so one election (spurious or after a member's death) fits
+ * inside a lease.
+ */
+const MEMBER_HEARTBEAT_MS = 100;
+const MEMBER_ELECTION_MS = 1000;
+export const NETNS_LEASE_TTL_SEC = 3;
 
 function writeInfo(info: EmbeddedClusterInfo): void {
   fs.writeFileSync(path.join(info.dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
@@ -113,7 +125,7 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
     throw new NetnsError('HYDRA_NETNS_LEFTOVER', `namespaces or links with prefix "${layout.prefix}" exist that ${dir} did not record (${[...found.netns, ...found.links].join(', ')}): another cluster may use them; if not, remove them with: ${cleanupCommands(found)}`);
   }
   const timeoutMs = opts.timeoutMs ?? 60_000;
-  const ttl = opts.leaseTtlSec ?? 1;
+  const ttl = opts.leaseTtlSec ?? NETNS_LEASE_TTL_SEC;
   const secretFile = opts.secretFile ?? defaultSecretFile();
   if (!fs.existsSync(secretFile)) {
     fs.mkdirSync(path.dirname(secretFile), { recursive: true });
@@ -145,6 +157,7 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
       const m = await startEtcd({
         name: h.host, dataDir: path.join(dir, 'etcd', h.host), logFile: path.join(dir, 'logs', `etcd-${h.host}.log`),
         listenHost: h.address, clientPort: ETCD_CLIENT_PORT, peerPort: ETCD_PEER_PORT, initialCluster, netns: h.netns, detached: true, waitHealthy: false,
+        heartbeatMs: MEMBER_HEARTBEAT_MS, electionMs: MEMBER_ELECTION_MS,
       });
       members.push(m);
       const pidFile = path.join(dir, 'run', `etcd-${h.host}.pid`);
