@@ -151,6 +151,9 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
     '--initial-cluster-state', 'new',
     '--heartbeat-interval', String(opts.heartbeatMs ?? 50),
     '--election-timeout', String(opts.electionMs ?? 300),
+    // Several members: a member returning from a partition with a raised term
+    // must not depose the leader (an election at every heal).
+    ...(opts.initialCluster ? ['--pre-vote=true'] : []),
     '--logger', 'zap',
     '--log-outputs', 'stderr',
   ];
