@@ -17,13 +17,19 @@
  * Output (stdout = serial console), at most ~4 progress lines a second:
  *   memcheck: start mb=<M> seed=<S>
  *   memcheck: step=<N> pages=<P> gen_sum=<G> violations=<V>
- *   memcheck: full-verify step=<N> pages=<P> violations=<V> ms=<T> reason=<periodic|time-jump>
+ *   memcheck: full-verify step=<N> pages=<P> violations=<V> ms=<T> reason=<periodic|time-jump|request|selftest>
  *   MEMCHECK VIOLATION: page=<i> expected_index=<i> found_index=<j> expected_gen=<g> found_gen=<h> what=<...> step=<N>
+ *
+ * A line containing "verify" on the console (/dev/console, opened by memcheck
+ * itself: a background job's stdin is /dev/null) requests a full verification
+ * at once (reason=request). A restore brings no time jump (the guest's clocks
+ * follow the VM), so the host asks this way after every restore.
  *
  * Build: gcc -static -O2 -o memcheck memcheck.c
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -169,6 +175,22 @@ static void full_verify(const char *reason) {
   fflush(stdout);
 }
 
+/* Console requests: non-blocking reads of whole lines (the tty is canonical). */
+static int console_fd = -1;
+
+static int console_requests_verify(void) {
+  if (console_fd < 0) return 0;
+  char buf[256];
+  int want = 0;
+  for (;;) {
+    ssize_t n = read(console_fd, buf, sizeof buf - 1);
+    if (n <= 0) break;
+    buf[n] = 0;
+    if (strstr(buf, "verify")) want = 1;
+  }
+  return want;
+}
+
 static void usage(void) {
   fprintf(stderr, "usage: memcheck [--mb N (8..1024)] [--rate-mb MBps (0=unlimited)] [--seed S] "
                   "[--batch PAGES] [--full-every-s SECONDS (0=never)] [--selftest-corrupt STEP]\n");
@@ -216,6 +238,7 @@ int main(int argc, char **argv) {
     printf("MEMCHECK ERROR: cannot map %llu MB: %s\n", mb, strerror(errno));
     return 1;
   }
+  console_fd = open("/dev/console", O_RDONLY | O_NONBLOCK | O_NOCTTY);
   st.rng = mix(seed + 1) | 1;
   printf("memcheck: start mb=%llu seed=%llu pages=%llu rate_mb=%llu batch=%llu\n",
          mb, seed, (unsigned long long)npages, rate_mb, batch);
@@ -237,11 +260,23 @@ int main(int argc, char **argv) {
   double gap_mono = last_tok, gap_real = now_s(CLOCK_REALTIME);
   double last_print = 0;
   double last_full = last_tok;
+  double last_console = last_tok;
   int corrupted = 0;
 
   for (;;) {
     double mono = now_s(CLOCK_MONOTONIC);
     double real = now_s(CLOCK_REALTIME);
+    if (mono - last_console >= 0.05) {
+      last_console = mono;
+      if (console_requests_verify()) {
+        full_verify("request");
+        mono = now_s(CLOCK_MONOTONIC);
+        real = now_s(CLOCK_REALTIME);
+        last_tok = mono;
+        gap_mono = mono;
+        gap_real = real;
+      }
+    }
     double dm = mono - gap_mono, dr = real - gap_real;
     if (dm > 2.0 || dr > 2.0 || dr < -2.0) {
       printf("memcheck: time-jump mono=%.1fs real=%.1fs step=%llu\n", dm, dr,

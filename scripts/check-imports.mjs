@@ -13,14 +13,18 @@ const LAYERS = [
   ['cli'],
   ['demo', 'bench'],
   ['ha'],
-  ['restore', 'checkpoint'],
+  ['restore', 'checkpoint', 'image'],
   ['store', 'protocol', 'disk', 'tracker', 'vm', 'setup'],
-  ['qmp', 'native'],
+  ['qmp', 'native', 'net'],
   ['config', 'util', 'errors.ts'],
 ];
 const NO_FRONT_DOOR = new Set(['config', 'util', 'errors.ts']);
-/** Folders only some may import: the native addon is the kernel's door, and only the userfaultfd layer holds it. */
-const ONLY_FROM = new Map([['native', new Set(['tracker'])]]);
+/**
+ * Folders only some may import: the native addon is the kernel's door, held by the userfaultfd layer,
+ * by vm, which owns the VM's processes (pidfd kills), and by the store for one call (flock(2) on its
+ * directory's lock file, which Node does not offer).
+ */
+const ONLY_FROM = new Map([['native', new Set(['tracker', 'vm', 'store'])]]);
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const src = path.join(root, 'src');

@@ -12,7 +12,7 @@ else
   major=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1)
   [ "${major:-0}" -ge "$want_qemu_major" ] || need_install=1
 fi
-for tool in qemu-img busybox etcd cpio dpkg-deb gcc; do
+for tool in qemu-img busybox etcd cpio dpkg-deb gcc mmdebstrap mkfs.ext4 ip; do
   command -v "$tool" >/dev/null 2>&1 || need_install=1
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need_install=1
@@ -47,6 +47,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -qq busybox-static cpio etcd-server etcd-client libc6-dev gcc make iproute2 >/dev/null
+# Debian guest images (hydravm image build debian): bookworm's mmdebstrap, mkfs.ext4 -d.
+apt-get install -y -qq mmdebstrap e2fsprogs >/dev/null
 # etcd-server's package starts a system etcd on the default ports; HydraVM starts its own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
   systemctl stop etcd || true

@@ -8,6 +8,7 @@ bash scripts/bootstrap.sh
 node scripts/check-imports.mjs
 node scripts/check-swallowed.mjs
 node dist/src/cli/main.js setup
+# Long runs (dist/test/long/) are `npm run test:long`.
 mapfile -t files < <(find dist/src dist/test -name '*.test.js' -not -path 'dist/test/long/*' 2>/dev/null | sort)
 if [ "${#files[@]}" -eq 0 ]; then echo "no test files found" >&2; exit 1; fi
 exec node --test --test-concurrency=1 --test-timeout=600000 "$@" "${files[@]}"

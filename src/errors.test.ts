@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import {
-  BenchError, CheckpointError, ConfigError, DiskError, ERROR_CODES, HaError, HydraError, IoError, NativeError, NetnsError, ProtocolError, QemuError, QmpClosedError,
+  BenchError, ImageError, NetError, RedisClientError, CheckpointError, ConfigError, DiskError, ERROR_CODES, HaError, HydraError, IoError, NativeError, NetnsError, ProtocolError, QemuError, QmpClosedError,
   QmpError, QmpTimeoutError, RestoreError, SetupError, SpecError, StoreError, TrackerError, VmError, errorFromCode, familyOf, ioStepError,
   isHydraCode, type ErrorFamily, type HydraCode,
 } from './errors.js';
@@ -30,6 +30,9 @@ const CLASS_OF: Record<ErrorFamily, (code: HydraCode) => abstract new (...a: nev
   ha: () => HaError,
   netns: () => NetnsError,
   bench: () => BenchError,
+  net: () => NetError,
+  image: () => ImageError,
+  redis: () => RedisClientError,
 };
 
 const allCodes = (Object.keys(ERROR_CODES) as ErrorFamily[]).flatMap((f) => ERROR_CODES[f].map((code) => ({ family: f, code: code as HydraCode })));

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { lastMemcheckProgress, waitForMemcheckStep, waitForSerial, readSerial } from '../src/vm/serial.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 import { openVmImage } from '../src/store/index.js';
@@ -194,6 +194,7 @@ test(`disk fail-over: ${ROUNDS} rounds of SIGKILL at a random moment, restore on
       const after = readSerial(serialOf(vm)).slice(killedAt);
       assert.doesNotMatch(after, /memcheck: start|diskcheck: start|hydra-guest: ready/, `round ${round}: the guest did not reboot`);
       assert.deepEqual(troubleLines(serialOf(vm)), [], `round ${round}: no violations`);
+      await assertFullVerify(serialOf(vm), killedAt);
       rounds.push({ round, gen: before.generation, killedAtEpoch, delayMs, restoredGen, restoredEpoch, floorRecords: floor.records, resumedRecords: resumedDisk.records, restoreMs });
     }
     // The last restored incarnation checkpoints too.

@@ -2,7 +2,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, until, pidAlive } from './support/lab.js';
+import { makeLab, startStore, until, pidAlive, assertFullVerify } from './support/lab.js';
 import type { StoreProcess } from '../src/store/spawn.js';
 import { startEmbeddedCluster, protectInCluster, waitForFailover, forgetVm, type EmbeddedCluster } from '../src/ha/index.js';
 import { loadSpecFile } from '../src/vm/spec.js';
@@ -67,7 +67,7 @@ for (const s of scenarios) {
   test(`automatic fail-over (${s.mode} mode) after ${s.failure === 'qemu' ? 'QEMU is killed' : 'its whole host dies'}: memcheck continues with zero violations`, { timeout: 180_000 }, async () => {
     const spec = loadSpecFile(lab.writeSpec(s.vm, {}));
     const qemuPid = (await withHome(s.host, () => startVm(spec))).qemuPid!;
-    await waitForMemcheckStep(serialOn(s.host, s.vm), 1, 30_000);
+    await waitForMemcheckStep(serialOn(s.host, s.vm), 1, 120_000); // a boot on a loaded machine
     const rec = await protectInCluster(cluster.cluster, { vm: s.vm, host: s.host, store: store.address, storeDir: s.mode === 'file' ? storeDir : undefined, mode: s.mode, intervalMs: 1000 }, { timeoutMs: 120_000 });
     await until('three commits', () => (withHome(s.host, () => readProtection(s.vm))?.committedEpoch ?? 0) >= 3, 60_000);
 
@@ -107,6 +107,7 @@ for (const s of scenarios) {
     await waitForMemcheckStep(serial, resumed.step + 5, 60_000, offset);
     assert.doesNotMatch(readSerial(serial).slice(offset), /memcheck: start/, 'no reboot');
     assert.equal(countViolations(serial, offset), 0, readSerial(serial).slice(offset).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 3).join('\n'));
+    await assertFullVerify(serial, offset);
 
     await forgetVm(cluster.cluster, s.vm);
     await withHome(record.host, () => stopVm(s.vm));

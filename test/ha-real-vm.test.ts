@@ -10,6 +10,7 @@ import { FailoverManager } from '../src/ha/manager.js';
 import { protectInCluster, waitForFailover } from '../src/ha/client.js';
 import { freePort } from '../src/ha/etcd-process.js';
 import { etcdLab, inProcessAgent, killFakeVms, quiet, registerVm, until } from './support/ha.js';
+import { assertFullVerify } from './support/lab.js';
 import { writeHaLocal } from '../src/ha/local-vm.js';
 import { sleep } from '../src/util/sleep.js';
 
@@ -90,7 +91,9 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
       homes[h] = path.join(lab.dir, 'hosts', h);
       fs.mkdirSync(homes[h]!, { recursive: true });
       const log = fs.openSync(path.join(lab.dir, `agent-${h}.log`), 'a');
-      children.push(spawn(command, [...args, 'agent', '--host', h, '--etcd', lab.etcd.url, '--home', homes[h]!], { stdio: ['ignore', log, log], env: { ...env, HYDRAVM_HOME: homes[h] } }));
+      // TTL 2 s: a restore's paging load on this shared 2-core machine can delay an agent's keepalives past 750 ms,
+      // and its VM's watchdog then (rightly) kills the restored QEMU.
+      children.push(spawn(command, [...args, 'agent', '--host', h, '--etcd', lab.etcd.url, '--home', homes[h]!, '--lease-ttl', '2'], { stdio: ['ignore', log, log], env: { ...env, HYDRAVM_HOME: homes[h] } }));
     }
     const m = new FailoverManager({ etcd: lab.etcd.url, id: 'mgr', logger: quiet });
     lab.defer(() => m.stop());
@@ -111,6 +114,8 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     const rec = await protectInCluster(lab.cluster, { vm: 'realfo', host: 'h1', store, mode: 'network', intervalMs: 500 }, { timeoutMs: 60_000 });
     assert.equal(rec.state, 'protected');
     await sleep(1500); // a few incremental checkpoints
+    const h2Serial = path.join(homes.h2!, 'vms', 'realfo', 'serial.log');
+    const serialOffset = fs.existsSync(h2Serial) ? fs.statSync(h2Serial).size : 0;
     const killedAt = Date.now();
     process.kill(qemuPid, 'SIGKILL');
     const { record, timing } = await waitForFailover(lab.cluster, 'realfo', rec.generation, { timeoutMs: 60_000 });
@@ -121,6 +126,8 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     console.log(`# real fail-over: detected ${timing!.detectedAt - killedAt} ms, assigned ${timing!.assignedAt - killedAt} ms, guest running ${timing!.runningAt! - killedAt} ms after the kill (spawn->running ${timing!.spawnToRunningMs?.toFixed(0)} ms); 'running' visible in etcd after ${runningSeen - killedAt} ms`);
     const prot = await waitForFailover(lab.cluster, 'realfo', rec.generation, { timeoutMs: 60_000, until: 'protected' });
     assert.equal(prot.record.imageGeneration, rec.generation + 1, 'the restored VM is protected under its new generation');
+    // The whole restored guest, every page: memcheck verifies on request.
+    await assertFullVerify(path.join(homes.h2!, 'vms', 'realfo', 'serial.log'), serialOffset);
   } finally {
     killFakeVms(lab.dir);
     await lab.cleanup();

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { makeLab, startStore, readJson, until, sleep, pidAlive } from './support/lab.js';
+import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -102,6 +102,8 @@ for (const mode of ['network', 'file'] as const) {
     await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
     await until('checkpointer gives up on a dead VM', () => !pidAlive(protection(vm)!.pid), 10_000);
 
+    const oldGen = protection(vm)!.generation;
+    const oldGenDir = path.join(storeDir, 'vms', vm, `gen-${oldGen}`);
     const args = ['restore', vm, '--store', store.address, '--mode', mode];
     // File mode: RAM is the image mapped privately; protecting it again reads QEMU's copy-on-write pages.
     if (mode === 'file') args.push('--store-dir', storeDir, '--protect', '--interval', '1s');
@@ -112,7 +114,14 @@ for (const mode of ['network', 'file'] as const) {
     if (mode === 'file') {
       assert.match(r.stdout, /protected again as generation \d+/);
       const g = protection(vm)!.generation;
+      // The image the restored VM maps privately is frozen: taken when the checkpoints of the new generation begin,
+      // it is the same after several of them, which write their own files in their own directory.
+      const frozen = () => fs.readdirSync(oldGenDir).sort().map((n) => `${n}:${sha(fs.readFileSync(path.join(oldGenDir, n)))}`).join(' ');
+      const before = frozen();
       await until('file-mode VM checkpoints again', () => (protection(vm)?.generation === g && protection(vm)!.committedEpoch >= 3) || undefined, 60_000);
+      assert.ok(g > oldGen);
+      assert.equal(frozen(), before, `generation ${oldGen}'s files never change once generation ${g} runs`);
+      assert.ok(fs.existsSync(path.join(storeDir, 'vms', vm, `gen-${g}`, 'memory.img')), 'the new generation writes its own image');
     }
 
     // The guest continues from the newest committed checkpoint: it had printed
@@ -125,6 +134,7 @@ for (const mode of ['network', 'file'] as const) {
     assert.ok(resumed.step >= floor, `resumed at step ${resumed.step}, but the guest had reached ${floor} before checkpoint ${restoredEpoch}`);
     await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, killedAt);
     assert.equal(countViolations(serialOf(vm)), 0, readSerial(serialOf(vm)).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
+    await assertFullVerify(serialOf(vm), killedAt);
     assert.doesNotMatch(readSerial(serialOf(vm)).slice(killedAt), /memcheck: start/, 'the guest did not reboot');
     assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
   });
@@ -176,6 +186,7 @@ test('protected again: a restored VM checkpoints as a new generation, survives a
   assert.ok(resumed.step > 0 && resumed.step >= stepBefore - 200, `resumed at ${resumed.step}, was at ${stepBefore}`);
   await waitForMemcheckStep(serialOf(vm), resumed.step + 5, 60_000, offset);
   assert.equal(countViolations(serialOf(vm)), 0);
+  await assertFullVerify(serialOf(vm), offset);
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
 

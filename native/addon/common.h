@@ -67,5 +67,6 @@ inline uint64_t PageSize() {
 
 void InitUffd(Napi::Env env, Napi::Object exports);
 void InitMemory(Napi::Env env, Napi::Object exports);
+void InitCow(Napi::Env env, Napi::Object exports);
 
 }  // namespace hydra

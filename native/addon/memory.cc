@@ -10,6 +10,7 @@
 #include "common.h"
 
 #include <limits.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 
@@ -109,7 +110,7 @@ uint64_t CheckRuns(Napi::Env env, const double *r, size_t n, bool haveLimit, uin
   return total;
 }
 
-// copyRuns(src, runs: Float64Array [offset, length]*, dst, dstOffset=0) -> bytes
+// copyRuns(src, runs: Float64Array [offset, length]*, dst, dstOffset=0, maxThreads=4) -> bytes
 // Copies each run of src, in order, contiguously into dst from dstOffset.
 // All bounds are checked before the first byte moves.
 Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
@@ -129,7 +130,9 @@ Napi::Value CopyRuns(const Napi::CallbackInfo &info) {
   // Within a checkpoint's pause the vCPUs are stopped, so the copy may use every
   // core: one thread saturates well below the memory bandwidth here.
   unsigned threads = std::thread::hardware_concurrency();
-  if (threads > 4) threads = 4;
+  unsigned maxThreads = info.Length() > 4 && !info[4].IsUndefined() ? (unsigned)ArgU64(info, 4, "maxThreads") : 4;
+  if (maxThreads < 1) maxThreads = 1;
+  if (threads > maxThreads) threads = maxThreads;
   if (threads < 2 || total < (8u << 20)) {
     for (size_t i = 0; i < n; i += 2) {
       size_t o = (size_t)r[i], l = (size_t)r[i + 1];
@@ -246,6 +249,23 @@ Napi::Value Lseek(const Napi::CallbackInfo &info) {
   return Napi::Number::New(env, (double)r);
 }
 
+// flock(2) without blocking: true when taken, false when another open file
+// description holds a conflicting lock (EWOULDBLOCK). mode: "ex", "sh" or "un".
+Napi::Value Flock(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  std::string m = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+  int op = m == "ex" ? LOCK_EX : m == "sh" ? LOCK_SH : m == "un" ? LOCK_UN : -1;
+  if (op < 0) ThrowType(env, "mode must be \"ex\", \"sh\" or \"un\"");
+  int r;
+  do r = flock(fd, op | LOCK_NB); while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EWOULDBLOCK) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, "flock", errno);
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 // Address of a Buffer's first byte (diagnostics and tests).
 Napi::Value BufferAddress(const Napi::CallbackInfo &info) {
   Napi::Buffer<uint8_t> b = ArgBuffer(info, 0, "buffer");
@@ -260,6 +280,7 @@ void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("releaseMapping", Napi::Function::New(env, ReleaseMapping));
   exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
   exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("flock", Napi::Function::New(env, Flock));
   exports.Set("processReadRuns", Napi::Function::New(env, ProcessReadRuns));
   exports.Set("bufferAddress", Napi::Function::New(env, BufferAddress));
 }

@@ -28,6 +28,9 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
 #ifndef SYS_pidfd_getfd
 #define SYS_pidfd_getfd 438
 #endif
@@ -58,6 +61,15 @@ Napi::Value PidfdOpen(const Napi::CallbackInfo &info) {
   int fd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
   if (fd < 0) ThrowErrno(info.Env(), "pidfd_open", errno);
   return Napi::Number::New(info.Env(), fd);
+}
+
+// pidfd_send_signal: signals exactly the process the pidfd was opened on, or
+// fails with ESRCH once it has exited, even if its PID has been reused since.
+Napi::Value PidfdSendSignal(const Napi::CallbackInfo &info) {
+  int pidfd = ArgFd(info, 0, "pidfd");
+  uint64_t sig = ArgU64(info, 1, "signal");
+  if (syscall(SYS_pidfd_send_signal, pidfd, (int)sig, nullptr, 0) != 0) ThrowErrno(info.Env(), "pidfd_send_signal", errno);
+  return info.Env().Undefined();
 }
 
 Napi::Value PidfdGetfd(const Napi::CallbackInfo &info) {
@@ -402,6 +414,7 @@ Napi::Value SetNonblock(const Napi::CallbackInfo &info) {
 void InitUffd(Napi::Env env, Napi::Object exports) {
   exports.Set("pidfdOpen", Napi::Function::New(env, PidfdOpen));
   exports.Set("pidfdGetfd", Napi::Function::New(env, PidfdGetfd));
+  exports.Set("pidfdSendSignal", Napi::Function::New(env, PidfdSendSignal));
   exports.Set("uffdApi", Napi::Function::New(env, UffdApi));
   exports.Set("probeUffdFeatures", Napi::Function::New(env, ProbeUffdFeatures));
   exports.Set("uffdRegister", Napi::Function::New(env, UffdRegister));

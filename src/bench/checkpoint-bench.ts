@@ -1,17 +1,24 @@
 import os from 'node:os';
-import { validateSpec, startVm, stopVm, waitForMemcheckStep, vmPaths } from '../vm/index.js';
+import { validateSpec, startVm, stopVm, waitForMemcheckStep, lastMemcheckProgress, vmPaths } from '../vm/index.js';
 import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/index.js';
+import { SpecError } from '../errors.js';
 import { benchEnv, summary, fmt, writeResults, sleep, type Summary } from './harness.js';
 import { barChart } from './svg-chart.js';
 import { BenchError } from '../errors.js';
 
 export interface CheckpointBenchOptions {
   outDir: string;
+  /** Guest memory sizes, e.g. ['512M', '4G']. */
+  memories: string[];
+  /** memcheck working sets (MB) rewritten unthrottled: the dirty set of each checkpoint. */
   workingSetsMb: number[];
-  intervalsS: number[];
+  /** 'basic' or 'cow:<grain>' (e.g. cow:64K). */
+  modes: string[];
   /** Incremental checkpoints measured per configuration. */
   checkpoints: number;
-  memory: string;
+  intervalS: number;
+  /** Seconds of memcheck progress per slowdown measurement (0: skip the slowdown runs). */
+  slowdownWindowS: number;
   /** Also measure a VM with a qcow2 disk (memcheck + diskcheck): the disk freeze's share of the pause, and merges. */
   disk: boolean;
   log: (msg: string) => void;
@@ -27,70 +34,140 @@ interface DiskResult {
   meanMergeMs: number | null;
 }
 
-interface ConfigResult {
+interface ModeResult {
+  memory: string;
   workingSetMb: number;
-  intervalS: number;
+  mode: string;
   checkpoints: number;
   pauseMs: Summary;
-  parts: Record<'stopMs' | 'collectMs' | 'copyMs' | 'devstateMs' | 'contMs', Summary>;
-  pages: Summary;
+  parts: Record<'stopMs' | 'collectMs' | 'copyMs' | 'devstateMs' | 'diskMs' | 'contMs', Summary>;
   mb: Summary;
   commitMs: Summary;
   sendMs: Summary;
-  achievedIntervalMs: Summary;
-  initialCopyMs: number | null;
+  precopyRounds: number;
+  /** CoW: writes that met a pending grain (copied first), first-write faults, fault service. */
+  cowCopies: Summary | null;
+  faults: Summary | null;
+  serviceMeanUs: Summary | null;
+  serviceMaxUs: Summary | null;
+}
+
+interface SlowdownResult {
+  rateMb: number;
+  mode: string;
+  stepsPerS: number;
+  slowdownPct: number | null;
+}
+
+const PAPER = { basicPauseMs: '70-80', cowPauseMs: '5-7' };
+
+function parseMode(mode: string): { label: string; cow: false | { grain: number } } {
+  if (mode === 'basic') return { label: 'basic', cow: false };
+  const m = /^cow:(\d+)([KM])$/i.exec(mode);
+  if (!m) throw new SpecError(`--modes: "${mode}" is not basic or cow:<grain> (e.g. cow:64K)`);
+  return { label: `cow ${m[1]}${m[2]!.toUpperCase()}`, cow: { grain: Number(m[1]) * (m[2]!.toUpperCase() === 'K' ? 1024 : 1024 * 1024) } };
+}
+
+async function waitEpoch(name: string, epoch: number): Promise<void> {
+  while ((readProtection(name)?.committedEpoch ?? 0) < epoch) {
+    const p = readProtection(name);
+    if (p?.state === 'failed') throw new BenchError('HYDRA_BENCH_PROTECT_FAILED', `protection of ${name} failed: ${p.reason}`);
+    await sleep(200);
+  }
+}
+
+function guestSpec(name: string, memory: string, ws: number, rateMb: number) {
+  return validateSpec({
+    name, memory, vcpus: 1, accel: 'auto', kernel: 'guest:vmlinux', initrd: 'guest:initrd.img',
+    cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${ws} memcheck.rate=${rateMb}`,
+  }, process.cwd(), 'bench spec');
+}
+
+/** memcheck steps per second over `windowS` seconds. */
+async function stepRate(name: string, windowS: number): Promise<number> {
+  const log = vmPaths(name).serialLog;
+  const a = lastMemcheckProgress(log)!;
+  const t0 = Date.now();
+  await sleep(windowS * 1000);
+  const b = lastMemcheckProgress(log)!;
+  return (b.step - a.step) / ((Date.now() - t0) / 1000);
 }
 
 /**
- * Pause time, checkpoint size and commit time of incremental checkpoints for
- * memcheck at several working-set sizes and intervals on one guest. memcheck
- * runs unthrottled, so each checkpoint carries its whole working set.
+ * Basic and copy-on-write checkpoints side by side: for each guest size and
+ * memcheck working set (rewritten unthrottled, so each checkpoint carries
+ * about the whole set), every mode protects the same running VM in turn.
+ * Then the guest's slowdown from protection against the same VM unprotected,
+ * at memcheck 32 MB/s and unthrottled.
  */
 export async function runCheckpointBench(opts: CheckpointBenchOptions) {
   const env = await benchEnv('ckpt');
-  const results: ConfigResult[] = [];
+  const modes = opts.modes.map(parseMode);
+  const results: ModeResult[] = [];
+  const slowdown: SlowdownResult[] = [];
   let diskResult: DiskResult | undefined;
   let generation = 0;
   try {
-    for (const ws of opts.workingSetsMb) {
-      const name = `bench-ws${ws}`;
-      const spec = validateSpec({
-        name, memory: opts.memory, vcpus: 1, accel: 'auto', kernel: 'guest:vmlinux', initrd: 'guest:initrd.img',
-        cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${ws}`,
-      }, process.cwd(), 'bench spec');
-      opts.log(`starting ${opts.memory} guest with memcheck over ${ws} MB`);
-      await startVm(spec);
-      await waitForMemcheckStep(vmPaths(name).serialLog, 1, 60_000);
-      for (const intervalS of opts.intervalsS) {
-        generation++;
-        opts.log(`  protect every ${intervalS} s (generation ${generation})`);
-        const first = await protectVm({ vm: name, store: env.store.address, intervalMs: intervalS * 1000, generation });
-        const target = opts.checkpoints + 1;
-        while ((readProtection(name)?.committedEpoch ?? 0) < target) {
-          const p = readProtection(name);
-          if (p?.state === 'failed') throw new BenchError('HYDRA_BENCH_PROTECT_FAILED', `protection of ${name} failed: ${p.reason}`);
-          await sleep(200);
+    for (const memory of opts.memories) {
+      for (const ws of opts.workingSetsMb) {
+        const name = `bench-${memory.toLowerCase()}-${ws}`;
+        opts.log(`starting ${memory} guest with memcheck over ${ws} MB (unthrottled)`);
+        await startVm(guestSpec(name, memory, ws, 0));
+        await waitForMemcheckStep(vmPaths(name).serialLog, 1, 120_000);
+        try {
+          for (const m of modes) {
+            generation++;
+            opts.log(`  ${m.label}: protect every ${opts.intervalS} s (generation ${generation})`);
+            await protectVm({ vm: name, store: env.store.address, intervalMs: opts.intervalS * 1000, generation, cow: m.cow });
+            await waitEpoch(name, opts.checkpoints + 1);
+            await unprotectVm(name);
+            const hist = readCheckpointHistory(name).filter((h) => h.generation === generation && h.kind === 'incremental');
+            const pick = (k: 'pauseMs' | 'stopMs' | 'collectMs' | 'copyMs' | 'devstateMs' | 'diskMs' | 'contMs' | 'commitMs' | 'sendMs') => summary(hist.map((h) => h[k]));
+            const cowPick = (k: 'cowCopies' | 'faults' | 'serviceMeanUs' | 'serviceMaxUs') => (m.cow ? summary(hist.map((h) => h.cow?.[k] ?? 0)) : null);
+            const r: ModeResult = {
+              memory, workingSetMb: ws, mode: m.label, checkpoints: hist.length,
+              pauseMs: pick('pauseMs'),
+              parts: { stopMs: pick('stopMs'), collectMs: pick('collectMs'), copyMs: pick('copyMs'), devstateMs: pick('devstateMs'), diskMs: pick('diskMs'), contMs: pick('contMs') },
+              mb: summary(hist.map((h) => h.bytes / 2 ** 20)),
+              commitMs: pick('commitMs'), sendMs: pick('sendMs'),
+              precopyRounds: hist.reduce((a, h) => a + (h.precopyRounds ?? 0), 0),
+              cowCopies: cowPick('cowCopies'), faults: cowPick('faults'), serviceMeanUs: cowPick('serviceMeanUs'), serviceMaxUs: cowPick('serviceMaxUs'),
+            };
+            results.push(r);
+            opts.log(`    pause median ${fmt(r.pauseMs.median)} ms p99 ${fmt(r.pauseMs.p99)} ms, collect ${fmt(r.parts.collectMs.median, 2)} ms, copy ${fmt(r.parts.copyMs.median)} ms, devstate ${fmt(r.parts.devstateMs.median)} ms, ${fmt(r.mb.median)} MB/ckpt`);
+          }
+        } finally {
+          await stopVm(name);
         }
-        await unprotectVm(name);
-        const hist = readCheckpointHistory(name).filter((h) => h.generation === generation && h.kind === 'incremental');
-        const pick = (k: keyof (typeof hist)[number]) => summary(hist.map((h) => h[k] as number));
-        const r: ConfigResult = {
-          workingSetMb: ws,
-          intervalS,
-          checkpoints: hist.length,
-          pauseMs: pick('pauseMs'),
-          parts: { stopMs: pick('stopMs'), collectMs: pick('collectMs'), copyMs: pick('copyMs'), devstateMs: pick('devstateMs'), contMs: pick('contMs') },
-          pages: pick('pages'),
-          mb: summary(hist.map((h) => h.bytes / 2 ** 20)),
-          commitMs: pick('commitMs'),
-          sendMs: pick('sendMs'),
-          achievedIntervalMs: summary(hist.map((h) => h.intervalMs).filter((v): v is number => v !== null)),
-          initialCopyMs: first.initialCopy?.ms ?? null,
-        };
-        results.push(r);
-        opts.log(`    pause median ${fmt(r.pauseMs.median)} ms p99 ${fmt(r.pauseMs.p99)} ms, ${fmt(r.mb.median)} MB/ckpt, commit ${fmt(r.commitMs.median)} ms, interval ${fmt((r.achievedIntervalMs.median ?? 0) / 1000, 2)} s`);
       }
-      await stopVm(name);
+    }
+    if (opts.slowdownWindowS > 0) {
+      const memory = opts.memories[0]!;
+      for (const rateMb of [32, 0]) {
+        const name = `bench-slow-${rateMb}`;
+        opts.log(`slowdown: ${memory} guest, memcheck over 64 MB at ${rateMb ? `${rateMb} MB/s` : 'full speed'}`);
+        await startVm(guestSpec(name, memory, 64, rateMb));
+        await waitForMemcheckStep(vmPaths(name).serialLog, 1, 120_000);
+        try {
+          const unprotectedRuns: number[] = [await stepRate(name, opts.slowdownWindowS)];
+          const rows: { mode: string; stepsPerS: number }[] = [];
+          for (const m of modes) {
+            generation++;
+            await protectVm({ vm: name, store: env.store.address, intervalMs: opts.intervalS * 1000, generation, cow: m.cow });
+            await waitEpoch(name, 2);
+            rows.push({ mode: m.label, stepsPerS: await stepRate(name, opts.slowdownWindowS) });
+            await unprotectVm(name);
+            opts.log(`  ${m.label}: ${fmt(rows.at(-1)!.stepsPerS)} steps/s`);
+          }
+          unprotectedRuns.push(await stepRate(name, opts.slowdownWindowS));
+          const base = unprotectedRuns.reduce((a, b) => a + b, 0) / unprotectedRuns.length;
+          opts.log(`  unprotected: ${unprotectedRuns.map((v) => fmt(v)).join(' / ')} steps/s`);
+          slowdown.push({ rateMb, mode: 'unprotected', stepsPerS: base, slowdownPct: null });
+          for (const r of rows) slowdown.push({ rateMb, mode: r.mode, stepsPerS: r.stepsPerS, slowdownPct: (1 - r.stepsPerS / base) * 100 });
+        } finally {
+          await stopVm(name);
+        }
+      }
     }
     if (opts.disk) diskResult = await diskRun(env, opts, ++generation);
   } finally {
@@ -100,23 +177,37 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
     benchmark: 'checkpoint',
     date: new Date().toISOString(),
     host: { cpus: os.cpus().length, memGiB: Math.round(os.totalmem() / 2 ** 30), kernel: os.release() },
-    guest: { memory: opts.memory, accel: 'auto', workload: 'memcheck (unthrottled)' },
+    guest: { memories: opts.memories, accel: 'auto', workload: 'memcheck (unthrottled) over the working set', intervalS: opts.intervalS },
+    paper: PAPER,
     results,
+    slowdown,
     disk: diskResult ?? null,
   };
   const md = [
-    `| working set | interval | ckpts | pause median | pause p99 | stop / collect / copy / devstate / cont (median) | MB/ckpt | commit median | commit p99 | achieved interval |`,
-    `|---|---|---|---|---|---|---|---|---|---|`,
-    ...results.map((r) => `| ${r.workingSetMb} MB | ${r.intervalS} s | ${r.checkpoints} | ${fmt(r.pauseMs.median)} ms | ${fmt(r.pauseMs.p99)} ms | ${fmt(r.parts.stopMs.median)} / ${fmt(r.parts.collectMs.median)} / ${fmt(r.parts.copyMs.median)} / ${fmt(r.parts.devstateMs.median)} / ${fmt(r.parts.contMs.median)} ms | ${fmt(r.mb.median)} | ${fmt(r.commitMs.median)} ms | ${fmt(r.commitMs.p99)} ms | ${fmt((r.achievedIntervalMs.median ?? 0) / 1000, 2)} s |`),
+    `Paper (Xen, 512 MB VM): pause ${PAPER.basicPauseMs} ms basic, ${PAPER.cowPauseMs} ms copy-on-write.`,
+    '',
+    '| guest | dirty set | mode | ckpts | pause median | pause p99 | collect | copy | devstate | MB/ckpt | pre-copy rounds | CoW copies before a write (median) | fault service mean / max (median) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    ...results.map((r) => `| ${r.memory} | ${r.workingSetMb} MB | ${r.mode} | ${r.checkpoints} | ${fmt(r.pauseMs.median)} ms | ${fmt(r.pauseMs.p99)} ms | ${fmt(r.parts.collectMs.median, 2)} ms | ${fmt(r.parts.copyMs.median)} ms${r.mode.startsWith('cow') ? ' (after cont)' : ''} | ${fmt(r.parts.devstateMs.median)} ms | ${fmt(r.mb.median)} | ${r.precopyRounds} | ${r.cowCopies ? fmt(r.cowCopies.median, 0) : '-'} | ${r.serviceMeanUs ? `${fmt(r.serviceMeanUs.median, 0)} / ${fmt(r.serviceMaxUs!.median, 0)} µs` : '-'} |`),
+    '',
+    ...(slowdown.length ? [
+      `Guest slowdown from protection (${opts.memories[0]} guest, memcheck over 64 MB, interval ${opts.intervalS} s, ${opts.slowdownWindowS} s windows; unprotected = mean of a window before and after):`,
+      '',
+      '| memcheck rate | mode | steps/s | slowdown vs unprotected |',
+      '|---|---|---|---|',
+      ...slowdown.map((s) => `| ${s.rateMb ? `${s.rateMb} MB/s` : 'unthrottled'} | ${s.mode} | ${fmt(s.stepsPerS)} | ${s.slowdownPct === null ? '-' : `${fmt(s.slowdownPct)} %`} |`),
+      '',
+    ] : []),
   ].join('\n') + '\n' + (diskResult ? [
     '',
     `With a qcow2 disk (memcheck 16 MB + diskcheck, interval 1 s, ${diskResult.checkpoints} checkpoints): pause median ${fmt(diskResult.pauseMs.median)} ms, p99 ${fmt(diskResult.pauseMs.p99)} ms, of which the disk freeze median ${fmt(diskResult.diskFreezeMs.median, 2)} ms, p99 ${fmt(diskResult.diskFreezeMs.p99, 2)} ms; chain length max ${diskResult.chainLength.max}; ${diskResult.merges} background merges of ${diskResult.layersMerged} layers, mean ${fmt(diskResult.meanMergeMs)} ms each.`,
     '',
   ].join('\n') : '');
-  const cats = results.map((r) => `${r.workingSetMb}MB/${r.intervalS}s`);
+  const cats = results.map((r) => `${r.memory}/${r.workingSetMb}MB ${r.mode}`);
   const charts = {
-    'checkpoint-pause.svg': barChart({ title: 'VM pause per checkpoint', unit: 'ms', categories: cats, series: [{ name: 'median', values: results.map((r) => r.pauseMs.median) }, { name: 'p99', values: results.map((r) => r.pauseMs.p99) }], target: { value: 15, label: 'target 15 ms' } }),
-    'checkpoint-commit.svg': barChart({ title: 'Commit time per checkpoint', unit: 'ms', categories: cats, series: [{ name: 'median', values: results.map((r) => r.commitMs.median) }, { name: 'p99', values: results.map((r) => r.commitMs.p99) }] }),
+    'checkpoint-pause.svg': barChart({ title: 'VM pause per checkpoint: basic vs copy-on-write', unit: 'ms', categories: cats, series: [{ name: 'median', values: results.map((r) => r.pauseMs.median) }, { name: 'p99', values: results.map((r) => r.pauseMs.p99) }], target: { value: 5, label: 'CoW target 5 ms' } }),
+    'checkpoint-bytes.svg': barChart({ title: 'MB per checkpoint', unit: 'MB', categories: cats, series: [{ name: 'median', values: results.map((r) => r.mb.median) }] }),
+    ...(slowdown.length ? { 'checkpoint-slowdown.svg': barChart({ title: 'Guest slowdown from protection (memcheck steps/s vs unprotected)', unit: '%', categories: slowdown.filter((s) => s.slowdownPct !== null).map((s) => `${s.rateMb ? `${s.rateMb}MB/s` : 'unthrottled'} ${s.mode}`), series: [{ name: 'slowdown', values: slowdown.filter((s) => s.slowdownPct !== null).map((s) => s.slowdownPct) }] }) } : {}),
   };
   const files = writeResults(opts.outDir, 'checkpoint', json, md, charts);
   return { json, markdown: md, files };
@@ -125,7 +216,7 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
 async function diskRun(env: Awaited<ReturnType<typeof benchEnv>>, opts: CheckpointBenchOptions, generation: number): Promise<DiskResult> {
   const name = 'bench-disk';
   const spec = validateSpec({
-    name, memory: opts.memory, vcpus: 1, accel: 'auto', kernel: 'guest:vmlinux', initrd: 'guest:initrd.img',
+    name, memory: opts.memories[0]!, vcpus: 1, accel: 'auto', kernel: 'guest:vmlinux', initrd: 'guest:initrd.img',
     cmdline: 'console=ttyS0 quiet hydra.run=memcheck+diskcheck memcheck.mb=16 diskcheck.rate=50',
     disks: [{ path: `${env.home}/disks/bench-disk.qcow2`, size: '256M' }],
   }, process.cwd(), 'bench spec');

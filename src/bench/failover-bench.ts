@@ -13,6 +13,7 @@ import { benchEnv, fmt, writeResults, sleep, type BenchEnv } from './harness.js'
 import { analyseFailover } from './failover-analysis.js';
 import type { FailoverBenchOptions, QemuBaseline, RunResult } from './failover-results.js';
 import { renderFailover } from './failover-report.js';
+import { renderFencing, runFencingBench, type FencingResult } from './failover-fencing.js';
 import { BenchError } from '../errors.js';
 
 export type { FailoverBenchOptions } from './failover-results.js';
@@ -354,14 +355,18 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   const env = await benchEnv('failover');
   const runs: RunResult[] = [];
   let qemu: QemuBaseline | undefined;
+  let fencing: FencingResult | undefined;
   const t0 = now();
   try {
-    qemu = await runQemuBaseline(env, opts);
-    for (let i = 1; i <= opts.repeats; i++) {
-      runs.push(await runFailover(env, opts, 'file', true, i));
-      runs.push(await runFailover(env, opts, 'network', true, i));
+    if (!opts.fencingOnly) {
+      qemu = await runQemuBaseline(env, opts);
+      for (let i = 1; i <= opts.repeats; i++) {
+        runs.push(await runFailover(env, opts, 'file', true, i));
+        runs.push(await runFailover(env, opts, 'network', true, i));
+      }
+      runs.push(await runFailover(env, opts, 'network', false, 1));
     }
-    runs.push(await runFailover(env, opts, 'network', false, 1));
+    if (opts.fencingRounds > 0) fencing = await runFencingBench(env, opts, opts.fencingRounds);
   } finally {
     for (const n of listVmNames()) {
       const s = readState(n);
@@ -374,8 +379,17 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   const loadAfter = loadavg();
   opts.log(`load after: ${loadAfter.uptime}`);
 
+  const fencingMd = fencing ? renderFencing(fencing).join('\n') + '\n' : '';
+  if (opts.fencingOnly) {
+    const json = { startedAt, durationS, loadBefore, loadAfter, options: { ...opts, log: undefined }, fencing };
+    const markdown = `# Fail-over benchmark: self-fencing only\n\n${loadBefore.uptime}\n\n${fencingMd}`;
+    const files = writeResults(opts.outDir, 'failover-fencing', json, markdown, {});
+    return { json, markdown, files };
+  }
   const analysis = analyseFailover(runs, qemu);
-  const { json, markdown, charts } = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, runs, qemu, analysis);
-  const files = writeResults(opts.outDir, 'failover', json, markdown, charts);
+  const r = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, runs, qemu, analysis);
+  const json = { ...(r.json as object), fencing };
+  const markdown = r.markdown + (fencingMd ? `\n${fencingMd}` : '');
+  const files = writeResults(opts.outDir, 'failover', json, markdown, r.charts);
   return { json, markdown, files };
 }

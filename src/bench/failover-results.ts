@@ -12,6 +12,10 @@ export interface FailoverBenchOptions {
   windowS: number;
   /** Seconds a pure on-demand (no prefetch) restore runs before it is stopped. */
   noPrefetchS: number;
+  /** Agent-only failures in an embedded cluster measuring self-fencing (0: none). */
+  fencingRounds: number;
+  /** Run only the self-fencing rounds. */
+  fencingOnly?: boolean;
   log: (msg: string) => void;
 }
 

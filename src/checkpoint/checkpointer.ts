@@ -1,16 +1,27 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
-import { DirtyTracker } from '../tracker/index.js';
+import { DirtyTracker, processStartTime } from '../tracker/index.js';
 import { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
+import { openCheckpoint, streamFullCopy } from './full-copy.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
+import { CheckpointFaults } from './faults.js';
+import { killFencedQemu } from './fenced-qemu.js';
 
 const PAGE = 4096;
 /** Page data per protocol frame. */
 const BATCH_BYTES = 8 * 1024 * 1024;
+/** Staging to start with, and the most it grows to by default. */
+const STAGING_START = 64 * 1024 * 1024;
+const STAGING_CAP = 1024 * 1024 * 1024;
+/** Pre-copy rounds before a pause whose dirty set would not fit the staging buffer. */
+const MAX_PRECOPY_ROUNDS = 3;
+/** Copy threads inside the pause (the device-state save runs in QEMU at the same time). */
+const PAUSE_COPY_THREADS = Math.max(1, os.availableParallelism() - 1);
 
 export interface CheckpointerOptions {
   vm: string;
@@ -25,8 +36,13 @@ export interface CheckpointerOptions {
   intervalMs: number;
   /** The VM's launch configuration, kept with the image so a restore can start the same devices. */
   config: unknown;
-  /** Pre-faulted staging buffer: dirty pages beyond it are sent while the VM stays paused. */
+  /**
+   * Pre-faulted staging buffer the pause copies into: its first size (default
+   * 64 MiB); it grows, outside the pause, to the dirty sets it sees, up to
+   * stagingCapBytes (default 1 GiB, at most the RAM size).
+   */
   stagingBytes?: number;
+  stagingCapBytes?: number;
   /** Called after every state change and commit. */
   onStatus?: (status: ProtectionStatus) => void;
   /** Called with each committed checkpoint's measurements. */
@@ -55,8 +71,17 @@ export class Checkpointer {
   private bounce!: Buffer;
   private stopped = false;
   private wake: (() => void) | undefined;
-  /** Runs of checkpoints sent but not acknowledged: re-sent from current memory if the store loses them. */
+  /**
+   * Runs collected (re-protected) but not yet acknowledged by the store. They
+   * are owed from the instant they are collected: a checkpoint that fails at
+   * any step leaves them here, and the next one sends them again, re-read from
+   * memory in its pause.
+   */
   private unacked: Run[] = [];
+  /** Test-only fault injection (HYDRAVM_CKPT_FAULT, see faults.ts). */
+  private readonly faults = new CheckpointFaults(process.env.HYDRAVM_CKPT_FAULT);
+  /** QEMU's start time (/proc stat), so a fenced checkpointer never kills a process that reused its pid. */
+  private qemuStartTime: number | undefined;
   private needFull = true;
   private history: CheckpointStats[] = [];
   private lastStart: number | null = null;
@@ -101,6 +126,7 @@ export class Checkpointer {
 
   async run(): Promise<void> {
     const { vm } = this.opts;
+    this.qemuStartTime = processStartTime(this.opts.qemuPid);
     this.tracker = await DirtyTracker.attach(this.opts.qemuPid);
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
@@ -109,7 +135,7 @@ export class Checkpointer {
         this.freezer = await DiskFreezer.open({ vm, qmp: this.qmp, disks: this.opts.disks.paths, layerDir: this.opts.disks.layerDir });
         await this.freezer.prepare();
       }
-      this.staging = this.tracker.allocStaging(Math.min(this.opts.stagingBytes ?? 256 * 1024 * 1024, this.tracker.ramSize));
+      this.staging = this.tracker.allocStaging(Math.min(this.opts.stagingBytes ?? STAGING_START, this.stagingCap()));
       this.bounce = this.tracker.allocStaging(BATCH_BYTES);
       this.log.info({ ramSize: this.tracker.ramSize, store: this.opts.store, generation: this.opts.generation }, 'protection started');
       let backoff = 250;
@@ -137,6 +163,11 @@ export class Checkpointer {
       }
       this.publish({ state: 'stopped', reason: 'unprotected' });
     } catch (err) {
+      if (err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION') {
+        const fenced = killFencedQemu({ vm: this.opts.vm, generation: this.opts.generation, qemuPid: this.opts.qemuPid, qemuStartTime: this.qemuStartTime }, err, this.log);
+        this.publish({ state: 'failed', reason: fenced.message });
+        throw fenced;
+      }
       this.publish({ state: 'failed', reason: (err as Error).message });
       throw err;
     } finally {
@@ -149,9 +180,50 @@ export class Checkpointer {
     }
   }
 
-  /** QEMU gone or this incarnation fenced: stop. Store trouble: retry. */
+  private stagingCap(): number {
+    return Math.min(this.opts.stagingCapBytes ?? STAGING_CAP, this.tracker.ramSize);
+  }
+
+  /** Grow the staging buffer (pre-faulted, never inside a pause) towards `need` bytes, up to the cap. */
+  private growStaging(need: number): void {
+    const cap = this.stagingCap();
+    if (this.staging.length >= cap || need <= this.staging.length) return;
+    const MB2 = 2 * 1024 * 1024;
+    const size = Math.min(cap, Math.max(this.staging.length * 2, Math.ceil((need * 1.25) / MB2) * MB2));
+    this.log.info({ from: this.staging.length, to: size }, 'growing the checkpoint staging buffer');
+    this.staging = this.tracker.allocStaging(size);
+  }
+
+  /**
+   * While the VM runs: if the pages written since the last checkpoint would
+   * not fit the staging buffer, grow it; if they still would not, send them
+   * now (re-arming their tracking) and look again, like a migration's
+   * pre-copy rounds. The pause then copies only what was written since.
+   * Returns the rounds taken and the bytes they sent.
+   */
+  private async precopy(client: StoreClient): Promise<{ rounds: number; bytes: number }> {
+    let bytes = 0;
+    for (let round = 0; round < MAX_PRECOPY_ROUNDS; round++) {
+      const pending = this.tracker.peekWrittenBytes() + (round === 0 ? totalBytes(this.unacked) : 0);
+      this.growStaging(pending);
+      if (pending <= this.staging.length) return { rounds: round, bytes };
+      const collected = this.tracker.collect();
+      const runs = round === 0 ? mergeRuns(this.unacked, collected) : collected;
+      // Sent in this checkpoint: if it is lost, they must go into the next one.
+      this.unacked = round === 0 ? runs : mergeRuns(this.unacked, runs);
+      for (const batch of batchRuns(runs, BATCH_BYTES)) {
+        const n = this.tracker.copyRuns(batch, this.bounce);
+        await client.sendPages(batch, this.bounce.subarray(0, n));
+        bytes += n;
+      }
+    }
+    return { rounds: MAX_PRECOPY_ROUNDS, bytes };
+  }
+
+  /** QEMU gone or this incarnation fenced: stop. Store trouble (or an injected test fault): retry. */
   private retryable(err: unknown): boolean {
     if (err instanceof QmpClosedError) return false;
+    if (err instanceof CheckpointError && err.code === 'HYDRA_CKPT_INJECTED') return true;
     if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
     if (err instanceof CheckpointError) return false;
     return true;
@@ -183,31 +255,16 @@ export class Checkpointer {
   private async fullCheckpoint(): Promise<void> {
     const client = this.client!;
     const epoch = this.status.committedEpoch + 1;
-    const t0 = Date.now();
     // Re-arm first so every write after this instant shows up in the closing pause.
     this.tracker.collect();
     // Only pages the memfd holds: reading never-touched pages through the mapping would allocate them all.
-    const runs = this.tracker.populatedRuns();
-    const total = totalBytes(runs);
-    this.publish({ state: 'initial-copy', initialCopy: { bytesSent: 0, bytesTotal: total } });
-    this.log.info({ epoch, bytes: total }, 'initial full checkpoint: copying guest RAM while the VM runs');
-    await client.begin(epoch, 'full', { ramSize: this.tracker.ramSize, config: this.opts.config });
-    let sent = 0;
-    let lastReport = 0;
-    for (const batch of batchRuns(runs, BATCH_BYTES)) {
-      if (this.stopped) return;
-      const n = this.tracker.copyRuns(batch, this.bounce);
-      await client.sendPages(batch, this.bounce.subarray(0, n));
-      sent += n;
-      if (Date.now() - lastReport > 500) {
-        lastReport = Date.now();
-        this.publish({ initialCopy: { bytesSent: sent, bytesTotal: total } });
-      }
-    }
-    this.publish({ initialCopy: { bytesSent: sent, bytesTotal: total, ms: Date.now() - t0 } });
-    await this.checkpoint(epoch, 'full', true);
-    this.needFull = false;
-    this.log.info({ epoch, ms: Date.now() - t0 }, 'initial full checkpoint committed');
+    const copied = await streamFullCopy({
+      client, epoch, ramSize: this.tracker.ramSize, config: this.opts.config, runs: this.tracker.populatedRuns(),
+      copyRuns: (batch, dst) => this.tracker.copyRuns(batch, dst), bounce: this.bounce,
+      stopped: () => this.stopped, publish: (p) => this.publish(p), log: this.log,
+      closingPause: () => this.checkpoint(epoch, 'full', true),
+    });
+    if (copied) this.needFull = false;
   }
 
   /**
@@ -216,15 +273,9 @@ export class Checkpointer {
    */
   private async checkpoint(epoch: number, kind: 'full' | 'incremental', continued = false): Promise<void> {
     const client = this.client!;
-    const startedAt = Date.now();
-    const intervalMs = this.lastStart === null ? null : startedAt - this.lastStart;
+    const { wasRunning, startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
     this.lastStart = startedAt;
-    // Outside the pause: the next disk overlay must exist before the VM stops.
-    await this.freezer?.prepare();
-    const wasRunning = (await this.qmp.execute<{ status: string }>('query-status')).status === 'running';
-
-    // Announced before the pause: nothing in it waits for the store.
-    if (!continued) await client.begin(epoch, kind, { ramSize: this.tracker.ramSize });
+    const pre = await this.precopy(client);
 
     const t0 = performance.now();
     if (wasRunning) await this.qmp.execute('stop');
@@ -237,6 +288,7 @@ export class Checkpointer {
     let runs: Run[] = [];
     let stagedRuns: Run[] = [];
     let overflow: Run[] = [];
+    let overflowBuf: Buffer | undefined;
     let collectMs = 0;
     let copyMs = 0;
     let devstateMs = 0;
@@ -244,11 +296,25 @@ export class Checkpointer {
     let disks: string[] | undefined;
     let contMs = 0;
     let t5 = t1;
+    this.faults.nextAttempt();
     try {
-      runs = mergeRuns(this.unacked, this.tracker.collect());
+      let collected: Run[];
+      try {
+        collected = this.tracker.collect();
+      } catch (err) {
+        // A scan that failed part-way may have re-protected pages it never reported: only a full checkpoint is certain.
+        this.needFull = true;
+        throw err;
+      }
+      // After pre-copy rounds the carried-over runs were already sent in this checkpoint (and are owed already).
+      runs = pre.rounds > 0 ? collected : mergeRuns(this.unacked, collected);
+      // Owed from this instant, whatever fails below.
+      this.unacked = pre.rounds > 0 ? mergeRuns(this.unacked, collected) : runs;
+      this.faults.hit('collect');
       const t2 = performance.now();
       collectMs = t2 - t1;
-      // What fits the staging buffer is copied now and sent after `cont`; the rest goes out while paused.
+      // What fits the staging buffer is copied now and sent after `cont`. A rest (the guest out-wrote
+      // the pre-copy rounds and the cap) is copied to memory taken now: slower, but never network I/O.
       let staged = 0;
       let split = runs.length;
       for (let i = 0; i < runs.length; i++) {
@@ -257,17 +323,21 @@ export class Checkpointer {
       }
       stagedRuns = runs.slice(0, split);
       overflow = runs.slice(split);
-      this.tracker.copyRuns(stagedRuns, this.staging);
+      // One copy thread: QEMU saves the device state meanwhile and needs the other core.
+      this.tracker.copyRuns(stagedRuns, this.staging, 0, PAUSE_COPY_THREADS);
+      this.faults.hit('copy');
       copyMs = performance.now() - t2;
       devstateMs = await devstateSaved;
+      this.faults.hit('devstate');
+      this.faults.hit('freeze');
       if (this.freezer) {
         const td = performance.now();
         disks = await this.freezer.freeze(epoch);
         diskMs = performance.now() - td;
       }
-      for (const batch of batchRuns(overflow, BATCH_BYTES)) {
-        const n = this.tracker.copyRuns(batch, this.bounce);
-        await client.sendPages(batch, this.bounce.subarray(0, n));
+      if (overflow.length > 0) {
+        overflowBuf = Buffer.allocUnsafeSlow(totalBytes(overflow));
+        this.tracker.copyRuns(overflow, overflowBuf);
       }
     } finally {
       // Only waits for QEMU to finish before the next step; a failed save already failed the checkpoint above.
@@ -277,32 +347,45 @@ export class Checkpointer {
       t5 = performance.now();
       contMs = t5 - t4;
     }
-    this.unacked = runs;
     const devstate = fs.readFileSync(this.opts.devstateFile);
 
     const ts = performance.now();
     let pos = 0;
+    if (this.faults.drop('send', this.log)) await client.close();
     for (const batch of batchRuns(stagedRuns, BATCH_BYTES)) {
       const n = totalBytes(batch);
       await client.sendPages(batch, this.staging.subarray(pos, pos + n));
       pos += n;
     }
+    pos = 0;
+    // A dropped connection while the overflow is sent: the send below fails as a real one would.
+    if (overflow.length > 0 && this.faults.drop('overflow', this.log)) await client.close();
+    for (const batch of batchRuns(overflow, BATCH_BYTES)) {
+      const n = totalBytes(batch);
+      await client.sendPages(batch, overflowBuf!.subarray(pos, pos + n));
+      pos += n;
+    }
     await client.sendDeviceState(devstate);
     if (disks) await client.sendDisks(disks);
     const te = performance.now();
+    this.faults.hit('commit');
     const ack = await client.commit();
     const tc = performance.now();
+    this.faults.hit('ack');
     if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
     this.unacked = [];
     this.freezer?.committed(epoch);
 
-    const bytes = totalBytes(runs);
+    const bytes = totalBytes(runs) + pre.bytes;
+    // Grow for next time while nothing waits on it.
+    if (totalBytes(runs) > this.staging.length * 0.75) this.growStaging(totalBytes(runs) * 1.5);
     const stats: CheckpointStats = {
       epoch, kind, startedAt,
       pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
       diskChainLength: this.freezer?.chainLength() ?? 0,
+      precopyRounds: pre.rounds, stagingBytes: this.staging.length,
     };
     this.history.push(stats);
     this.opts.onCheckpoint?.(stats);

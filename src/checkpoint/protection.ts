@@ -7,7 +7,8 @@ import { CheckpointError, VmNotFoundError } from '../errors.js';
 import { vmPaths, readState, isLive, type LaunchFile } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { vmLog } from '../util/log.js';
-import { Checkpointer } from './checkpointer.js';
+import { Checkpointer, type CheckpointerOptions } from './checkpointer.js';
+import { CowCheckpointer, cowSettings, releaseCowOf } from './cow-mode.js';
 import type { CheckpointStats, ProtectionStatus } from './stats.js';
 import { sleep } from '../util/sleep.js';
 import { writeFileAtomicSync } from '../util/atomic-write.js';
@@ -28,8 +29,12 @@ export interface ProtectRequest {
   generation: number;
   secretFile?: string;
   stagingBytes?: number;
+  /** Most the basic mode's staging buffer grows to (default 1 GiB). */
+  stagingCapBytes?: number;
   /** Shared directory for frozen disk layers; default .hydravm-layers beside the first disk. */
   layerDir?: string;
+  /** Copy-on-write checkpoints (false: basic); absent: as the VM's spec says (`protection.cow`). */
+  cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number };
 }
 
 function files(vm: string) {
@@ -92,6 +97,7 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
   const current = readProtection(req.vm);
   if (protecting(current)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${current.pid})`);
   loadSecret({ secretFile: req.secretFile });
+  releaseCowOf(req.vm);
   const f = files(req.vm);
   fs.writeFileSync(f.request, JSON.stringify(req, null, 2) + '\n');
   fs.rmSync(f.status, { force: true });
@@ -126,12 +132,17 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
 
 export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<ProtectionStatus | undefined> {
   const s = readProtection(vm);
-  if (!s || !pidAlive(s.pid)) return s;
+  if (!s || !pidAlive(s.pid)) {
+    releaseCowOf(vm);
+    return s;
+  }
   process.kill(s.pid, 'SIGTERM');
   const deadline = Date.now() + timeoutMs;
   while (pidAlive(s.pid)) {
     if (Date.now() > deadline) {
       process.kill(s.pid, 'SIGKILL');
+      // A killed copy-on-write checkpointer leaves guest RAM write-protected: release it.
+      releaseCowOf(vm);
       break;
     }
     await sleep(50);
@@ -148,7 +159,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as LaunchFile;
   // A restored VM runs on overlays, not on the disks its spec names.
   const diskPaths = config.launch.diskFiles ?? config.spec.disks.map((d) => d.path);
-  const cp = new Checkpointer({
+  const cpOpts: CheckpointerOptions = {
     vm,
     qemuPid: state.qemuPid,
     qmpSocket: vmPaths(vm).hydraQmpSocket,
@@ -159,10 +170,13 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     intervalMs: req.intervalMs,
     config,
     stagingBytes: req.stagingBytes,
+    stagingCapBytes: req.stagingCapBytes,
     disks: diskPaths.length ? { paths: diskPaths.map((p) => ({ path: p })), layerDir: req.layerDir ?? config.launch.layerDir ?? path.join(path.dirname(diskPaths[0]!), '.hydravm-layers') } : undefined,
     onStatus: writeProtection,
     onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
-  });
+  };
+  const cow = cowSettings(req, config, state.qemuPid);
+  const cp = cow ? new CowCheckpointer(cpOpts, cow) : new Checkpointer(cpOpts);
   process.on('SIGTERM', () => cp.stop());
   process.on('SIGINT', () => cp.stop());
   try {

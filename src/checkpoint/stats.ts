@@ -23,6 +23,27 @@ export interface CheckpointStats {
   intervalMs: number | null;
   /** Layers in the longest disk chain after this checkpoint (0 without disks). */
   diskChainLength: number;
+  /** Basic mode: pre-copy rounds sent while the VM ran, before the pause; staging size in use. */
+  precopyRounds?: number;
+  stagingBytes?: number;
+  /** Copy-on-write mode (see cow-checkpointer.ts). */
+  cow?: CowCheckpointStats;
+}
+
+/** What a copy-on-write checkpoint adds: collectMs is the re-arm of the dirty grains, copyMs the copy after `cont`. */
+export interface CowCheckpointStats {
+  grain: number;
+  /** Write faults served during the interval before this pause (first writes of a grain). */
+  faults: number;
+  /** Of those, writes to a grain still pending copy: copied by the fault handler first. */
+  cowCopies: number;
+  /** Of those, grains whose staging slot was still in use: copied to spill memory instead. */
+  spills: number;
+  serviceMeanUs: number;
+  serviceMaxUs: number;
+  /** Re-protecting the dirty grains just before the pause (VM running), and the grains the pause itself re-protected. */
+  prearmMs?: number;
+  reprotectedInPause?: number;
 }
 
 export interface ProtectionStatus {
@@ -30,6 +51,10 @@ export interface ProtectionStatus {
   store: string;
   generation: number;
   state: 'starting' | 'initial-copy' | 'protected' | 'retrying' | 'stopped' | 'failed';
+  /** 'cow': copy-on-write checkpoints; absent or 'basic': pages copied inside the pause. */
+  mode?: 'basic' | 'cow';
+  /** Copy-on-write checkpoints given up (their grains went into the next one). */
+  cowFailures?: number;
   reason?: string;
   pid: number;
   configuredIntervalMs: number;

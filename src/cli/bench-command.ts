@@ -1,24 +1,29 @@
 import type { Command } from 'commander';
 import path from 'node:path';
+import { registerEvalCommands } from './bench-eval-command.js';
 
 export function registerBenchCommand(program: Command): void {
   const bench = program.command('bench').description('benchmarks: write JSON, a Markdown table and SVG plots');
   bench.command('checkpoint')
-    .description('pause, size and commit time of incremental checkpoints (memcheck working sets x intervals)')
+    .description('basic and copy-on-write checkpoints side by side: pause, collect, copy, device state, bytes per checkpoint, guest slowdown')
     .option('--out <dir>', 'output directory', path.join('bench', 'results'))
-    .option('--working-sets <mb>', 'comma-separated memcheck working sets in MB', '64,16')
-    .option('--intervals <s>', 'comma-separated checkpoint intervals in seconds', '1,2,5,10')
+    .option('--memory <sizes>', 'comma-separated guest memory sizes', '512M,4G')
+    .option('--working-sets <mb>', 'comma-separated memcheck working sets in MB (rewritten unthrottled: the dirty set per checkpoint)', '64,256')
+    .option('--modes <list>', 'comma-separated modes: basic, cow:<grain>', 'basic,cow:4K,cow:64K,cow:256K')
     .option('--checkpoints <n>', 'incremental checkpoints measured per configuration', '10')
-    .option('--memory <size>', 'guest memory', '512M')
+    .option('--interval <s>', 'checkpoint interval in seconds', '1')
+    .option('--slowdown-window <s>', 'seconds of guest progress per slowdown measurement (0: skip)', '15')
     .option('--no-disk', 'skip the run with a qcow2 disk')
-    .action(async (opts: { out: string; workingSets: string; intervals: string; checkpoints: string; memory: string; disk: boolean }) => {
+    .action(async (opts: { out: string; memory: string; workingSets: string; modes: string; checkpoints: string; interval: string; slowdownWindow: string; disk: boolean }) => {
       const { runCheckpointBench } = await import('../bench/index.js');
       const r = await runCheckpointBench({
         outDir: opts.out,
+        memories: opts.memory.split(','),
         workingSetsMb: opts.workingSets.split(',').map(Number),
-        intervalsS: opts.intervals.split(',').map(Number),
+        modes: opts.modes.split(','),
         checkpoints: Number(opts.checkpoints),
-        memory: opts.memory,
+        intervalS: Number(opts.interval),
+        slowdownWindowS: Number(opts.slowdownWindow),
         disk: opts.disk,
         log: (m) => process.stderr.write(`${m}\n`),
       });
@@ -45,6 +50,26 @@ export function registerBenchCommand(program: Command): void {
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
     });
 
+  bench.command('redis-watch')
+    .description('a redis client that INCRs a counter and SETs sequence numbers until SIGINT/SIGTERM, recording every reply (JSONL); prints its summary')
+    .requiredOption('--host <addr>', 'redis address (e.g. the VM\'s)')
+    .option('--port <n>', 'redis port', '6379')
+    .option('--out <file>', 'JSONL file receiving every record')
+    .option('--timeout <ms>', 'deadline per command and connection attempt', '1000')
+    .option('--kill-at <ms>', 'time of a kill (ms since the epoch): report the time to the first reply after it and the acknowledged writes lost')
+    .action(async (opts: { host: string; port: string; out?: string; timeout: string; killAt?: string }) => {
+      const { RedisWatcher, summarizeWatch, lossReport } = await import('../bench/index.js');
+      const w = new RedisWatcher({ host: opts.host, port: Number(opts.port), out: opts.out, timeoutMs: Number(opts.timeout) }).start();
+      process.stderr.write(`watching redis at ${opts.host}:${opts.port}${opts.out ? `, records in ${opts.out}` : ''}; stop with SIGINT or SIGTERM\n`);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      const records = await w.stop();
+      const killAt = opts.killAt === undefined ? undefined : Number(opts.killAt);
+      process.stdout.write(JSON.stringify({ ...summarizeWatch(records, killAt), ...(killAt ? { loss: lossReport(records, killAt) } : {}) }) + '\n');
+    });
+
   bench.command('failover')
     .description('fail-over time split (detection, slim restore, guest progress) vs QEMU full save/restore and reboot; network paging; slowdown after restore')
     .option('--out <dir>', 'output directory', path.join('bench', 'results'))
@@ -55,7 +80,9 @@ export function registerBenchCommand(program: Command): void {
     .option('--interval <s>', 'checkpoint interval in seconds', '1')
     .option('--window <s>', 'seconds of memcheck progress measured before the kill and after the restore', '10')
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string }) => {
+    .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
+    .option('--fencing-only', 'run only the self-fencing rounds')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean }) => {
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
@@ -66,9 +93,13 @@ export function registerBenchCommand(program: Command): void {
         intervalMs: Number(opts.interval) * 1000,
         windowS: Number(opts.window),
         noPrefetchS: Number(opts.demandOnlySeconds),
+        fencingRounds: Number(opts.fencingRounds),
+        fencingOnly: !!opts.fencingOnly,
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
     });
+
+  registerEvalCommands(bench);
 }

@@ -1,5 +1,7 @@
+import { cowOption } from './cow-option.js';
 import path from 'node:path';
 import type { Command } from 'commander';
+import { credentialsFrom, type ClusterOptions } from '../ha/index.js';
 import { bytes, ms, printJson, table } from './format.js';
 import { parseDuration } from './duration.js';
 import { SpecError } from '../errors.js';
@@ -12,6 +14,23 @@ async function resolveEtcd(opts: { etcd?: string; dir?: string }): Promise<strin
   const info = readClusterInfo(opts.dir ?? defaultClusterDir());
   if (info) return info.etcdUrl;
   throw new SpecError('no etcd endpoint: give --etcd URL, set HYDRAVM_ETCD, or start an embedded cluster with `hydravm cluster up`');
+}
+
+interface EtcdFlags { etcd?: string; dir?: string; etcdCa?: string; etcdCert?: string; etcdKey?: string; etcdUser?: string; etcdPassword?: string }
+
+/** The etcd TLS and auth flags every command that talks to etcd takes (HYDRAVM_ETCD_* when absent). */
+function etcdSecurityFlags(cmd: Command): Command {
+  return cmd
+    .option('--etcd-ca <file>', 'CA certificate (PEM) to verify etcd\'s TLS certificate (default $HYDRAVM_ETCD_CA)')
+    .option('--etcd-cert <file>', 'client certificate (PEM) for etcd\'s client-cert-auth (default $HYDRAVM_ETCD_CERT)')
+    .option('--etcd-key <file>', 'client key (PEM) of --etcd-cert (default $HYDRAVM_ETCD_KEY)')
+    .option('--etcd-user <name>', 'etcd user, with auth enabled in etcd (default $HYDRAVM_ETCD_USER)')
+    .option('--etcd-password <password>', 'that user\'s password (default $HYDRAVM_ETCD_PASSWORD; prefer the variable: flags show in ps)');
+}
+
+function etcdOptions(opts: EtcdFlags): ClusterOptions {
+  const credentials = credentialsFrom(opts);
+  return credentials ? { credentials } : {};
 }
 
 function positiveInt(v: string, what: string): number {
@@ -35,7 +54,7 @@ function untilSignal(stop: () => Promise<void>): Promise<void> {
 }
 
 export function registerHaCommands(program: Command): void {
-  program.command('agent')
+  etcdSecurityFlags(program.command('agent'))
     .description('run the host agent in the foreground: lease, VM death reports, restores, fencing')
     .requiredOption('--host <name>', 'this host\'s name in the cluster')
     .option('--etcd <urls>', 'etcd endpoint(s), comma-separated (default $HYDRAVM_ETCD)')
@@ -44,7 +63,10 @@ export function registerHaCommands(program: Command): void {
     .option('--address <addr>', 'address announced for this host')
     .option('--lease-ttl <seconds>', 'lease TTL', '1')
     .option('--secret-file <file>', 'cluster secret for restores (default $HYDRAVM_HOME/cluster.secret or $HYDRAVM_SECRET)')
-    .action(async (opts: { host: string; etcd?: string; home?: string; memory?: string; address?: string; leaseTtl: string; secretFile?: string }) => {
+    .option('--watchdog-margin <ms>', 'VM supervisors kill QEMU this long before the lease could expire', '250')
+    .option('--hw-watchdog <device>', 'opt-in: also feed this Linux watchdog device (e.g. /dev/watchdog) on lease proof; the host resets when it starves')
+    .option('--hw-watchdog-timeout <seconds>', 'the device\'s configured timeout (softdog: soft_margin); must be < 2/3 of --lease-ttl', '')
+    .action(async (opts: EtcdFlags & { host: string; home?: string; memory?: string; address?: string; leaseTtl: string; secretFile?: string; watchdogMargin: string; hwWatchdog?: string; hwWatchdogTimeout: string }) => {
       // Restore and protection act on HYDRAVM_HOME: this process is the host.
       if (opts.home) process.env.HYDRAVM_HOME = path.resolve(opts.home);
       const { parseSize } = await import('../vm/index.js');
@@ -58,24 +80,30 @@ export function registerHaCommands(program: Command): void {
         memoryBytes: opts.memory ? parseSize(opts.memory, '--memory') : undefined,
         leaseTtlSec: positiveInt(opts.leaseTtl, '--lease-ttl'),
         secretFile: opts.secretFile,
+        etcdOptions: etcdOptions(opts),
+        watchdogMarginMs: positiveInt(opts.watchdogMargin, '--watchdog-margin'),
+        ...(opts.hwWatchdog ? { hwWatchdog: { device: opts.hwWatchdog, timeoutSec: positiveInt(opts.hwWatchdogTimeout, '--hw-watchdog-timeout') } } : {}),
       });
       await agent.start();
       await untilSignal(() => agent.stop());
     });
 
-  program.command('manager')
+  etcdSecurityFlags(program.command('manager'))
     .description('run a fail-over manager in the foreground (several may run: one is elected)')
     .option('--etcd <urls>', 'etcd endpoint(s), comma-separated (default $HYDRAVM_ETCD)')
     .option('--id <id>', 'name announced in the election (default HOSTNAME:PID)')
     .option('--leader-ttl <seconds>', 'election lease TTL', '2')
     .option('--restore-timeout <duration>', 'a restore taking longer is retried elsewhere', '120s')
-    .action(async (opts: { etcd?: string; id?: string; leaderTtl: string; restoreTimeout: string }) => {
+    .option('--fence-margin <ms>', 'after a host\'s lease expiry is seen, wait this long before restoring its VMs elsewhere', '500')
+    .action(async (opts: EtcdFlags & { id?: string; leaderTtl: string; restoreTimeout: string; fenceMargin: string }) => {
       const { FailoverManager } = await import('../ha/index.js');
       const m = new FailoverManager({
         etcd: await resolveEtcd(opts),
         id: opts.id,
         leaderTtlSec: positiveInt(opts.leaderTtl, '--leader-ttl'),
         restoreTimeoutMs: parseDuration(opts.restoreTimeout, '--restore-timeout'),
+        fenceMarginMs: opts.fenceMargin === '0' ? 0 : positiveInt(opts.fenceMargin, '--fence-margin'),
+        etcdOptions: etcdOptions(opts),
       });
       await m.start();
       await untilSignal(() => m.stop());
@@ -160,16 +188,16 @@ export function registerHaCommands(program: Command): void {
       process.stdout.write('every host link is up\n');
     });
 
-  cluster.command('status')
+  etcdSecurityFlags(cluster.command('status'))
     .description('hosts (liveness, free memory), VMs (host, generation, state), the active manager, recent events')
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .option('--events <n>', 'recent events to show', '10')
     .option('--json', 'machine-readable output')
-    .action(async (opts: { etcd?: string; dir?: string; events: string; json?: boolean }) => {
+    .action(async (opts: EtcdFlags & { events: string; json?: boolean }) => {
       const { Cluster } = await import('../ha/index.js');
       const { clusterStatus } = await import('../ha/index.js');
-      const c = new Cluster(await resolveEtcd(opts));
+      const c = new Cluster(await resolveEtcd(opts), etcdOptions(opts));
       try {
         const s = await clusterStatus(c, { events: Number(opts.events) || 0 });
         if (opts.json) return printJson(s);
@@ -190,7 +218,7 @@ export function registerHaCommands(program: Command): void {
       }
     });
 
-  cluster.command('protect')
+  etcdSecurityFlags(cluster.command('protect'))
     .description('put a running VM under HA: its host\'s agent protects it (new generation) and the manager fails it over')
     .argument('<vm>', 'VM name')
     .requiredOption('--host <name>', 'host (agent) the VM runs on')
@@ -198,32 +226,34 @@ export function registerHaCommands(program: Command): void {
     .option('--store-dir <dir>', 'the store\'s directory, for file-mode restores on this machine')
     .option('--mode <mode>', 'restore mode: network (pages from the store) | file (maps the image; needs --store-dir)', 'network')
     .option('--interval <duration>', 'checkpoint interval', '2s')
+    .option('--cow', 'copy-on-write checkpoints: the pause only re-arms write protection; pages are copied after the VM resumes')
+    .option('--grain <size>', 'copy-on-write grain, a power of two from 4K to 2M (default 64K)')
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .option('--no-wait', 'return once registered, without waiting for the first checkpoint')
-    .action(async (vm: string, opts: { host: string; store: string; storeDir?: string; mode: string; interval: string; etcd?: string; dir?: string; wait: boolean }) => {
+    .action(async (vm: string, opts: EtcdFlags & { host: string; store: string; storeDir?: string; mode: string; interval: string; cow?: boolean; grain?: string; wait: boolean }) => {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
       if (opts.mode === 'file' && !opts.storeDir) throw new SpecError('--mode file restores map the image file: give the store directory as the hosts see it (--store-dir)');
       const { Cluster } = await import('../ha/index.js');
       const { protectInCluster } = await import('../ha/index.js');
-      const c = new Cluster(await resolveEtcd(opts));
+      const c = new Cluster(await resolveEtcd(opts), etcdOptions(opts));
       try {
-        const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval') }, { wait: opts.wait });
+        const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval'), ...cowOption(opts) }, { wait: opts.wait });
         process.stdout.write(`VM ${vm} on ${r.host}: ${r.state}${r.state === 'protected' ? ` at generation ${r.generation}` : ''}\n`);
       } finally {
         c.close();
       }
     });
 
-  cluster.command('forget')
+  etcdSecurityFlags(cluster.command('forget'))
     .description('take a VM out of HA (it keeps running, no longer guarded)')
     .argument('<vm>')
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
-    .action(async (vm: string, opts: { etcd?: string; dir?: string }) => {
+    .action(async (vm: string, opts: EtcdFlags) => {
       const { Cluster } = await import('../ha/index.js');
       const { forgetVm } = await import('../ha/index.js');
-      const c = new Cluster(await resolveEtcd(opts));
+      const c = new Cluster(await resolveEtcd(opts), etcdOptions(opts));
       try {
         process.stdout.write((await forgetVm(c, vm)) ? `VM ${vm} removed from the cluster\n` : `VM ${vm} was not in the cluster\n`);
       } finally {
@@ -231,15 +261,15 @@ export function registerHaCommands(program: Command): void {
       }
     });
 
-  cluster.command('timings')
+  etcdSecurityFlags(cluster.command('timings'))
     .description('fail-over timings recorded by the manager and agents (detection, restore, total)')
     .argument('[vm]')
     .option('--etcd <urls>', 'etcd endpoint(s)')
     .option('--dir <dir>', 'embedded cluster directory (for its etcd URL)')
     .option('--json', 'machine-readable output')
-    .action(async (vm: string | undefined, opts: { etcd?: string; dir?: string; json?: boolean }) => {
+    .action(async (vm: string | undefined, opts: EtcdFlags & { json?: boolean }) => {
       const { Cluster } = await import('../ha/index.js');
-      const c = new Cluster(await resolveEtcd(opts));
+      const c = new Cluster(await resolveEtcd(opts), etcdOptions(opts));
       try {
         const ts = await c.timings(vm);
         if (opts.json) return printJson(ts);

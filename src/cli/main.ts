@@ -10,6 +10,7 @@ import { registerStoreCommand } from './store-command.js';
 import { registerRestoreCommand } from './restore-command.js';
 import { registerBenchCommand } from './bench-command.js';
 import { registerHaCommands } from './ha-commands.js';
+import { registerImageCommands } from './image-command.js';
 
 // `hydravm ... | head` closes our stdout early: that is the reader's choice, not an error.
 process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -31,6 +32,7 @@ program
   });
 
 registerSetupCommands(program);
+registerImageCommands(program);
 registerVmCommands(program);
 registerStoreCommand(program);
 registerProtectCommands(program);

@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { bytes, ms, printJson, table } from './format.js';
 import { parseDuration } from './duration.js';
 import { SpecError } from '../errors.js';
+import { cowOption } from './cow-option.js';
 
 export function registerProtectCommands(program: Command): void {
   program.command('protect')
@@ -12,10 +13,15 @@ export function registerProtectCommands(program: Command): void {
     .option('--generation <n>', 'image generation (default: one above what the store holds)')
     .option('--secret-file <file>', 'cluster secret file (default $HYDRAVM_HOME/cluster.secret or $HYDRAVM_SECRET)')
     .option('--layer-dir <dir>', 'shared directory for frozen disk layers (default: .hydravm-layers beside the first disk)')
-    .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string; layerDir?: string }) => {
+    .option('--cow', 'copy-on-write checkpoints: the pause only re-arms write protection; pages are copied after the VM resumes')
+    .option('--basic', 'basic checkpoints (pages copied inside the pause), whatever the VM spec says')
+    .option('--grain <size>', 'copy-on-write grain, a power of two from 4K to 2M (default 64K, or the spec\'s protection.grain)')
+    .action(async (name: string, opts: { store: string; interval: string; generation?: string; secretFile?: string; layerDir?: string; cow?: boolean; basic?: boolean; grain?: string }) => {
       const { protectVm, assertProtectable } = await import('../checkpoint/index.js');
       const { nextGeneration } = await import('../checkpoint/index.js');
       const intervalMs = parseDuration(opts.interval, '--interval');
+      if (opts.cow && opts.basic) throw new SpecError('--cow and --basic: choose one checkpoint mode');
+      const cow = opts.basic ? false as const : cowOption(opts).cow;
       assertProtectable(name);
       let generation: number;
       if (opts.generation !== undefined) {
@@ -25,7 +31,7 @@ export function registerProtectCommands(program: Command): void {
         generation = await nextGeneration(name, opts.store, opts.secretFile);
       }
       const tty = process.stderr.isTTY;
-      const status = await protectVm({ vm: name, store: opts.store, intervalMs, generation, secretFile: opts.secretFile, layerDir: opts.layerDir }, (s) => {
+      const status = await protectVm({ vm: name, store: opts.store, intervalMs, generation, secretFile: opts.secretFile, layerDir: opts.layerDir, ...(cow !== undefined ? { cow } : {}) }, (s) => {
         if (s.state === 'initial-copy' && s.initialCopy) {
           const pct = s.initialCopy.bytesTotal ? Math.floor((100 * s.initialCopy.bytesSent) / s.initialCopy.bytesTotal) : 100;
           const line = `initial checkpoint of ${name}: ${bytes(s.initialCopy.bytesSent)} / ${bytes(s.initialCopy.bytesTotal)} (${pct}%)`;
@@ -33,7 +39,7 @@ export function registerProtectCommands(program: Command): void {
         }
       });
       if (tty) process.stderr.write('\n');
-      process.stdout.write(`VM ${name} protected: generation ${status.generation}, epoch ${status.committedEpoch} committed to ${status.store}, every ${ms(intervalMs)}\n`);
+      process.stdout.write(`VM ${name} protected: generation ${status.generation}, epoch ${status.committedEpoch} committed to ${status.store}, every ${ms(intervalMs)}${status.mode === 'cow' ? ', copy-on-write' : ''}\n`);
     });
 
   program.command('unprotect')

@@ -12,10 +12,11 @@ export function registerRestoreCommand(program: Command): void {
     .option('--store-dir <dir>', 'file mode: the store directory as this host sees it')
     .option('--generation <n>', 'image generation to restore (default: newest)')
     .option('--no-prefetch', 'network mode: only fetch pages the guest faults on')
+    .option('--paused', 'leave the guest paused after loading its device state (drills, verification); memory is still fetched')
     .option('--protect', 'protect the restored VM again, as a new generation')
     .option('--interval <duration>', 'checkpoint interval when protecting again', '2s')
     .option('--secret-file <file>', 'cluster secret file')
-    .action(async (name: string, opts: { store: string; mode: string; storeDir?: string; generation?: string; prefetch: boolean; protect?: boolean; interval: string; secretFile?: string }) => {
+    .action(async (name: string, opts: { store: string; mode: string; storeDir?: string; generation?: string; prefetch: boolean; paused?: boolean; protect?: boolean; interval: string; secretFile?: string }) => {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
       const { restoreVm } = await import('../restore/index.js');
       const { loadSecret } = await import('../config/secret.js');
@@ -27,9 +28,11 @@ export function registerRestoreCommand(program: Command): void {
       const r = await restoreVm({
         vm: name, store: opts.store, secret, mode: opts.mode, storeDir: opts.storeDir, generation, newGeneration,
         prefetch: opts.prefetch,
+        paused: opts.paused,
         onProgress: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(`VM ${name} restored from generation ${r.generation} epoch ${r.epoch} (${r.mode} mode): running ${ms(r.timings.spawnToRunningMs)} after QEMU was spawned (${ms(r.timings.launchToRunningMs)} with the supervisor's start; device load ${ms(r.timings.deviceLoadMs)})\n`);
+      if (r.announced) process.stdout.write(`VM ${name} announced itself on its network (QMP announce-self)\n`);
       if (r.pager) {
         // Keep serving memory until it is complete; the VM needs this process until then.
         const stats = await r.pager.done;

@@ -7,7 +7,7 @@ import os from 'node:os';
  * several "hosts" on one machine stay apart.
  *
  *   HYDRAVM_HOME   runtime state: one directory per VM under vms/ (default /var/lib/hydravm)
- *   HYDRAVM_CACHE  built guest artifacts: kernel, initramfs (default ~/.cache/hydravm)
+ *   HYDRAVM_CACHE  built guest artifacts: kernel, initramfs, guest images (default ~/.cache/hydravm)
  */
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -39,6 +39,11 @@ export function cacheDir(): string {
 
 export function guestArtifactsDir(): string {
   return path.join(cacheDir(), 'guest');
+}
+
+/** Built guest images (`hydravm image build`): one directory per build, plus a link per image name. */
+export function imagesDir(): string {
+  return path.join(cacheDir(), 'images');
 }
 
 export const nativeAddonPath = path.join(packageRoot, 'native', 'build', 'Release', 'hydra_native.node');

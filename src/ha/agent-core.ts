@@ -10,6 +10,7 @@ export interface AgentEvents {
   restored: [{ vm: string; generation: number }];
   'restore-failed': [{ vm: string; generation: number; error: string }];
   protected: [{ vm: string; generation: number }];
+  'assignment-refused': [{ key: string; error: string }];
 }
 
 /** The agent as its parts see it: identity, etcd, and the few actions they ask of each other. */

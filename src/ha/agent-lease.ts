@@ -4,6 +4,7 @@ import os from 'node:os';
 import type { Lease } from 'etcd3';
 import { HaError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
+import { monoNow } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type HostRecord } from './cluster.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';
@@ -16,6 +17,14 @@ export interface LeaseOptions {
   address?: string;
   /** Memory this host offers to VMs (default: MemTotal). */
   memoryBytes?: number;
+  /**
+   * etcd acknowledged a keepalive sent at monotonic time `sentMono` (or
+   * granted the lease): its expiry at etcd is at least sentMono + ttlMs.
+   * Feeds the VMs' watchdogs.
+   */
+  onProof?: (sentMono: number, ttlMs: number) => void;
+  /** etcd says the lease is gone (expired): what it guarded may already be restored elsewhere. */
+  onLost?: (reason: string) => void;
 }
 
 function memInfo(): { totalBytes: number; availableBytes: number } {
@@ -38,7 +47,7 @@ export class AgentLease {
   private lease: Lease | undefined;
   private leaseId: string | undefined;
   private leaseOk = false;
-  private fired: number[] = [];
+  private fired: { wall: number; mono: number }[] = [];
   /** Send time of the newest keepalive etcd acknowledged: etcd's expiry is at least this + TTL. */
   private ackedSendAt = Date.now();
   private grantedTtlSec: number;
@@ -108,14 +117,16 @@ export class AgentLease {
     this.leaseOk = false;
     old?.release();
     const sentAt = Date.now();
+    const sentMono = monoNow();
     const lease = core.cluster.etcd.lease(this.opts.ttlSec);
     lease.on('keepaliveEstablished', () => (this.fired = []));
-    lease.on('keepaliveFired', () => this.fired.push(Date.now()));
+    lease.on('keepaliveFired', () => this.fired.push({ wall: Date.now(), mono: monoNow() }));
     lease.on('keepaliveSucceeded', (res) => {
       const sent = this.fired.shift();
       if (sent !== undefined && lease === this.lease) {
-        this.ackedSendAt = Math.max(this.ackedSendAt, sent);
+        this.ackedSendAt = Math.max(this.ackedSendAt, sent.wall);
         this.grantedTtlSec = Number(res.TTL) || this.grantedTtlSec;
+        this.opts.onProof?.(sent.mono, Math.min(this.opts.ttlSec, this.grantedTtlSec) * 1000);
         if (this.selfFenced) core.log.info('etcd reachable again');
         this.selfFenced = false;
       }
@@ -123,6 +134,7 @@ export class AgentLease {
     lease.on('lost', (err) => {
       if (lease !== this.lease) return;
       core.log.warn({ err: err.message }, 'lease lost; registering again');
+      this.opts.onLost?.(`lease lost: ${err.message}`);
       this.leaseOk = false;
       this.lease = undefined;
       if (core.running()) setTimeout(() => void this.register(), 100);
@@ -146,6 +158,7 @@ export class AgentLease {
     this.leaseId = id;
     this.leaseOk = true;
     this.ackedSendAt = Math.max(this.ackedSendAt, sentAt);
+    this.opts.onProof?.(sentMono, this.opts.ttlSec * 1000);
     this.lastHostReport = '';
     await this.reportHost(true);
     await core.cluster.etcd.put(keys.knownHost(core.host)).value(JSON.stringify({ name: core.host, address: this.opts.address ?? os.hostname(), home: core.home, registeredAt: Date.now() }));

@@ -10,12 +10,14 @@ import { log as rootLog } from '../util/log.js';
 import type { AgentCore, AgentEvents } from './agent-core.js';
 import { AgentLease } from './agent-lease.js';
 import { AssignmentRunner } from './assignments.js';
-import { Cluster } from './cluster.js';
+import { Cluster, type ClusterOptions } from './cluster.js';
 import { DeathWatch } from './death-watch.js';
 import { HaError } from '../errors.js';
 import { EtcdView } from './etcd-view.js';
 import { fenceLocalVm, staleReason } from './fence.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';
+import { HwWatchdog } from './hw-watchdog.js';
+import { WatchdogFeeder, type WatchdogVerdict } from './watchdog-feed.js';
 import { defaultProtect, defaultRestore, defaultStoreGeneration, type ProtectFn, type RestoreFn, type StoreGenerationFn } from './restore-adapter.js';
 
 export type { AgentEvents } from './agent-core.js';
@@ -30,10 +32,16 @@ export type { AgentEvents } from './agent-core.js';
  * - Fences: kills any local copy of a VM whose generation is older than the
  *   one in etcd (at start, after every (re)connection, on every change), as
  *   seen by its view of etcd (etcd-view.ts).
+ * - Feeds its VMs' watchdogs with each proof of its lease (watchdog-feed.ts):
+ *   their supervisors kill QEMU by themselves once the agent stops proving it
+ *   (agent dead, etcd unreachable), and at once when it revokes a stale copy.
+ *   Optionally it also feeds the host's hardware watchdog (hw-watchdog.ts).
  */
 export interface AgentOptions {
   host: string;
   etcd: string | string[] | Etcd3;
+  /** Client options for `etcd` given as URLs (TLS, user and password). */
+  etcdOptions?: ClusterOptions;
   /** This host's HYDRAVM_HOME (default: the process's). */
   home?: string;
   address?: string;
@@ -43,8 +51,12 @@ export interface AgentOptions {
   pollMs?: number;
   /** Memory this host offers to VMs (default: MemTotal). */
   memoryBytes?: number;
-  /** Kill this long before the lease could expire at etcd. */
+  /** Kill this long before the lease could expire at etcd (the agent's own self-fence). */
   fenceMarginMs?: number;
+  /** The VMs' supervisors kill QEMU this long before the lease could expire (default fenceMarginMs + 100). */
+  watchdogMarginMs?: number;
+  /** Opt-in: feed this Linux watchdog device (e.g. /dev/watchdog) on lease proof; the kernel resets the host when it starves. */
+  hwWatchdog?: { device: string; timeoutSec: number };
   /** How long a fenced VM's supervisor may take to exit before SIGKILL. */
   supervisorGraceMs?: number;
   secretFile?: string;
@@ -67,6 +79,8 @@ export class HostAgent extends EventEmitter<AgentEvents> {
   private readonly view: EtcdView;
   private readonly deaths: DeathWatch;
   private readonly assignments: AssignmentRunner;
+  private readonly feeder: WatchdogFeeder;
+  private readonly hw: HwWatchdog | undefined;
 
   private running = false;
   private fencing = new Set<string>();
@@ -80,7 +94,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     if (!/^[a-z0-9][a-z0-9_.-]{0,62}$/i.test(this.host)) throw new HaError('HYDRA_HA_BAD_HOST', `"${this.host}" is not a valid host name`);
     this.home = path.resolve(opts.home ?? hydraHome());
     this.pollMs = opts.pollMs ?? 50;
-    this.cluster = new Cluster(opts.etcd);
+    this.cluster = new Cluster(opts.etcd, opts.etcdOptions);
     this.log = (opts.logger ?? rootLog).child({ component: 'agent', host: this.host });
     const usesDefaults = !opts.restore || !opts.protect;
     if (usesDefaults && this.home !== path.resolve(hydraHome())) {
@@ -97,9 +111,18 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       resync: (throwErrors) => this.view.resync(throwErrors),
       fence: (vm, reason, self) => this.fence(vm, reason, self),
     };
+    const ttlSec = opts.leaseTtlSec ?? 1;
+    this.hw = opts.hwWatchdog ? new HwWatchdog({ ...opts.hwWatchdog, leaseTtlSec: ttlSec }) : undefined;
+    this.feeder = new WatchdogFeeder(core, {
+      marginMs: opts.watchdogMarginMs ?? (opts.fenceMarginMs ?? 150) + 100,
+      classify: (v) => this.watchdogVerdict(v),
+      ...(this.hw ? { hw: this.hw } : {}),
+    });
     this.lease = new AgentLease(core, {
-      ttlSec: opts.leaseTtlSec ?? 1,
+      ttlSec,
       marginMs: opts.fenceMarginMs ?? 150,
+      onProof: (sentMono, ttlMs) => this.feeder.proven(sentMono, ttlMs),
+      onLost: (reason) => this.feeder.leaseLost(reason),
       ...(opts.address !== undefined ? { address: opts.address } : {}),
       ...(opts.memoryBytes !== undefined ? { memoryBytes: opts.memoryBytes } : {}),
     });
@@ -134,6 +157,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     if (this.running) return;
     this.running = true;
     fs.mkdirSync(path.join(this.home, 'vms'), { recursive: true });
+    this.hw?.open();
     this.lease.restartClock();
     this.log.info({ home: this.home, ttlSec: this.opts.leaseTtlSec ?? 1 }, 'agent starting');
     // Local checks run from the first moment, connected or not.
@@ -157,13 +181,20 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     this.deaths.close();
+    // No new assignment starts now (running is false); one in flight finishes before the fence below.
+    await this.assignments.settle(60_000);
     if (opts.fence !== false) {
       for (const v of listLocalVms(this.home)) {
         if (v.live && this.guarded(v)) await this.fence(v.name, 'agent stopping', true);
       }
     }
+    else {
+      // Left running on purpose: disarm their watchdogs (nothing guards them once the lease is revoked).
+      for (const v of listLocalVms(this.home)) fs.rmSync(path.join(v.dir, 'watchdog.json'), { force: true });
+    }
     await this.view.close();
     await this.lease.revoke();
+    this.hw?.close();
     this.cluster.close();
     this.log.info('agent stopped');
   }
@@ -175,6 +206,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     try {
       await this.lease.selfFenceIfSilent(() => listLocalVms(this.home).filter((v) => v.live && this.guarded(v) && !this.fencing.has(v.name)));
       await this.fenceStale();
+      this.feeder.feed();
       this.deaths.scan(this.view.records, (vm) => this.assignments.busy(vm));
     } finally {
       this.ticking = false;
@@ -191,6 +223,15 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     if (!this.view.loaded) return true;
     const r = this.view.records.get(v.name);
     return !!r && r.host === this.host;
+  }
+
+  /** The watchdog's view of a local VM: keep it alive with our lease, kill it now, or leave it out of HA. */
+  private watchdogVerdict(v: LocalVm): WatchdogVerdict {
+    if (!v.ha || v.ha.fenced) return v.ha?.fenced ? { kind: 'revoke', reason: v.ha.fenced } : { kind: 'none' };
+    const stale = staleReason(v, this.view.records.get(v.name), this.host);
+    if (stale) return { kind: 'revoke', reason: stale };
+    if (this.guarded(v)) return { kind: 'guard' };
+    return { kind: 'none' };
   }
 
   private async fenceStale(): Promise<void> {

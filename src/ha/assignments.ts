@@ -31,6 +31,16 @@ export class AssignmentRunner {
     return this.inflight.has(vm);
   }
 
+  /**
+   * Wait (at most `timeoutMs`) until no assignment runs: a restore in flight
+   * when the agent stops would otherwise start a QEMU after the agent's last
+   * fence, with nobody left to feed or fence it.
+   */
+  async settle(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.inflight.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  }
+
   async run(a: Assignment, modRevision: string): Promise<void> {
     // Only while registered and in contact: a partitioned agent must not start VMs.
     if (!this.core.running() || this.inflight.has(a.vm) || !this.opts.connected()) return;
@@ -98,6 +108,7 @@ export class AssignmentRunner {
     // The timing first, so whoever sees `running` finds it complete (best effort, as above).
     await cluster.mergeTiming(a.vm, a.generation, {
       runningAt,
+      restoredEpoch: res.epoch,
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
     }).catch(() => undefined);
@@ -120,7 +131,7 @@ export class AssignmentRunner {
     if (!(local?.protection?.state === 'protected' && local.protection.generation === a.generation && local.protection.pid && pidAlive(local.protection.pid))) {
       try {
         if (res.pager) await res.pager.done;
-        await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile });
+        await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       } catch (err) {
         const msg = (err as Error).message;
         core.log.error({ vm: a.vm, generation: a.generation, err: msg }, 'restored VM runs unprotected: protection failed');
@@ -166,7 +177,7 @@ export class AssignmentRunner {
       generation = await cluster.allocateGeneration(a.vm, storeNext ?? 0);
       await cluster.updateVm(a.vm, (c) => (c.host === host && c.state === 'protecting' ? { ...c, generation, memoryBytes: local.state?.memoryBytes } : undefined));
       writeHaLocal(home, { vm: a.vm, host, generation, updatedAt: Date.now() });
-      const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile });
+      const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
           ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined }

@@ -14,6 +14,8 @@ export interface ProtectInClusterRequest {
   storeDir?: string;
   mode?: RestoreMode;
   intervalMs?: number;
+  /** Copy-on-write checkpoints, kept across fail-overs. */
+  cow?: { grain?: number };
 }
 
 /**
@@ -41,10 +43,11 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
     storeDir: req.storeDir,
     mode: req.mode ?? 'network',
     intervalMs: req.intervalMs ?? 2000,
+    ...(req.cow ? { cow: req.cow } : {}),
     state: 'protecting',
     updatedAt: now,
   };
-  const assignment: Assignment = { kind: 'protect', vm: req.vm, host: req.host, generation: 0, store: req.store, storeDir: req.storeDir, mode: record.mode, intervalMs: record.intervalMs, createdAt: now, by: 'cli' };
+  const assignment: Assignment = { kind: 'protect', vm: req.vm, host: req.host, generation: 0, store: req.store, storeDir: req.storeDir, mode: record.mode, intervalMs: record.intervalMs, ...(req.cow ? { cow: req.cow } : {}), createdAt: now, by: 'cli' };
   const r = await e
     .if(keys.vm(req.vm), 'Mod', '==', cur?.modRevision ?? '0')
     .then(e.put(keys.vm(req.vm)).value(JSON.stringify(record)), e.put(keys.assignment(req.host, req.vm)).value(JSON.stringify(assignment)))

@@ -2,6 +2,7 @@ import os from 'node:os';
 import crypto from 'node:crypto';
 import { Etcd3, type IOptions, type IKeyValue, type IOperation } from 'etcd3';
 import { HaError } from '../errors.js';
+import { etcdSecurityOptions, type EtcdCredentials } from './etcd-credentials.js';
 
 /**
  * Cluster state in etcd. Every key lives under /hydravm/:
@@ -98,6 +99,8 @@ export interface VmRecord {
   storeDir?: string;
   mode: RestoreMode;
   intervalMs: number;
+  /** Copy-on-write checkpoints (grain in bytes). */
+  cow?: { grain?: number };
   memoryBytes?: number;
   state: VmHaState;
   reason?: string;
@@ -124,6 +127,7 @@ export interface Assignment {
   storeDir?: string;
   mode: RestoreMode;
   intervalMs: number;
+  cow?: { grain?: number };
   createdAt: number;
   by: string;
 }
@@ -148,6 +152,8 @@ export interface FailoverTiming {
   protectedAt?: number;
   /** From restoreVm's own timings. */
   spawnToRunningMs?: number;
+  /** The committed epoch of `imageGeneration` the restore started from. */
+  restoredEpoch?: number;
   /** detectedAt - failedAt */
   detectionMs?: number;
   /** runningAt - restoreStartedAt */
@@ -177,6 +183,8 @@ export interface Versioned<T> {
 export interface ClusterOptions {
   /** Deadline of each unary etcd call (ms). */
   callTimeoutMs?: number;
+  /** TLS and user/password for a secured etcd (etcd-credentials.ts). */
+  credentials?: EtcdCredentials;
 }
 
 /**
@@ -201,6 +209,7 @@ export function connectEtcd(urls: string | string[], opts: ClusterOptions = {}):
     defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + timeout }),
     faultHandling: { host: () => noopPolicy } as unknown as IOptions['faultHandling'],
     grpcOptions: { 'grpc.initial_reconnect_backoff_ms': 100, 'grpc.max_reconnect_backoff_ms': 300 },
+    ...etcdSecurityOptions(opts.credentials),
   };
   return new Etcd3(options);
 }

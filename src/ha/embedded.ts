@@ -48,6 +48,8 @@ export interface DaemonInfo {
   pid: number;
   log: string;
   pidFile: string;
+  /** The daemon's arguments (for a restart; no secrets in them). */
+  args?: string[];
 }
 
 export interface EmbeddedHost extends DaemonInfo {
@@ -122,7 +124,7 @@ export function spawnDaemon(dir: string, name: string, daemonArgs: string[], env
   child.unref();
   if (!child.pid) throw new HaError('HYDRA_HA_SPAWN', `cannot start ${name} (see ${log})`);
   fs.writeFileSync(pidFile, `${child.pid}\n`);
-  return { name, pid: child.pid, log, pidFile };
+  return { name, pid: child.pid, log, pidFile, args: daemonArgs };
 }
 
 export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): Promise<EmbeddedCluster> {
@@ -188,15 +190,38 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
   }
 }
 
+/**
+ * Start a stopped (or killed) daemon of the embedded cluster in `dir` again,
+ * with its recorded arguments: `manager` or `agent-HOST`. `env` adds to this
+ * process's environment (an agent gets its host's HYDRAVM_HOME). Updates
+ * cluster.json, so `cluster down` stops the new process.
+ */
+export function restartDaemon(dir: string, name: string, env: NodeJS.ProcessEnv = {}): DaemonInfo {
+  const info = readClusterInfo(dir);
+  if (!info) throw new HaError('HYDRA_HA_SPAWN', `no embedded cluster in ${dir}`);
+  const host = info.hosts.find((h) => h.name === name);
+  const old = host ?? (info.manager?.name === name ? info.manager : undefined);
+  if (!old?.args) throw new HaError('HYDRA_HA_SPAWN', `no daemon "${name}" with recorded arguments in ${dir}`);
+  if (pidAlive(old.pid)) throw new HaError('HYDRA_HA_SPAWN', `daemon "${name}" still runs (pid ${old.pid})`);
+  const d = spawnDaemon(dir, name, old.args, { ...process.env, ...env, ...(host ? { HYDRAVM_HOME: host.home } : {}) }, host?.netns);
+  if (host) Object.assign(host, d);
+  else info.manager = d;
+  fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+  return d;
+}
+
 /** Stop what `startEmbeddedCluster` started in `dir`: manager, agents, etcd (data stays). */
 export async function stopEmbeddedCluster(dir = defaultClusterDir()): Promise<boolean> {
   const info = readClusterInfo(dir);
   if (!info) return false;
-  if (info.manager) await stopPid(info.manager.pid, 3000);
-  await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000)));
-  if (info.store) await stopPid(info.store.pid, 3000);
-  await Promise.all((info.etcdMembers ?? [info.etcd]).map((m) => stopPid(m.pid, 3000)));
-  for (const d of [info.etcd, info.manager, info.store, ...info.hosts, ...(info.etcdMembers ?? [])]) if (d) fs.rmSync(d.pidFile, { force: true });
+  // By recorded PID, so only while each is still the daemon recorded (its arguments on its command line).
+  const who = (d: DaemonInfo, fallback: string[]) => ({ cmdline: d.args?.length ? d.args : fallback });
+  if (info.manager) await stopPid(info.manager.pid, 3000, who(info.manager, ['manager']));
+  await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000, who(h, ['agent', '--host', h.host]))));
+  if (info.store) await stopPid(info.store.pid, 3000, { cmdline: ['store', '--dir', info.store.dir] });
+  if (info.etcdMembers) await Promise.all(info.etcdMembers.map((m) => stopPid(m.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', m.name.replace(/^etcd-/, ''))] })));
+  else await stopPid(info.etcd.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', 'data')] });
+  for (const d of [info.etcd, info.manager, info.store, ...info.hosts, ...(info.etcdMembers ?? [])]) if (d?.pidFile) fs.rmSync(d.pidFile, { force: true });
   // What still runs in the namespaces (VMs of a killed agent) dies with them.
   if (info.netns) removeNetns(info.netns);
   return true;

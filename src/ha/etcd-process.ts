@@ -4,6 +4,7 @@ import path from 'node:path';
 import http from 'node:http';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { HaError } from '../errors.js';
+import { killProcess, type ProcessIdentity } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { sleep } from '../util/sleep.js';
 import { inNetns } from './netns.js';
@@ -104,23 +105,28 @@ export function etcdHealthy(url: string, timeoutMs = 500): Promise<boolean> {
   });
 }
 
-/** Stop an etcd (or any process) by pid: SIGTERM, then SIGKILL after graceMs. */
-export async function stopPid(pid: number, graceMs = 3000): Promise<void> {
+/**
+ * Stop an etcd (or any process) by pid: SIGTERM, then SIGKILL after graceMs.
+ * A PID read from a file (`who` given) is signalled through a pidfd and only
+ * while it is still that process (its command line holds `who.cmdline`):
+ * after a reboot, cluster.json's PIDs may name unrelated processes.
+ */
+export async function stopPid(pid: number, graceMs = 3000, who?: ProcessIdentity): Promise<void> {
   if (!pidAlive(pid)) return;
-  try {
-    process.kill(pid, 'SIGCONT');
-    process.kill(pid, 'SIGTERM');
-  } catch {
-    return;
-  }
+  const signal = (sig: NodeJS.Signals): boolean => {
+    if (who) return killProcess(pid, who, sig);
+    try {
+      process.kill(pid, sig);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (!signal('SIGCONT') || !signal('SIGTERM')) return;
   const deadline = Date.now() + graceMs;
   while (pidAlive(pid)) {
     if (Date.now() > deadline) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
+      signal('SIGKILL');
       await sleep(50);
       if (Date.now() > deadline + 2000) break;
     }

@@ -3,6 +3,7 @@ import type { Watcher, IKeyValue } from 'etcd3';
 import { sleep } from '../util/sleep.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type Assignment, type VmRecord } from './cluster.js';
+import { parseAssignment } from './assignment-schema.js';
 
 export interface ViewHooks {
   /** Kill every local copy the records say is stale. */
@@ -18,6 +19,8 @@ export class EtcdView {
   loaded = false;
   private watchers: Watcher[] = [];
   private resyncing = false;
+  /** Malformed assignments already logged, by key: their mod revision. */
+  private refused = new Map<string, string>();
 
   constructor(private readonly core: AgentCore, private readonly hooks: ViewHooks) {}
 
@@ -36,14 +39,7 @@ export class EtcdView {
       }
       void core.tick();
     };
-    const onAssignment = (kv: IKeyValue) => {
-      try {
-        const a = JSON.parse(kv.value.toString()) as Assignment;
-        this.hooks.assignment(a, kv.mod_revision);
-      } catch {
-        /* not an assignment this version writes: nothing to run */
-      }
-    };
+    const onAssignment = (kv: IKeyValue) => this.offer(kv);
     try {
       const w1 = await core.cluster.etcd.watch().prefix(keys.vmsPrefix).create();
       w1.on('put', (kv) => onVm(kv, false));
@@ -74,14 +70,31 @@ export class EtcdView {
       this.records = new Map([...vms].map(([k, v]) => [k, v.value]));
       this.loaded = true;
       await this.hooks.fenceStale();
-      const asg = await this.core.cluster.assignments(this.core.host);
-      for (const a of asg.values()) this.hooks.assignment(a.value, a.modRevision);
+      const asg = await this.core.cluster.etcd.getAll().prefix(keys.hostAssignmentsPrefix(this.core.host)).exec();
+      for (const kv of asg.kvs) this.offer(kv);
     } catch (err) {
       if (throwErrors) throw err;
       // Otherwise etcd is unreachable: the next resync (every second) tries again.
     } finally {
       this.resyncing = false;
     }
+  }
+
+  /** Hand a valid assignment to the agent; a malformed one is refused and logged (once per revision), never run. */
+  private offer(kv: IKeyValue): void {
+    const key = kv.key.toString();
+    let a: Assignment;
+    try {
+      a = parseAssignment(kv.value.toString(), this.core.host, key.slice(keys.hostAssignmentsPrefix(this.core.host).length));
+    } catch (err) {
+      if (this.refused.get(key) !== kv.mod_revision) {
+        this.refused.set(key, kv.mod_revision);
+        this.core.log.error({ key, err: (err as Error).message }, 'refusing a malformed assignment');
+        this.core.emit('assignment-refused', { key, error: (err as Error).message });
+      }
+      return;
+    }
+    this.hooks.assignment(a, kv.mod_revision);
   }
 
   /** Cancel the watches (bounded: etcd may be gone). */

@@ -1,5 +1,6 @@
 // Fencing a local VM copy: deciding it must die (a newer generation exists) and killing it.
 import { pidAlive } from '../util/pid.js';
+import { killProcess, qemuIdentity, supervisorIdentity, type ProcessIdentity } from '../vm/index.js';
 import type { VmRecord } from './cluster.js';
 import { localGeneration, readLocalVm, writeHaLocal, type LocalVm } from './local-vm.js';
 import { sleep } from '../util/sleep.js';
@@ -25,14 +26,10 @@ export interface FenceResult {
   killedSupervisor?: number;
 }
 
-function kill(pid: number | undefined, signal: NodeJS.Signals = 'SIGKILL'): boolean {
+/** Kill through a pidfd, and only the process recorded (a reused PID is left alone). */
+function kill(pid: number | undefined, who: ProcessIdentity): boolean {
   if (!pid || !pidAlive(pid)) return false;
-  try {
-    process.kill(pid, signal);
-    return true;
-  } catch {
-    return false;
-  }
+  return killProcess(pid, who, 'SIGKILL');
 }
 
 /**
@@ -44,14 +41,16 @@ export async function fenceLocalVm(home: string, vm: string, reason: string, sup
   const v = readLocalVm(home, vm);
   const res: FenceResult = { vm };
   if (!v) return res;
-  if (kill(v.state?.qemuPid)) res.killedQemu = v.state?.qemuPid;
-  if (v.protection?.pid && kill(v.protection.pid)) res.killedCheckpointer = v.protection.pid;
+  if (v.state && kill(v.state.qemuPid, qemuIdentity(v.state))) res.killedQemu = v.state.qemuPid;
+  // A checkpointer that records no start time is known by its command line (`internal-checkpoint VM`).
+  const cp: ProcessIdentity = v.protection?.startTime !== undefined ? { startTime: v.protection.startTime } : { cmdline: ['internal-checkpoint', vm] };
+  if (v.protection?.pid && kill(v.protection.pid, cp)) res.killedCheckpointer = v.protection.pid;
   if (v.ha) writeHaLocal(home, { ...v.ha, fenced: reason, fencedAt: Date.now() });
   const sup = v.state?.supervisorPid;
   if (sup && pidAlive(sup)) {
     const deadline = Date.now() + supervisorGraceMs;
     while (pidAlive(sup) && Date.now() < deadline) await sleep(20);
-    if (kill(sup)) res.killedSupervisor = sup;
+    if (kill(sup, supervisorIdentity(v.state!))) res.killedSupervisor = sup;
   }
   return res;
 }

@@ -5,15 +5,17 @@
 export { startEtcd, waitEtcdHealthy, findEtcd, freePort, etcdHealthy, type EtcdProcess, type EtcdOptions } from './etcd-process.js';
 export {
   Cluster, connectEtcd, keys, PREFIX, deriveTiming,
-  type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
+  type ClusterOptions, type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
 } from './cluster.js';
 export { HostAgent, startAgent, type AgentOptions } from './agent.js';
-export { FailoverManager, startManager, assignRestore, type ManagerOptions } from './manager.js';
+export { etcdSecurityOptions, credentialsFrom, type EtcdCredentials } from './etcd-credentials.js';
+export { parseAssignment } from './assignment-schema.js';
+export { FailoverManager, startManager, assignRestore, DEFAULT_FENCE_MARGIN_MS, type ManagerOptions } from './manager.js';
 export { placeVm, reservations, type PlacementRequest, type PlacementResult } from './placement.js';
 export { readLocalVm, listLocalVms, vmDeath, writeHaLocal, type HaLocal, type LocalVm } from './local-vm.js';
 export { fenceLocalVm, staleReason } from './fence.js';
 export { protectInCluster, forgetVm, waitForVm, waitForFailover, clusterStatus, type ClusterStatus, type ProtectInClusterRequest } from './client.js';
-export { startEmbeddedCluster, stopEmbeddedCluster, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
+export { startEmbeddedCluster, stopEmbeddedCluster, restartDaemon, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
 export { startNetnsCluster, DEFAULT_NETNS_PREFIX, type NetnsClusterOptions } from './netns-cluster.js';
 export { planNetns, removeNetns, setHostLink, existingWithPrefix, processInNetns, inNetns, type NetnsLayout, type NetnsHost } from './netns.js';
 export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';

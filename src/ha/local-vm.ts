@@ -28,6 +28,8 @@ export interface HaLocal {
 
 interface ProtectionLite {
   pid?: number;
+  /** The checkpointer's start time (/proc/PID/stat field 22), when it records one. */
+  startTime?: string;
   generation?: number;
   state?: string;
 }

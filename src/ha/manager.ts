@@ -3,9 +3,10 @@ import { EventEmitter } from 'node:events';
 import type { Etcd3, Campaign, Watcher } from 'etcd3';
 import type { Logger } from 'pino';
 import { log as rootLog } from '../util/log.js';
-import { Cluster, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
+import { Cluster, type ClusterOptions, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
 import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
 import { HaError } from '../errors.js';
+import { monoNow } from '../vm/index.js';
 import { sleep } from '../util/sleep.js';
 
 /**
@@ -26,6 +27,8 @@ import { sleep } from '../util/sleep.js';
  */
 export interface ManagerOptions {
   etcd: string | string[] | Etcd3;
+  /** Client options for `etcd` given as URLs (TLS, user and password). */
+  etcdOptions?: ClusterOptions;
   /** Announced in the election (default HOSTNAME:PID). */
   id?: string;
   /** TTL of the election lease (s): how long a dead manager keeps the role. */
@@ -36,8 +39,16 @@ export interface ManagerOptions {
   /** Restores of one VM in a row before it is given up. */
   maxAttempts?: number;
   headroomBytes?: number;
+  /**
+   * After a host's lease expiry is observed, wait this long before restoring
+   * its VMs elsewhere: the time their supervisors' watchdogs get, beyond the
+   * TTL, to have killed QEMU (docs/ha.md states the arithmetic). Default 500.
+   */
+  fenceMarginMs?: number;
   logger?: Logger;
 }
+
+export const DEFAULT_FENCE_MARGIN_MS = 500;
 
 export interface ManagerEvents {
   elected: [{ id: string }];
@@ -60,6 +71,9 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   private reconciling = false;
   private again = false;
   private hostLostAt = new Map<string, number>();
+  /** Monotonic time each dead host's expiry was first observed (the fencing margin counts from here). */
+  private hostLostMono = new Map<string, number>();
+  private marginTimer: NodeJS.Timeout | undefined;
   private lastNoCapacity = new Map<string, { reason: string; at: number }>();
   private lastPrune = 0;
 
@@ -67,7 +81,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     super();
     this.opts = opts;
     this.id = opts.id ?? `${os.hostname()}:${process.pid}`;
-    this.cluster = new Cluster(opts.etcd);
+    this.cluster = new Cluster(opts.etcd, opts.etcdOptions);
     this.log = (opts.logger ?? rootLog).child({ component: 'manager', id: this.id });
   }
 
@@ -151,6 +165,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     w1.on('delete', (kv) => {
       const host = kv.key.toString().slice(keys.hostsPrefix.length);
       this.hostLostAt.set(host, Date.now());
+      if (!this.hostLostMono.has(host)) this.hostLostMono.set(host, monoNow());
       this.log.warn({ host }, 'host lease expired');
       trigger();
     });
@@ -186,6 +201,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const was = this.leaderKey;
     this.leaderKey = undefined;
     if (this.timer) clearInterval(this.timer);
+    if (this.marginTimer) clearTimeout(this.marginTimer);
+    this.marginTimer = undefined;
     this.timer = undefined;
     const ws = this.watchers;
     this.watchers = [];
@@ -229,14 +246,17 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const [hosts, vms] = await Promise.all([this.cluster.hosts(), this.cluster.vms()]);
     const reserved = reservations([...vms.values()].map((v) => v.value));
     const now = Date.now();
+    for (const h of [...this.hostLostMono.keys()]) if (hosts.has(h)) this.hostLostMono.delete(h);
     for (const v of vms.values()) {
       const r = v.value;
       const alive = hosts.has(r.host);
       if (ON_HOST.has(r.state) && !alive) {
+        if (!this.fenceMarginPassed(r.host)) continue;
         await this.failover(v, 'host-lost', hosts, reserved);
       } else if (r.state === 'crashed') {
         await this.failover(v, 'qemu-died', hosts, reserved);
       } else if (r.state === 'host-lost') {
+        if (!alive && !this.fenceMarginPassed(r.host)) continue;
         await this.failover(v, 'host-lost', hosts, reserved);
       } else if (r.state === 'restore-failed') {
         await this.failover(v, 'restore-failed', hosts, reserved);
@@ -249,6 +269,30 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       // Pruning old events is housekeeping; the next round tries again.
       await this.cluster.pruneEvents().catch(() => undefined);
     }
+  }
+
+  /**
+   * Has the fencing margin passed since `host`'s lease expiry was observed?
+   * A host found dead without an observed expiry (a manager that just took
+   * over) counts from now: waiting is the conservative side. Schedules a
+   * reconcile for when it passes.
+   */
+  private fenceMarginPassed(host: string): boolean {
+    const now = monoNow();
+    let lost = this.hostLostMono.get(host);
+    if (lost === undefined) {
+      lost = now;
+      this.hostLostMono.set(host, lost);
+    }
+    const left = lost + (this.opts.fenceMarginMs ?? DEFAULT_FENCE_MARGIN_MS) - now;
+    if (left <= 0) return true;
+    if (!this.marginTimer) {
+      this.marginTimer = setTimeout(() => {
+        this.marginTimer = undefined;
+        void this.reconcile();
+      }, Math.ceil(left) + 5);
+    }
+    return false;
   }
 
   private async markLost(v: Versioned<VmRecord>, reason: string): Promise<void> {
@@ -337,6 +381,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       storeDir: r.storeDir,
       mode: r.mode,
       intervalMs: r.intervalMs,
+      ...(r.cow ? { cow: r.cow } : {}),
       createdAt: assignedAt,
       by: this.id,
     };
@@ -397,7 +442,7 @@ export async function assignRestore(cluster: Cluster, observed: Versioned<VmReco
   const generation = Math.max(counter.value, r.generation) + 1;
   const e = cluster.etcd;
   const now = Date.now();
-  const assignment: Assignment = { kind: 'restore', vm: r.name, host, generation, imageGeneration: r.imageGeneration, store: r.store, storeDir: r.storeDir, mode: r.mode, intervalMs: r.intervalMs, createdAt: now, by };
+  const assignment: Assignment = { kind: 'restore', vm: r.name, host, generation, imageGeneration: r.imageGeneration, store: r.store, storeDir: r.storeDir, mode: r.mode, intervalMs: r.intervalMs, ...(r.cow ? { cow: r.cow } : {}), createdAt: now, by };
   const res = await e
     .if(keys.vm(r.name), 'Mod', '==', observed.modRevision)
     .and(keys.generation(r.name), 'Mod', '==', counter.modRevision)

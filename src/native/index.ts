@@ -6,7 +6,6 @@
  * Build both with `make -C native` (or `hydravm setup`); `buildNative()` below
  * does it on demand (tests use it).
  */
-import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { nativeAddonPath, shimPath } from '../config/paths.js';
 import { NativeError } from '../errors.js';
@@ -14,26 +13,9 @@ import type { RawAddon } from './raw.js';
 
 export type { RawAddon, RawNativeError, ScanResult, UffdApiResult, WaitFaultsResult, RawConstants, ScanSpec } from './raw.js';
 export { isRawNativeError } from './raw.js';
+export type { RawCowAddon, CowHandle, CowBatch, CowCollectResult, CowStats } from './raw-cow.js';
 export { nativeAddonPath, shimPath };
-
-let cached: RawAddon | undefined;
-
-/** The loaded addon. Throws NativeError HYDRA_NATIVE_NOT_BUILT naming the path tried. */
-export function loadNative(): RawAddon {
-  if (cached) return cached;
-  const require = createRequire(import.meta.url);
-  try {
-    cached = require(nativeAddonPath) as RawAddon;
-  } catch (err) {
-    const why = err instanceof Error ? err.message.split('\n')[0] : String(err);
-    throw new NativeError(
-      'HYDRA_NATIVE_NOT_BUILT',
-      `cannot load the HydraVM native addon from ${nativeAddonPath} (${why}); run \`hydravm setup\` (or \`make -C native\`) to build it`,
-      { cause: err },
-    );
-  }
-  return cached;
-}
+export { loadNative } from './load.js';
 
 /**
  * Path of the LD_PRELOAD shim to give QEMU. Throws NativeError
@@ -51,3 +33,5 @@ export function requireShim(): string {
 }
 
 export { buildNative, nativeBuildIsFresh } from './build.js';
+
+export { killProcess, type ProcessIdentity } from './kill.js';

@@ -84,6 +84,8 @@ export interface RawAddon {
   pidfdOpen(pid: number): number;
   /** Duplicate `targetFd` of the process behind `pidfd` into this process. */
   pidfdGetfd(pidfd: number, targetFd: number): number;
+  /** Signal the process behind `pidfd` (ESRCH once it exited, whatever now holds its PID). */
+  pidfdSendSignal(pidfd: number, signal: number): void;
   close(fd: number): void;
   setNonblock(fd: number): void;
   eventfdCreate(): number;
@@ -118,9 +120,11 @@ export interface RawAddon {
   /** Replace an addon mapping in place by zeros (drops the file/memory); false if buf is not one. */
   releaseMapping(buf: Buffer): boolean;
   /** memcpy each [offset, length] run of src, in order, contiguously into dst from dstOffset. */
-  copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number): number;
+  copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number, maxThreads?: number): number;
   /** lseek SEEK_DATA / SEEK_HOLE; -1 when nothing at or after offset (ENXIO). */
   lseek(fd: number, offset: number, whence: 'data' | 'hole'): number;
+  /** flock(2) with LOCK_NB: true when taken, false when a conflicting lock is held elsewhere. */
+  flock(fd: number, mode: 'ex' | 'sh' | 'un'): boolean;
   /**
    * process_vm_readv of each [offset, length] run at base+offset in process `pid`, in order, contiguously into
    * dst from dstOffset, batched by IOV_MAX; with limit, runs must lie in [0, limit). Partial reads are continued;

@@ -331,9 +331,14 @@ export class StoreClient {
     await this.write(FrameType.ABORT, [encodeJson({})]);
   }
 
-  /** The committed meta of this connection's generation (or `generation`), null if none. */
-  async getMeta(generation?: number): Promise<StoreMeta | null> {
-    const [f] = await this.request(FrameType.GET_META, encodeJson(generation !== undefined ? { generation } : {}), FrameType.META, 'GET_META');
+  /**
+   * The committed meta of this connection's generation (or `generation`), null if none.
+   * `epoch`: refused (HYDRA_STORE_EPOCH_MOVED) unless that epoch is still the committed one.
+   * `pin`: the connection's later reads serve this generation and epoch only, or are refused.
+   */
+  async getMeta(generation?: number, opts: { epoch?: number; pin?: boolean } = {}): Promise<StoreMeta | null> {
+    const q = { ...(generation !== undefined ? { generation } : {}), ...(opts.epoch !== undefined ? { epoch: opts.epoch } : {}), ...(opts.pin ? { pin: true } : {}) };
+    const [f] = await this.request(FrameType.GET_META, encodeJson(q), FrameType.META, 'GET_META');
     return decodeJson(FrameType.META, f!.payload, metaReplySchema).meta as StoreMeta | null;
   }
 
@@ -355,9 +360,10 @@ export class StoreClient {
     return out;
   }
 
-  /** The committed device state (verified against meta's sha256 by the store). */
-  async getDeviceState(generation?: number): Promise<Buffer> {
-    const frames = await this.request(FrameType.GET_DEVSTATE, encodeJson(generation !== undefined ? { generation } : {}), FrameType.DEVSTATE, 'GET_DEVSTATE');
+  /** The committed device state (verified against meta's sha256 by the store); with `epoch`, of that epoch or refused. */
+  async getDeviceState(generation?: number, epoch?: number): Promise<Buffer> {
+    const q = { ...(generation !== undefined ? { generation } : {}), ...(epoch !== undefined ? { epoch } : {}) };
+    const frames = await this.request(FrameType.GET_DEVSTATE, encodeJson(q), FrameType.DEVSTATE, 'GET_DEVSTATE');
     return Buffer.concat(frames.map((f) => f.payload));
   }
 

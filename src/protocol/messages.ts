@@ -83,8 +83,15 @@ export const errorSchema = z.object({
   unsolicited: z.boolean().optional(),
   committedEpoch: u32.nullable().optional(),
 });
-export const getMetaSchema = z.object({ generation: u32.optional() });
-export const getDevstateSchema = z.object({ generation: u32.optional() });
+/**
+ * GET_META: `epoch` refuses the reply (HYDRA_STORE_EPOCH_MOVED) unless the committed
+ * epoch is that one; `pin` pins the connection to the generation and epoch
+ * returned: every later READ_PAGES and GET_DEVSTATE on it is refused once that
+ * generation's committed epoch moves, so a reader never mixes two epochs.
+ */
+export const getMetaSchema = z.object({ generation: u32.optional(), epoch: u32.optional(), pin: z.boolean().optional() });
+/** GET_DEVSTATE: `epoch` refuses the reply unless the committed epoch is that one (a pinned connection implies it). */
+export const getDevstateSchema = z.object({ generation: u32.optional(), epoch: u32.optional() });
 export const abortSchema = z.object({});
 /** GET_HOT: the heat record of this connection's generation (or `generation`), at most `limit` regions. */
 export const getHotSchema = z.object({ generation: u32.optional(), limit: u32.optional() });

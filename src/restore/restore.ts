@@ -8,6 +8,8 @@ import { startVm, stopVm, vmPaths, readState, isLive, type LaunchFile, chooseAcc
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { NetworkPager, type PagerStats } from './network-pager.js';
+import { validateImage } from './validate.js';
+import { announceSelf, assertRestorableNics } from './nics.js';
 import { sleep } from '../util/sleep.js';
 
 export type RestoreMode = 'file' | 'network';
@@ -22,10 +24,19 @@ export interface RestoreOptions {
   storeDir?: string;
   /** Image generation to restore; default: the newest the store holds. */
   generation?: number;
-  /** The new incarnation's generation (the image generation it will be protected under). */
+  /**
+   * The new incarnation's generation (the image generation it will be protected
+   * under). Registered at the store before anything is read, fencing every older
+   * incarnation. Default: the highest generation the store knows plus one.
+   */
   newGeneration?: number;
   /** Protect the restored VM again, under `newGeneration`. */
   protect?: { intervalMs: number; secretFile?: string };
+  /**
+   * Leave the guest paused once its device state is loaded (restore drills,
+   * verification): memory is still fetched (network mode), the VM is not resumed.
+   */
+  paused?: boolean;
   /** Network mode: background prefetch (on by default). */
   prefetch?: boolean;
   /** Disk overlays to open instead of the spec's disks (prepared from the checkpoint's frozen layers). */
@@ -54,10 +65,12 @@ export interface RestoreResult {
   mode: RestoreMode;
   generation: number;
   epoch: number;
-  newGeneration: number | null;
+  newGeneration: number;
   timings: RestoreTimings;
   /** Network mode: the pager keeps serving memory after this returns. */
   pager?: NetworkPager;
+  /** Whether QMP announce-self was sent after `cont` (the VM has NICs). */
+  announced: boolean;
 }
 
 /**
@@ -67,27 +80,41 @@ export interface RestoreResult {
  * from the image file mapped privately (file mode) or from the store through
  * userfaultfd (network mode).
  */
-export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
+export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = {}): Promise<RestoreResult> {
   const log = vmLog(opts.vm);
   const t0 = performance.now();
   const existing = readState(opts.vm);
   if (isLive(existing)) throw new RestoreError('HYDRA_RESTORE_VM_ALIVE', `VM "${opts.vm}" is still running on this host (QEMU pid ${existing!.qemuPid}); stop it before restoring`);
 
+  const unreachable = (err: unknown) => new RestoreError('HYDRA_RESTORE_STORE_UNREACHABLE', `VM "${opts.vm}": cannot reach the store at ${opts.store}: ${(err as Error).message}`, { cause: err });
+  // Fence first, before a single byte of the image is read: once generation g+1 is
+  // registered the store refuses every commit of older incarnations and has waited
+  // for the one in flight, so the epoch read below can no longer move.
+  const newGeneration = opts.newGeneration ?? (await nextGenerationAt(opts).catch((err: unknown) => { throw unreachable(err); }));
+  if (!Number.isInteger(newGeneration) || newGeneration < 1 || newGeneration > 0xffffffff) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${newGeneration} is outside 1..${0xffffffff}`);
+  const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: newGeneration, role: 'checkpointer' })
+    .catch((err: unknown) => { throw err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION' ? err : unreachable(err); });
+  await fence.close();
+  await hooks.afterFence?.();
+
   const client = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
-    .catch((err: unknown) => { throw new RestoreError('HYDRA_RESTORE_STORE_UNREACHABLE', `VM "${opts.vm}": cannot reach the store at ${opts.store}: ${(err as Error).message}`, { cause: err }); });
+    .catch((err: unknown) => { throw unreachable(err); });
   let keepClient = false;
   let devstateFile: string | undefined;
   try {
-    const meta = await client.getMeta(opts.generation);
+    // Pinned: every later read on this connection is of this generation and epoch, or refused.
+    const meta = await client.getMeta(opts.generation, { pin: true }).catch((err: unknown) => {
+      if (err instanceof HydraError && err.code === 'HYDRA_STORE_NO_IMAGE') return null;
+      throw err;
+    });
     if (!meta) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": the store at ${opts.store} holds no committed image${opts.generation ? ` of generation ${opts.generation}` : ''}`);
     if (meta.committedEpoch < 1) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": generation ${meta.generation} has no committed checkpoint`);
-    const launchFile = meta.config as LaunchFile;
-    if (!launchFile?.spec || !launchFile.launch) throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": the image of generation ${meta.generation} carries no VM configuration`);
-    if (launchFile.spec.memoryBytes !== meta.ramSize) throw new RestoreError('HYDRA_RESTORE_BAD_CONFIG', `VM "${opts.vm}": image RAM ${meta.ramSize} bytes does not match its spec's ${launchFile.spec.memoryBytes}`);
+    const checked = validateImage(meta, { vm: opts.vm, ...(opts.generation !== undefined ? { generation: opts.generation } : {}), newGeneration });
+    assertRestorableNics(checked.spec);
     // Network mode: the 2 MiB regions the VM wrote most in its last epochs are prefetched first (advisory: any error -> none).
     // At most 64 Ki of them (128 GiB): the pager spreads the list into an array push, which overflows the stack past ~120 Ki.
     const hotOffsets = opts.mode === 'network' && (opts.prefetch ?? true)
-      ? (await client.getHotRegions(meta.generation, 65536).catch(() => [])).map((r) => r.offset)
+      ? (await client.getHotRegions(meta.generation, 65536).catch(() => [])).map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize)
       : [];
 
     const paths = vmPaths(opts.vm);
@@ -98,13 +125,13 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       if (!opts.storeDir) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', 'file mode needs the store directory (--store-dir) as this host sees it');
       const { openVmImage } = await import('../store/index.js');
       const image = await openVmImage(opts.storeDir, opts.vm, meta.generation);
-      if (image.meta.committedEpoch !== meta.committedEpoch) {
+      if (image.meta.committedEpoch !== meta.committedEpoch || image.meta.devstate.sha256 !== meta.devstate.sha256 || image.meta.ramSize !== meta.ramSize) {
         throw new RestoreError('HYDRA_RESTORE_EPOCH_MISMATCH', `VM "${opts.vm}": store reports epoch ${meta.committedEpoch}, image file holds ${image.meta.committedEpoch}`);
       }
       memoryPath = image.memoryPath;
       fs.copyFileSync(image.devstatePath, devstateFile);
     } else {
-      fs.writeFileSync(devstateFile, await client.getDeviceState(meta.generation));
+      fs.writeFileSync(devstateFile, await client.getDeviceState(meta.generation, meta.committedEpoch));
     }
     const devstate = fs.readFileSync(devstateFile);
     const digest = crypto.createHash('sha256').update(devstate).digest('hex');
@@ -113,26 +140,17 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     }
     let diskFiles = opts.diskFiles;
     let layerDir: string | undefined;
-    if (!diskFiles && meta.disks.length > 0) {
-      const { prepareRestoreDisks, parseLayerId } = await import('../disk/index.js');
-      // Layers live in <layerDir>/<vm>/; restore overlays go beside them, and the
+    if (!diskFiles && meta.disks.length > 0 && checked.vmLayers) {
+      const { prepareRestoreDisks } = await import('../disk/index.js');
+      // Layers live in <layerDir>/<vm>/ (validated above); restore overlays go beside them, and the
       // new incarnation keeps the same layer root (no nesting across fail-overs).
-      const vmLayers = path.dirname(parseLayerId(meta.disks[0]!).layer);
-      layerDir = path.dirname(vmLayers);
+      layerDir = path.dirname(checked.vmLayers);
       // A fresh overlay on exactly the layer frozen with this epoch: the failed primary's later writes are never seen.
-      diskFiles = await prepareRestoreDisks(meta.disks, { vm: opts.vm, overlayDir: path.join(vmLayers, 'restored') });
-    }
-    if (opts.newGeneration) {
-      if (opts.newGeneration <= meta.generation) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${opts.newGeneration} must be above the image's ${meta.generation}`);
-      // Fence first: from here on the store refuses every checkpoint of older
-      // incarnations, so a primary that was only partitioned cannot change the
-      // image under the VM we are about to start from it.
-      const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.newGeneration, role: 'checkpointer' });
-      await fence.close();
+      diskFiles = await prepareRestoreDisks(meta.disks, { vm: opts.vm, overlayDir: path.join(checked.vmLayers, 'restored') });
     }
     const prepareMs = performance.now() - t0;
 
-    const spec = launchFile.spec;
+    const spec = checked.spec;
     const accel = chooseAccel(spec.accel, spec.name);
     const tSpawn = performance.now();
     const state = await startVm(spec, {
@@ -141,7 +159,7 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
         incomingDefer: true,
         diskFiles,
-        layerDir: layerDir ?? launchFile.launch.layerDir,
+        layerDir: layerDir ?? checked.layerDir,
       },
     });
     const spawnMs = performance.now() - tSpawn;
@@ -155,6 +173,8 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         const background = prefetch
           ? await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' })
           : client;
+        // The prefetch connection states the same epoch and pins to it: refused if the image moved.
+        if (background !== client) await background.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
         pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
         // The pager reads through these connections until memory is complete.
         keepClient = true;
@@ -162,13 +182,16 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
         pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
+      // While QEMU waits for the incoming state, `stop` only clears its autostart: the guest stays paused after loading.
+      if (opts.paused) await qmp.execute('stop');
       const tLoad = performance.now();
       await qmp.execute('migrate-incoming', { uri: `file:${devstateFile}` });
       await waitMigration(qmp, opts.vm);
       const deviceLoadMs = performance.now() - tLoad;
-      await qmp.execute('cont');
+      if (!opts.paused) await qmp.execute('cont');
       const tRun = performance.now();
       pager?.startPrefetch();
+      const announced = await announceSelf(qmp, spec);
       const timings: RestoreTimings = {
         prepareMs,
         spawnMs,
@@ -179,11 +202,11 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');
       qmp.close();
-      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration: opts.newGeneration ?? null, timings, pager };
-      if (opts.protect && opts.newGeneration) {
+      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager, announced };
+      if (opts.protect) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;
-        await protectVm({ vm: opts.vm, store: opts.store, intervalMs: opts.protect.intervalMs, generation: opts.newGeneration, secretFile: opts.protect.secretFile });
+        await protectVm({ vm: opts.vm, store: opts.store, intervalMs: opts.protect.intervalMs, generation: newGeneration, secretFile: opts.protect.secretFile });
       }
       return result;
     } catch (err) {
@@ -199,6 +222,22 @@ export async function restoreVm(opts: RestoreOptions): Promise<RestoreResult> {
     if (devstateFile) fs.rmSync(devstateFile, { force: true });
     // Cleanup: the restore's outcome is already decided.
     if (!keepClient) await client.close().catch(() => undefined);
+  }
+}
+
+/** Test-only hooks into a restore's steps (the fencing race test widens windows with them). */
+export interface RestoreTestHooks {
+  /** After the new generation is registered, before anything is read. */
+  afterFence?: () => Promise<void>;
+}
+
+/** The store's highest generation for the VM plus one. */
+async function nextGenerationAt(opts: RestoreOptions): Promise<number> {
+  const c = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: 0, role: 'reader' });
+  try {
+    return c.welcome.highestGeneration + 1;
+  } finally {
+    await c.close();
   }
 }
 

@@ -144,7 +144,7 @@ async function linkOrCopy(src: string, dst: string): Promise<void> {
  * Extract the uncompressed ELF kernel from an xz-compressed bzImage (the
  * first xz stream inside it). Returns false if it is not xz or not ELF.
  */
-async function extractVmlinux(bzImage: string, out: string, log: (m: string) => void): Promise<boolean> {
+export async function extractVmlinux(bzImage: string, out: string, log: (m: string) => void): Promise<boolean> {
   const data = await fs.readFile(bzImage);
   const off = data.indexOf(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]));
   if (off < 0) {
@@ -312,7 +312,7 @@ async function buildInitrd(tmp: string, kernelDir: string, log: (m: string) => v
 }
 
 /** Exclusive lock across processes (tests may build concurrently). */
-async function withLock<T>(dir: string, fn: () => Promise<T>, log: (m: string) => void): Promise<T> {
+export async function withLock<T>(dir: string, fn: () => Promise<T>, log: (m: string) => void): Promise<T> {
   const lock = path.join(dir, '.lock');
   const deadline = Date.now() + 15 * 60_000;
   let said = false;
@@ -340,7 +340,7 @@ async function withLock<T>(dir: string, fn: () => Promise<T>, log: (m: string) =
       }
       if (Date.now() > deadline) throw new SetupError(`locking ${lock} failed: held by pid ${pid} for too long`);
       if (!said) {
-        log(`guest: waiting for another build (pid ${pid})`);
+        log(`waiting for another build (pid ${pid} holds ${lock})`);
         said = true;
       }
       await sleep(250);

@@ -6,6 +6,7 @@ import { SetupError } from '../errors.js';
 import { ensureGuestArtifacts, exists, guestArtifactsStatus, runCommand, type GuestArtifacts } from './guest-artifacts.js';
 
 export { ensureGuestArtifacts, guestArtifactsStatus, type GuestArtifacts } from './guest-artifacts.js';
+export { extractVmlinux, withLock, resolveKernelPackage, runCommand, exists } from './guest-artifacts.js';
 
 /**
  * `hydravm setup`: everything a host needs, idempotent.

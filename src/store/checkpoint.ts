@@ -94,24 +94,46 @@ export class Checkpoint {
     this.disks = [...ids];
   }
 
-  /** Make the checkpoint durable and visible. Resolves only when meta.json names this epoch. */
+  /**
+   * Make the checkpoint durable and visible. Resolves when the journal END is
+   * durable (commitAck 'journal') or when meta.json names this epoch.
+   *
+   * The fence is checked holding the generation's lock right before the
+   * journal END, again before the first write into the image and again before
+   * meta.json; END and the apply run in one hold of the lock. A registration of
+   * a newer generation takes the same lock, so either this epoch is complete
+   * before the fence (and the registration waited for it), or it is refused.
+   */
   async commit(): Promise<CommitResult> {
     this.check();
     const g = this.g;
     const t0 = performance.now();
     if (this.dsSize === 0) throw new StoreError('HYDRA_STORE_NO_DEVSTATE', `VM ${g.vm} checkpoint ${this.epoch}: COMMIT without device state`);
-    await g.store.checkFence(g.vm, g.generation);
-    this.done = true;
     const dsSha = this.dsHash.digest('hex');
     const pages = this.bytes / this.pageSize;
     try {
       if (this.journal) {
         const journal = this.journal;
-        const end = await journal.end({ pages, bytes: this.bytes, devstateSize: this.dsSize, devstateSha256: dsSha });
-        const journalMs = performance.now() - t0;
-        // Durable now (recovery would replay it). Apply under the lock: every reader
-        // queued from here on sees this epoch, never the image while it changes.
+        let journalled!: () => void;
+        const ended = new Promise<void>((resolve) => (journalled = resolve));
         const applied = g.lock.run(async () => {
+          this.check();
+          await g.checkUnfenced();
+          this.done = true;
+          await g.store.faults.delay('commit-before-end');
+          const end = await journal.end({ pages, bytes: this.bytes, devstateSize: this.dsSize, devstateSha256: dsSha });
+          const journalMs = performance.now() - t0;
+          // Durable now (recovery would replay it). Apply under the same lock: every reader
+          // and every registration queued from here on sees this epoch, never the image while it changes.
+          try {
+            await g.checkUnfenced();
+          } catch (err) {
+            // Fenced by another process between the check and END: the epoch must never be replayed.
+            await g.resetJournal();
+            throw err;
+          }
+          journalled();
+          await g.store.faults.delay('commit-before-apply');
           const ta = performance.now();
           const r = await g.applyJournalled(journal, this, end);
           await g.resetJournal();
@@ -123,6 +145,7 @@ export class Checkpoint {
         });
         // The commit itself awaits `applied` (or the next BEGIN does, through the lock); this only records that it settled.
         g.pendingApply = applied.catch(() => undefined);
+        await Promise.race([ended, applied]);
         if (g.store.commitAck === 'applied') await applied;
       } else {
         await this.commitDirect(dsSha);
@@ -155,6 +178,7 @@ export class Checkpoint {
     await d.dfh.close();
     const now = new Date().toISOString();
     const prev = g.meta;
+    if (this.epoch > 0xffffffff) throw new StoreError('HYDRA_STORE_EPOCH_MISMATCH', `VM ${g.vm}: epoch ${this.epoch} exceeds the u32 range`);
     const meta: StoreMeta = {
       vm: g.vm,
       generation: g.generation,
@@ -170,6 +194,9 @@ export class Checkpoint {
       epochs: [...(prev?.epochs ?? []), { epoch: this.epoch, kind: this.kind, pages: this.bytes / this.pageSize, bytes: this.bytes, committedAt: now, applyMs: 0 }].slice(-MAX_EPOCH_STATS),
     };
     await g.lock.run(async () => {
+      this.check();
+      await g.checkUnfenced();
+      this.done = true;
       await writeMeta(path.join(g.dir, META_FILE), meta, faults);
       g.meta = meta;
       if (prev) {

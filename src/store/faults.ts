@@ -3,6 +3,10 @@
  * (several separated by commas) makes the store process SIGKILL itself at the n-th
  * time it reaches <point>. Write points first write half of the buffer, so the
  * crash leaves a torn write behind, then die.
+ *
+ * Delay injection for the fencing race tests (tests only, never in production):
+ * `HYDRAVM_STORE_DELAY=<point>:<ms>,...` makes every pass through <point> wait
+ * <ms> milliseconds, to widen a window another process must race into.
  */
 import { log } from '../util/log.js';
 import { StoreError } from '../errors.js';
@@ -23,11 +27,28 @@ export const CRASH_POINTS = [
 ] as const;
 export type CrashPoint = (typeof CRASH_POINTS)[number];
 
+export const DELAY_POINTS = [
+  'commit-before-end', // holding the generation lock, fence checked, before the journal END
+  'commit-before-apply', // END durable and acknowledged, before the first write into the image
+  'apply-before-meta', // image and device state written, before meta.json
+  'register-after-fence', // a registration's fence is written, before the registering peer is answered
+] as const;
+export type DelayPoint = (typeof DELAY_POINTS)[number];
+
 export class FaultInjector {
   private readonly targets = new Map<string, number>();
   private readonly counts = new Map<string, number>();
 
-  constructor(spec?: string) {
+  private readonly delays = new Map<string, number>();
+
+  constructor(spec?: string, delaySpec?: string) {
+    for (const part of (delaySpec ?? '').split(',').map((x) => x.trim()).filter(Boolean)) {
+      const m = /^([a-z-]+):(\d+)$/.exec(part);
+      if (!m || !(DELAY_POINTS as readonly string[]).includes(m[1]!)) {
+        throw new StoreError('HYDRA_STORE_BAD_CRASH_POINT', `bad HYDRAVM_STORE_DELAY entry "${part}": expected <point>:<ms> with point one of ${DELAY_POINTS.join(', ')}`);
+      }
+      this.delays.set(m[1]!, Number(m[2]));
+    }
     for (const part of (spec ?? '').split(',').map((s) => s.trim()).filter(Boolean)) {
       const m = /^([a-z-]+):(\d+)$/.exec(part);
       if (!m || !(CRASH_POINTS as readonly string[]).includes(m[1]!)) {
@@ -47,6 +68,14 @@ export class FaultInjector {
     const n = (this.counts.get(point) ?? 0) + 1;
     this.counts.set(point, n);
     return this.targets.get(point) === n;
+  }
+
+  /** Wait here when a delay is configured for `point` (tests only). */
+  async delay(point: DelayPoint): Promise<void> {
+    const ms = this.delays.get(point);
+    if (!ms) return;
+    log.warn({ point, ms }, 'fault injection: delaying');
+    await new Promise((r) => setTimeout(r, ms));
   }
 
   /** Crash here if this is the configured occurrence of `point`. */

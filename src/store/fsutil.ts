@@ -9,12 +9,54 @@ import type { FaultInjector, CrashPoint } from './faults.js';
 export { step } from '../util/io-step.js';
 export { fsyncDir } from '../util/atomic-write.js';
 
+/**
+ * Store files hold guest RAM: owner-only whatever the umask (mode bits given to
+ * open/mkdir are masked by it, so they are set again explicitly).
+ */
+export const FILE_MODE = 0o600;
+export const DIR_MODE = 0o700;
+
+/** mkdir -p where every directory this call creates is 0700 (existing ones are left as they are). */
+export async function mkdirPrivate(dir: string): Promise<void> {
+  await step('mkdir', dir, async () => {
+    const first = await fs.mkdir(dir, { recursive: true, mode: DIR_MODE });
+    if (first === undefined) return;
+    for (let d = dir; ; d = path.dirname(d)) {
+      await fs.chmod(d, DIR_MODE);
+      if (d === first || path.dirname(d) === d) break;
+    }
+  });
+}
+
+/** fs.open for a file the store creates: 0600 whatever the umask. */
+export async function openPrivate(file: string, flags: string): Promise<fs.FileHandle> {
+  const fh = await fs.open(file, flags, FILE_MODE);
+  try {
+    await fh.chmod(FILE_MODE);
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  return fh;
+}
+
+/** fs.writeFile for a small file the store creates: 0600 whatever the umask. */
+export async function writeFilePrivate(file: string, data: string | Buffer): Promise<void> {
+  const fh = await openPrivate(file, 'w');
+  try {
+    await fh.writeFile(data);
+  } finally {
+    await fh.close();
+  }
+}
+
 export async function mkdirDurable(dir: string): Promise<void> {
   const parent = path.dirname(dir);
   let created = false;
   await step('mkdir', dir, async () => {
     try {
-      await fs.mkdir(dir);
+      await fs.mkdir(dir, { mode: DIR_MODE });
+      await fs.chmod(dir, DIR_MODE);
       created = true;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
@@ -56,6 +98,7 @@ export async function preadAll(fh: fs.FileHandle, buf: Buffer, position: number,
  */
 export async function writeFileAtomic(file: string, data: Buffer, faults?: FaultInjector): Promise<void> {
   await writeAtomic(file, data, {
+    mode: FILE_MODE,
     write: (fh, buf, tmp) => pwriteAll(fh, buf, 0, tmp, faults, 'meta-write'),
     beforeRename: () => faults?.hit('meta-rename'),
     beforeDirSync: () => faults?.hit('meta-dirsync'),

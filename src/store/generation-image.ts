@@ -7,12 +7,13 @@ import { StoreError } from '../errors.js';
 import { vmLog } from '../util/log.js';
 import type { Begin, HotRegion, PageRun, StoreMeta } from '../protocol/index.js';
 import { Checkpoint } from './checkpoint.js';
-import { Mutex, step } from './fsutil.js';
+import { Mutex, openPrivate, step } from './fsutil.js';
 import { checkRuns, createImage, readRuns } from './image.js';
 import { loadHeat, scoreHeat } from './heat.js';
 import { JOURNAL_HEADER_SIZE, JournalWriter } from './journal.js';
 import { readMeta } from './meta.js';
 import { JOURNAL_FILE, MEMORY_FILE, META_FILE, applyJournalCheckpoint, devstateFileName, recoverGeneration, waitNoApplying } from './recovery.js';
+import { MAX_U32, staleGeneration } from './fencing.js';
 import type { Store } from './store.js';
 
 export const DEFAULT_PAGE_SIZE = 4096;
@@ -36,6 +37,8 @@ export class GenerationImage {
   current: Checkpoint | null = null;
   /** The apply of the last journalled commit (settled: never rejects). */
   pendingApply: Promise<void> = Promise.resolve();
+  /** Set once a newer generation was registered by this store: no checkpoint of this one begins or commits again. */
+  private fencedBy: number | null = null;
   readonly log: Logger;
 
   constructor(readonly store: Store, readonly vm: string, readonly generation: number, readonly dir: string) {
@@ -109,9 +112,31 @@ export class GenerationImage {
     });
   }
 
+  /**
+   * A newer generation was registered (called by the store with the fence
+   * written): the checkpoint in progress, never committed, is discarded.
+   */
+  async fenced(by: number): Promise<void> {
+    this.fencedBy = Math.max(this.fencedBy ?? 0, by);
+    if (this.current) await this.current.abort(`fenced: generation ${by} was registered`);
+  }
+
+  /**
+   * Throw HYDRA_STORE_STALE_GENERATION when this generation is fenced. Commits
+   * call it holding `lock`, before their journal END, before the first write
+   * into the image and before meta.json: registration writes the fence holding
+   * the same lock, so no commit of a fenced generation slips through.
+   */
+  async checkUnfenced(): Promise<void> {
+    if (this.fencedBy !== null) throw staleGeneration(this.vm, this.generation, this.fencedBy);
+    await this.store.checkFence(this.vm, this.generation);
+  }
+
   /** Start a checkpoint. Aborts an unfinished one. */
   async begin(b: Begin): Promise<Checkpoint> {
     if (this.current) await this.current.abort('superseded by a new BEGIN');
+    await this.checkUnfenced();
+    if (b.epoch > MAX_U32) throw new StoreError('HYDRA_STORE_EPOCH_MISMATCH', `VM ${this.vm} generation ${this.generation}: checkpoint epoch ${b.epoch} exceeds ${MAX_U32}`);
     await this.lock.run(() => this.ensureRecovered());
     const pageSize = b.pageSize ?? DEFAULT_PAGE_SIZE;
     const meta = this.meta;
@@ -139,7 +164,7 @@ export class GenerationImage {
     const mfh = await createImage(memoryPath, b.ramSize);
     let dfh: fs.FileHandle;
     try {
-      dfh = await step('create', dsPath, () => fs.open(dsPath, 'w'));
+      dfh = await step('create', dsPath, () => openPrivate(dsPath, 'w'));
     } catch (err) {
       await mfh.close();
       // Undoing a failed begin: recovery removes an image meta.json does not name.
@@ -166,7 +191,7 @@ export class GenerationImage {
         end,
         records: [...j.records],
         disks: cp.disks,
-      }, this.store.faults);
+      }, this.store.faults, () => this.checkUnfenced());
       this.meta = r.meta;
       return r;
     } catch (err) {
@@ -195,8 +220,13 @@ export class GenerationImage {
     }
   }
 
-  async readPages(runs: readonly PageRun[]): Promise<Buffer> {
+  /**
+   * Read runs of the committed image. With `epoch` (a pinned reader), refused with
+   * HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
+   */
+  async readPages(runs: readonly PageRun[], epoch?: number): Promise<Buffer> {
     return this.withStableImage(async (img) => {
+      this.checkEpoch(img.meta, epoch, 'READ_PAGES');
       checkRuns(runs, img.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
       const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
       try {
@@ -207,8 +237,26 @@ export class GenerationImage {
     });
   }
 
-  async readDeviceState(): Promise<Buffer> {
+  private checkEpoch(meta: StoreMeta, epoch: number | undefined, what: string): void {
+    if (epoch !== undefined && meta.committedEpoch !== epoch) {
+      throw new StoreError('HYDRA_STORE_EPOCH_MOVED', `VM ${this.vm} generation ${this.generation}: ${what} for epoch ${epoch} refused: the committed epoch is now ${meta.committedEpoch}`);
+    }
+  }
+
+  /** The committed meta, refused with HYDRA_STORE_EPOCH_MOVED when `epoch` is given and differs. */
+  async metaAt(epoch?: number): Promise<StoreMeta | null> {
+    return this.lock.run(async () => {
+      await this.ensureRecovered();
+      if (this.meta && epoch !== undefined) this.checkEpoch(this.meta, epoch, 'GET_META');
+      if (!this.meta && epoch !== undefined) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${this.vm} generation ${this.generation} has no committed checkpoint (epoch ${epoch} asked)`);
+      return this.meta;
+    });
+  }
+
+  /** The committed device state, checked against meta; refused when `epoch` is given and differs. */
+  async readDeviceState(epoch?: number): Promise<Buffer> {
     return this.withStableImage(async (img) => {
+      this.checkEpoch(img.meta, epoch, 'GET_DEVSTATE');
       const buf = await step('read', img.devstatePath, () => fs.readFile(img.devstatePath));
       const sha = createHash('sha256').update(buf).digest('hex');
       if (buf.length !== img.meta.devstate.size || sha !== img.meta.devstate.sha256) {

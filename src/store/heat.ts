@@ -166,7 +166,7 @@ export async function recordHeat(genDir: string, epoch: number, counts: Readonly
     // A replayed or re-committed epoch replaces what was recorded for it and anything after it.
     const epochs = [...prev.filter((e) => e.epoch < epoch), heatEpoch(epoch, counts)].slice(-HEAT_EPOCHS);
     // Advisory: a crash may lose the newest record, so no fsync on the commit path.
-    await writeFileAtomic(file, encodeHeat(epochs), { durable: false });
+    await writeFileAtomic(file, encodeHeat(epochs), { durable: false, mode: 0o600 });
   } catch (err) {
     logger.warn({ epoch, err: (err as Error).message }, 'could not update the heat record (advisory); the commit is unaffected');
     // The temporary file of a failed (advisory) heat write; recovery removes it otherwise.

@@ -7,12 +7,12 @@ import fs from 'node:fs/promises';
 import { StoreError } from '../errors.js';
 import type { PageRun } from '../protocol/index.js';
 import type { FaultInjector, CrashPoint } from './faults.js';
-import { preadAll, pwriteAll, step } from './fsutil.js';
+import { openPrivate, preadAll, pwriteAll, step } from './fsutil.js';
 
 /** Create (or reset) an image: truncate to 0, then to ramSize, so it reads as zeros and is sparse. */
 export async function createImage(file: string, ramSize: number): Promise<fs.FileHandle> {
   return step('create image', file, async () => {
-    const fh = await fs.open(file, 'w+');
+    const fh = await openPrivate(file, 'w+');
     try {
       await fh.truncate(ramSize);
     } catch (err) {

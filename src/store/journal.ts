@@ -35,7 +35,7 @@ import fs from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 import { StoreError } from '../errors.js';
 import type { FaultInjector } from './faults.js';
-import { fsyncDir, pwriteAll, preadAll, step } from './fsutil.js';
+import { fsyncDir, openPrivate, pwriteAll, preadAll, step } from './fsutil.js';
 import path from 'node:path';
 
 export const JOURNAL_MAGIC = Buffer.from('HVMJ', 'latin1');
@@ -148,7 +148,7 @@ export class JournalWriter {
         return await fs.open(file, 'r+');
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-        const h = await fs.open(file, 'w+');
+        const h = await openPrivate(file, 'w+');
         await h.write(encodeJournalHeader(generation), 0, JOURNAL_HEADER_SIZE, 0);
         await h.sync();
         await fsyncDir(path.dirname(file));

@@ -15,16 +15,17 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
+import { crc32 } from 'node:zlib';
 import { StoreError } from '../errors.js';
 import { decodePages, type StoreMeta } from '../protocol/index.js';
 import type { Logger } from 'pino';
 import type { FaultInjector } from './faults.js';
 import { log as rootLog } from '../util/log.js';
 import { pidAlive } from '../util/pid.js';
-import { fsyncDir, preadAll, pwriteAll, step } from './fsutil.js';
+import { fsyncDir, openPrivate, preadAll, pwriteAll, step, writeFilePrivate } from './fsutil.js';
 import { HEAT_FILE, countRegions, recordHeat } from './heat.js';
 import { writeRuns, checkRuns } from './image.js';
-import { JOURNAL_HEADER_SIZE, RecordType, scanJournal, encodeJournalHeader, type JournalCheckpoint } from './journal.js';
+import { JOURNAL_HEADER_SIZE, RecordType, scanJournal, encodeJournalHeader, type JournalCheckpoint, type JournalRecordRef } from './journal.js';
 import { readMeta, writeMeta } from './meta.js';
 import { sleep } from '../util/sleep.js';
 
@@ -50,14 +51,25 @@ export interface ApplyResult {
  * Apply a complete, durable journalled checkpoint on top of `prev`: page runs
  * into the image, fdatasync; device state into devstate-<epoch>.bin, fsync;
  * then atomically advance meta.json. Holds the APPLYING marker meanwhile so
- * other processes know the image is in flux.
+ * other processes know the image is in flux. Every record's body is checked
+ * against its CRC again as it is read back: a record that changed on disk
+ * since it was journalled stops the apply (HYDRA_STORE_JOURNAL_CORRUPT) before
+ * its bytes reach the image. `guard` (a live commit's fence check) runs before
+ * the first write into the image and before meta.json is written.
  */
-export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp: JournalCheckpoint, faults?: FaultInjector): Promise<ApplyResult> {
+export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp: JournalCheckpoint, faults?: FaultInjector, guard?: () => Promise<void>): Promise<ApplyResult> {
   const journalPath = path.join(genDir, JOURNAL_FILE);
   const memoryPath = path.join(genDir, prev.memoryFile);
   const epoch = cp.begin.epoch;
   const marker = path.join(genDir, APPLYING_FILE);
-  await step('create marker', marker, () => fs.writeFile(marker, `${process.pid} ${epoch}\n`));
+  const checkCrc = (rec: JournalRecordRef, body: Buffer) => {
+    const crc = crc32(body);
+    if (crc !== rec.bodyCrc) {
+      throw new StoreError('HYDRA_STORE_JOURNAL_CORRUPT', `${journalPath}: record ${rec.seq} of epoch ${epoch} (${RecordType[rec.type]}, ${rec.bodyLen} bytes at offset ${rec.bodyPos}) fails its CRC at apply (crc32 ${crc.toString(16)}, journalled ${rec.bodyCrc.toString(16)}); the apply stops before writing it`);
+    }
+  };
+  await guard?.();
+  await step('create marker', marker, () => writeFilePrivate(marker, `${process.pid} ${epoch}\n`));
   const jfh = await step('open', journalPath, () => fs.open(journalPath, 'r'));
   let pages = 0;
   let bytes = 0;
@@ -71,6 +83,16 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
     tp = now;
   };
   try {
+    // Every record first, before a byte reaches the image: a bad one must leave the image at `prev`.
+    let vbuf = Buffer.alloc(0);
+    for (const rec of cp.records) {
+      if (rec.type === RecordType.END) continue;
+      if (vbuf.length < rec.bodyLen) vbuf = Buffer.allocUnsafe(rec.bodyLen);
+      const body = vbuf.subarray(0, rec.bodyLen);
+      await preadAll(jfh, body, rec.bodyPos, journalPath);
+      checkCrc(rec, body);
+    }
+    lap('verify');
     const mfh = await step('open', memoryPath, () => fs.open(memoryPath, 'r+'));
     try {
       let buf = Buffer.alloc(0);
@@ -98,12 +120,13 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
     const dsPath = path.join(genDir, dsName);
     const hash = createHash('sha256');
     let dsSize = 0;
-    const dfh = await step('create', dsPath, () => fs.open(dsPath, 'w'));
+    const dfh = await step('create', dsPath, () => openPrivate(dsPath, 'w'));
     try {
       for (const rec of cp.records) {
         if (rec.type !== RecordType.DEVSTATE) continue;
         const body = Buffer.allocUnsafe(rec.bodyLen);
         await preadAll(jfh, body, rec.bodyPos, journalPath);
+        checkCrc(rec, body);
         await pwriteAll(dfh, body, dsSize, dsPath, faults, 'devstate-write');
         hash.update(body);
         dsSize += body.length;
@@ -129,6 +152,8 @@ export async function applyJournalCheckpoint(genDir: string, prev: StoreMeta, cp
       committedAt: now,
       epochs: [...prev.epochs, { epoch, kind: cp.begin.kind, pages, bytes, committedAt: now, applyMs: 0 }].slice(-MAX_EPOCH_STATS),
     };
+    if (guard) await faults?.delay('apply-before-meta');
+    await guard?.();
     await writeMeta(path.join(genDir, META_FILE), meta, faults);
     // meta.json no longer names the old device state; the next recovery removes it otherwise.
     if (prev.devstate.file !== dsName) await fs.rm(path.join(genDir, prev.devstate.file), { force: true }).catch(() => undefined);

@@ -25,7 +25,6 @@ import {
 } from '../protocol/index.js';
 import { FaultInjector } from './faults.js';
 import { storeMetrics } from './metrics.js';
-import { pidAlive } from '../util/pid.js';
 import { Store } from './store.js';
 import type { Checkpoint } from './checkpoint.js';
 import type { GenerationImage } from './generation-image.js';
@@ -45,6 +44,8 @@ export interface StoreServerOptions {
   metricsRegistry?: Registry;
   /** Crash-injection spec (`point:n,...`); defaults to env HYDRAVM_STORE_CRASH_AT. */
   faultInjection?: string;
+  /** Delay-injection spec (`point:ms,...`, tests only); defaults to env HYDRAVM_STORE_DELAY. */
+  delayInjection?: string;
   /** When COMMITTED is sent: 'journal' (default: journal durable, apply follows under the lock) or 'applied'. */
   commitAck?: 'journal' | 'applied';
   /** Handshake timeout per connection (ms), default 10 s (TLS and HELLO..WELCOME). */
@@ -91,9 +92,8 @@ export function parseAddress(addr: string): { host: string; port: number } {
 
 export async function startStoreServer(opts: StoreServerOptions): Promise<StoreServer> {
   if (!opts.secret) throw new StoreError('HYDRA_STORE_NO_SECRET', 'the store needs the cluster shared secret');
-  const faults = new FaultInjector(opts.faultInjection ?? process.env.HYDRAVM_STORE_CRASH_AT);
+  const faults = new FaultInjector(opts.faultInjection ?? process.env.HYDRAVM_STORE_CRASH_AT, opts.delayInjection ?? process.env.HYDRAVM_STORE_DELAY);
   const store = await Store.open(opts.dir, { faults, metrics: storeMetrics(opts.metricsRegistry), ...(opts.commitAck ? { commitAck: opts.commitAck } : {}) });
-  await takeDirLock(store.dir);
   liveStores.set(store.dir, store);
   const slog = rootLog.child({ component: 'store', dir: store.dir });
   if (faults.enabled) slog.warn({ spec: opts.faultInjection ?? process.env.HYDRAVM_STORE_CRASH_AT }, 'crash injection enabled');
@@ -153,26 +153,9 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
       await Promise.all([...conns].map((c) => c.idle()));
       await store.close();
       liveStores.delete(store.dir);
-      // The lock names a pid that is gone now; a leftover is taken over by the next start.
-      await fs.rm(path.join(store.dir, 'store.lock'), { force: true }).catch(() => undefined);
       slog.info('checkpoint store stopped');
     },
   };
-}
-
-/** One daemon per store directory: DIR/store.lock holds "pid hostname". */
-async function takeDirLock(dir: string): Promise<void> {
-  const file = path.join(dir, 'store.lock');
-  try {
-    const [pidText, host] = (await fs.readFile(file, 'utf8')).trim().split(/\s+/);
-    const pid = Number(pidText);
-    if (pid !== process.pid && host === os.hostname() && pidAlive(pid)) {
-      throw new StoreError('HYDRA_STORE_DIR_BUSY', `store directory ${dir} is served by process ${pid} (${file})`);
-    }
-  } catch (err) {
-    if (err instanceof HydraError) throw err;
-  }
-  await fs.writeFile(file, `${process.pid} ${os.hostname()}\n`);
 }
 
 type Phase = 'hello' | 'auth' | 'ready' | 'closed';
@@ -193,6 +176,8 @@ class Connection {
   private release: (() => void) | null = null;
   private slotKey: string | null = null;
   private cp: Checkpoint | null = null;
+  /** A reader's pin (GET_META with pin): its reads serve this generation at this epoch, or are refused. */
+  private pinned: { gen: GenerationImage; epoch: number } | null = null;
   /** Error that ended the current checkpoint early (sent unsolicited); data frames are ignored until BEGIN. */
   private cpFailed: HydraError | null = null;
   private readonly timer: NodeJS.Timeout;
@@ -365,6 +350,7 @@ class Connection {
     try {
       if (h.role === 'checkpointer') {
         await store.registerGeneration(h.vm, h.generation);
+        await store.faults.delay('register-after-fence');
         await this.takeSlot(h.vm, h.generation);
         this.gen = await store.gen(h.vm, h.generation);
       } else {
@@ -502,7 +488,11 @@ class Connection {
         const q = decodeJson(f.type, f.payload, getMetaSchema);
         try {
           const g = await this.readerGen(q.generation);
-          const meta = g ? await g.committedMeta() : null;
+          const meta = g ? await g.metaAt(q.epoch) : null;
+          if (q.pin) {
+            if (!g || !meta) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image to pin${q.generation ? ` in generation ${q.generation}` : ''}`);
+            this.pinned = { gen: g, epoch: meta.committedEpoch };
+          }
           return this.send(FrameType.META, encodeJson({ meta }));
         } catch (err) {
           return this.replyError(err);
@@ -530,9 +520,9 @@ class Connection {
           let total = 0;
           for (const r of runs) total += r.length;
           if (total > MAX_READ_BYTES) throw new StoreError('HYDRA_STORE_READ_TOO_LARGE', `READ_PAGES of ${total} bytes exceeds ${MAX_READ_BYTES} per request`);
-          const g = await this.readerGen(undefined);
+          const g = this.pinned?.gen ?? (await this.readerGen(undefined));
           if (!g) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image`);
-          data = await g.readPages(runs);
+          data = await g.readPages(runs, this.pinned?.epoch);
         } catch (err) {
           return this.replyError(err);
         }
@@ -550,7 +540,7 @@ class Connection {
         try {
           const g = await this.readerGen(q.generation);
           if (!g) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image`);
-          buf = await g.readDeviceState();
+          buf = await g.readDeviceState(q.epoch ?? (this.pinned?.gen === g ? this.pinned.epoch : undefined));
         } catch (err) {
           return this.replyError(err);
         }

@@ -108,7 +108,7 @@ test('end to end: 64 MB full checkpoint + incrementals, byte for byte', async ()
   assert.match(await registry.getSingleMetricAsString('hydravm_store_commits_total'), /\{vm="web1"\} 6/);
 });
 
-test('commit of a 40 MB incremental checkpoint (store in its own process)', async () => {
+test('40 MB incremental checkpoints commit in sequence and read back exactly (store in its own process; speed is measured by bench checkpoint)', async () => {
   const proc = await spawnStore(tmpDir());
   try {
     const RAM = 512 * 1024 * 1024;
@@ -119,6 +119,7 @@ test('commit of a 40 MB incremental checkpoint (store in its own process)', asyn
     await c.sendDeviceState(prng(6, 32 * 1024));
     await c.commit();
     const times: { total: number; commit: number }[] = [];
+    let last: { runs: { offset: number; length: number }[]; data: Buffer } | undefined;
     for (let e = 2; e <= 7; e++) {
       const inc = makeIncremental(RAM, (40 * 1024 * 1024) / PAGE, e * 13, 64);
       await new Promise((r) => setTimeout(r, 200)); // checkpoints come every 1-2 s: let the previous apply finish
@@ -130,15 +131,16 @@ test('commit of a 40 MB incremental checkpoint (store in its own process)', asyn
       await c.commit();
       const t2 = performance.now();
       times.push({ total: t2 - t0, commit: t2 - t1 });
+      last = inc;
     }
     // Visible to readers (after the apply) right away.
     const m = await c.getMeta();
     assert.equal(m?.committedEpoch, 7);
+    assert.ok((await c.readPages(last!.runs)).equals(last!.data), 'the last incremental reads back byte for byte');
     await c.close();
     const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
     const summary = { beginToCommittedMs: Math.round(med(times.map((t) => t.total))), commitToCommittedMs: Math.round(med(times.map((t) => t.commit))), all: times.map((t) => Math.round(t.total)) };
     console.log(`# 40 MB incremental checkpoint, median of ${times.length}: ${JSON.stringify(summary)}`);
-    assert.ok(summary.beginToCommittedMs < 1000, 'a 40 MB checkpoint commits well under a second');
   } finally {
     proc.kill('SIGTERM');
     await proc.exited;

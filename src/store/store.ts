@@ -4,7 +4,11 @@ import path from 'node:path';
 import { StoreError } from '../errors.js';
 import { vmLog } from '../util/log.js';
 import { noFaults, type FaultInjector } from './faults.js';
-import { Mutex, fsyncDir, mkdirDurable, step } from './fsutil.js';
+import { DIR_MODE, Mutex, fsyncDir, mkdirDurable, mkdirPrivate, step } from './fsutil.js';
+import { DirLock } from './dir-lock.js';
+import { MAX_U32, staleGeneration } from './fencing.js';
+
+export { MAX_U32, staleGeneration };
 import { GenerationImage } from './generation-image.js';
 import { readFence, writeFence } from './meta.js';
 import type { StoreMetrics } from './metrics.js';
@@ -25,6 +29,8 @@ export interface StoreOptions {
    * (readers and the next BEGIN wait for it); 'applied' only after meta.json names it.
    */
   commitAck?: 'journal' | 'applied';
+  /** Read-write only: the directory's exclusive lock, already taken by the caller (default: taken by open). */
+  lock?: DirLock;
 }
 
 export interface VmSummary {
@@ -51,17 +57,34 @@ export class Store {
   readonly readOnly: boolean;
   readonly commitAck: 'journal' | 'applied';
 
+  private lock: DirLock | null;
+
   private constructor(readonly dir: string, opts: StoreOptions) {
+    this.lock = opts.lock ?? null;
     this.commitAck = opts.commitAck ?? 'journal';
     this.faults = opts.faults ?? noFaults;
     this.metrics = opts.metrics;
     this.readOnly = opts.readOnly ?? false;
   }
 
+  /**
+   * Open a store directory. Read-write (the default) takes the directory's
+   * exclusive lock first (HYDRA_STORE_DIR_BUSY if another process holds it),
+   * creates it 0700 and tightens the modes of the root and vms/.
+   */
   static async open(dir: string, opts: StoreOptions = {}): Promise<Store> {
     const abs = path.resolve(dir);
-    if (!opts.readOnly) await step('mkdir', path.join(abs, 'vms'), () => fs.mkdir(path.join(abs, 'vms'), { recursive: true }));
-    return new Store(abs, opts);
+    if (opts.readOnly) return new Store(abs, opts);
+    await mkdirPrivate(path.join(abs, 'vms'));
+    const lock = opts.lock ?? (await DirLock.exclusive(abs));
+    try {
+      // A directory made before modes were enforced (or by hand): guest RAM stays owner-only.
+      for (const d of [abs, path.join(abs, 'vms')]) await step('chmod', d, () => fs.chmod(d, DIR_MODE));
+    } catch (err) {
+      if (!opts.lock) await lock.release();
+      throw err;
+    }
+    return new Store(abs, { ...opts, lock });
   }
 
   vmDir(vm: string): string {
@@ -89,7 +112,7 @@ export class Store {
     return fence?.highestGeneration ?? 0;
   }
 
-  /** Throw HYDRA_STORE_STALE_GENERATION if a newer generation than `generation` was registered. */
+  /** Throw HYDRA_STORE_STALE_GENERATION if a newer generation than `generation` was registered (reads fence.json). */
   async checkFence(vm: string, generation: number): Promise<void> {
     const highest = await this.highestGeneration(vm);
     if (generation < highest) throw staleGeneration(vm, generation, highest);
@@ -98,17 +121,40 @@ export class Store {
   /**
    * Register `generation` as the VM's current incarnation (fencing every older
    * one) and create its directory. Refuses an older generation.
+   *
+   * Fencing is atomic with every commit of an older generation: the fence is
+   * written while holding the lock of each older generation this store has
+   * open, and a commit checks the fence under that same lock before its
+   * journal END and again before its meta.json write. So when this returns, an
+   * older generation's apply in flight has finished (its epoch was durable
+   * before the fence), its uncommitted checkpoint is discarded, and nothing
+   * ever writes into an older generation's files again: a restore that reads
+   * after this sees one frozen epoch.
    */
   async registerGeneration(vm: string, generation: number): Promise<number> {
     const s = this.state(vm);
-    if (!Number.isInteger(generation) || generation < 1) throw new StoreError('HYDRA_STORE_BAD_GENERATION', `generation must be a positive integer, got ${generation}`);
+    if (!Number.isInteger(generation) || generation < 1 || generation > MAX_U32) {
+      throw new StoreError('HYDRA_STORE_BAD_GENERATION', `VM ${vm}: generation must be an integer from 1 to ${MAX_U32}, got ${generation}`);
+    }
+    if (this.readOnly) throw new StoreError('HYDRA_STORE_DIR_BUSY', `store directory ${this.dir} is opened read-only; register generations through the store that serves it`);
     return s.fenceLock.run(async () => {
       const highest = await this.highestGeneration(vm);
       if (generation < highest) throw staleGeneration(vm, generation, highest);
-      await step('mkdir', this.vmDir(vm), () => fs.mkdir(this.vmDir(vm), { recursive: true }));
+      await mkdirPrivate(this.vmDir(vm));
       await mkdirDurable(this.genDir(vm, generation));
       if (generation > highest) {
-        await writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() });
+        const older: GenerationImage[] = [];
+        for (const [g, p] of s.gens) {
+          if (g >= generation) continue;
+          // A generation that failed to open has no apply in flight.
+          const gi = await p.catch(() => null);
+          if (gi) older.push(gi);
+        }
+        const fence = () => writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() });
+        // Take every older generation's lock (waiting for its apply), then write the fence inside all of them.
+        const underLocks = (i: number): Promise<void> => (i === older.length ? fence() : older[i]!.lock.run(() => underLocks(i + 1)));
+        await underLocks(0);
+        for (const gi of older) await gi.fenced(generation);
         vmLog(vm).info({ generation, previous: highest }, 'registered new generation (older generations fenced)');
       }
       return generation;
@@ -198,14 +244,19 @@ export class Store {
     return out;
   }
 
-  /** Close open files (journals, checkpoints in progress are discarded). */
+  /** Close open files (journals, checkpoints in progress are discarded) and release the directory lock. */
   async close(): Promise<void> {
-    for (const s of this.vms.values()) {
-      for (const p of s.gens.values()) {
-        // A generation that failed to open has nothing to close.
-        const g = await p.catch(() => null);
-        if (g) await g.close();
+    try {
+      for (const s of this.vms.values()) {
+        for (const p of s.gens.values()) {
+          // A generation that failed to open has nothing to close.
+          const g = await p.catch(() => null);
+          if (g) await g.close();
+        }
       }
+    } finally {
+      await this.lock?.release();
+      this.lock = null;
     }
   }
 
@@ -233,8 +284,4 @@ export class Store {
     }
     await drop();
   }
-}
-
-export function staleGeneration(vm: string, generation: number, highest: number): StoreError {
-  return new StoreError('HYDRA_STORE_STALE_GENERATION', `VM ${vm} generation ${generation} is stale: generation ${highest} has been registered, so this (older) incarnation is fenced and may not checkpoint`);
 }

@@ -258,8 +258,27 @@ export class DirtyTracker {
     return new TrackerError('HYDRA_TRACKER_SCAN_FAILED', `process ${this.pid}: ${step}: ${errnoText(err)}`, { cause: err });
   }
 
-  /** Copy the runs of guest RAM contiguously into dst (from dstOffset); returns bytes copied. */
-  copyRuns(runs: DirtyRun[] | Float64Array, dst: Buffer, dstOffset = 0): number {
+  /**
+   * Bytes written since the last collect(), without re-protecting anything
+   * (a page walk, like collect(): call it while the VM runs, to size the
+   * next pause's copy).
+   */
+  peekWrittenBytes(): number {
+    this.#check('peekWrittenBytes');
+    const C = this.#native.constants;
+    try {
+      const res = this.#native.scanPages(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, { categoryMask: C.PAGE_IS_WRITTEN, returnMask: C.PAGE_IS_WRITTEN });
+      return res.pages * this.pageSize;
+    } catch (err) {
+      throw this.#runtimeError('PAGEMAP_SCAN (peek)', err);
+    }
+  }
+
+  /**
+   * Copy the runs of guest RAM contiguously into dst (from dstOffset); returns
+   * bytes copied. maxThreads bounds the copy threads (shared mappings).
+   */
+  copyRuns(runs: DirtyRun[] | Float64Array, dst: Buffer, dstOffset = 0, maxThreads?: number): number {
     this.#check('copyRuns');
     let flat: Float64Array;
     if (runs instanceof Float64Array) flat = runs;
@@ -272,7 +291,7 @@ export class DirtyTracker {
     }
     if (this.#ram) {
       try {
-        return this.#native.copyRuns(this.#ram, flat, dst, dstOffset);
+        return this.#native.copyRuns(this.#ram, flat, dst, dstOffset, maxThreads);
       } catch (err) {
         throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: copying dirty runs: ${errnoText(err)}`, { cause: err });
       }

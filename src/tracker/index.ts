@@ -7,3 +7,5 @@ export { listUffds, takeUffd, UFFD_FEATURE_INITIALIZED } from './uffd.js';
 export type { UffdInProcess, TakenUffd } from './uffd.js';
 export { MissingPageHandler, type FillResult, type MissingPageHandlerOptions } from './page-fault-handler.js';
 export { UffdSession } from './uffd-session.js';
+export { CowTracker, releaseOrphanedCow, COW_MIN_GRAIN, COW_MAX_GRAIN } from './cow-tracker.js';
+export type { CowTrackerOptions, CowBatch, CowCollectResult, CowStats } from './cow-tracker.js';

@@ -13,6 +13,8 @@ export interface AtomicWriteHooks {
   beforeDirSync?: () => void;
   /** false: skip both fsyncs (advisory files a crash may lose). Default true. */
   durable?: boolean;
+  /** The file's mode, set whatever the umask (e.g. 0o600 for files holding guest data). Default: 0o666 less the umask. */
+  mode?: number;
 }
 
 /** fsync a directory, so a rename or create in it survives a host crash. */
@@ -33,8 +35,9 @@ export async function writeFileAtomic(file: string, data: string | Buffer, hooks
   const tmp = `${file}.tmp-${process.pid}`;
   const durable = hooks.durable ?? true;
   await step('write', tmp, async () => {
-    const fh = await fsp.open(tmp, 'w');
+    const fh = await fsp.open(tmp, 'w', hooks.mode ?? 0o666);
     try {
+      if (hooks.mode !== undefined) await fh.chmod(hooks.mode);
       if (hooks.write) await hooks.write(fh, buf, tmp);
       else await fh.writeFile(buf);
       if (durable) await step('fsync', tmp, () => fh.sync());

@@ -20,3 +20,20 @@ export function pidAlive(pid: number | undefined | null): boolean {
     return false;
   }
 }
+
+/**
+ * The start time of process `pid` (field 22 of /proc/PID/stat, clock ticks
+ * since boot), or undefined when there is no such process. A PID names the
+ * same process only while this stays equal: record it when the process is
+ * spawned, compare it before signalling.
+ */
+export function procStartTime(pid: number | undefined | null): string | undefined {
+  if (pid === undefined || pid === null || !Number.isInteger(pid) || pid <= 0) return undefined;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may hold spaces and parentheses): state is field 3.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}

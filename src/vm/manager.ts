@@ -6,8 +6,10 @@ import { supervisorEntry, shimPath } from '../config/paths.js';
 import { QemuError, SpecError, VmError, VmExistsError, VmNotFoundError } from '../errors.js';
 import { chooseAccel } from './accel.js';
 import type { QemuLaunchOptions } from './qemu-args.js';
-import { vmPaths, readState, isLive, listVmNames, removeStaleSockets, type VmState } from './runtime.js';
+import { vmPaths, readState, isLive, listVmNames, removeStaleSockets, qemuIdentity, supervisorIdentity, type VmState } from './runtime.js';
+import { killProcess } from '../native/index.js';
 import { checkSpecFiles, type VmSpec } from './spec.js';
+import { checkNics, prepareNics, releaseNics, releaseRecordedNics } from './nics.js';
 import type { LaunchFile } from './supervisor.js';
 import { sleep } from '../util/sleep.js';
 import { pidAlive } from '../util/pid.js';
@@ -39,7 +41,10 @@ function createDisks(spec: VmSpec): void {
     }
     try {
       fs.mkdirSync(path.dirname(disk.path), { recursive: true });
-      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk.path, String(disk.size)], { stdio: ['ignore', 'ignore', 'pipe'] });
+      // On a base image: record the base's real path (not the images/NAME link, which a rebuild moves).
+      const backing = disk.base ? ['-b', fs.realpathSync(disk.base), '-F', imageFormat(spec.name, disk.base)] : [];
+      const size = disk.size === undefined ? [] : [String(disk.size)];
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...backing, disk.path, ...size], { stdio: ['ignore', 'ignore', 'pipe'] });
     } catch (err) {
       const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
       throw new QemuError(`VM "${spec.name}": cannot create disk ${disk.path}: ${stderr || (err as Error).message}`);
@@ -47,15 +52,18 @@ function createDisks(spec: VmSpec): void {
   }
 }
 
-/** VMs open their disks as qcow2 (frozen layers per checkpoint need it): say so before QEMU does, naming the file. */
-function assertQcow2(vm: string, file: string): void {
-  let format: string | undefined;
+function imageFormat(vm: string, file: string): string {
   try {
-    format = (JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })) as { format?: string }).format;
+    return (JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })) as { format?: string }).format ?? 'raw';
   } catch (err) {
     const stderr = (err as { stderr?: Buffer | string }).stderr?.toString().trim();
     throw new SpecError(`VM "${vm}": disk ${file} cannot be read: ${stderr || (err as Error).message}`);
   }
+}
+
+/** VMs open their disks as qcow2 (frozen layers per checkpoint need it): say so before QEMU does, naming the file. */
+function assertQcow2(vm: string, file: string): void {
+  const format = imageFormat(vm, file);
   if (format !== 'qcow2') {
     throw new SpecError(`VM "${vm}": disk ${file} is ${format ?? 'of unknown format'}, not qcow2 (convert it: qemu-img convert -O qcow2 ${file} NEW.qcow2)`);
   }
@@ -86,7 +94,28 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
     fs.mkdirSync(paths.dir, { recursive: true });
     removeStaleSockets(spec.name);
     fs.rmSync(paths.state, { force: true });
+    // A feed (or revocation) left by an earlier incarnation never applies to this one: the
+    // host agent arms the new incarnation with its next proof of the lease.
+    fs.rmSync(paths.watchdog, { force: true });
+    // NIC problems first: a refused start creates nothing.
+    checkNics(spec);
     createDisks(spec);
+    await prepareNics(spec);
+    try {
+      return await launchSupervisor(spec, accel, qemuBinary, opts);
+    } catch (err) {
+      // QEMU is gone (or never ran): its taps go too.
+      await releaseNics(spec);
+      throw err;
+    }
+  } finally {
+    fs.rmSync(lockDir, { recursive: true, force: true });
+  }
+}
+
+async function launchSupervisor(spec: VmSpec, accel: QemuLaunchOptions['accel'], qemuBinary: string, opts: StartOptions): Promise<VmState> {
+  const paths = vmPaths(spec.name);
+  {
     const launch: QemuLaunchOptions = { accel, ...opts.launch };
     const launchFile: LaunchFile = { spec, launch, qemuBinary };
     fs.writeFileSync(paths.spec, JSON.stringify(launchFile, null, 2) + '\n');
@@ -118,11 +147,10 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
       }
       await sleep(5);
     }
-  } finally {
-    fs.rmSync(lockDir, { recursive: true, force: true });
   }
 }
 
+/** Our own child, not yet reaped: its PID cannot have been reused. */
 function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
   try {
     process.kill(pid, signal);
@@ -132,8 +160,8 @@ function killPid(pid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
 }
 
 function killHard(state: VmState): void {
-  killPid(state.supervisorPid);
-  if (state.qemuPid) killPid(state.qemuPid);
+  killProcess(state.supervisorPid, supervisorIdentity(state));
+  if (state.qemuPid) killProcess(state.qemuPid, qemuIdentity(state));
   removeStaleSockets(state.name);
 }
 
@@ -187,10 +215,12 @@ export async function stopVm(name: string, opts: { timeoutMs?: number } = {}): P
   try {
     await controlRequest(name, 'POST', '/stop', opts.timeoutMs ?? 10_000);
   } catch {
-    killPid(state.supervisorPid, 'SIGTERM');
+    killProcess(state.supervisorPid, supervisorIdentity(state), 'SIGTERM');
   }
   if (!(await waitGone(state, opts.timeoutMs ?? 10_000))) killHard(state);
   await waitGone(state, 2000);
+  // The supervisor removes the taps when QEMU exits; after a hard kill it could not.
+  await releaseRecordedNics(name);
   return readState(name) ?? state;
 }
 

@@ -10,6 +10,12 @@ export interface QemuRuntimePaths {
   /** QMP reserved for HydraVM's checkpointer (one client per QMP monitor). */
   hydraQmpSocket: string;
   serialLog: string;
+  /**
+   * A FIFO whose bytes reach the guest's serial console (the supervisor
+   * creates it and holds it open, so QEMU's open does not block). Optional:
+   * without it the console is output only.
+   */
+  serialIn?: string;
 }
 
 /** How guest RAM is backed. Protection needs a shared, named mapping the tracker can map. */
@@ -53,7 +59,7 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
     // The RTC follows the VM's clock: a stopped VM's device state is then the
     // same whenever it is saved, and the guest never reads the RTC after boot.
     '-rtc', 'base=utc,clock=vm',
-    '-chardev', `file,id=serial0,path=${paths.serialLog},append=on`,
+    '-chardev', `file,id=serial0,path=${paths.serialLog},append=on${paths.serialIn ? `,input-path=${paths.serialIn}` : ''}`,
     '-serial', 'chardev:serial0',
     '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
     '-qmp', `unix:${paths.supervisorQmpSocket},server=on,wait=off`,
@@ -68,6 +74,15 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
       '-blockdev', `driver=file,filename=${file},node-name=disk${i}-file,cache.direct=off`,
       '-blockdev', `driver=qcow2,file=disk${i}-file,node-name=disk${i}`,
       '-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}`,
+    );
+  });
+  // Userspace virtio-net (vhost=off): QEMU itself writes received packets into
+  // guest RAM, so the dirty tracker sees every write and the ring state is in
+  // QEMU's device state. No option ROM: the guest boots with -kernel.
+  (spec.nics ?? []).forEach((nic, i) => {
+    args.push(
+      '-netdev', `tap,id=net${i},ifname=${nic.tap},script=no,downscript=no,vhost=off`,
+      '-device', `${nic.model},netdev=net${i},mac=${nic.mac},id=vnet${i},romfile=`,
     );
   });
   if (opts.incomingDefer) {

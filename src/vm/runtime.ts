@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { vmDir, vmsDir } from '../config/paths.js';
 import type { QemuRuntimePaths } from './qemu-args.js';
+import type { ProcessIdentity } from '../native/index.js';
 import { pidAlive } from '../util/pid.js';
 import { writeFileAtomicSync } from '../util/atomic-write.js';
 
@@ -17,6 +18,8 @@ import { writeFileAtomicSync } from '../util/atomic-write.js';
  *   serial.log       the guest's serial console
  *   qemu.log         QEMU's stderr
  *   supervisor.log   the supervisor's own log (JSON lines)
+ *   watchdog.json    the HA watchdog feed from the host agent (only under HA)
+ *   serial.in        FIFO: bytes written here reach the guest's serial console
  */
 export interface VmPaths extends QemuRuntimePaths {
   dir: string;
@@ -25,6 +28,12 @@ export interface VmPaths extends QemuRuntimePaths {
   controlSocket: string;
   qemuLog: string;
   supervisorLog: string;
+  /** The HA watchdog feed (see watchdog.ts); present while the VM is under HA. */
+  watchdog: string;
+  /** Names the copy-on-write checkpointer holding guest RAM write-protected (see cow-guard.ts). */
+  cowGuard: string;
+  /** The serial console's input (a FIFO the supervisor holds open; see serial.ts). */
+  serialIn: string;
 }
 
 export function vmPaths(name: string): VmPaths {
@@ -40,6 +49,9 @@ export function vmPaths(name: string): VmPaths {
     serialLog: path.join(dir, 'serial.log'),
     qemuLog: path.join(dir, 'qemu.log'),
     supervisorLog: path.join(dir, 'supervisor.log'),
+    watchdog: path.join(dir, 'watchdog.json'),
+    cowGuard: path.join(dir, 'cow-guard.json'),
+    serialIn: path.join(dir, 'serial.in'),
   };
 }
 
@@ -51,6 +63,9 @@ export interface VmState {
   lifecycle: VmLifecycle;
   supervisorPid: number;
   qemuPid?: number;
+  /** Start times (/proc/PID/stat field 22) recorded at spawn: a signal goes to these PIDs only while they match. */
+  supervisorStartTime?: string;
+  qemuStartTime?: string;
   accel?: string;
   memoryBytes?: number;
   startedAt?: string;
@@ -61,6 +76,9 @@ export interface VmState {
   reason?: string;
   exitCode?: number | null;
   exitSignal?: string | null;
+  /** Set when the supervisor killed QEMU itself because its watchdog starved: why, and when. */
+  selfFenced?: string;
+  selfFencedAt?: string;
 }
 
 export function readState(name: string): VmState | undefined {
@@ -95,4 +113,14 @@ export function removeStaleSockets(name: string): void {
   for (const f of [p.qmpSocket, p.supervisorQmpSocket, p.hydraQmpSocket, p.controlSocket]) {
     fs.rmSync(f, { force: true });
   }
+}
+
+/** Who the recorded QEMU PID must be: its start time at spawn, else (older state files) its -name argument. */
+export function qemuIdentity(state: VmState): ProcessIdentity {
+  return state.qemuStartTime !== undefined ? { startTime: state.qemuStartTime } : { cmdline: ['-name', `${state.name},debug-threads=on`] };
+}
+
+/** Who the recorded supervisor PID must be: its start time, else the supervisor's VM argument. */
+export function supervisorIdentity(state: VmState): ProcessIdentity {
+  return state.supervisorStartTime !== undefined ? { startTime: state.supervisorStartTime } : { cmdline: [state.name] };
 }

@@ -1,12 +1,16 @@
 import fs from 'node:fs';
 import http from 'node:http';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { shimPath } from '../config/paths.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { buildQemuArgs, type QemuLaunchOptions } from './qemu-args.js';
 import { vmPaths, writeState, readState, removeStaleSockets, type VmState } from './runtime.js';
+import { procStartTime } from '../util/pid.js';
+import { guardWithWatchdog, type WatchdogGuard } from './watchdog.js';
+import { guardCowProtection } from './cow-guard.js';
 import type { VmSpec } from './spec.js';
+import { releaseNics } from './nics.js';
 
 /** What `vm start` (or a restore) hands to the supervisor through spec.json. */
 export interface LaunchFile {
@@ -21,6 +25,12 @@ export interface LaunchFile {
  * bound to the dead parent, see docs/design.md), yet the VM must outlive the
  * command that started it. It records the VM's lifecycle in state.json, sees
  * QEMU's death at once, and serves status/stop on control.sock.
+ *
+ * Under HA it is also the VM's watchdog: while watchdog.json exists, the host
+ * agent must keep feeding it with proofs of its etcd lease; once the deadline
+ * in it passes (agent dead, etcd unreachable) or the agent revokes it (stale
+ * generation), the supervisor SIGKILLs QEMU by itself and records why. It
+ * does not depend on the agent being alive to do so.
  */
 export async function runSupervisor(name: string): Promise<void> {
   const paths = vmPaths(name);
@@ -33,6 +43,7 @@ export async function runSupervisor(name: string): Promise<void> {
     name,
     lifecycle: 'starting',
     supervisorPid: process.pid,
+    supervisorStartTime: procStartTime(process.pid),
     accel: launch.accel,
     memoryBytes: spec.memoryBytes,
     startedAt: new Date().toISOString(),
@@ -40,7 +51,8 @@ export async function runSupervisor(name: string): Promise<void> {
   const save = () => writeState(state);
 
   const qemuErr = fs.openSync(paths.qemuLog, 'a');
-  const args = buildQemuArgs(spec, paths, launch);
+  const serialIn = openSerialInput(paths.serialIn);
+  const args = buildQemuArgs(spec, serialIn === undefined ? { ...paths, serialIn: undefined } : paths, launch);
   logger.info({ qemu: launchFile.qemuBinary, args }, 'starting QEMU');
   let qemu: ChildProcess;
   const spawnedAt = performance.now();
@@ -57,6 +69,7 @@ export async function runSupervisor(name: string): Promise<void> {
   }
   let qemuExited = false;
   let stopping = false;
+  let selfFenced: string | undefined;
   const exited = new Promise<void>((resolve) => {
     qemu.on('error', (err) => {
       qemuExited = true;
@@ -69,7 +82,10 @@ export async function runSupervisor(name: string): Promise<void> {
       state.exitCode = code;
       state.exitSignal = signal;
       state.endedAt = new Date().toISOString();
-      if (state.lifecycle === 'starting') {
+      if (selfFenced) {
+        state.lifecycle = 'crashed';
+        state.reason = `self-fenced: ${selfFenced}`;
+      } else if (state.lifecycle === 'starting') {
         state.lifecycle = 'failed';
         state.reason = `QEMU exited during start (code ${code}, signal ${signal}): ${lastLines(paths.qemuLog)}`;
       } else if (stopping) {
@@ -86,8 +102,24 @@ export async function runSupervisor(name: string): Promise<void> {
     });
   });
   state.qemuPid = qemu.pid;
+  state.qemuStartTime = procStartTime(qemu.pid);
   state.qemuSpawnedAt = performance.timeOrigin + spawnedAt;
   save();
+
+  // From QEMU's first moment: a restore's QEMU must die too if the agent goes silent.
+  const watchdog: WatchdogGuard = guardWithWatchdog(paths.watchdog, (reason) => {
+    if (qemuExited) return;
+    selfFenced = reason;
+    qemu.kill('SIGKILL');
+    state.selfFenced = reason;
+    state.selfFencedAt = new Date().toISOString();
+    logger.error({ reason }, 'watchdog starved: QEMU killed (self-fence)');
+    save();
+  });
+
+  // A record left by a checkpointer of an earlier QEMU does not apply to this one.
+  fs.rmSync(paths.cowGuard, { force: true });
+  const cowGuard = guardCowProtection(paths.cowGuard, () => (qemuExited ? undefined : qemu.pid), logger);
 
   let qmp: QmpClient | undefined;
   try {
@@ -146,13 +178,35 @@ export async function runSupervisor(name: string): Promise<void> {
   }
 
   await exited;
+  watchdog.stop();
+  cowGuard.stop();
+  if (serialIn !== undefined) fs.closeSync(serialIn);
   qmp?.close();
   control.close();
   control.closeAllConnections();
   removeStaleSockets(name);
+  // Before the final state: whoever sees the VM ended may create the same taps at once (a restore).
+  await releaseNics(spec).catch((err: unknown) => logger.warn({ err }, 'removing the VM\'s taps failed'));
   save();
   logger.info({ lifecycle: state.lifecycle, reason: state.reason }, 'VM ended');
   fs.closeSync(qemuErr);
+}
+
+/**
+ * The serial console's input: a FIFO held open read-write here, so QEMU's
+ * read-only open of it returns at once and never sees end-of-file while the
+ * VM lives. Whoever writes a line to it types on the guest's console.
+ * Undefined (no input) when the FIFO cannot be made.
+ */
+function openSerialInput(file: string): number | undefined {
+  fs.rmSync(file, { force: true });
+  const r = spawnSync('mkfifo', ['-m', '600', file], { stdio: 'ignore' });
+  if (r.status !== 0) return undefined;
+  try {
+    return fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
 }
 
 function lastLines(file: string, n = 3): string {

@@ -8,6 +8,7 @@ import { startEtcd, type EtcdProcess } from '../../src/ha/etcd-process.js';
 import { Cluster, keys, type VmRecord } from '../../src/ha/cluster.js';
 import { HostAgent, type AgentOptions } from '../../src/ha/agent.js';
 import { writeHaLocal } from '../../src/ha/local-vm.js';
+import { procStartTime } from '../../src/util/pid.js';
 import type { RestoreFn } from '../../src/ha/restore-adapter.js';
 import { tmpDir } from './tmp.js';
 
@@ -76,8 +77,9 @@ export function fakeVm(home: string, name: string, generation: number, host: str
   const dir = path.join(home, 'vms', name);
   fs.mkdirSync(dir, { recursive: true });
   const vm: FakeVm = { name, home, qemuPid: sleeper(), supervisorPid: sleeper(), checkpointerPid: sleeper() };
-  writeJson(path.join(dir, 'state.json'), { name, lifecycle: 'running', supervisorPid: vm.supervisorPid, qemuPid: vm.qemuPid, memoryBytes, startedAt: new Date().toISOString() });
-  writeJson(path.join(dir, 'protection.json'), { vm: name, pid: vm.checkpointerPid, generation, state: 'protected', committedEpoch: 1, updatedAt: Date.now() });
+  // Start times as the supervisor records them: fencing signals a PID only while it matches.
+  writeJson(path.join(dir, 'state.json'), { name, lifecycle: 'running', supervisorPid: vm.supervisorPid, supervisorStartTime: procStartTime(vm.supervisorPid), qemuPid: vm.qemuPid, qemuStartTime: procStartTime(vm.qemuPid), memoryBytes, startedAt: new Date().toISOString() });
+  writeJson(path.join(dir, 'protection.json'), { vm: name, pid: vm.checkpointerPid, startTime: procStartTime(vm.checkpointerPid), generation, state: 'protected', committedEpoch: 1, updatedAt: Date.now() });
   if (withHa) writeHaLocal(home, { vm: name, host, generation, updatedAt: Date.now() });
   return vm;
 }
@@ -145,7 +147,7 @@ export function fakeRestore(home: string, host: string, delayMs = 30): RestoreFn
 
 /** Register a VM as protected on `host` at `generation` straight into etcd. */
 export async function registerVm(cluster: Cluster, rec: Partial<VmRecord> & { name: string; host: string; generation: number }): Promise<void> {
-  const full: VmRecord = { store: '127.0.0.1:1', mode: 'file', intervalMs: 1000, state: 'protected', imageGeneration: rec.generation, memoryBytes: 128 << 20, updatedAt: Date.now(), ...rec };
+  const full: VmRecord = { store: '127.0.0.1:1', mode: 'network', intervalMs: 1000, state: 'protected', imageGeneration: rec.generation, memoryBytes: 128 << 20, updatedAt: Date.now(), ...rec };
   await cluster.etcd.put(keys.generation(rec.name)).value(String(rec.generation));
   await cluster.etcd.put(keys.vm(rec.name)).value(JSON.stringify(full));
 }
@@ -216,4 +218,72 @@ export async function partitionableProxy(target: string): Promise<Partitionable>
       server.close(() => r());
     }),
   };
+}
+
+/** The live QEMU processes of VM `vm` whose command line mentions a path under `root` (any host's home), from /proc. */
+export function liveQemusOf(vm: string, root: string): number[] {
+  const out: number[] = [];
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    let args: string[];
+    try {
+      args = fs.readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue;
+    }
+    const i = args.indexOf('-name');
+    if (i < 0 || args[i + 1] !== `${vm},debug-threads=on` || !args.some((a) => a.includes(root))) continue;
+    if (pidAliveNotZombie(Number(d))) out.push(Number(d));
+  }
+  return out;
+}
+
+function pidAliveNotZombie(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Samples every `periodMs` (50) how many QEMUs of each VM are alive across
+ * every host under `root`: the proof that no VM ever runs twice.
+ */
+export class IncarnationSampler {
+  samples = 0;
+  /** Per VM: samples that saw at least one / two or more live QEMUs. */
+  seen = new Map<string, { one: number; twoOrMore: number; pidsAtDouble: number[][] }>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly vms: string[], private readonly root: string, private readonly periodMs = 50) {}
+
+  start(): this {
+    this.timer = setInterval(() => this.sample(), this.periodMs);
+    return this;
+  }
+
+  sample(): void {
+    this.samples++;
+    for (const vm of this.vms) {
+      const pids = liveQemusOf(vm, this.root);
+      const s = this.seen.get(vm) ?? { one: 0, twoOrMore: 0, pidsAtDouble: [] };
+      if (pids.length >= 1) s.one++;
+      if (pids.length >= 2) {
+        s.twoOrMore++;
+        if (s.pidsAtDouble.length < 5) s.pidsAtDouble.push(pids);
+      }
+      this.seen.set(vm, s);
+    }
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  doubles(): number {
+    return [...this.seen.values()].reduce((n, s) => n + s.twoOrMore, 0);
+  }
 }

@@ -3,7 +3,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync, spawn } from 'node:child_process';
 import { cliEntry } from '../../src/config/paths.js';
+import assert from 'node:assert/strict';
 import { spawnStore, type StoreProcess } from '../../src/store/index.js';
+import { countViolations, readSerial, requestFullVerify, type FullVerify } from '../../src/vm/index.js';
 
 /**
  * Each test file gets its own HYDRAVM_HOME so runs never see
@@ -58,9 +60,14 @@ export function makeLab(prefix: string): Lab {
       return file;
     },
     cleanup() {
-      // Stop whatever a failed test left running, then remove the lab.
-      const vms = path.join(home, 'vms');
-      for (const name of fs.existsSync(vms) ? fs.readdirSync(vms) : []) {
+      // Stop whatever a failed test left running, then remove the lab: the lab's own VMs and
+      // those of every host of an embedded cluster inside it (DIR/hosts/HOST/vms).
+      const vmDirs = [path.join(home, 'vms')];
+      for (const c of fs.existsSync(home) ? fs.readdirSync(home) : []) {
+        const hosts = path.join(home, c, 'hosts');
+        if (fs.existsSync(hosts)) for (const h of fs.readdirSync(hosts)) vmDirs.push(path.join(hosts, h, 'vms'));
+      }
+      for (const vms of vmDirs) for (const name of fs.existsSync(vms) ? fs.readdirSync(vms) : []) {
         try {
           const st = JSON.parse(fs.readFileSync(path.join(vms, name, 'state.json'), 'utf8'));
           for (const pid of [st.supervisorPid, st.qemuPid]) if (pid) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
@@ -92,4 +99,19 @@ export function readJson<T>(file: string): T | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * Prove the whole guest, not a sample: ask memcheck for a full verification
+ * of every page (through the serial console) and require 0 violations over
+ * all of its working set, and no violation line since `fromOffset`.
+ */
+export async function assertFullVerify(serialLog: string, fromOffset = 0): Promise<FullVerify> {
+  const full = await requestFullVerify(serialLog, undefined, 180_000);
+  assert.equal(full.violations, 0, `memcheck full verification of ${serialLog}: ${full.violations} violations`);
+  // The working set as memcheck reports it in every progress line (a restored log has no start line).
+  const pages = Number(/memcheck: step=\d+ pages=(\d+)/.exec(readSerial(serialLog))?.[1] ?? 0);
+  assert.ok(pages > 0 && full.pages === pages, `every page verified (${full.pages} of ${pages})`);
+  assert.equal(countViolations(serialLog, fromOffset), 0, readSerial(serialLog).slice(fromOffset).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
+  return full;
 }
