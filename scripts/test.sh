@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: unit tests beside the code (src/**/*.test.ts) and
-# multi-process tests with real QEMU guests (test/*.test.ts).
+# multi-process tests with real QEMU guests (test/*.test.ts); test/long/ is `npm run test:long`.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import {
-  BenchError, ImageError, NetError, RedisClientError, CheckpointError, ConfigError, DiskError, ERROR_CODES, HaError, HydraError, IoError, NativeError, ProtocolError, QemuError, QmpClosedError,
+  BenchError, ImageError, NetError, RedisClientError, CheckpointError, ConfigError, DiskError, ERROR_CODES, HaError, HydraError, IoError, NativeError, NetnsError, ProtocolError, QemuError, QmpClosedError,
   QmpError, QmpTimeoutError, RestoreError, SetupError, SpecError, StoreError, TrackerError, VmError, errorFromCode, familyOf, ioStepError,
   isHydraCode, type ErrorFamily, type HydraCode,
 } from './errors.js';
@@ -28,6 +28,7 @@ const CLASS_OF: Record<ErrorFamily, (code: HydraCode) => abstract new (...a: nev
   restore: () => RestoreError,
   disk: () => DiskError,
   ha: () => HaError,
+  netns: () => NetnsError,
   bench: () => BenchError,
   net: () => NetError,
   image: () => ImageError,

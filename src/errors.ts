@@ -54,6 +54,7 @@ export const ERROR_CODES = {
     'HYDRA_HA_PROTECT_FAILED', 'HYDRA_HA_SPAWN', 'HYDRA_HA_STOPPED', 'HYDRA_HA_TIMEOUT', 'HYDRA_HA_VM_MANAGED',
     'HYDRA_HA_HW_WATCHDOG', 'HYDRA_HA_BAD_ASSIGNMENT', 'HYDRA_ETCD_CREDENTIALS',
   ],
+  netns: ['HYDRA_NETNS_ADDRESS_IN_USE', 'HYDRA_NETNS_FAILED', 'HYDRA_NETNS_IP_MISSING', 'HYDRA_NETNS_LEFTOVER', 'HYDRA_NETNS_NOT_ROOT'],
   net: ['HYDRA_NET_BRIDGE_MISSING', 'HYDRA_NET_TAP_PERMISSION', 'HYDRA_NET_TAP_BUSY', 'HYDRA_NET_TAP_FAILED', 'HYDRA_NET_MAC_CLASH'],
   image: ['HYDRA_IMAGE_NO_SPACE', 'HYDRA_IMAGE_BUILD_FAILED', 'HYDRA_IMAGE_BAD_ARGS'],
   redis: ['HYDRA_REDIS_CONNECT', 'HYDRA_REDIS_TIMEOUT', 'HYDRA_REDIS_CLOSED', 'HYDRA_REDIS_ERROR', 'HYDRA_REDIS_PROTOCOL', 'HYDRA_REDIS_BUSY'],
@@ -74,6 +75,7 @@ export type CheckpointCode = CodeOf<'checkpoint'>;
 export type RestoreCode = CodeOf<'restore'>;
 export type DiskCode = CodeOf<'disk'>;
 export type HaCode = CodeOf<'ha'>;
+export type NetnsCode = CodeOf<'netns'>;
 export type BenchCode = CodeOf<'bench'>;
 export type NetCode = CodeOf<'net'>;
 export type ImageCode = CodeOf<'image'>;
@@ -161,6 +163,8 @@ export class RestoreError extends HydraError<RestoreCode> {}
 export class DiskError extends HydraError<DiskCode> {}
 /** The HA layer: etcd, agents, the manager. */
 export class HaError extends HydraError<HaCode> {}
+/** Hosts that are network namespaces: `ip`, privileges, addresses, leftovers. */
+export class NetnsError extends HydraError<NetnsCode> {}
 /** A benchmark or the demo found its run unusable. */
 export class BenchError extends HydraError<BenchCode> {}
 /** VM networking on this host: bridges, taps, MACs. */
@@ -187,6 +191,7 @@ const FAMILY_ERROR: { [F in ErrorFamily]: (code: CodeOf<F>, message: string, opt
   restore: (code, message, options) => new RestoreError(code, message, options),
   disk: (code, message, options) => new DiskError(code, message, options),
   ha: (code, message, options) => new HaError(code, message, options),
+  netns: (code, message, options) => new NetnsError(code, message, options),
   bench: (code, message, options) => new BenchError(code, message, options),
   net: (code, message, options) => new NetError(code, message, options),
   image: (code, message, options) => new ImageError(code, message, options),

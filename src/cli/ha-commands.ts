@@ -117,26 +117,40 @@ export function registerHaCommands(program: Command): void {
     .option('--hosts <n|names>', 'number of hosts, or comma-separated names', '2')
     .option('--host-memory <size>', 'memory each host offers to VMs, e.g. 2G')
     .option('--etcd-port <port>', 'etcd client port (default: a free one)')
-    .option('--lease-ttl <seconds>', 'host lease TTL', '1')
+    .option('--lease-ttl <seconds>', 'host lease TTL (default 1; 3 with --netns)')
     .option('--secret-file <file>', 'cluster secret (default DIR/cluster.secret, created)')
+    .option('--netns', 'each host in its own network namespace on one bridge, with its own etcd member (a 3-member etcd for 3 hosts) and a checkpoint store in the first host (needs root)')
+    .option('--netns-prefix <prefix>', 'name prefix of the namespaces, bridge and veths', 'hvm-')
+    .option('--netns-subnet <cidr>', 'the hosts\' /24 inside 198.18.0.0/15 (bridge .1, hosts .11, .12, ...)', '198.18.100.0/24')
     .option('--json', 'print the cluster description as JSON')
-    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl: string; secretFile?: string; json?: boolean }) => {
-      const { startEmbeddedCluster } = await import('../ha/index.js');
+    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl?: string; secretFile?: string; json?: boolean; netns?: boolean; netnsPrefix: string; netnsSubnet: string }) => {
+      const { startEmbeddedCluster, startNetnsCluster } = await import('../ha/index.js');
       const { parseSize } = await import('../vm/index.js');
       const hosts = /^\d+$/.test(opts.hosts) ? positiveInt(opts.hosts, '--hosts') : opts.hosts.split(',').map((s) => s.trim()).filter(Boolean);
-      const c = await startEmbeddedCluster({
+      if (opts.netns && opts.etcdPort) throw new SpecError('--etcd-port: namespaced hosts run their etcd members on port 2379 of their own address');
+      const c = opts.netns ? await startNetnsCluster({
+        dir: opts.dir,
+        hosts,
+        prefix: opts.netnsPrefix,
+        subnet: opts.netnsSubnet,
+        hostMemoryBytes: opts.hostMemory ? parseSize(opts.hostMemory, '--host-memory') : undefined,
+        leaseTtlSec: opts.leaseTtl === undefined ? undefined : positiveInt(opts.leaseTtl, '--lease-ttl'),
+        secretFile: opts.secretFile,
+      }) : await startEmbeddedCluster({
         dir: opts.dir,
         hosts,
         hostMemoryBytes: opts.hostMemory ? parseSize(opts.hostMemory, '--host-memory') : undefined,
         etcdPort: opts.etcdPort ? positiveInt(opts.etcdPort, '--etcd-port') : undefined,
-        leaseTtlSec: positiveInt(opts.leaseTtl, '--lease-ttl'),
+        leaseTtlSec: positiveInt(opts.leaseTtl ?? '1', '--lease-ttl'),
         secretFile: opts.secretFile,
       });
       c.cluster.close();
       const { cluster: _c, stop: _s, ...info } = c;
       if (opts.json) return printJson(info);
-      process.stdout.write(`cluster up in ${c.dir}\n  etcd     ${c.etcdUrl} (pid ${c.etcd.pid})\n  manager  pid ${c.manager?.pid}\n`);
-      for (const h of c.hosts) process.stdout.write(`  ${h.host.padEnd(8)} pid ${h.pid}, HYDRAVM_HOME=${h.home}\n`);
+      process.stdout.write(`cluster up in ${c.dir}\n  etcd     ${c.etcdUrl} (pid ${(c.etcdMembers ?? [c.etcd]).map((m) => m.pid).join(', ')})\n  manager  pid ${c.manager?.pid}\n`);
+      if (c.store) process.stdout.write(`  store    ${c.store.address} (pid ${c.store.pid}), directory ${c.store.dir}\n`);
+      if (c.netns) process.stdout.write(`  bridge   ${c.netns.bridge} ${c.netns.bridgeAddress}\n`);
+      for (const h of c.hosts) process.stdout.write(`  ${h.host.padEnd(8)} pid ${h.pid}, HYDRAVM_HOME=${h.home}${h.netns ? `, netns ${h.netns} ${h.address}` : ''}\n`);
       process.stdout.write(`  logs     ${path.join(c.dir, 'logs')}\n  export HYDRAVM_ETCD=${c.etcdUrl}\n`);
     });
 
@@ -147,6 +161,31 @@ export function registerHaCommands(program: Command): void {
       const { stopEmbeddedCluster, defaultClusterDir } = await import('../ha/index.js');
       const dir = opts.dir ?? defaultClusterDir();
       process.stdout.write((await stopEmbeddedCluster(dir)) ? `cluster in ${dir} stopped\n` : `no cluster in ${dir}\n`);
+    });
+
+  cluster.command('partition')
+    .description('namespaced cluster: cut HOST off from every other host, etcd member and store (its veth goes down)')
+    .argument('<host>')
+    .option('--dir <dir>', 'cluster directory')
+    .action(async (host: string, opts: { dir?: string }) => {
+      const { readClusterInfo, defaultClusterDir, setHostLink } = await import('../ha/index.js');
+      const dir = opts.dir ?? defaultClusterDir();
+      const info = readClusterInfo(dir);
+      if (!info?.netns) throw new SpecError(`no namespaced cluster in ${dir} (\`hydravm cluster up --netns\`)`);
+      setHostLink(info.netns, host, false);
+      process.stdout.write(`${host} partitioned (link ${info.netns.hosts.find((h) => h.host === host)!.veth} down); \`hydravm cluster heal\` reconnects it\n`);
+    });
+
+  cluster.command('heal')
+    .description('namespaced cluster: bring every host\'s link back up')
+    .option('--dir <dir>', 'cluster directory')
+    .action(async (opts: { dir?: string }) => {
+      const { readClusterInfo, defaultClusterDir, setHostLink } = await import('../ha/index.js');
+      const dir = opts.dir ?? defaultClusterDir();
+      const info = readClusterInfo(dir);
+      if (!info?.netns) throw new SpecError(`no namespaced cluster in ${dir} (\`hydravm cluster up --netns\`)`);
+      for (const h of info.netns.hosts) setHostLink(info.netns, h.host, true);
+      process.stdout.write('every host link is up\n');
     });
 
   etcdSecurityFlags(cluster.command('status'))

@@ -9,6 +9,7 @@ import { Cluster } from './cluster.js';
 import { HaError } from '../errors.js';
 import { startEtcd, stopPid } from './etcd-process.js';
 import { pidAlive } from '../util/pid.js';
+import { inNetns, removeNetns, type NetnsLayout } from './netns.js';
 import { sleep } from '../util/sleep.js';
 
 /**
@@ -54,6 +55,9 @@ export interface DaemonInfo {
 export interface EmbeddedHost extends DaemonInfo {
   host: string;
   home: string;
+  /** Namespaced clusters: the host's network namespace and address. */
+  netns?: string;
+  address?: string;
 }
 
 export interface EmbeddedClusterInfo {
@@ -65,6 +69,13 @@ export interface EmbeddedClusterInfo {
   manager?: DaemonInfo;
   hosts: EmbeddedHost[];
   startedAt: string;
+  // Namespaced clusters (`cluster up --netns`, see netns-cluster.ts); `etcd` is then the first member.
+  /** Every etcd member, one per host. */
+  etcdMembers?: (DaemonInfo & { url: string; netns: string })[];
+  /** The checkpoint store the cluster started (in the first host's namespace). */
+  store?: DaemonInfo & { address: string; dir: string };
+  /** Namespaces, bridge and veths created: what `cluster down` removes. */
+  netns?: NetnsLayout;
 }
 
 export interface EmbeddedCluster extends EmbeddedClusterInfo {
@@ -97,16 +108,18 @@ export function daemonCommand(): { command: string; args: string[] } {
 }
 
 /** Start a detached HA daemon (`agent ...` or `manager ...`) with a pid file and a log. */
-export function spawnDaemon(dir: string, name: string, daemonArgs: string[], env: NodeJS.ProcessEnv): DaemonInfo {
+export function spawnDaemon(dir: string, name: string, daemonArgs: string[], env: NodeJS.ProcessEnv, netns?: string): DaemonInfo {
   const logs = path.join(dir, 'logs');
   const run = path.join(dir, 'run');
   fs.mkdirSync(logs, { recursive: true });
   fs.mkdirSync(run, { recursive: true });
   const log = path.join(logs, `${name}.log`);
   const pidFile = path.join(run, `${name}.pid`);
-  const { command, args } = daemonCommand();
+  const daemon = daemonCommand();
+  // nsenter execs the daemon: the pid is the daemon's, and its children (supervisors, QEMU) inherit the namespace.
+  const [command, ...args] = netns ? [...inNetns(netns), daemon.command, ...daemon.args] : [daemon.command, ...daemon.args];
   const fd = fs.openSync(log, 'a');
-  const child = spawn(command, [...args, ...daemonArgs], { detached: true, stdio: ['ignore', fd, fd], env, cwd: process.cwd() });
+  const child = spawn(command!, [...args, ...daemonArgs], { detached: true, stdio: ['ignore', fd, fd], env, cwd: process.cwd() });
   fs.closeSync(fd);
   child.unref();
   if (!child.pid) throw new HaError('HYDRA_HA_SPAWN', `cannot start ${name} (see ${log})`);
@@ -190,7 +203,7 @@ export function restartDaemon(dir: string, name: string, env: NodeJS.ProcessEnv 
   const old = host ?? (info.manager?.name === name ? info.manager : undefined);
   if (!old?.args) throw new HaError('HYDRA_HA_SPAWN', `no daemon "${name}" with recorded arguments in ${dir}`);
   if (pidAlive(old.pid)) throw new HaError('HYDRA_HA_SPAWN', `daemon "${name}" still runs (pid ${old.pid})`);
-  const d = spawnDaemon(dir, name, old.args, { ...process.env, ...env, ...(host ? { HYDRAVM_HOME: host.home } : {}) });
+  const d = spawnDaemon(dir, name, old.args, { ...process.env, ...env, ...(host ? { HYDRAVM_HOME: host.home } : {}) }, host?.netns);
   if (host) Object.assign(host, d);
   else info.manager = d;
   fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
@@ -205,7 +218,11 @@ export async function stopEmbeddedCluster(dir = defaultClusterDir()): Promise<bo
   const who = (d: DaemonInfo, fallback: string[]) => ({ cmdline: d.args?.length ? d.args : fallback });
   if (info.manager) await stopPid(info.manager.pid, 3000, who(info.manager, ['manager']));
   await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000, who(h, ['agent', '--host', h.host]))));
-  await stopPid(info.etcd.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', 'data')] });
-  for (const d of [info.etcd, info.manager, ...info.hosts]) if (d) fs.rmSync(d.pidFile, { force: true });
+  if (info.store) await stopPid(info.store.pid, 3000, { cmdline: ['store', '--dir', info.store.dir] });
+  if (info.etcdMembers) await Promise.all(info.etcdMembers.map((m) => stopPid(m.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', m.name.replace(/^etcd-/, ''))] })));
+  else await stopPid(info.etcd.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', 'data')] });
+  for (const d of [info.etcd, info.manager, info.store, ...info.hosts, ...(info.etcdMembers ?? [])]) if (d?.pidFile) fs.rmSync(d.pidFile, { force: true });
+  // What still runs in the namespaces (VMs of a killed agent) dies with them.
+  if (info.netns) removeNetns(info.netns);
   return true;
 }

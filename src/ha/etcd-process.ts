@@ -7,6 +7,7 @@ import { HaError } from '../errors.js';
 import { killProcess, type ProcessIdentity } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { sleep } from '../util/sleep.js';
+import { inNetns } from './netns.js';
 
 /**
  * A single local etcd member for the embedded mode (demo, tests, one-machine
@@ -32,6 +33,23 @@ export interface EtcdOptions {
   detached?: boolean;
   /** How long to wait for /health. */
   timeoutMs?: number;
+  /** Address to listen and advertise on (default 127.0.0.1). */
+  listenHost?: string;
+  /**
+   * Members of a multi-member cluster, NAME=PEER_URL comma-separated, this
+   * member included (default: this member alone).
+   */
+  initialCluster?: string;
+  /** Raft timing (default 50 / 300 ms: one member answers at once; several need more slack, see netns-cluster.ts). */
+  heartbeatMs?: number;
+  electionMs?: number;
+  /** Run inside this network namespace (/run/netns/NAME), through nsenter. */
+  netns?: string;
+  /**
+   * Wait for /health (default true). A member of a new multi-member cluster
+   * is healthy only once a quorum runs: start them all, then waitEtcdHealthy().
+   */
+  waitHealthy?: boolean;
 }
 
 export interface EtcdProcess {
@@ -122,8 +140,9 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
   const clientPort = opts.clientPort || (await freePort());
   const peerPort = opts.peerPort || (await freePort());
   const name = opts.name ?? 'default';
-  const url = `http://127.0.0.1:${clientPort}`;
-  const peerUrl = `http://127.0.0.1:${peerPort}`;
+  const listen = opts.listenHost ?? '127.0.0.1';
+  const url = `http://${listen}:${clientPort}`;
+  const peerUrl = `http://${listen}:${peerPort}`;
   fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   fs.chmodSync(opts.dataDir, 0o700);
   const logFile = opts.logFile ?? path.join(path.dirname(path.resolve(opts.dataDir)), 'etcd.log');
@@ -134,17 +153,21 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
     '--advertise-client-urls', url,
     '--listen-peer-urls', peerUrl,
     '--initial-advertise-peer-urls', peerUrl,
-    '--initial-cluster', `${name}=${peerUrl}`,
+    '--initial-cluster', opts.initialCluster ?? `${name}=${peerUrl}`,
     '--initial-cluster-state', 'new',
-    '--heartbeat-interval', '50',
-    '--election-timeout', '300',
+    '--heartbeat-interval', String(opts.heartbeatMs ?? 50),
+    '--election-timeout', String(opts.electionMs ?? 300),
+    // Several members: a member returning from a partition with a raised term
+    // must not depose the leader (an election at every heal).
+    ...(opts.initialCluster ? ['--pre-vote=true'] : []),
     '--logger', 'zap',
     '--log-outputs', 'stderr',
   ];
   const logFd = fs.openSync(logFile, 'a');
   let child: ChildProcess;
   try {
-    child = spawn(binary, args, { stdio: ['ignore', logFd, logFd], detached: !!opts.detached });
+    const argv = opts.netns ? [...inNetns(opts.netns), binary, ...args] : [binary, ...args];
+    child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', logFd, logFd], detached: !!opts.detached });
   } finally {
     fs.closeSync(logFd);
   }
@@ -156,6 +179,7 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
 
   const deadline = Date.now() + (opts.timeoutMs ?? 15_000);
   for (;;) {
+    if (opts.waitHealthy === false) break;
     if (await etcdHealthy(url)) break;
     if (exited) throw new HaError('HYDRA_ETCD_FAILED', `etcd exited during start (port ${clientPort} or ${peerPort} taken? see ${logFile}): ${lastLines(logFile)}`);
     if (Date.now() > deadline) {
@@ -173,6 +197,20 @@ export async function startEtcd(opts: EtcdOptions): Promise<EtcdProcess> {
     pause: () => process.kill(pid, 'SIGSTOP'),
     resume: () => process.kill(pid, 'SIGCONT'),
   };
+}
+
+/** Wait until every member answers /health (a quorum formed), or say which did not. */
+export async function waitEtcdHealthy(members: EtcdProcess[], timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const sick: EtcdProcess[] = [];
+    for (const m of members) if (!(await etcdHealthy(m.url))) sick.push(m);
+    if (sick.length === 0) return;
+    const dead = sick.find((m) => !pidAlive(m.pid));
+    if (dead) throw new HaError('HYDRA_ETCD_FAILED', `etcd member at ${dead.url} exited during start (see ${dead.logFile}): ${lastLines(dead.logFile)}`);
+    if (Date.now() > deadline) throw new HaError('HYDRA_ETCD_FAILED', `etcd members ${sick.map((m) => m.url).join(', ')} not healthy within ${timeoutMs / 1000} s (see ${sick.map((m) => m.logFile).join(', ')})`);
+    await sleep(100);
+  }
 }
 
 function lastLines(file: string, n = 3): string {

@@ -2,7 +2,7 @@
  * HydraVM high availability: failure detection and automatic fail-over, with
  * cluster state in etcd. See docs/ha.md.
  */
-export { startEtcd, findEtcd, freePort, etcdHealthy, type EtcdProcess, type EtcdOptions } from './etcd-process.js';
+export { startEtcd, waitEtcdHealthy, findEtcd, freePort, etcdHealthy, type EtcdProcess, type EtcdOptions } from './etcd-process.js';
 export {
   Cluster, connectEtcd, keys, PREFIX, deriveTiming,
   type ClusterOptions, type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
@@ -16,5 +16,7 @@ export { readLocalVm, listLocalVms, vmDeath, writeHaLocal, type HaLocal, type Lo
 export { fenceLocalVm, staleReason } from './fence.js';
 export { protectInCluster, forgetVm, waitForVm, waitForFailover, clusterStatus, type ClusterStatus, type ProtectInClusterRequest } from './client.js';
 export { startEmbeddedCluster, stopEmbeddedCluster, restartDaemon, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
+export { startNetnsCluster, DEFAULT_NETNS_PREFIX, type NetnsClusterOptions } from './netns-cluster.js';
+export { planNetns, removeNetns, setHostLink, existingWithPrefix, processInNetns, inNetns, type NetnsLayout, type NetnsHost } from './netns.js';
 export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';
 export { HaError } from '../errors.js';

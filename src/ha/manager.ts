@@ -155,6 +155,12 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   private async lead(c: Campaign): Promise<void> {
     const current = () => this.running && this.campaign === c && !!this.leaderKey;
     const trigger = () => void this.reconcile();
+    // The periodic pass starts first: creating a watch has no deadline, and after
+    // a broken watch stream (a re-election during an etcd leader change) it was
+    // seen to hang, which left an elected manager that never failed anything over.
+    if (this.timer) clearInterval(this.timer);
+    this.timer = setInterval(trigger, this.opts.reconcileMs ?? 250);
+    trigger();
     const w1 = await this.cluster.etcd.watch().prefix(keys.hostsPrefix).create();
     w1.on('delete', (kv) => {
       const host = kv.key.toString().slice(keys.hostsPrefix.length);
@@ -182,9 +188,12 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       // Stopped or deposed while we were setting up.
       await Promise.race([Promise.all([w1.cancel(), w2.cancel()]).catch(() => undefined), sleep(1000)]);
       this.leaderKey = undefined;
+      if (this.campaign === c || !this.running) {
+        if (this.timer) clearInterval(this.timer);
+        this.timer = undefined;
+      }
       return;
     }
-    this.timer = setInterval(trigger, this.opts.reconcileMs ?? 250);
     trigger();
   }
 
