@@ -65,8 +65,8 @@ test('a failure at every checkpoint step (collect, copy, devstate, freeze, overf
   const plan = CKPT_FAULT_STEPS.map((step, i) => `${step}@${4 + 20 * i}`).join(',');
   process.env.HYDRAVM_CKPT_FAULT = plan;
   try {
-    // A staging buffer capped at 64 KiB: every checkpoint has an overflow (copied in the pause, sent after it)
-    // and pre-copy rounds, so the overflow send is a step that can fail.
+    // A staging buffer capped at 64 KiB: every checkpoint sends pages beyond it (pre-copy rounds while the
+    // VM runs, or the pause's overflow after `cont`), so that send is a step that can fail.
     await protectVm({ vm, store: store.address, intervalMs: 300, generation: 1, stagingBytes: 64 * 1024, stagingCapBytes: 64 * 1024 });
   } finally {
     delete process.env.HYDRAVM_CKPT_FAULT;

@@ -211,6 +211,8 @@ export class Checkpointer {
       const runs = round === 0 ? mergeRuns(this.unacked, collected) : collected;
       // Sent in this checkpoint: if it is lost, they must go into the next one.
       this.unacked = round === 0 ? runs : mergeRuns(this.unacked, runs);
+      // A dropped connection: the send below fails as a real one would.
+      if (this.faults.drop('overflow', this.log)) await client.close();
       for (const batch of batchRuns(runs, BATCH_BYTES)) {
         const n = this.tracker.copyRuns(batch, this.bounce);
         await client.sendPages(batch, this.bounce.subarray(0, n));

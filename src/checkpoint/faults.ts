@@ -9,7 +9,8 @@
  *   copy      after they were copied into the staging buffer, in the pause
  *   devstate  as if xen-save-devices-state had failed, in the pause
  *   freeze    as if freezing the disk layers had failed, in the pause
- *   overflow  the store connection drops while overflow pages are sent in the pause
+ *   overflow  the store connection drops while pages beyond the staging buffer are sent: in a
+ *             pre-copy round before the pause, or the pause's overflow after `cont`
  *   send      the store connection drops while staged pages are sent after `cont`
  *   commit    just before COMMIT is sent
  *   ack       after COMMITTED arrived, before it is recorded (an acknowledgement lost)
