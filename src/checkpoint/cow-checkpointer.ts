@@ -202,6 +202,12 @@ export class CowCheckpointer {
     if (copied) this.needFull = false;
   }
 
+  /**
+   * One copy-on-write checkpoint: the pause only marks the dirty grains
+   * pending and re-protects those written since the pre-arm; the copier and
+   * the fault handler fill the ring after `cont`, and the ring drains to the
+   * store while the guest runs.
+   */
   private async checkpoint(epoch: number, kind: 'full' | 'incremental', continued = false): Promise<void> {
     const client = this.client!;
     const { wasRunning, startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
