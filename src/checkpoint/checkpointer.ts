@@ -1,12 +1,12 @@
 import fs from 'node:fs';
 import os from 'node:os';
-import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
+import { CheckpointError, HydraError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker, processStartTime } from '../tracker/index.js';
-import { StoreClient } from '../protocol/index.js';
+import type { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
-import { openCheckpoint, streamFullCopy } from './full-copy.js';
+import { joinStore, openCheckpoint, retryable, streamFullCopy } from './full-copy.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import { CheckpointFaults } from './faults.js';
@@ -224,34 +224,18 @@ export class Checkpointer {
 
   /** QEMU gone or this incarnation fenced: stop. Store trouble (or an injected test fault): retry. */
   private retryable(err: unknown): boolean {
-    if (err instanceof QmpClosedError) return false;
-    if (err instanceof CheckpointError && err.code === 'HYDRA_CKPT_INJECTED') return true;
-    if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
-    if (err instanceof CheckpointError) return false;
-    return true;
+    return retryable(err, 'HYDRA_CKPT_INJECTED');
   }
 
   private async connectStore(): Promise<void> {
-    this.client = await StoreClient.connect({
-      address: this.opts.store,
-      secret: this.opts.secret,
-      vm: this.opts.vm,
-      generation: this.opts.generation,
-      role: 'checkpointer',
-    });
-    const meta = await this.client.getMeta();
-    const storeEpoch = meta && meta.generation === this.opts.generation ? meta.committedEpoch : 0;
-    if (storeEpoch === 0) {
+    const joined = await joinStore(this.opts, this.status.committedEpoch, this.log);
+    this.client = joined.client;
+    if (joined.needFull) {
       this.needFull = true;
-      this.status.committedEpoch = 0;
-    } else if (storeEpoch !== this.status.committedEpoch) {
-      // The store is ahead (it committed what we never heard acknowledged) or behind (lost data):
-      // either way only a full checkpoint is certain to match memory.
-      this.log.warn({ storeEpoch, ours: this.status.committedEpoch }, 'store epoch differs from ours; taking a full checkpoint');
-      this.needFull = true;
-      this.status.committedEpoch = storeEpoch;
+      this.status.committedEpoch = joined.storeEpoch;
     }
   }
+
 
   /** Full checkpoint: copy all RAM while the VM runs, then one pause captures what changed meanwhile. */
   private async fullCheckpoint(): Promise<void> {

@@ -1,12 +1,12 @@
 // The checkpoint daemon of one VM in copy-on-write mode: the pause only re-arms the dirty grains; they are copied after `cont`.
 import fs from 'node:fs';
-import { CheckpointError, HydraError, QmpClosedError } from '../errors.js';
+import { CheckpointError, HydraError } from '../errors.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { CowTracker, processStartTime } from '../tracker/index.js';
-import { StoreClient } from '../protocol/index.js';
+import type { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
-import { openCheckpoint, streamFullCopy } from './full-copy.js';
+import { joinStore, openCheckpoint, retryable, streamFullCopy } from './full-copy.js';
 import { batchRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import type { CheckpointerOptions } from './checkpointer.js';
@@ -163,28 +163,20 @@ export class CowCheckpointer {
     }
   }
 
+  /** QEMU gone or this incarnation fenced: stop. Store trouble, or a given-up copy (the full checkpoint is taken again): retry. */
   private retryable(err: unknown): boolean {
-    if (err instanceof QmpClosedError) return false;
-    // A given-up full checkpoint is simply taken again.
-    if (err instanceof CheckpointError && err.code === 'HYDRA_CKPT_COW_COPY_FAILED') return true;
-    if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
-    if (err instanceof CheckpointError) return false;
-    return true;
+    return retryable(err, 'HYDRA_CKPT_COW_COPY_FAILED');
   }
 
   private async connectStore(): Promise<void> {
-    this.client = await StoreClient.connect({ address: this.opts.store, secret: this.opts.secret, vm: this.opts.vm, generation: this.opts.generation, role: 'checkpointer' });
-    const meta = await this.client.getMeta();
-    const storeEpoch = meta && meta.generation === this.opts.generation ? meta.committedEpoch : 0;
-    if (storeEpoch === 0) {
+    const joined = await joinStore(this.opts, this.status.committedEpoch, this.log);
+    this.client = joined.client;
+    if (joined.needFull) {
       this.needFull = true;
-      this.status.committedEpoch = 0;
-    } else if (storeEpoch !== this.status.committedEpoch) {
-      this.log.warn({ storeEpoch, ours: this.status.committedEpoch }, 'store epoch differs from ours; taking a full checkpoint');
-      this.needFull = true;
-      this.status.committedEpoch = storeEpoch;
+      this.status.committedEpoch = joined.storeEpoch;
     }
   }
+
 
   /** Full checkpoint: protect all RAM, copy what is populated while the VM runs, then one CoW pause closes it. */
   private async fullCheckpoint(): Promise<void> {

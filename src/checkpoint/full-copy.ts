@@ -1,6 +1,7 @@
-// Steps both checkpointers share: the bulk of a full checkpoint streamed while the VM runs, and what precedes each pause.
+// Steps both checkpointers share: joining the store, the bulk of a full checkpoint streamed while the VM runs, what precedes each pause, which failures are retried.
 import type { Logger } from 'pino';
-import type { StoreClient } from '../protocol/index.js';
+import { StoreClient } from '../protocol/index.js';
+import { CheckpointError, HydraError, QmpClosedError, type CheckpointCode } from '../errors.js';
 import type { DirtyRun } from '../tracker/index.js';
 import { batchRuns, totalBytes } from './runs.js';
 import type { ProtectionStatus } from './stats.js';
@@ -81,4 +82,35 @@ export async function openCheckpoint(o: CheckpointOpening): Promise<OpenedCheckp
   const wasRunning = (await o.qmp.execute<{ status: string }>('query-status')).status === 'running';
   if (!o.continued) await o.client.begin(o.epoch, o.kind, { ramSize: o.ramSize });
   return { wasRunning, startedAt, intervalMs: o.lastStart === null ? null : startedAt - o.lastStart };
+}
+
+export interface StoreJoin {
+  client: StoreClient;
+  /** The store's committed epoch of this generation (0: none). */
+  storeEpoch: number;
+  /** Only a full checkpoint is certain to match memory: the store has none, or it is ahead or behind us. */
+  needFull: boolean;
+}
+
+/** Connect as the checkpointer of the VM's generation and compare the store's committed epoch with ours. */
+export async function joinStore(o: { store: string; secret: string; vm: string; generation: number }, ourEpoch: number, log: Logger): Promise<StoreJoin> {
+  const client = await StoreClient.connect({ address: o.store, secret: o.secret, vm: o.vm, generation: o.generation, role: 'checkpointer' });
+  const meta = await client.getMeta();
+  const storeEpoch = meta && meta.generation === o.generation ? meta.committedEpoch : 0;
+  if (storeEpoch === 0) return { client, storeEpoch, needFull: true };
+  if (storeEpoch !== ourEpoch) {
+    // The store is ahead (it committed what we never heard acknowledged) or behind (lost data).
+    log.warn({ storeEpoch, ours: ourEpoch }, 'store epoch differs from ours; taking a full checkpoint');
+    return { client, storeEpoch, needFull: true };
+  }
+  return { client, storeEpoch, needFull: false };
+}
+
+/** QEMU gone or this incarnation fenced: stop. Store trouble, or the checkpointer's own `retriedCode`: retry. */
+export function retryable(err: unknown, retriedCode: CheckpointCode): boolean {
+  if (err instanceof QmpClosedError) return false;
+  if (err instanceof CheckpointError && err.code === retriedCode) return true;
+  if (err instanceof HydraError && /STALE_GENERATION|AUTH|VERSION|TRACKER|DISK/.test(err.code)) return false;
+  if (err instanceof CheckpointError) return false;
+  return true;
 }
