@@ -8,9 +8,11 @@ export interface BarSeries {
   values: (number | null)[];
 }
 
-const COLORS = ['#4e79a7', '#f28e2b', '#59a14f', '#e15759', '#76b7b2', '#edc948'];
+/** The series palette every benchmark chart uses. */
+export const COLORS = ['#4e79a7', '#f28e2b', '#59a14f', '#e15759', '#76b7b2', '#edc948'];
 
-function esc(s: string): string {
+/** Text for an SVG element. */
+export function esc(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 }
 

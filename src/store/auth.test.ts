@@ -11,7 +11,7 @@ import {
   FRAME_HEADER_SIZE, FrameType, StoreClient, decodeJson, encodeJson, errorSchema,
 } from '../protocol/index.js';
 import { startStoreServer, openVmImage, type StoreServer } from './index.js';
-import { PAGE, SECRET, prng, tmpDir } from '../../test/support/store-data.js';
+import { PAGE, SECRET, commitFullCheckpoint, prng, tmpDir } from '../../test/support/store-data.js';
 import { RawPeer, fakeStore, flipPayloadBit, frameRelay, rawHandshake, type RelayedFrame } from '../../test/support/protocol-peers.js';
 
 const code = (c: string) => (e: unknown) => {
@@ -34,14 +34,6 @@ function client(address: string, vm: string, generation: number, opts: { secret?
   return StoreClient.connect({ address, secret: opts.secret ?? SECRET, vm, generation, role: opts.role ?? 'checkpointer', timeoutMs: 5000, tls: null });
 }
 
-async function fullCheckpoint(c: StoreClient, epoch: number, ram: number, seed: number): Promise<Buffer> {
-  const img = prng(seed, ram);
-  await c.begin(epoch, 'full', { ramSize: ram });
-  await c.sendPages([{ offset: 0, length: ram }], img);
-  await c.sendDeviceState(prng(seed + 1, 1000));
-  await c.commit();
-  return img;
-}
 
 test('handshake mixes: genuine and fake clients and stores, with and without the secret', async () => {
   const s = await start();
@@ -99,7 +91,7 @@ test('a recorded handshake replayed to the store is refused', async () => {
   const relay = await frameRelay(s.address);
   cleanup.push(relay.close);
   const c = await client(relay.address, 'rep', 1);
-  await fullCheckpoint(c, 1, 64 * PAGE, 5);
+  await commitFullCheckpoint(c, 1, 64 * PAGE, 5);
   await c.close();
   assert.ok(relay.recorded.c2s.length >= 5);
   // Replay the client's bytes verbatim (HELLO, AUTH, BEGIN, ...) on a new connection, one frame per reply.
@@ -163,7 +155,7 @@ test('tampering after the handshake: flipped page data, replayed, dropped and re
   const RAM = 256 * PAGE;
   const s = await start();
   const base = await client(s.address, 'tam', 1);
-  const img = await fullCheckpoint(base, 1, RAM, 11);
+  const img = await commitFullCheckpoint(base, 1, RAM, 11);
   await base.close();
 
   type Case = { name: string; c2s: (f: RelayedFrame, st: { pages: Buffer[] }) => Buffer | Buffer[] | null; expect: string[] };
@@ -197,7 +189,7 @@ test('tampering after the handshake: flipped page data, replayed, dropped and re
       }, 20);
       setTimeout(() => { clearInterval(t); resolve(null); }, 10_000);
     });
-    await assert.rejects(fullCheckpoint(c, 2, RAM, 100), (e: unknown) => e instanceof Error, k.name);
+    await assert.rejects(commitFullCheckpoint(c, 2, RAM, 100), (e: unknown) => e instanceof Error, k.name);
     const got = await closed;
     assert.ok(got !== null && k.expect.includes(got), `${k.name}: store answered ${got}, expected ${k.expect.join(' or ')}`);
     await c.close().catch(() => undefined);
@@ -213,7 +205,7 @@ test('tampering from the store side: a flipped bit in read page data is refused 
   const RAM = 256 * PAGE;
   const s = await start();
   const w = await client(s.address, 'rd', 1);
-  await fullCheckpoint(w, 1, RAM, 12);
+  await commitFullCheckpoint(w, 1, RAM, 12);
   await w.close();
   for (const fixCrc of [true, false]) {
     const relay = await frameRelay(s.address, { s2c: (f) => (f.type === FrameType.PAGES ? flipPayloadBit(f.bytes, f.bytes.readUInt32BE(12) - 1, fixCrc) : f.bytes) });

@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { FrameType, StoreClient, encodeFrame } from '../protocol/index.js';
 import { spawnStore, type StoreProcess } from './spawn.js';
-import { PAGE, SECRET, prng, tmpDir } from '../../test/support/store-data.js';
+import { PAGE, SECRET, commitFullCheckpoint, prng, tmpDir } from '../../test/support/store-data.js';
 import { hostPort, makeTlsFiles, rawHandshake, rssBytes } from '../../test/support/protocol-peers.js';
 
 const code = (c: string) => (e: unknown) => {
@@ -39,14 +39,6 @@ function connect(address: string, vm: string, generation: number, extra: Partial
   return StoreClient.connect({ address, secret: SECRET, vm, generation, role: 'checkpointer', timeoutMs: 10_000, tls: null, ...extra });
 }
 
-async function checkpoint(c: StoreClient, epoch: number, ram: number, seed: number): Promise<Buffer> {
-  const img = prng(seed, ram);
-  await c.begin(epoch, 'full', { ramSize: ram });
-  await c.sendPages([{ offset: 0, length: ram }], img);
-  await c.sendDeviceState(prng(seed + 1, 1000));
-  await c.commit();
-  return img;
-}
 
 test('pre-authentication flood: the store stays small and a real checkpointer keeps working', async () => {
   const s = await storeProcess();
@@ -54,7 +46,7 @@ test('pre-authentication flood: the store stays small and a real checkpointer ke
   const RAM = 8 * 1024 * 1024;
   // Warm the legitimate path first, so its buffers are part of the baseline.
   const warm = await connect(s.address, 'flood', 1);
-  await checkpoint(warm, 1, RAM, 1);
+  await commitFullCheckpoint(warm, 1, RAM, 1);
   await warm.close();
   await sleep(500);
   const base = rssBytes(pid);
@@ -118,7 +110,7 @@ test('pre-authentication flood: the store stays small and a real checkpointer ke
           await sleep(100);
         }
       }
-      const img = await checkpoint(c, epoch, RAM, epoch * 10);
+      const img = await commitFullCheckpoint(c, epoch, RAM, epoch * 10);
       const reader = await connect(s.address, 'flood', 1, { role: 'reader' });
       assert.ok((await reader.readPages([{ offset: 0, length: RAM }])).equals(img), `epoch ${epoch} reads back intact during the flood`);
       await reader.close();
@@ -151,7 +143,7 @@ test('a stopped (SIGSTOP) checkpointer is replaced by a new one of the same gene
   const s = await storeProcess();
   const RAM = 2 * 1024 * 1024;
   const first = await connect(s.address, 'half', 1);
-  await checkpoint(first, 1, RAM, 3);
+  await commitFullCheckpoint(first, 1, RAM, 3);
   await first.close();
   // A checkpointer process in the middle of epoch 2, then frozen: its socket stays open, silent.
   const script = `
@@ -204,7 +196,7 @@ test('idle timeout: a silent authenticated socket is dropped, a quiet client sta
   // The slot it held is free again, and a client that stays quiet for 3 idle timeouts is kept (PING).
   const c = await connect(s.address, 'idle', 1);
   await sleep(4500);
-  await checkpoint(c, 1, 64 * PAGE, 9);
+  await commitFullCheckpoint(c, 1, 64 * PAGE, 9);
   await c.close();
   assert.match(fs.readFileSync(s.log, 'utf8'), /silent beyond the idle timeout/);
 });
@@ -215,7 +207,7 @@ test('TLS: checkpoint and page read work, a wrong CA, a wrong name and a plain c
   const s = await storeProcess(['--tls-cert', certs.cert, '--tls-key', certs.key]);
   const RAM = 4 * 1024 * 1024;
   const c = await connect(s.address, 'tls', 1, { tls: { ca: certs.ca } });
-  const img = await checkpoint(c, 1, RAM, 21);
+  const img = await commitFullCheckpoint(c, 1, RAM, 21);
   await c.close();
   // The CA from the environment (a directory of PEM files), as child processes get it.
   const caDir = tmpDir('hydra-ca-');

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { Registry } from 'prom-client';
 import { StoreClient, encodeFrame, FrameType, FrameDecoder } from '../protocol/index.js';
 import { startStoreServer, openVmImage, listVms, dropGeneration, fenceGeneration, type StoreServer } from './index.js';
-import { PAGE, SECRET, applyToBuffer, makeIncremental, prng, sha256, spawnStore, tmpDir } from '../../test/support/store-data.js';
+import { PAGE, SECRET, commitFullCheckpoint, applyToBuffer, makeIncremental, prng, sha256, spawnStore, tmpDir } from '../../test/support/store-data.js';
 
 const code = (c: string) => (e: unknown) => {
   assert.equal((e as { code?: string }).code, c, (e as Error).message);
@@ -173,20 +173,12 @@ test('a non-HydraVM peer gets a bad-magic error', async () => {
   assert.match(frames[0]!.payload.toString(), /HYDRA_PROTOCOL_BAD_MAGIC/);
 });
 
-async function fullCheckpoint(c: StoreClient, epoch: number, ram: number, seed: number): Promise<Buffer> {
-  const img = prng(seed, ram);
-  await c.begin(epoch, 'full', { ramSize: ram });
-  await c.sendPages([{ offset: 0, length: ram }], img);
-  await c.sendDeviceState(prng(seed + 1, 1000));
-  await c.commit();
-  return img;
-}
 
 test('fencing: stale generation refused, newer generation fences a connected older checkpointer', async () => {
   const s = await start();
   const RAM = 1024 * 1024;
   const g1 = await connect(s, 'vmf', 1);
-  await fullCheckpoint(g1, 1, RAM, 3);
+  await commitFullCheckpoint(g1, 1, RAM, 3);
   let g2 = await connect(s, 'vmf', 2);
   assert.equal(g2.welcome.highestGeneration, 2);
   // The old primary, still connected, may no longer checkpoint.
@@ -199,7 +191,7 @@ test('fencing: stale generation refused, newer generation fences a connected old
   g2 = g2b;
   // The new generation needs a full checkpoint first.
   await assert.rejects(g2.begin(1, 'incremental', { ramSize: RAM }), code('HYDRA_STORE_NO_BASE_IMAGE'));
-  const img2 = await fullCheckpoint(g2, 1, RAM, 9);
+  const img2 = await commitFullCheckpoint(g2, 1, RAM, 9);
   // Older generation stays readable until dropped.
   const old = await openVmImage(s.store.dir, 'vmf', 1);
   assert.ok(fs.readFileSync(old.memoryPath).equals(prng(3, RAM)));
@@ -222,7 +214,7 @@ test('epoch rules and a checkpoint without device state', async () => {
   const s = await start();
   const RAM = 1024 * 1024;
   const c = await connect(s, 'vme', 1);
-  await fullCheckpoint(c, 1, RAM, 4);
+  await commitFullCheckpoint(c, 1, RAM, 4);
   await assert.rejects(c.begin(3, 'incremental', { ramSize: RAM }), (e: unknown) => code('HYDRA_STORE_EPOCH_MISMATCH')(e) && /next must be 2/.test((e as Error).message));
   await assert.rejects(c.begin(2, 'incremental', { ramSize: RAM * 2 }), code('HYDRA_STORE_RAM_SIZE_MISMATCH'));
   await c.begin(2, 'incremental', { ramSize: RAM });
@@ -244,7 +236,7 @@ test('epoch rules and a checkpoint without device state', async () => {
   const img = await openVmImage(s.store.dir, 'vme');
   assert.ok(fs.readFileSync(img.memoryPath).equals(expected));
   // A second full checkpoint in the same generation replaces the image atomically (new file).
-  const img3 = await fullCheckpoint(c, 3, RAM, 21);
+  const img3 = await commitFullCheckpoint(c, 3, RAM, 21);
   const after3 = await openVmImage(s.store.dir, 'vme');
   assert.equal(path.basename(after3.memoryPath), 'memory-3.img');
   assert.ok(fs.readFileSync(after3.memoryPath).equals(img3));
@@ -256,7 +248,7 @@ test('peer disappearing mid-checkpoint: partial checkpoint discarded, client rej
   const s = await start();
   const RAM = 4 * 1024 * 1024;
   const c = await connect(s, 'vmd', 1);
-  const base = await fullCheckpoint(c, 1, RAM, 8);
+  const base = await commitFullCheckpoint(c, 1, RAM, 8);
   await c.begin(2, 'incremental', { ramSize: RAM });
   await c.sendPages([{ offset: 0, length: RAM / 2 }], prng(99, RAM / 2));
   // Kill the connection abruptly from the client side in the middle of a frame.
@@ -288,7 +280,7 @@ test('corrupt meta: the VM is refused, not reset', async () => {
   const dir = tmpDir();
   let s = await start(dir);
   const c = await connect(s, 'vmc', 1);
-  await fullCheckpoint(c, 1, 1024 * 1024, 5);
+  await commitFullCheckpoint(c, 1, 1024 * 1024, 5);
   await c.close();
   await s.close();
   const metaPath = path.join(dir, 'vms', 'vmc', 'gen-1', 'meta.json');
@@ -307,7 +299,7 @@ test('two VMs checkpoint concurrently', async () => {
   const RAM = 8 * 1024 * 1024;
   const run = async (vm: string, seed: number) => {
     const c = await connect(s, vm, 1);
-    const img = await fullCheckpoint(c, 1, RAM, seed);
+    const img = await commitFullCheckpoint(c, 1, RAM, seed);
     for (let e = 2; e <= 4; e++) {
       const inc = makeIncremental(RAM, 300, seed * 10 + e);
       applyToBuffer(img, inc.runs, inc.data);

@@ -2,6 +2,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { PageRun } from '../../src/protocol/index.js';
 import { spawnStore as spawnStoreProcess } from '../../src/store/index.js';
+import type { StoreClient } from '../../src/protocol/index.js';
 
 export const PAGE = 4096;
 export const SECRET = 'test-cluster-secret';
@@ -32,6 +33,16 @@ export function prng(seed: number, n: number): Buffer {
  * 1..maxRun pages) with deterministic content. Returns runs sorted by offset
  * and their contiguous data.
  */
+/** Commit a full checkpoint of `ram` pseudo-random bytes (seeded) at `epoch`; returns the image sent. */
+export async function commitFullCheckpoint(c: StoreClient, epoch: number, ram: number, seed: number): Promise<Buffer> {
+  const img = prng(seed, ram);
+  await c.begin(epoch, 'full', { ramSize: ram });
+  await c.sendPages([{ offset: 0, length: ram }], img);
+  await c.sendDeviceState(prng(seed + 1, 1000));
+  await c.commit();
+  return img;
+}
+
 export function makeIncremental(ramSize: number, pages: number, seed: number, maxRun = 16): { runs: PageRun[]; data: Buffer } {
   const total = ramSize / PAGE;
   const picked = new Set<number>();

@@ -1,16 +1,11 @@
 // Scatter plot of raw samples against VM size or VM count, with the fitted line, as a standalone SVG.
+import { COLORS, esc } from '../svg-chart.js';
 
 export interface XySeries {
   name: string;
   points: { x: number; y: number }[];
   /** The least-squares line to draw over the points' x range. */
   fit?: { slope: number | null; intercept: number | null; label: string };
-}
-
-const COLORS = ['#4e79a7', '#f28e2b', '#59a14f', '#e15759', '#76b7b2', '#edc948'];
-
-function esc(s: string): string {
-  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 }
 
 const tick = (v: number) => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2));
