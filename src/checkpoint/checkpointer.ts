@@ -6,7 +6,7 @@ import { DirtyTracker, processStartTime } from '../tracker/index.js';
 import type { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
-import { joinStore, openCheckpoint, retryable, streamFullCopy } from './full-copy.js';
+import { joinStore, openCheckpoint, retryable, stopIfRunning, streamFullCopy } from './full-copy.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import { CheckpointFaults } from './faults.js';
@@ -259,12 +259,12 @@ export class Checkpointer {
    */
   private async checkpoint(epoch: number, kind: 'full' | 'incremental', continued = false): Promise<void> {
     const client = this.client!;
-    const { wasRunning, startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
+    const { startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
     this.lastStart = startedAt;
     const pre = await this.precopy(client);
 
     const t0 = performance.now();
-    if (wasRunning) await this.qmp.execute('stop');
+    const wasRunning = await stopIfRunning(this.qmp);
     const t1 = performance.now();
     // QEMU saves the device state in its own thread while we collect and copy pages.
     const devstateSaved = this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false })

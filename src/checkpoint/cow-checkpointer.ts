@@ -6,7 +6,7 @@ import { CowTracker, processStartTime } from '../tracker/index.js';
 import type { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
-import { joinStore, openCheckpoint, retryable, streamFullCopy } from './full-copy.js';
+import { joinStore, openCheckpoint, retryable, stopIfRunning, streamFullCopy } from './full-copy.js';
 import { batchRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import type { CheckpointerOptions } from './checkpointer.js';
@@ -202,13 +202,13 @@ export class CowCheckpointer {
    */
   private async checkpoint(epoch: number, kind: 'full' | 'incremental', continued = false): Promise<void> {
     const client = this.client!;
-    const { wasRunning, startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
+    const { startedAt, intervalMs } = await openCheckpoint({ client, qmp: this.qmp, freezer: this.freezer, epoch, kind, ramSize: this.tracker.ramSize, continued, lastStart: this.lastStart });
     this.lastStart = startedAt;
 
     // Re-protecting a large dirty set takes milliseconds: do it while the VM still runs.
     const prearm = this.tracker.prearm();
     const t0 = performance.now();
-    if (wasRunning) await this.qmp.execute('stop');
+    const wasRunning = await stopIfRunning(this.qmp);
     const t1 = performance.now();
     const devstateSaved = this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false }).then(() => performance.now() - t1);
     devstateSaved.catch(() => undefined); // awaited below; this only keeps an early rejection from being unhandled

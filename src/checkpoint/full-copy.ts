@@ -65,7 +65,6 @@ export interface CheckpointOpening {
 }
 
 export interface OpenedCheckpoint {
-  wasRunning: boolean;
   startedAt: number;
   /** Since the previous checkpoint started: the achieved interval. */
   intervalMs: number | null;
@@ -73,15 +72,26 @@ export interface OpenedCheckpoint {
 
 /**
  * What each checkpoint does before its pause, so nothing in the pause waits
- * on it: the next disk overlay is created, the VM's run state read, and the
+ * on it: the next disk overlay is created and the
  * checkpoint announced to the store.
  */
+/**
+ * Stop the VM for a checkpoint's pause, if it runs. Read right before the
+ * `stop`: an operator's pause during the pre-copy or pre-arm that came
+ * before must not be undone by the `cont` that ends the checkpoint's pause.
+ * Returns whether the VM was running (and so must be continued).
+ */
+export async function stopIfRunning(qmp: CheckpointOpening['qmp']): Promise<boolean> {
+  const running = (await qmp.execute<{ status: string }>('query-status')).status === 'running';
+  if (running) await qmp.execute('stop');
+  return running;
+}
+
 export async function openCheckpoint(o: CheckpointOpening): Promise<OpenedCheckpoint> {
   const startedAt = Date.now();
   await o.freezer?.prepare();
-  const wasRunning = (await o.qmp.execute<{ status: string }>('query-status')).status === 'running';
   if (!o.continued) await o.client.begin(o.epoch, o.kind, { ramSize: o.ramSize });
-  return { wasRunning, startedAt, intervalMs: o.lastStart === null ? null : startedAt - o.lastStart };
+  return { startedAt, intervalMs: o.lastStart === null ? null : startedAt - o.lastStart };
 }
 
 export interface StoreJoin {
