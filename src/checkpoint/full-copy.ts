@@ -70,23 +70,56 @@ export interface OpenedCheckpoint {
   intervalMs: number | null;
 }
 
+/** The QMP side of one checkpoint's pause (see beginPause). */
+export interface PauseQmp {
+  /** The VM was running before the pause (so `cont` ends it). */
+  wasRunning: boolean;
+  /** performance.now() when `stop` was sent, and when it was answered: the VM is paused. */
+  sentAt: number;
+  stoppedAt: number;
+  /** The device-state save: resolves with performance.now() of its answer. */
+  devstate: Promise<number>;
+  /**
+   * Send `cont` (once; later calls return the same promise). QMP runs a
+   * monitor's commands in order, so it takes effect only after the
+   * device-state save: sending it does not wait for the save's answer.
+   * Resolves with performance.now() of its answer.
+   */
+  cont(): Promise<number>;
+}
+
+/**
+ * Pause the VM for a checkpoint: `stop` and the device-state save go to QEMU
+ * in one write, so the save starts the moment the VM is stopped, without a
+ * round trip through this process; the caller collects (and copies) pages
+ * once `stop` is answered, while QEMU saves, then calls cont(). The run state
+ * is read before, so an operator's pause is not undone. A failed `stop`
+ * throws (after the save settled); the VM was not stopped by us then.
+ */
+export async function beginPause(qmp: CheckpointOpening['qmp'], devstateFile: string): Promise<PauseQmp> {
+  const wasRunning = (await qmp.execute<{ status: string }>('query-status')).status === 'running';
+  const sentAt = performance.now();
+  const stop = wasRunning ? qmp.execute('stop') : Promise.resolve();
+  const devstate = qmp.execute('xen-save-devices-state', { filename: devstateFile, live: false }).then(() => performance.now());
+  // Awaited by the caller; this only keeps an early rejection from being unhandled.
+  devstate.catch(() => undefined);
+  try {
+    await stop;
+  } catch (err) {
+    await devstate.catch(() => undefined); // the stop's failure is the one to report
+    throw err;
+  }
+  const stoppedAt = performance.now();
+  let contSent: Promise<number> | undefined;
+  const cont = () => (contSent ??= wasRunning ? qmp.execute('cont').then(() => performance.now()) : Promise.resolve(performance.now()));
+  return { wasRunning, sentAt, stoppedAt, devstate, cont };
+}
+
 /**
  * What each checkpoint does before its pause, so nothing in the pause waits
  * on it: the next disk overlay is created and the
  * checkpoint announced to the store.
  */
-/**
- * Stop the VM for a checkpoint's pause, if it runs. Read right before the
- * `stop`: an operator's pause during the pre-copy or pre-arm that came
- * before must not be undone by the `cont` that ends the checkpoint's pause.
- * Returns whether the VM was running (and so must be continued).
- */
-export async function stopIfRunning(qmp: CheckpointOpening['qmp']): Promise<boolean> {
-  const running = (await qmp.execute<{ status: string }>('query-status')).status === 'running';
-  if (running) await qmp.execute('stop');
-  return running;
-}
-
 export async function openCheckpoint(o: CheckpointOpening): Promise<OpenedCheckpoint> {
   const startedAt = Date.now();
   await o.freezer?.prepare();

@@ -176,7 +176,8 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     onCheckpoint: (stats) => fs.appendFileSync(f.history, JSON.stringify({ generation: req.generation, ...stats }) + '\n'),
   };
   const cow = cowSettings(req, config, state.qemuPid);
-  const cp = cow ? new CowCheckpointer(cpOpts, cow) : new Checkpointer(cpOpts);
+  if (cow.refused) cpOpts.cowRefused = cow.refused;
+  const cp = cow.settings ? new CowCheckpointer(cpOpts, cow.settings) : new Checkpointer(cpOpts);
   process.on('SIGTERM', () => cp.stop());
   process.on('SIGINT', () => cp.stop());
   try {

@@ -53,6 +53,8 @@ export interface ProtectionStatus {
   state: 'starting' | 'initial-copy' | 'protected' | 'retrying' | 'stopped' | 'failed';
   /** 'cow': copy-on-write checkpoints; absent or 'basic': pages copied inside the pause. */
   mode?: 'basic' | 'cow';
+  /** Copy-on-write was asked for but the VM is checkpointed in basic mode: why. */
+  cowRefused?: string;
   /** Copy-on-write checkpoints given up (their grains went into the next one). */
   cowFailures?: number;
   reason?: string;
