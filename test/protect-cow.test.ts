@@ -150,6 +150,42 @@ test('a SIGKILLed CoW checkpointer does not leave the guest blocked: its supervi
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
 
+test('a stopped CoW checkpointer blocks a guest write at most the stall limit: the supervisor kills it and lifts the protection; the next protection starts full', async () => {
+  const vm = 'cstall';
+  await startProtectedCow(vm, { mb: 32, rate: 0, grain: '64K' });
+  await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
+  const guard = path.join(lab.home, 'vms', vm, 'cow-guard.json');
+  const cpPid = protection(vm)!.pid;
+  const generation = protection(vm)!.generation;
+  const before = lastMemcheckProgress(serialOf(vm))!.step;
+  // Alive but serving nothing: the unthrottled guest's next write to a protected grain waits.
+  process.kill(cpPid, 'SIGSTOP');
+  const stoppedAt = Date.now();
+  try {
+    await until('guard acts', () => !fs.existsSync(guard), 60_000);
+  } finally {
+    if (pidAlive(cpPid)) process.kill(cpPid, 'SIGCONT');
+  }
+  const actedMs = Date.now() - stoppedAt;
+  const log = fs.readFileSync(path.join(lab.home, 'vms', vm, 'supervisor.log'), 'utf8');
+  const m = /copy-on-write checkpointer stalled: a guest write waited (\d+) ms \(limit (\d+) ms\)/.exec(log);
+  assert.ok(m, 'the supervisor logged the stall');
+  assert.ok(Number(m[1]) >= Number(m[2]), `it acted on a wait of at least the limit (${m[1]} >= ${m[2]} ms)`);
+  assert.ok(!pidAlive(cpPid), 'the stalled checkpointer was killed before the protection was lifted');
+  console.log(`SIGSTOP -> protection lifted: ${actedMs} ms (guest write waited ${m[1]} ms, limit ${m[2]} ms)`);
+  // The guest goes on and its memory is intact.
+  await waitForMemcheckStep(serialOf(vm), before + 5, 60_000);
+  await assertFullVerify(serialOf(vm));
+  // Protected again: a new generation, starting with a full checkpoint.
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  const p = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
+  assert.equal(p.code, 0, p.stderr);
+  assert.ok(protection(vm)!.generation > generation);
+  assert.equal(readCheckpointHistory(vm).find((h) => h.generation === protection(vm)!.generation && h.epoch === 1)?.kind, 'full');
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
 test('bad CoW options are refused naming the problem', () => {
   const bad = lab.cli(['protect', 'nosuch', '--store', '127.0.0.1:1', '--cow', '--grain', '48K']);
   assert.notEqual(bad.code, 0);
