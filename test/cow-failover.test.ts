@@ -20,9 +20,10 @@ import { readCheckpointHistory } from '../src/checkpoint/protection.js';
  *      pause, never reboots, and every page of its working set verifies.
  * The next round kills the restored incarnation.
  *
- * HYDRAVM_TEST_COW_ROUNDS raises the number of rounds (default 3).
+ * HYDRAVM_TEST_COW_ROUNDS raises the number of rounds (default 2, about
+ * 100 s each on a loaded 2-core machine).
  */
-const ROUNDS = Math.max(1, Number(process.env.HYDRAVM_TEST_COW_ROUNDS ?? 3) || 3);
+const ROUNDS = Math.max(1, Number(process.env.HYDRAVM_TEST_COW_ROUNDS ?? 2) || 2);
 
 const lab = makeLab('cfo');
 const storeDir = path.join(lab.home, 'store');
@@ -67,7 +68,7 @@ test(`CoW fail-over: ${ROUNDS} rounds of a checkpointer kill and a QEMU kill at 
     const m = lastMemcheckProgress(serialOf(vm));
     if (m) samples.push({ at: Date.now(), step: m.step });
   }, 20);
-  const rounds: { round: number; cpDelayMs: number; qemuDelayMs: number; restoredEpoch: number; copyAtKill: boolean }[] = [];
+  const rounds: { round: number; cpDelayMs: number; qemuDelayMs: number; killedAtEpoch: number; restoredEpoch: number }[] = [];
   try {
     let logFrom = 0;
     for (let round = 1; round <= ROUNDS; round++) {
@@ -93,9 +94,7 @@ test(`CoW fail-over: ${ROUNDS} rounds of a checkpointer kill and a QEMU kill at 
       await sleep(qemuDelayMs);
       const killedAt = fs.statSync(serialOf(vm)).size;
       const { pid: cpPid, committedEpoch: killedAtEpoch } = protection(vm)!;
-      const inFlight = readCheckpointHistory(vm).filter((h) => h.generation === before.generation).at(-1);
       process.kill(vmState(vm).qemuPid!, 'SIGKILL');
-      const copyAtKill = !!inFlight && Date.now() - inFlight.startedAt < 1000 && killedAtEpoch === inFlight.epoch;
       await until('crash recorded', () => vmState(vm).lifecycle === 'crashed', 10_000);
       await until('checkpointer exits after its VM died', () => !pidAlive(cpPid), 15_000);
 
@@ -116,7 +115,7 @@ test(`CoW fail-over: ${ROUNDS} rounds of a checkpointer kill and a QEMU kill at 
       assert.doesNotMatch(readSerial(serialOf(vm)).slice(killedAt), /memcheck: start|hydra-guest: ready/, `round ${round}: the guest did not reboot`);
       await assertFullVerify(serialOf(vm), killedAt);
       logFrom = killedAt;
-      rounds.push({ round, cpDelayMs, qemuDelayMs, restoredEpoch, copyAtKill });
+      rounds.push({ round, cpDelayMs, qemuDelayMs, killedAtEpoch, restoredEpoch });
     }
     // The last restored incarnation checkpoints copy-on-write too.
     await waitCommits(vm, 2);
