@@ -372,7 +372,7 @@ export class Checkpointer {
     if (totalBytes(runs) > this.staging.length * 0.75) this.growStaging(totalBytes(runs) * 1.5);
     const stats: CheckpointStats = {
       epoch, kind, startedAt,
-      pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
+      pauseMs: t5 - t0, vmPausedMs: pause.vmPausedMs(), stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
       diskChainLength: this.freezer?.chainLength() ?? 0,

@@ -278,7 +278,7 @@ export class CowCheckpointer {
       const c = collected;
       const stats: CheckpointStats = {
         epoch, kind, startedAt,
-        pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
+        pauseMs: t5 - t0, vmPausedMs: pause.vmPausedMs(), stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
         pages: copied / PAGE, bytes: copied, devstateBytes: devstate.length,
         sendMs: te - ts, commitMs: tc - te, intervalMs,
         diskChainLength: this.freezer?.chainLength() ?? 0,

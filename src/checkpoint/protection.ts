@@ -150,6 +150,25 @@ export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<Prote
   return readProtection(vm);
 }
 
+/**
+ * Where QEMU writes the device state in each pause: a tmpfs file when the
+ * host has /dev/shm, else `fallback` (the VM's directory). The save runs
+ * inside the pause, and rewriting a file on ext4 there cost 4-5 ms against
+ * 2 ms on tmpfs on the loaded test machine (truncating a file with data
+ * makes ext4 allocate and start writing it back on close).
+ */
+function pauseDevstateFile(vm: string, fallback: string): string {
+  try {
+    if (fs.statSync('/dev/shm').isDirectory()) {
+      fs.accessSync('/dev/shm', fs.constants.W_OK);
+      return path.join('/dev/shm', `hydravm-${vm}-${process.pid}-devstate.bin`);
+    }
+  } catch {
+    /* no usable /dev/shm: the VM's directory */
+  }
+  return fallback;
+}
+
 /** Body of the detached checkpointer process. */
 export async function runCheckpointerProcess(vm: string): Promise<void> {
   const f = files(vm);
@@ -157,13 +176,14 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   const state = readState(vm);
   if (!state?.qemuPid || !isLive(state)) throw new VmNotFoundError(vm);
   const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as LaunchFile;
+  const devstateFile = pauseDevstateFile(vm, f.devstate);
   // A restored VM runs on overlays, not on the disks its spec names.
   const diskPaths = config.launch.diskFiles ?? config.spec.disks.map((d) => d.path);
   const cpOpts: CheckpointerOptions = {
     vm,
     qemuPid: state.qemuPid,
     qmpSocket: vmPaths(vm).hydraQmpSocket,
-    devstateFile: f.devstate,
+    devstateFile,
     store: req.store,
     secret: loadSecret({ secretFile: req.secretFile }),
     generation: req.generation,
@@ -185,5 +205,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   } catch (err) {
     vmLog(vm).error({ err: (err as Error).message }, 'protection failed');
     process.exitCode = 1;
+  } finally {
+    if (devstateFile !== f.devstate) fs.rmSync(devstateFile, { force: true });
   }
 }

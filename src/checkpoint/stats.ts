@@ -3,8 +3,10 @@ export interface CheckpointStats {
   epoch: number;
   kind: 'full' | 'incremental';
   startedAt: number;
-  /** VM paused: from `stop` sent to `cont` answered. */
+  /** The pause as the checkpointer sees it: from `stop` sent to `cont` answered (two QMP round trips more than the VM's). */
   pauseMs: number;
+  /** The VM's own pause by QEMU's clock: its STOP event (vCPUs halted) to its RESUME event. */
+  vmPausedMs?: number;
   stopMs: number;
   collectMs: number;
   copyMs: number;
