@@ -91,7 +91,7 @@ export function checkpointMarkdown(j: CheckpointBenchJson): string {
     '',
     `Paper (Xen, 512 MB VM): pause ${j.paper.basicPauseMs} ms basic, ${j.paper.cowPauseMs} ms copy-on-write.`,
     '',
-    '*VM paused* is QEMU\'s own clock, its STOP event (vCPUs halted) to its RESUME event; *stop → cont* is the checkpointer\'s view, from sending `stop` to `cont` answered, two QMP round trips longer.',
+    '*VM paused* is QEMU\'s own clock, its STOP event (vCPUs halted) to its RESUME event; *stop → cont* is the checkpointer\'s view, from sending `stop` to `cont` answered, which adds QEMU\'s wake-up before the stop takes effect and the answer\'s way back after the VM runs again.',
     '',
     '| guest | dirty set | mode | ckpts | VM paused median / p99 | stop → cont median / p99 | stop | collect | copy | devstate | cont | MB/ckpt | pre-copy rounds | CoW copies before a write (median) | fault service mean / max (median) |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',

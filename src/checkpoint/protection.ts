@@ -20,7 +20,7 @@ import { writeFileAtomicSync } from '../util/atomic-write.js';
  *   protection.json   ProtectionStatus, rewritten after every commit
  *   checkpointer.log  its log
  *   checkpoints.jsonl one line of measurements per committed checkpoint
- *   devstate.bin      scratch: QEMU writes the device state here in each pause
+ *   devstate.bin      scratch: QEMU writes the device state here in each pause (when /dev/shm is missing; else a tmpfs file there)
  */
 export interface ProtectRequest {
   vm: string;
