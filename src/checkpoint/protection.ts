@@ -141,6 +141,9 @@ export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<Prote
   while (pidAlive(s.pid)) {
     if (Date.now() > deadline) {
       process.kill(s.pid, 'SIGKILL');
+      // Gone before we return: a caller protecting again at once must not find it alive.
+      const killedBy = Date.now() + 5_000;
+      while (pidAlive(s.pid) && Date.now() < killedBy) await sleep(10);
       // A killed copy-on-write checkpointer leaves guest RAM write-protected: release it.
       releaseCowOf(vm);
       break;
