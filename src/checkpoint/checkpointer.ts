@@ -271,6 +271,7 @@ export class Checkpointer {
     const t0 = pause.sentAt;
     const t1 = pause.stoppedAt;
     let contSentAt = 0;
+    let vmPausedMs: number | undefined;
     const cont = () => {
       contSentAt ||= performance.now();
       return pause.cont();
@@ -337,6 +338,7 @@ export class Checkpointer {
       t5 = await cont();
       // From the later of sending `cont` and the save's answer: what `cont` itself took.
       contMs = t5 - Math.max(contSentAt, saved);
+      vmPausedMs = pause.vmPausedMs();
     }
     const devstate = fs.readFileSync(this.opts.devstateFile);
 
@@ -372,7 +374,7 @@ export class Checkpointer {
     if (totalBytes(runs) > this.staging.length * 0.75) this.growStaging(totalBytes(runs) * 1.5);
     const stats: CheckpointStats = {
       epoch, kind, startedAt,
-      pauseMs: t5 - t0, vmPausedMs: pause.vmPausedMs(), stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
+      pauseMs: t5 - t0, vmPausedMs, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
       diskChainLength: this.freezer?.chainLength() ?? 0,

@@ -218,6 +218,7 @@ export class CowCheckpointer {
     let disks: string[] | undefined;
     let t5 = t1;
     let contSentAt = 0;
+    let vmPausedMs: number | undefined;
     const cont = () => {
       contSentAt ||= performance.now();
       return pause.cont();
@@ -240,6 +241,8 @@ export class CowCheckpointer {
         t5 = await cont();
         // From the later of sending `cont` and the save's answer: what `cont` itself took.
         contMs = t5 - Math.max(contSentAt, saved);
+        vmPausedMs = pause.vmPausedMs();
+      vmPausedMs = pause.vmPausedMs();
       }
       const devstate = fs.readFileSync(this.opts.devstateFile);
 
@@ -278,7 +281,7 @@ export class CowCheckpointer {
       const c = collected;
       const stats: CheckpointStats = {
         epoch, kind, startedAt,
-        pauseMs: t5 - t0, vmPausedMs: pause.vmPausedMs(), stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
+        pauseMs: t5 - t0, vmPausedMs, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
         pages: copied / PAGE, bytes: copied, devstateBytes: devstate.length,
         sendMs: te - ts, commitMs: tc - te, intervalMs,
         diskChainLength: this.freezer?.chainLength() ?? 0,
