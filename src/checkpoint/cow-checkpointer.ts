@@ -242,7 +242,6 @@ export class CowCheckpointer {
         // From the later of sending `cont` and the save's answer: what `cont` itself took.
         contMs = t5 - Math.max(contSentAt, saved);
         vmPausedMs = pause.vmPausedMs();
-      vmPausedMs = pause.vmPausedMs();
       }
       const devstate = fs.readFileSync(this.opts.devstateFile);
 
