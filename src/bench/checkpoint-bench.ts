@@ -106,7 +106,8 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
             opts.log(`  ${m.label}: protect every ${opts.intervalS} s (generation ${generation})`);
             await protectVm({ vm: name, store: env.store.address, intervalMs: opts.intervalS * 1000, generation, cow: m.cow });
             await waitEpoch(name, opts.checkpoints + 1);
-            await unprotectVm(name);
+            // A checkpoint of a large dirty set under load takes seconds to finish before the checkpointer exits.
+            await unprotectVm(name, 120_000);
             const hist = readCheckpointHistory(name).filter((h) => h.generation === generation && h.kind === 'incremental');
             const pick = (k: 'pauseMs' | 'stopMs' | 'collectMs' | 'copyMs' | 'devstateMs' | 'diskMs' | 'contMs' | 'commitMs' | 'sendMs') => summary(hist.map((h) => h[k]));
             const cowPick = (k: 'cowCopies' | 'faults' | 'serviceMeanUs' | 'serviceMaxUs') => (m.cow ? summary(hist.map((h) => h.cow?.[k] ?? 0)) : null);

@@ -45,12 +45,15 @@ export function cowSettings(req: { vm: string; cow?: false | { grain?: number; s
  * After its copy-on-write checkpointer was killed, a VM's guest RAM stays
  * write-protected on a uffd its QEMU holds: the next write to a protected
  * grain would wait forever. Unregistering the range lets every writer go on.
+ * alsoAsync (right before a new checkpointer starts, none living): also the
+ * async registration a killed basic checkpointer left, which would make the
+ * new tracker's registration fail as busy.
  */
-export function releaseCowOf(vm: string): void {
+export function releaseCowOf(vm: string, opts: { alsoAsync?: boolean } = {}): void {
   const state = readState(vm);
   if (!state?.qemuPid || !isLive(state)) return;
   try {
-    if (releaseOrphanedCow(state.qemuPid)) vmLog(vm).warn('released guest RAM left write-protected by a stopped copy-on-write checkpointer');
+    if (releaseOrphanedCow(state.qemuPid, opts)) vmLog(vm).warn('released guest RAM left registered for write-protect by a stopped checkpointer');
   } catch (err) {
     vmLog(vm).warn({ err: (err as Error).message }, 'could not release copy-on-write protection left by a stopped checkpointer');
   }

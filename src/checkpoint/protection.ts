@@ -97,7 +97,7 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
   const current = readProtection(req.vm);
   if (protecting(current)) throw new CheckpointError('HYDRA_CKPT_ALREADY', `VM "${req.vm}" is already protected (checkpointer pid ${current.pid})`);
   loadSecret({ secretFile: req.secretFile });
-  releaseCowOf(req.vm);
+  releaseCowOf(req.vm, { alsoAsync: true });
   const f = files(req.vm);
   fs.writeFileSync(f.request, JSON.stringify(req, null, 2) + '\n');
   fs.rmSync(f.status, { force: true });
