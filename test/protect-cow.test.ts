@@ -186,6 +186,26 @@ test('a stopped CoW checkpointer blocks a guest write at most the stall limit: t
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
 
+test('a SIGKILLed basic checkpointer does not keep its VM from copy-on-write protection: its async registration is released', async () => {
+  const vm = 'cb2c';
+  const file = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=16 memcheck.rate=8' });
+  assert.equal(lab.cli(['vm', 'start', file]).code, 0);
+  await waitForMemcheckStep(serialOf(vm), 1, 120_000);
+  const b = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s']);
+  assert.equal(b.code, 0, b.stderr);
+  assert.equal(protection(vm)!.mode, 'basic');
+  const cp = protection(vm)!.pid;
+  process.kill(cp, 'SIGKILL');
+  await until('checkpointer dead', () => !pidAlive(cp), 10_000);
+  const c = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
+  assert.equal(c.code, 0, c.stderr);
+  assert.equal(protection(vm)!.mode, 'cow');
+  await until('a copy-on-write commit', () => (protection(vm)?.committedEpoch ?? 0) >= 2 || undefined, 60_000);
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  await assertFullVerify(serialOf(vm));
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
 test('bad CoW options are refused naming the problem', () => {
   const bad = lab.cli(['protect', 'nosuch', '--store', '127.0.0.1:1', '--cow', '--grain', '48K']);
   assert.notEqual(bad.code, 0);
