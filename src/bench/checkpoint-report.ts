@@ -86,7 +86,8 @@ export function checkpointMarkdown(j: CheckpointBenchJson): string {
   const r = j.results;
   const lines = [
     `Run ${j.date.slice(0, 16).replace('T', ' ')} UTC, ${j.host.cpus} CPUs, kernel ${j.host.kernel}${j.durationS ? `, ${Math.round(j.durationS / 60)} min` : ''}.`,
-    ...(j.command ? ['', `Command: \`${j.command}\``] : []),
+    // Where the files went is no part of the result (and a local path has no place in the docs).
+    ...(j.command ? ['', `Command: \`${j.command.replace(/ --out(=| )\S+/, '')}\``] : []),
     ...(j.load ? ['', `Load before: \`${j.load.before}\`; after: \`${j.load.after}\`.`] : []),
     '',
     `Paper (Xen, 512 MB VM): pause ${j.paper.basicPauseMs} ms basic, ${j.paper.cowPauseMs} ms copy-on-write.`,
