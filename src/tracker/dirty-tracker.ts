@@ -9,6 +9,10 @@
  *   const runs = t.collect();                        // written since last collect, re-armed
  *   const n = t.copyRuns(runs, staging);             // packed into staging
  *
+ * collect() walks only the 2 MiB chunks of the RAM file that hold data
+ * (shared mappings): a page never populated was never written, so its cost
+ * follows what the guest touched, not the RAM size.
+ *
  * Offsets are byte offsets into the RAM block (= into the memfd), page aligned;
  * they are not guest-physical addresses (q35 splits RAM around the PCI hole).
  *
