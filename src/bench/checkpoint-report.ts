@@ -69,7 +69,8 @@ function targets(j: CheckpointBenchJson): string[] {
         const a = j.results.find((r) => r.memory === small && r.mode === mode && r.workingSetMb === ws)?.parts.collectMs.median;
         const b = j.results.find((r) => r.memory === large && r.mode === mode && r.workingSetMb === ws)?.parts.collectMs.median;
         if (a == null || b == null) continue;
-        rows.push(`| collect ${large} vs ${small} within 1 ms (${mode}, ${ws} MB) | ${fmt(b, 2)} vs ${fmt(a, 2)} ms (difference ${fmt(b - a, 2)} ms) | ${Math.abs(b - a) <= 1 ? 'met' : 'missed'} |`);
+        // The target is about growth with the RAM size: the larger guest at most 1 ms above the smaller (below is noise).
+        rows.push(`| collect ${large} at most 1 ms above ${small} (${mode}, ${ws} MB) | ${fmt(b, 2)} vs ${fmt(a, 2)} ms (difference ${fmt(b - a, 2)} ms) | ${b - a <= 1 ? 'met' : 'missed'} |`);
       }
     }
   }
