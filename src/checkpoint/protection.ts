@@ -164,6 +164,11 @@ function pauseDevstateFile(vm: string, fallback: string): string {
   try {
     if (fs.statSync('/dev/shm').isDirectory()) {
       fs.accessSync('/dev/shm', fs.constants.W_OK);
+      // Left by checkpointers of this VM name that were killed (their pid is gone): ours to remove.
+      for (const name of fs.readdirSync('/dev/shm')) {
+        const m = /^hydravm-(.+)-(\d+)-devstate\.bin$/.exec(name);
+        if (m && m[1] === vm && !pidAlive(Number(m[2]))) fs.rmSync(path.join('/dev/shm', name), { force: true });
+      }
       return path.join('/dev/shm', `hydravm-${vm}-${process.pid}-devstate.bin`);
     }
   } catch {
