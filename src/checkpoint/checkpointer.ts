@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { CheckpointError, HydraError } from '../errors.js';
+import { vmPaths } from '../vm/index.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker, processStartTime } from '../tracker/index.js';
 import type { StoreClient } from '../protocol/index.js';
@@ -267,7 +268,7 @@ export class Checkpointer {
     this.lastStart = startedAt;
     const pre = await this.precopy(client);
 
-    const pause = await beginPause(this.qmp, this.opts.devstateFile);
+    const pause = await beginPause(this.qmp, this.opts.devstateFile, vmPaths(this.opts.vm).pauseGuard);
     const t0 = pause.sentAt;
     const t1 = pause.stoppedAt;
     let contSentAt = 0;

@@ -207,7 +207,7 @@ export class CowCheckpointer {
 
     // Re-protecting a large dirty set takes milliseconds: do it while the VM still runs.
     const prearm = this.tracker.prearm();
-    const pause = await beginPause(this.qmp, this.opts.devstateFile);
+    const pause = await beginPause(this.qmp, this.opts.devstateFile, vmPaths(this.opts.vm).pauseGuard);
     const t0 = pause.sentAt;
     const t1 = pause.stoppedAt;
     let collected: ReturnType<CowTracker['collect']> | undefined;

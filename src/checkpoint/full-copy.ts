@@ -6,6 +6,7 @@ import { CheckpointError, HydraError, QmpClosedError, type CheckpointCode } from
 import type { DirtyRun } from '../tracker/index.js';
 import type { QmpClient, QmpEvent } from '../qmp/index.js';
 import { batchRuns, totalBytes } from './runs.js';
+import { clearPauseGuard, writePauseGuard } from '../vm/index.js';
 import type { ProtectionStatus } from './stats.js';
 
 export interface FullCopy {
@@ -127,7 +128,7 @@ export interface PauseQmp {
  * is read before, so an operator's pause is not undone. A failed `stop`
  * throws (after the save settled); the VM was not stopped by us then.
  */
-export async function beginPause(qmp: QmpClient, devstateFile: string): Promise<PauseQmp> {
+export async function beginPause(qmp: QmpClient, devstateFile: string, pauseGuardFile?: string): Promise<PauseQmp> {
   boost(true);
   const wasRunning = (await qmp.execute<{ status: string }>('query-status')).status === 'running';
   let stopAt: number | undefined;
@@ -139,6 +140,8 @@ export async function beginPause(qmp: QmpClient, devstateFile: string): Promise<
     else if (e.event === 'RESUME' && contSent && resumeAt === undefined) resumeAt = at(e);
   };
   qmp.on('event', onEvent);
+  // The supervisor resumes the VM if this process dies or hangs before its `cont` (vm/pause-guard.ts).
+  if (wasRunning && pauseGuardFile) writePauseGuard(pauseGuardFile);
   const sentAt = performance.now();
   const stop = wasRunning ? qmp.execute('stop') : Promise.resolve();
   const devstate = qmp.execute('xen-save-devices-state', { filename: devstateFile, live: false }).then(() => performance.now());
@@ -149,11 +152,19 @@ export async function beginPause(qmp: QmpClient, devstateFile: string): Promise<
   } catch (err) {
     boost(false);
     qmp.off('event', onEvent);
+    // The VM was not stopped by us: nothing for the supervisor to resume.
+    if (wasRunning && pauseGuardFile) clearPauseGuard(pauseGuardFile);
     await devstate.catch(() => undefined); // the stop's failure is the one to report
     throw err;
   }
   const stoppedAt = performance.now();
-  const cont = () => (contSent ??= (wasRunning ? qmp.execute('cont').then(() => performance.now()) : Promise.resolve(performance.now())).finally(() => boost(false)));
+  // The guard is cleared only once `cont` is answered: a failed one leaves the resume to the supervisor.
+  const cont = () => (contSent ??= (wasRunning
+    ? qmp.execute('cont').then(() => {
+      if (pauseGuardFile) clearPauseGuard(pauseGuardFile);
+      return performance.now();
+    })
+    : Promise.resolve(performance.now())).finally(() => boost(false)));
   const vmPausedMs = () => {
     qmp.off('event', onEvent);
     return stopAt !== undefined && resumeAt !== undefined ? resumeAt - stopAt : undefined;

@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import { releaseOrphanedCow } from '../tracker/index.js';
-import { pidAlive, procStartTime } from '../util/pid.js';
+import { killRecordedAndWait, pidAlive, procStartTime } from '../util/pid.js';
 
 /**
  * HOME/vms/NAME/cow-guard.json names the copy-on-write checkpointer that
@@ -66,22 +66,6 @@ function userfaultWaiters(qemuPid: number): Map<string, string> {
   return out;
 }
 
-/** SIGKILL `pid` (if it is still the recorded process) and wait until it can run no more code. */
-function killAndWait(rec: CowGuardRecord, waitMs = 2000): boolean {
-  if (procStartTime(rec.pid) !== rec.startTime) return true;
-  try {
-    process.kill(rec.pid, 'SIGKILL');
-  } catch {
-    return !pidAlive(rec.pid);
-  }
-  const until = Date.now() + waitMs;
-  while (Date.now() < until) {
-    if (!pidAlive(rec.pid) || procStartTime(rec.pid) !== rec.startTime) return true;
-    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
-  }
-  return false;
-}
-
 export interface CowGuard {
   stop(): void;
 }
@@ -127,7 +111,7 @@ export function guardCowProtection(file: string, qemuPid: () => number | undefin
     }
     waiting = next;
     if (longest < limitMs) return;
-    if (!killAndWait(rec)) {
+    if (!killRecordedAndWait(rec.pid, rec.startTime)) {
       log.error({ checkpointerPid: rec.pid }, 'a stalled copy-on-write checkpointer did not die after SIGKILL; guest RAM stays write-protected');
       return;
     }

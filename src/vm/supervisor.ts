@@ -7,8 +7,10 @@ import { vmLog } from '../util/log.js';
 import { buildQemuArgs, type QemuLaunchOptions } from './qemu-args.js';
 import { vmPaths, writeState, readState, removeStaleSockets, type VmState } from './runtime.js';
 import { procStartTime } from '../util/pid.js';
+import { VmError } from '../errors.js';
 import { guardWithWatchdog, type WatchdogGuard } from './watchdog.js';
 import { guardCowProtection } from './cow-guard.js';
+import { guardCheckpointPause } from './pause-guard.js';
 import type { VmSpec } from './spec.js';
 import { releaseNics } from './nics.js';
 
@@ -122,6 +124,11 @@ export async function runSupervisor(name: string): Promise<void> {
   const cowGuard = guardCowProtection(paths.cowGuard, () => (qemuExited ? undefined : qemu.pid), logger);
 
   let qmp: QmpClient | undefined;
+  fs.rmSync(paths.pauseGuard, { force: true });
+  const pauseGuard = guardCheckpointPause(paths.pauseGuard, async () => {
+    if (!qmp || qmp.closed || qemuExited) throw new VmError('HYDRA_VM_QMP_UNAVAILABLE', `VM ${name}: QEMU's monitor is not connected`);
+    await qmp.execute('cont', undefined, { timeoutMs: 2000 });
+  }, logger);
   try {
     qmp = await connectWhenReady(paths.supervisorQmpSocket, { label: `VM ${name}`, deadlineMs: 15_000, isAlive: () => !qemuExited });
     const status = await qmp.execute<{ status: string }>('query-status');
@@ -180,6 +187,7 @@ export async function runSupervisor(name: string): Promise<void> {
   await exited;
   watchdog.stop();
   cowGuard.stop();
+  pauseGuard.stop();
   if (serialIn !== undefined) fs.closeSync(serialIn);
   qmp?.close();
   control.close();
