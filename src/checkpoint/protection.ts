@@ -25,6 +25,12 @@ import { writeFileAtomicSync } from '../util/atomic-write.js';
 export interface ProtectRequest {
   vm: string;
   store: string;
+  /**
+   * In a cluster: where the checkpointer looks up the active store on every
+   * (re)connection (etcd endpoints; credentials from HYDRAVM_ETCD_*), so it
+   * follows a standby store that took over. `store` is then the first address.
+   */
+  storeDiscovery?: StoreDiscovery;
   intervalMs: number;
   generation: number;
   secretFile?: string;
@@ -36,6 +42,13 @@ export interface ProtectRequest {
   /** Copy-on-write checkpoints (false: basic); absent: as the VM's spec says (`protection.cow`). */
   cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number };
 }
+
+export interface StoreDiscovery {
+  etcd: string;
+}
+
+/** Builds the lookup of the active store for a checkpointer process (the HA layer provides it). */
+export type StoreResolverFactory = (d: StoreDiscovery) => { resolve(): Promise<string>; close(): void };
 
 function files(vm: string) {
   const dir = vmPaths(vm).dir;
@@ -151,7 +164,7 @@ export async function unprotectVm(vm: string, timeoutMs = 15_000): Promise<Prote
 }
 
 /** Body of the detached checkpointer process. */
-export async function runCheckpointerProcess(vm: string): Promise<void> {
+export async function runCheckpointerProcess(vm: string, resolverFor?: StoreResolverFactory): Promise<void> {
   const f = files(vm);
   const req = JSON.parse(fs.readFileSync(f.request, 'utf8')) as ProtectRequest;
   const state = readState(vm);
@@ -159,12 +172,14 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   const config = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as LaunchFile;
   // A restored VM runs on overlays, not on the disks its spec names.
   const diskPaths = config.launch.diskFiles ?? config.spec.disks.map((d) => d.path);
+  const resolver = req.storeDiscovery && resolverFor ? resolverFor(req.storeDiscovery) : undefined;
   const cpOpts: CheckpointerOptions = {
     vm,
     qemuPid: state.qemuPid,
     qmpSocket: vmPaths(vm).hydraQmpSocket,
     devstateFile: f.devstate,
     store: req.store,
+    ...(resolver ? { resolveStore: () => resolver.resolve() } : {}),
     secret: loadSecret({ secretFile: req.secretFile }),
     generation: req.generation,
     intervalMs: req.intervalMs,
@@ -184,5 +199,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   } catch (err) {
     vmLog(vm).error({ err: (err as Error).message }, 'protection failed');
     process.exitCode = 1;
+  } finally {
+    resolver?.close();
   }
 }
