@@ -1,4 +1,5 @@
 // A checkpoint store in a cluster: waits for the shared directory's lock, serves, registers in etcd on a lease, fences itself when the lease is lost.
+import fs from 'node:fs/promises';
 import os from 'node:os';
 import type { Lease } from 'etcd3';
 import type { Logger } from 'pino';
@@ -108,6 +109,8 @@ export class ClusterStore {
       if (Date.now() > deadline) throw new HaError('HYDRA_HA_LEASE', `store ${this.opts.name}: no etcd lease within ${timeoutMs / 1000} s (is etcd at ${String(this.opts.etcd)} reachable?)`);
       await sleep(200);
     }
+    // Owner-only, as the store makes it: it holds guest RAM.
+    await fs.mkdir(this.opts.server.dir, { recursive: true, mode: 0o700 });
     const lock = await DirLock.tryExclusive(this.opts.server.dir);
     if (!lock && !this.opts.standby) {
       await this.revoke();
