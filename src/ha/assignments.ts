@@ -101,6 +101,7 @@ export class AssignmentRunner {
       res = await opts.restore({
         vm: a.vm,
         store: await storeAddress(cluster, a.store, STORE_LOOKUP_MS),
+        ...(isClusterStore(a.store) ? { resolveStore: () => storeAddress(cluster, a.store, STORE_LOOKUP_MS) } : {}),
         secret,
         mode: a.mode,
         storeDir: a.storeDir,
