@@ -63,13 +63,15 @@ export function registerStoreCommand(program: Command): void {
 /** `hydravm store --etcd`: active or standby in a cluster; prints the same "listening on" line once it serves. */
 async function runClusterStoreCommand(opts: { dir: string; listen: string; secretFile?: string; tlsCert?: string; tlsKey?: string; etcd: string; standby?: boolean; name?: string; advertise?: string; idleTimeoutMs: number; leaseTtlSec: number }): Promise<void> {
   const os = await import('node:os');
-  const { ClusterStore } = await import('../ha/index.js');
+  const { ClusterStore, credentialsFrom } = await import('../ha/index.js');
+  const credentials = credentialsFrom({});
   const { loadSecret } = await import('../config/secret.js');
   const secret = loadSecret({ secretFile: opts.secretFile, create: true });
   const name = opts.name ?? `store-${os.hostname()}-${process.pid}`;
   const store = new ClusterStore({
     server: { dir: opts.dir, listen: opts.listen, secret, idleTimeoutMs: opts.idleTimeoutMs, ...(opts.tlsCert && opts.tlsKey ? { tls: { certFile: opts.tlsCert, keyFile: opts.tlsKey } } : {}) },
     etcd: opts.etcd,
+    ...(credentials ? { etcdOptions: { credentials } } : {}),
     name,
     standby: opts.standby ?? false,
     leaseTtlSec: opts.leaseTtlSec,

@@ -228,13 +228,22 @@ export async function startStores(info: EmbeddedClusterInfo, hosts: { host: stri
 
 /**
  * Start a stopped (or killed) daemon of the embedded cluster in `dir` again,
- * with its recorded arguments: `manager` or `agent-HOST`. `env` adds to this
+ * with its recorded arguments: `manager`, `agent-HOST` or `store-HOST`. `env` adds to this
  * process's environment (an agent gets its host's HYDRAVM_HOME). Updates
  * cluster.json, so `cluster down` stops the new process.
  */
 export function restartDaemon(dir: string, name: string, env: NodeJS.ProcessEnv = {}): DaemonInfo {
   const info = readClusterInfo(dir);
   if (!info) throw new HaError('HYDRA_HA_SPAWN', `no embedded cluster in ${dir}`);
+  const store = info.stores?.find((st) => st.name === name);
+  if (store) {
+    // A store comes back as a standby (it always runs with --standby) and serves once it takes the directory's lock.
+    if (pidAlive(store.pid)) throw new HaError('HYDRA_HA_SPAWN', `daemon "${name}" still runs (pid ${store.pid})`);
+    const d = spawnClusterStore(dir, { host: store.host, storeDir: store.dir, listen: store.listen, etcdUrl: store.args?.[store.args.indexOf('--etcd') + 1] ?? info.etcdUrl, secretFile: info.secretFile, env: { ...process.env, ...env }, ...(store.netns ? { netns: store.netns } : {}) });
+    Object.assign(store, d);
+    fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+    return d;
+  }
   const host = info.hosts.find((h) => h.name === name);
   const old = host ?? (info.manager?.name === name ? info.manager : undefined);
   if (!old?.args) throw new HaError('HYDRA_HA_SPAWN', `no daemon "${name}" with recorded arguments in ${dir}`);

@@ -77,7 +77,8 @@ export function makeLab(prefix: string): Lab {
           if (pr.pid) try { process.kill(pr.pid, 'SIGKILL'); } catch { /* gone */ }
         } catch { /* not protected */ }
       }
-      fs.rmSync(home, { recursive: true, force: true });
+      // HYDRAVM_TEST_KEEP=1 keeps the lab's files (logs, serial consoles) to look into a failure.
+      if (!process.env.HYDRAVM_TEST_KEEP) fs.rmSync(home, { recursive: true, force: true });
     },
   };
   return lab;
