@@ -180,9 +180,12 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
           : client;
         // The prefetch connection states the same epoch and pins to it: refused if the image moved.
         if (background !== client) await background.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
-        // A dropped connection is replaced by one pinned to the same generation and epoch (on the store serving now).
-        const reconnect = async (): Promise<StoreClient> => {
-          const address = opts.resolveStore ? await opts.resolveStore() : opts.store;
+        // In a cluster a dropped connection is replaced by one pinned to the same generation and epoch, on
+        // the store serving now (a standby may be taking over). A lone store that died does not come back:
+        // its fetches fail after their retries and the VM is stopped.
+        const resolveStore = opts.resolveStore;
+        const reconnect = resolveStore && (async (): Promise<StoreClient> => {
+          const address = await resolveStore();
           const c = await StoreClient.connect({ address, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' });
           try {
             await c.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
@@ -192,8 +195,8 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
             throw err;
           }
           return c;
-        };
-        const started = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress, reconnect });
+        });
+        const started = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress, ...(reconnect ? { reconnect } : {}) });
         pager = started;
         // The pager reads through these connections until memory is complete.
         keepClient = true;
