@@ -97,6 +97,8 @@ test('a standby store takes over the shared directory; a store cut off from etcd
     assert.ok(lastAckAt < cutAt + TTL * 1000, `A acknowledged a commit ${lastAckAt - cutAt} ms after being cut off (TTL ${TTL * 1000} ms)`);
     const fenceLog = fs.readFileSync(path.join(lab.dir, 'store-a.log'), 'utf8');
     assert.match(fenceLog, /fencing: this store stops accepting checkpoints/);
+    // Refused by the store (its commit-time check), or cut by its fence closing the connection.
+    assert.match(refused, /HYDRA_STORE_NOT_ACTIVE|HYDRA_STORE_CONNECTION_LOST/);
 
     // B takes over: etcd names it, and it holds exactly what A acknowledged.
     const active = await until('B active', async () => {

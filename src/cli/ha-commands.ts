@@ -151,7 +151,7 @@ export function registerHaCommands(program: Command): void {
       const { cluster: _c, stop: _s, ...info } = c;
       if (opts.json) return printJson(info);
       process.stdout.write(`cluster up in ${c.dir}\n  etcd     ${c.etcdUrl} (pid ${(c.etcdMembers ?? [c.etcd]).map((m) => m.pid).join(', ')})\n  manager  pid ${c.manager?.pid}\n`);
-      if (c.store) process.stdout.write(`  store    ${c.store.address} (pid ${c.store.pid}) active, directory ${c.store.dir}; protect VMs with --store cluster to follow the active store\n`);
+      if (c.store) process.stdout.write(`  store    ${c.store.name} ${c.store.address} (pid ${c.store.pid}) active, directory ${c.store.dir}; protect VMs with --store cluster to follow the active store\n`);
       for (const s of (c.stores ?? []).slice(1)) process.stdout.write(`  store    ${s.name} (pid ${s.pid}) standby\n`);
       if (c.netns) process.stdout.write(`  bridge   ${c.netns.bridge} ${c.netns.bridgeAddress}\n`);
       for (const h of c.hosts) process.stdout.write(`  ${h.host.padEnd(8)} pid ${h.pid}, HYDRAVM_HOME=${h.home}${h.netns ? `, netns ${h.netns} ${h.address}` : ''}\n`);
@@ -210,7 +210,7 @@ export function registerHaCommands(program: Command): void {
         if (st.active || st.standbys.length) {
           process.stdout.write(table(['STORE', 'ROLE', 'ADDRESS', 'PID', 'SINCE', 'DIRECTORY'], [
             ...(st.active ? [st.active] : []), ...st.standbys,
-          ].map((r) => [r.name, r.role, r.address, r.pid, new Date(r.since).toISOString(), r.dir])) + '\n');
+          ].map((r) => [r.name, r.role, r.address || '-', r.pid, new Date(r.since).toISOString(), r.dir])) + '\n');
           if (!st.active) process.stdout.write('no active checkpoint store: checkpoints stall until a standby takes over\n');
         } else process.stdout.write('checkpoint stores: none registered in etcd\n');
         process.stdout.write('\n');

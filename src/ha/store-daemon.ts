@@ -202,7 +202,9 @@ export class ClusterStore {
       this.since = Date.now();
       this.log.info({ holder: await lockHolder(this.opts.server.dir) }, 'standby: waiting for the store directory\'s lock');
     }
-    await this.lease.put(keys.storeStandby(this.opts.name)).value(JSON.stringify(this.record('standby', this.opts.advertise ?? this.opts.server.listen)));
+    // What it will listen on once active, when known before it binds (not for port 0).
+    const planned = this.opts.advertise ?? (/:0$/.test(this.opts.server.listen) ? '' : this.opts.server.listen);
+    await this.lease.put(keys.storeStandby(this.opts.name)).value(JSON.stringify(this.record('standby', planned)));
     this.standbyPut = true;
   }
 
@@ -211,7 +213,8 @@ export class ClusterStore {
     const t0 = Date.now();
     let server: StoreServer;
     try {
-      server = await startStoreServer({ ...this.opts.server, lock });
+      // Every BEGIN and COMMIT asks too: a commit never waits for the next tick of run() to be refused.
+      server = await startStoreServer({ ...this.opts.server, lock, mayWrite: () => (this.connected() ? null : `no keepalive acknowledged by etcd for ${Date.now() - this.ackedSendAt} ms (lease TTL ${this.ttlSec} s)`) });
     } catch (err) {
       // The store never served: giving the lock back is all there is to undo.
       await lock.release();

@@ -59,6 +59,12 @@ export interface StoreServerOptions {
   tls?: StoreTlsServerOptions;
   /** The directory's exclusive lock, already taken by the caller (a standby that waited for it); default: taken here. */
   lock?: DirLock;
+  /**
+   * Asked at every BEGIN and COMMIT: null while this store may write, else
+   * why not (a cluster store whose etcd lease may be expiring). A reason
+   * fences the store at once, as fence() does.
+   */
+  mayWrite?: () => string | null;
 }
 
 export const DEFAULT_IDLE_TIMEOUT_MS = 20_000;
@@ -77,6 +83,8 @@ interface ServerContext {
   log: Logger;
   /** Set once the store may no longer write (it lost its cluster lease): BEGIN and COMMIT are refused with this error. */
   fenced: StoreError | null;
+  fence: (reason: string) => void;
+  mayWrite: (() => string | null) | undefined;
 }
 
 export interface StoreServer {
@@ -117,7 +125,12 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
   const maxPending = opts.maxPendingHandshakes ?? DEFAULT_MAX_PENDING_HANDSHAKES;
   const ctx: ServerContext = {
     store, secret: opts.secret, handshakeMs: opts.handshakeTimeoutMs ?? 10_000, idleMs: opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
-    pending: new Set(), checkpointers: new Map(), log: slog, fenced: null,
+    pending: new Set(), checkpointers: new Map(), log: slog, fenced: null, mayWrite: opts.mayWrite,
+    fence(reason: string) {
+      if (ctx.fenced) return;
+      ctx.fenced = new StoreError('HYDRA_STORE_NOT_ACTIVE', `the store serving ${store.dir} no longer accepts checkpoints: ${reason}; find the active store and reconnect`);
+      slog.warn({ reason }, 'store fenced: refusing every BEGIN and COMMIT');
+    },
   };
   const conns = new Set<Connection>();
   let evicted = 0;
@@ -154,11 +167,7 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
   return {
     address,
     store,
-    fence(reason: string) {
-      if (ctx.fenced) return;
-      ctx.fenced = new StoreError('HYDRA_STORE_NOT_ACTIVE', `the store serving ${store.dir} no longer accepts checkpoints: ${reason}; find the active store and reconnect`);
-      slog.warn({ reason }, 'store fenced: refusing every BEGIN and COMMIT');
-    },
+    fence: ctx.fence,
     async close() {
       if (closed) return;
       closed = true;
@@ -441,6 +450,7 @@ class Connection {
         this.requireCheckpointer(f);
         this.cpFailed = null;
         try {
+          this.checkMayWrite();
           if (this.ctx.fenced) throw this.ctx.fenced;
           await this.ctx.store.checkFence(h.vm, h.generation);
           this.cp = await this.gen!.begin(b);
@@ -486,6 +496,7 @@ class Connection {
         if (!this.cp) return this.replyError(new StoreError('HYDRA_STORE_NO_CHECKPOINT', 'COMMIT without BEGIN'));
         const cp = this.cp;
         this.cp = null;
+        this.checkMayWrite();
         if (this.ctx.fenced) {
           // Nothing of it reached the journal's END: discarding it leaves the last committed epoch as it was.
           await cp.abort('the store was fenced').catch((err) => this.log.warn({ err: (err as Error).message }, 'abort failed'));
@@ -580,6 +591,12 @@ class Connection {
   private async readerGen(generation: number | undefined): Promise<GenerationImage | null> {
     if (generation === undefined || generation === this.gen?.generation) return this.gen;
     return this.ctx.store.gen(this.hello!.vm, generation);
+  }
+
+  /** Fence the store now if it may no longer write (checked here, not only by its owner's timer). */
+  private checkMayWrite(): void {
+    const why = this.ctx.mayWrite?.();
+    if (why) this.ctx.fence(why);
   }
 
   private requireCheckpointer(f: Frame): void {
