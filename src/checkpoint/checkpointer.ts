@@ -32,6 +32,8 @@ export interface CheckpointerOptions {
   /** Where QEMU writes the device state during the pause (small, rewritten each time). */
   devstateFile: string;
   store: string;
+  /** In a cluster: the active store's address, asked on every (re)connection (see joinStore). */
+  resolveStore?: () => Promise<string>;
   secret: string;
   generation: number;
   intervalMs: number;
@@ -235,6 +237,7 @@ export class Checkpointer {
   private async connectStore(): Promise<void> {
     const joined = await joinStore(this.opts, this.status.committedEpoch, this.log);
     this.client = joined.client;
+    this.status.store = joined.address;
     if (joined.needFull) {
       this.needFull = true;
       this.status.committedEpoch = joined.storeEpoch;

@@ -171,6 +171,7 @@ export class CowCheckpointer {
   private async connectStore(): Promise<void> {
     const joined = await joinStore(this.opts, this.status.committedEpoch, this.log);
     this.client = joined.client;
+    this.status.store = joined.address;
     if (joined.needFull) {
       this.needFull = true;
       this.status.committedEpoch = joined.storeEpoch;

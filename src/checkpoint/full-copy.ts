@@ -186,24 +186,43 @@ export async function openCheckpoint(o: CheckpointOpening): Promise<OpenedCheckp
 
 export interface StoreJoin {
   client: StoreClient;
+  /** The address joined: `store`, or what `resolveStore` named this time. */
+  address: string;
   /** The store's committed epoch of this generation (0: none). */
   storeEpoch: number;
   /** Only a full checkpoint is certain to match memory: the store has none, or it is ahead or behind us. */
   needFull: boolean;
 }
 
+export interface StoreTarget {
+  /** The store's address (the first one, when `resolveStore` is given). */
+  store: string;
+  /**
+   * In a cluster: the active store's address as etcd names it now. Asked on
+   * every (re)connection, so a checkpointer follows a standby store that took
+   * over the shared directory; the epoch comparison below then decides whether
+   * the new store continues our image incrementally.
+   */
+  resolveStore?: () => Promise<string>;
+  secret: string;
+  vm: string;
+  generation: number;
+}
+
 /** Connect as the checkpointer of the VM's generation and compare the store's committed epoch with ours. */
-export async function joinStore(o: { store: string; secret: string; vm: string; generation: number }, ourEpoch: number, log: Logger): Promise<StoreJoin> {
-  const client = await StoreClient.connect({ address: o.store, secret: o.secret, vm: o.vm, generation: o.generation, role: 'checkpointer' });
+export async function joinStore(o: StoreTarget, ourEpoch: number, log: Logger): Promise<StoreJoin> {
+  const address = o.resolveStore ? await o.resolveStore() : o.store;
+  const client = await StoreClient.connect({ address, secret: o.secret, vm: o.vm, generation: o.generation, role: 'checkpointer' });
   const meta = await client.getMeta();
   const storeEpoch = meta && meta.generation === o.generation ? meta.committedEpoch : 0;
-  if (storeEpoch === 0) return { client, storeEpoch, needFull: true };
+  if (storeEpoch === 0) return { client, address, storeEpoch, needFull: true };
   if (storeEpoch !== ourEpoch) {
     // The store is ahead (it committed what we never heard acknowledged) or behind (lost data).
-    log.warn({ storeEpoch, ours: ourEpoch }, 'store epoch differs from ours; taking a full checkpoint');
-    return { client, storeEpoch, needFull: true };
+    log.warn({ storeEpoch, ours: ourEpoch, store: address }, 'store epoch differs from ours; taking a full checkpoint');
+    return { client, address, storeEpoch, needFull: true };
   }
-  return { client, storeEpoch, needFull: false };
+  if (ourEpoch > 0) log.info({ store: address, epoch: storeEpoch }, 'store joined at our committed epoch; continuing incrementally');
+  return { client, address, storeEpoch, needFull: false };
 }
 
 /** QEMU gone or this incarnation fenced: stop. Store trouble, or the checkpointer's own `retriedCode`: retry. */

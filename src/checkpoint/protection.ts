@@ -25,6 +25,12 @@ import { writeFileAtomicSync } from '../util/atomic-write.js';
 export interface ProtectRequest {
   vm: string;
   store: string;
+  /**
+   * In a cluster: where the checkpointer looks up the active store on every
+   * (re)connection (etcd endpoints; credentials from HYDRAVM_ETCD_*), so it
+   * follows a standby store that took over. `store` is then the first address.
+   */
+  storeDiscovery?: StoreDiscovery;
   intervalMs: number;
   generation: number;
   secretFile?: string;
@@ -36,6 +42,13 @@ export interface ProtectRequest {
   /** Copy-on-write checkpoints (false: basic); absent: as the VM's spec says (`protection.cow`). */
   cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number };
 }
+
+export interface StoreDiscovery {
+  etcd: string;
+}
+
+/** Builds the lookup of the active store for a checkpointer process (the HA layer provides it). */
+export type StoreResolverFactory = (d: StoreDiscovery) => { resolve(): Promise<string>; close(): void };
 
 function files(vm: string) {
   const dir = vmPaths(vm).dir;
@@ -178,7 +191,7 @@ function pauseDevstateFile(vm: string, fallback: string): string {
 }
 
 /** Body of the detached checkpointer process. */
-export async function runCheckpointerProcess(vm: string): Promise<void> {
+export async function runCheckpointerProcess(vm: string, resolverFor?: StoreResolverFactory): Promise<void> {
   const f = files(vm);
   const req = JSON.parse(fs.readFileSync(f.request, 'utf8')) as ProtectRequest;
   const state = readState(vm);
@@ -187,12 +200,14 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
   const devstateFile = pauseDevstateFile(vm, f.devstate);
   // A restored VM runs on overlays, not on the disks its spec names.
   const diskPaths = config.launch.diskFiles ?? config.spec.disks.map((d) => d.path);
+  const resolver = req.storeDiscovery && resolverFor ? resolverFor(req.storeDiscovery) : undefined;
   const cpOpts: CheckpointerOptions = {
     vm,
     qemuPid: state.qemuPid,
     qmpSocket: vmPaths(vm).hydraQmpSocket,
     devstateFile,
     store: req.store,
+    ...(resolver ? { resolveStore: () => resolver.resolve() } : {}),
     secret: loadSecret({ secretFile: req.secretFile }),
     generation: req.generation,
     intervalMs: req.intervalMs,
@@ -214,6 +229,7 @@ export async function runCheckpointerProcess(vm: string): Promise<void> {
     vmLog(vm).error({ err: (err as Error).message }, 'protection failed');
     process.exitCode = 1;
   } finally {
+    resolver?.close();
     if (devstateFile !== f.devstate) fs.rmSync(devstateFile, { force: true });
   }
 }

@@ -74,6 +74,8 @@ export function registerProtectCommands(program: Command): void {
     .argument('<name>')
     .action(async (name: string) => {
       const { runCheckpointerProcess } = await import('../checkpoint/index.js');
-      await runCheckpointerProcess(name);
+      // In a cluster the checkpointer looks the active store up in etcd on every reconnection.
+      const { storeResolver } = await import('../ha/index.js');
+      await runCheckpointerProcess(name, (d) => storeResolver(d));
     });
 }
