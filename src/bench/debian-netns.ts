@@ -198,6 +198,23 @@ export class DebianNetnsRig {
     }
   }
 
+  /**
+   * The first reply on a connection opened after `killAt`: the restored VM's.
+   * A reply the old VM sent just before the kill may still arrive after it;
+   * it is not the end of the outage.
+   */
+  async waitReconnected(killAt: number, timeoutMs: number, what: string): Promise<WatchRecord> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const recs = this.records();
+      const c = recs.findIndex((x) => x.ok && x.op === 'connect' && x.t > killAt);
+      const r = c >= 0 ? recs.slice(c).find((x) => x.ok && x.op === 'incr') : undefined;
+      if (r) return r;
+      if (Date.now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `timed out after ${timeoutMs / 1000} s waiting for ${what}`);
+      await sleep(100);
+    }
+  }
+
   /** Put the VM (running on host2) under the cluster's protection. */
   async protect(): Promise<VmRecord> {
     this.current = await protectInCluster(this.cluster.cluster, { vm: DEBIAN_VM, host: 'host2', store: this.cluster.store!.address, mode: 'network', intervalMs: this.opts.intervalMs }, { timeoutMs: 300_000 });
@@ -260,7 +277,7 @@ export class DebianNetnsRig {
     if (kind === 'qemu') process.kill(qemuPid, 'SIGKILL');
     else await killNetnsHost(this.opts.dir, from);
     const fo = await waitForFailover(this.cluster.cluster, DEBIAN_VM, rec.generation, { timeoutMs: 300_000 });
-    const reply = await this.waitReply(killAt, 300_000, `the client's first reply after the ${kind} kill`);
+    const reply = await this.waitReconnected(killAt, 300_000, `the client's first reply from the restored VM after the ${kind} kill`);
     await sleep(1000);
     const recs = this.records();
     const s = summarizeWatch(recs.filter((x) => x.t > killAt - 5000 && x.t <= reply.t), killAt);
