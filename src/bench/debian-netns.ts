@@ -61,6 +61,9 @@ export interface FailoverObservation {
   lostAcked: number;
   /** Counter acknowledged before the restored checkpoint's pause began (a restore must keep at least these). */
   ackedAtCheckpoint: number;
+  /** Where the outage went: kill to the restored guest running (cluster record), and to the client's first accepted connection. */
+  runningAfterKillMs?: number;
+  connectedAfterKillMs: number;
   restoredEpoch?: number;
   generation: number;
   /** The cluster's own split: failure noticed, restore started, guest running. */
@@ -292,13 +295,15 @@ export class DebianNetnsRig {
       found: loss.found ?? -1,
       lostAcked: loss.lostAcked ?? -1,
       ackedAtCheckpoint: cp ? lastAcked(recs, 'incr', cp.startedAt) ?? 0 : -1,
+      ...(fo.timing?.runningAt ? { runningAfterKillMs: fo.timing.runningAt - killAt } : {}),
+      connectedAfterKillMs: (recs.find((x) => x.ok && x.op === 'connect' && x.t > killAt)?.t ?? reply.t) - killAt,
       ...(epoch !== undefined ? { restoredEpoch: epoch } : {}),
       generation: fo.record.generation,
       ...(fo.timing ? { timing: fo.timing } : {}),
     };
     this.current = fo.record;
     this.opts.log(`${kind} death on ${from} -> ${obs.toHost} (interval ${intervalMs} ms): kill to first reply ${obs.firstReplyAfterKillMs.toFixed(0)} ms, longest gap ${obs.longestGapMs.toFixed(0)} ms, `
-      + `cluster: detected ${fo.timing?.detectionMs ?? '?'} ms, running ${fo.timing?.totalMs ?? '?'} ms after the failure; `
+      + `guest running ${obs.runningAfterKillMs ?? '?'} ms after the kill (cluster: ${fo.timing?.totalMs ?? '?'} ms after the failure it recorded), client connected at ${obs.connectedAfterKillMs.toFixed(0)} ms; `
       + `counter acknowledged ${obs.ackedBeforeKill}, found ${obs.found}, lost ${obs.lostAcked} (acknowledged at the restored checkpoint's pause: ${obs.ackedAtCheckpoint})`);
     if (kind === 'host' && opts.revive) await this.revive(from);
     return obs;
