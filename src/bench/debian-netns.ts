@@ -61,6 +61,8 @@ export interface FailoverObservation {
   lostAcked: number;
   /** Counter acknowledged before the restored checkpoint's pause began (a restore must keep at least these). */
   ackedAtCheckpoint: number;
+  /** The epoch whose pause `ackedAtCheckpoint` is taken at: the restored one, or the newest earlier one in the history. */
+  checkpointEpoch?: number;
   /** Where the outage went: kill to the restored guest running (cluster record), and to the client's first accepted connection. */
   runningAfterKillMs?: number;
   connectedAfterKillMs: number;
@@ -286,7 +288,11 @@ export class DebianNetnsRig {
     const s = summarizeWatch(recs.filter((x) => x.t > killAt - 5000 && x.t <= reply.t), killAt);
     const loss = lossReport(recs, killAt);
     const epoch = fo.timing?.restoredEpoch;
-    const cp = this.history(from).find((h) => h.generation === rec.generation && h.epoch === epoch);
+    // The checkpointer appends an epoch to its history only after the store's acknowledgement:
+    // killed (or quitting on its dead VM) in between, the store has the epoch and the history
+    // not. The newest earlier epoch then gives a weaker, still valid bound.
+    const mine = this.history(from).filter((h) => h.generation === rec.generation && epoch !== undefined && h.epoch <= epoch);
+    const cp = mine.find((h) => h.epoch === epoch) ?? mine.at(-1);
     const obs: FailoverObservation = {
       kind, fromHost: from, toHost: fo.record.host, intervalMs, killAt,
       firstReplyAfterKillMs: reply.t - killAt,
@@ -295,6 +301,7 @@ export class DebianNetnsRig {
       found: loss.found ?? -1,
       lostAcked: loss.lostAcked ?? -1,
       ackedAtCheckpoint: cp ? lastAcked(recs, 'incr', cp.startedAt) ?? 0 : -1,
+      ...(cp ? { checkpointEpoch: cp.epoch } : {}),
       ...(fo.timing?.runningAt ? { runningAfterKillMs: fo.timing.runningAt - killAt } : {}),
       connectedAfterKillMs: (recs.find((x) => x.ok && x.op === 'connect' && x.t > killAt)?.t ?? reply.t) - killAt,
       ...(epoch !== undefined ? { restoredEpoch: epoch } : {}),
@@ -304,7 +311,7 @@ export class DebianNetnsRig {
     this.current = fo.record;
     this.opts.log(`${kind} death on ${from} -> ${obs.toHost} (interval ${intervalMs} ms): kill to first reply ${obs.firstReplyAfterKillMs.toFixed(0)} ms, longest gap ${obs.longestGapMs.toFixed(0)} ms, `
       + `guest running ${obs.runningAfterKillMs ?? '?'} ms after the kill (cluster: ${fo.timing?.totalMs ?? '?'} ms after the failure it recorded), client connected at ${obs.connectedAfterKillMs.toFixed(0)} ms; `
-      + `counter acknowledged ${obs.ackedBeforeKill}, found ${obs.found}, lost ${obs.lostAcked} (acknowledged at the restored checkpoint's pause: ${obs.ackedAtCheckpoint})`);
+      + `counter acknowledged ${obs.ackedBeforeKill}, found ${obs.found}, lost ${obs.lostAcked} (acknowledged at the pause of epoch ${obs.checkpointEpoch ?? '?'}, restored ${epoch ?? '?'}: ${obs.ackedAtCheckpoint})`);
     if (kind === 'host' && opts.revive) await this.revive(from);
     return obs;
   }
