@@ -176,7 +176,7 @@ export function renderDebianFailover(opts: DebianFailoverBenchOptions, ctx: Ctx,
   md.push('');
   md.push('Every fail-over, in order:');
   md.push('');
-  md.push('| # | failure | from → to | interval | longest gap, ms | kill → first reply, ms | guest running, ms | client connected, ms | acknowledged before kill | found | lost | acknowledged at the checkpoint's pause (epoch) |');
+  md.push('| # | failure | from → to | interval | longest gap, ms | kill → first reply, ms | guest running, ms | client connected, ms | acknowledged before kill | found | lost | acknowledged at the checkpoint pause (epoch) |');
   md.push('|---|---|---|---|---|---|---|---|---|---|---|---|');
   fos.forEach((o, i) => md.push(`| ${i + 1} | ${o.kind} | ${o.fromHost} → ${o.toHost} | ${o.intervalMs / 1000} s | ${o.longestGapMs.toFixed(0)} | ${o.firstReplyAfterKillMs.toFixed(0)} | ${o.runningAfterKillMs ?? '-'} | ${o.connectedAfterKillMs.toFixed(0)} | ${o.ackedBeforeKill} | ${o.found} | ${o.lostAcked} | ${o.ackedAtCheckpoint} (${o.checkpointEpoch === o.restoredEpoch ? `restored epoch ${o.restoredEpoch}` : `epoch ${o.checkpointEpoch ?? '?'}, restored ${o.restoredEpoch ?? '?'}`}) |`));
   return { json, markdown: md.join('\n') + '\n' };
