@@ -4,10 +4,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { makeLab, pidAlive } from '../support/lab.js';
+import { makeLab, pidAlive, until } from '../support/lab.js';
 import { DebianNetnsRig, type FailoverObservation } from '../../src/bench/debian-netns.js';
 import { redisOnce } from '../../src/bench/resp.js';
-import { processInNetns } from '../../src/ha/index.js';
+import { processInNetns, Cluster } from '../../src/ha/index.js';
 import { netnsPids } from '../../src/ha/netns.js';
 import type { BuiltImage } from '../../src/image/index.js';
 
@@ -134,6 +134,24 @@ test('Debian VM with redis on a 3-host namespaced cluster: QEMU death and host d
   for (const pid of inVictim) assert.ok(!pidAlive(pid), `pid ${pid} of ${victim} is dead`);
   seen.push(h);
   await checkRestored(r, h, info1, victim);
+
+  // The dead host comes back: its etcd member rejoins (each member answers for the whole cluster) and its agent registers.
+  await r.revive(victim);
+  const back = new Cluster(r.cluster.etcdMembers!.find((m) => m.netns === r.host(victim).netns)!.url);
+  try {
+    await until(`${victim}'s own member answering with the three hosts`, async () => (await back.hosts().catch(() => new Map())).size === 3, 120_000);
+  } finally {
+    back.close();
+  }
+  assert.equal((await r.cluster.cluster.vm('debvm'))?.value.host, h.toHost, 'the revived host does not take the VM back');
+
+  // `cluster down` leaves no namespace, link or process behind.
+  const pids = [...r.cluster.hosts.map((x) => x.pid), ...r.cluster.etcdMembers!.map((m) => m.pid), r.vmState(h.toHost)!.qemuPid!];
+  rig = undefined;
+  await r.stop();
+  assert.deepEqual(spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.startsWith(PREFIX)), []);
+  assert.deepEqual(spawnSync('ip', ['-o', 'link', 'show'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => new RegExp(`^\\d+:\\s+${PREFIX}`).test(l)), []);
+  for (const pid of pids) assert.ok(!pidAlive(pid), `pid ${pid} is gone after cluster down`);
 
   for (const o of seen) {
     note(`RESULT ${o.kind} death (${o.fromHost} -> ${o.toHost}, checkpoints every ${o.intervalMs} ms): client outage ${o.longestGapMs.toFixed(0)} ms longest gap, `
