@@ -320,6 +320,7 @@ export class DebianNetnsRig {
   async revive(host: string): Promise<void> {
     await reviveNetnsHost(this.opts.dir, host, this.opts.env);
     const deadline = Date.now() + 120_000;
+    // etcd may fail a call while the member rejoins: polled until the deadline.
     while (!(await this.cluster.cluster.hosts().catch(() => new Map())).has(host)) {
       if (Date.now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `host ${host} did not register again within 120 s of its revival`);
       await sleep(200);
