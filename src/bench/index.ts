@@ -1,5 +1,6 @@
 // The benchmarks behind `hydravm bench` (the front door of src/bench).
 export { runCheckpointBench, type CheckpointBenchOptions } from './checkpoint-bench.js';
+export { checkpointMarkdown, writeCheckpointDoc, type CheckpointBenchJson } from './checkpoint-report.js';
 export { runFailoverBench, type FailoverBenchOptions } from './failover-bench.js';
 export { runDebianFailoverBench, type DebianFailoverBenchOptions } from './debian-failover-bench.js';
 export { DebianNetnsRig, type FailoverObservation, type FailureKind } from './debian-netns.js';

@@ -11,3 +11,4 @@ export { quantile, summarize, type CheckpointStats, type ProtectionStatus } from
 onStop(async (vm) => {
   if (isProtected(vm)) await unprotectVm(vm, 120_000);
 });
+export { COW_PRIVATE_RAM_REASON } from './cow-mode.js';

@@ -240,6 +240,10 @@ export function registerHaCommands(program: Command): void {
       try {
         const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval'), ...cowOption(opts) }, { wait: opts.wait });
         process.stdout.write(`VM ${vm} on ${r.host}: ${r.state}${r.state === 'protected' ? ` at generation ${r.generation}` : ''}\n`);
+        if (opts.cow && opts.mode === 'file') {
+          const { COW_PRIVATE_RAM_REASON } = await import('../checkpoint/index.js');
+          process.stdout.write(`VM ${vm}: after a fail-over it is checkpointed in basic mode, copy-on-write needs network-mode restores: ${COW_PRIVATE_RAM_REASON}\n`);
+        }
       } finally {
         c.close();
       }

@@ -40,6 +40,7 @@ export function registerProtectCommands(program: Command): void {
       });
       if (tty) process.stderr.write('\n');
       process.stdout.write(`VM ${name} protected: generation ${status.generation}, epoch ${status.committedEpoch} committed to ${status.store}, every ${ms(intervalMs)}${status.mode === 'cow' ? ', copy-on-write' : ''}\n`);
+      if (status.cowRefused) process.stdout.write(`VM ${name}: basic checkpoints, copy-on-write refused: ${status.cowRefused}\n`);
     });
 
   program.command('unprotect')
