@@ -40,6 +40,14 @@ test('3 namespaced hosts: 3 started etcd members, daemons in their namespaces; a
     'host1 http://198.18.100.11:2379', 'host2 http://198.18.100.12:2379', 'host3 http://198.18.100.13:2379',
   ]);
   for (const h of cluster.hosts) assert.ok(processInNetns(h.pid, h.netns!), `agent ${h.host} in ${h.netns}`);
+  // Each host's address is on its VM bridge br0, with eth0 (its link to the cluster's bridge) as a port and br0 keeping eth0's MAC.
+  for (const h of cluster.hosts) {
+    const show = (...args: string[]) => spawnSync('ip', ['-n', h.netns!, '-o', ...args], { encoding: 'utf8' }).stdout;
+    assert.match(show('-4', 'addr', 'show', 'dev', 'br0'), new RegExp(`inet ${h.address!.replace(/\./g, '\\.')}/24`), `${h.host}: address on br0`);
+    const eth0 = show('link', 'show', 'dev', 'eth0');
+    assert.match(eth0, /master br0/, `${h.host}: eth0 is a port of br0`);
+    assert.equal(/link\/ether (\S+)/.exec(show('link', 'show', 'dev', 'br0'))?.[1], /link\/ether (\S+)/.exec(eth0)?.[1], `${h.host}: br0 keeps eth0's MAC`);
+  }
   for (const m of cluster.etcdMembers!) assert.ok(processInNetns(m.pid, m.netns), `${m.name} in ${m.netns}`);
   // A checkpoint store per host on the shared directory: host1's active, the others standbys.
   for (const st of cluster.stores!) assert.ok(processInNetns(st.pid, st.netns!), `${st.name} in ${st.netns}`);

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import path from 'node:path';
 import { registerEvalCommands } from './bench-eval-command.js';
+import { BenchError } from '../errors.js';
 
 export function registerBenchCommand(program: Command): void {
   const bench = program.command('bench').description('benchmarks: write JSON, a Markdown table and SVG plots');
@@ -93,7 +94,26 @@ export function registerBenchCommand(program: Command): void {
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean }) => {
+    .option('--guest <guest>', 'memcheck (the test guest, on one host) or debian (redis in the Debian image on 3 namespaced hosts, watched by a client; needs root)', 'memcheck')
+    .option('--runs <n>', 'debian: fail-overs of each kind (QEMU death, host death) per checkpoint interval', '2')
+    .option('--intervals <s>', 'debian: comma-separated checkpoint intervals in seconds', '1,0.5')
+    .option('--netns-prefix <prefix>', 'debian: name prefix of the namespaces, bridge and veths', 'hvfo-')
+    .option('--netns-subnet <cidr>', 'debian: a /24 inside 198.18.0.0/15 for the hosts and the VM', '198.18.110.0/24')
+    .option('--docs <file>', 'debian: also replace the generated section of this Markdown file (e.g. docs/benchmarks.md)')
+    .option('--keep', 'debian: keep the cluster directory (logs) after the run')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; guest: string; runs: string; intervals: string; netnsPrefix: string; netnsSubnet: string; docs?: string; keep?: boolean }) => {
+      if (opts.guest === 'debian') {
+        const { runDebianFailoverBench } = await import('../bench/index.js');
+        const r = await runDebianFailoverBench({
+          outDir: opts.out, runs: Number(opts.runs), intervalsMs: opts.intervals.split(',').map((s) => Math.round(Number(s) * 1000)),
+          memory: opts.memory, windowS: Number(opts.window), prefix: opts.netnsPrefix, subnet: opts.netnsSubnet, keep: !!opts.keep, docs: opts.docs,
+          log: (m) => process.stderr.write(`${m}\n`),
+        });
+        process.stdout.write(r.markdown);
+        process.stdout.write(`written: ${r.files.join(', ')}\n`);
+        return;
+      }
+      if (opts.guest !== 'memcheck') throw new BenchError('HYDRA_BENCH_BAD_OPTION', `bench failover --guest "${opts.guest}": use memcheck or debian`);
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,

@@ -17,6 +17,7 @@ export { fenceLocalVm, staleReason } from './fence.js';
 export { protectInCluster, forgetVm, waitForVm, waitForFailover, clusterStatus, type ClusterStatus, type ProtectInClusterRequest } from './client.js';
 export { startEmbeddedCluster, stopEmbeddedCluster, restartDaemon, readClusterInfo, defaultClusterDir, type EmbeddedCluster, type EmbeddedClusterInfo, type EmbeddedClusterOptions } from './embedded.js';
 export { startNetnsCluster, DEFAULT_NETNS_PREFIX, type NetnsClusterOptions } from './netns-cluster.js';
+export { killNetnsHost, reviveNetnsHost } from './netns-host.js';
 export { planNetns, removeNetns, setHostLink, existingWithPrefix, processInNetns, inNetns, type NetnsLayout, type NetnsHost } from './netns.js';
 export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';
 export { HaError } from '../errors.js';

@@ -35,6 +35,8 @@ export interface NetnsClusterOptions {
   /** A /24 inside 198.18.0.0/15 (default 198.18.100.0/24). */
   subnet?: string;
   hostMemoryBytes?: number;
+  /** Memory offered to VMs by particular hosts (overrides hostMemoryBytes for them), e.g. a host kept for the store. */
+  hostMemory?: Record<string, number>;
   /** Host lease TTL (default 3 s: see MEMBER_ELECTION_MS). */
   leaseTtlSec?: number;
   secretFile?: string;
@@ -43,8 +45,8 @@ export interface NetnsClusterOptions {
 }
 
 export const DEFAULT_NETNS_PREFIX = 'hvm-';
-const ETCD_CLIENT_PORT = 2379;
-const ETCD_PEER_PORT = 2380;
+export const ETCD_CLIENT_PORT = 2379;
+export const ETCD_PEER_PORT = 2380;
 const STORE_PORT = 7000;
 /**
  * Several members elect a leader, and on this loaded 2-core machine a
@@ -54,8 +56,8 @@ const STORE_PORT = 7000;
  * the lease 3 s, so one election (spurious or after a member's death) fits
  * inside a lease.
  */
-const MEMBER_HEARTBEAT_MS = 100;
-const MEMBER_ELECTION_MS = 1000;
+export const MEMBER_HEARTBEAT_MS = 100;
+export const MEMBER_ELECTION_MS = 1000;
 export const NETNS_LEASE_TTL_SEC = 3;
 
 function writeInfo(info: EmbeddedClusterInfo): void {
@@ -148,7 +150,8 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
       // The agent talks to its own host's member only: a member cut off elsewhere (whose
       // connections hang rather than fail) cannot stall this host's lease keepalives.
       const args = ['agent', '--host', h.host, '--etcd', memberUrl(h.address), '--home', home, '--address', h.address, '--lease-ttl', String(ttl), '--secret-file', secretFile];
-      if (opts.hostMemoryBytes) args.push('--memory', String(opts.hostMemoryBytes));
+      const memory = opts.hostMemory?.[h.host] ?? opts.hostMemoryBytes;
+      if (memory) args.push('--memory', String(memory));
       const d = spawnDaemon(dir, `agent-${h.host}`, args, { ...baseEnv, HYDRAVM_HOME: home }, h.netns);
       info.hosts.push({ ...d, host: h.host, home, netns: h.netns, address: h.address });
       writeInfo(info);
