@@ -662,6 +662,8 @@ async function readChains(qmp: QmpClient, vm: string, paths: string[], sizes: nu
       // Walk the backing chain: top node -> backing -> ...
       const nodes: Layer[] = [];
       let id = nameToId.get(ins['node-name']);
+      // A VM restored into a restore shell has a raw filter between device and qcow2 chain: start below it.
+      if (id !== undefined && fileOf.get(ins['node-name'])?.drv === 'raw') id = graph.edges.find((e) => e.parent === id && e.name === 'file')?.child;
       while (id !== undefined) {
         const n = byId.get(id)!;
         const info = fileOf.get(n.name);

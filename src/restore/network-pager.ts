@@ -1,5 +1,5 @@
 import { RestoreError } from '../errors.js';
-import type { StoreClient, StoreMeta } from '../protocol/index.js';
+import type { StoreMeta } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { MissingPageHandler } from '../tracker/index.js';
 import { sleep } from '../util/sleep.js';
@@ -28,13 +28,18 @@ export interface PagerStats {
   prefetch: boolean;
 }
 
+/** Where the pager reads guest pages: the store (network mode) or the image file (file mode into a restore shell). */
+export interface PageSource {
+  readPages(runs: { offset: number; length: number }[]): Promise<Buffer>;
+}
+
 export interface PagerOptions {
   vm: string;
   qemuPid: number;
   /** Connection for faults: a faulting vCPU must not wait behind background prefetch. */
-  urgent: StoreClient;
+  urgent: PageSource;
   /** Connection for background prefetch (may be the same when prefetch is off). */
-  background: StoreClient;
+  background: PageSource;
   meta: StoreMeta;
   prefetch: boolean;
   /** Page offsets to prefetch first, e.g. the pages the VM wrote most before it failed. */
@@ -224,7 +229,7 @@ export class NetworkPager {
   }
 
   /** Request the missing, unrequested pages of [start, end) and copy them in; returns pages filled. */
-  private async fetchAndFill(client: StoreClient, start: number, end: number): Promise<number> {
+  private async fetchAndFill(client: PageSource, start: number, end: number): Promise<number> {
     const runs: { offset: number; length: number }[] = [];
     for (let p = start / PAGE; p < end / PAGE; p++) {
       if (this.page[p] !== 0) continue;

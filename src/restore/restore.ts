@@ -4,7 +4,9 @@ import crypto from 'node:crypto';
 import { RestoreError, HydraError } from '../errors.js';
 import { protectVm } from '../checkpoint/index.js';
 import { StoreClient, type StoreMeta } from '../protocol/index.js';
-import { startVm, stopVm, vmPaths, readState, isLive, type LaunchFile, chooseAccel } from '../vm/index.js';
+import { startVm, stopVm, vmPaths, readState, isLive, chooseAccel, shellConfigOf, shellKey, type VmState } from '../vm/index.js';
+import { handOff } from './shell-handoff.js';
+import { FilePageSource } from './file-pages.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { NetworkPager, type PagerStats } from './network-pager.js';
@@ -43,6 +45,8 @@ export interface RestoreOptions {
   diskFiles?: string[];
   /** Progress lines (prefetch). */
   onProgress?: (msg: string) => void;
+  /** 'auto' (default): restore into an idle pre-started shell of the VM's configuration if this host has one; 'never': always start QEMU cold. */
+  shell?: 'auto' | 'never';
 }
 
 export interface RestoreTimings {
@@ -58,7 +62,16 @@ export interface RestoreTimings {
   launchToRunningMs: number;
   /** From the call to the guest running. */
   totalMs: number;
+  /** 1 when the VM was restored into a pre-started restore shell, 0 for a cold start. */
+  warm: number;
+  /** Warm: adopting the shell, opening the disks and attaching the pager. */
+  shellHandoffMs?: number;
+  /** The `cont` command. */
+  contMs: number;
 }
+
+/** Whether a restore shell was used, and if not, why (shown with the timings). */
+export type RestoreShellUse = { used: true; key: string; id: string } | { used: false; key?: string; reason: string };
 
 export interface RestoreResult {
   vm: string;
@@ -71,6 +84,7 @@ export interface RestoreResult {
   pager?: NetworkPager;
   /** Whether QMP announce-self was sent after `cont` (the VM has NICs). */
   announced: boolean;
+  shell: RestoreShellUse;
 }
 
 /**
@@ -139,29 +153,61 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       throw new RestoreError('HYDRA_RESTORE_TORN_IMAGE', `VM "${opts.vm}": device state of epoch ${meta.committedEpoch} does not match its checksum (${devstate.length} bytes, sha256 ${digest.slice(0, 12)}…, expected ${meta.devstate.sha256.slice(0, 12)}…)`);
     }
     let diskFiles = opts.diskFiles;
+    let diskSizes: number[] | undefined;
     let layerDir: string | undefined;
     if (!diskFiles && meta.disks.length > 0 && checked.vmLayers) {
-      const { prepareRestoreDisks } = await import('../disk/index.js');
+      const { prepareRestoreDiskSet } = await import('../disk/index.js');
       // Layers live in <layerDir>/<vm>/ (validated above); restore overlays go beside them, and the
       // new incarnation keeps the same layer root (no nesting across fail-overs).
       layerDir = path.dirname(checked.vmLayers);
       // A fresh overlay on exactly the layer frozen with this epoch: the failed primary's later writes are never seen.
-      diskFiles = await prepareRestoreDisks(meta.disks, { vm: opts.vm, overlayDir: path.join(checked.vmLayers, 'restored') });
+      const set = await prepareRestoreDiskSet(meta.disks, { vm: opts.vm, overlayDir: path.join(checked.vmLayers, 'restored') });
+      diskFiles = set.files;
+      diskSizes = set.sizes;
+    } else if (!diskFiles && meta.disks.length === 0) {
+      diskSizes = [];
     }
     const prepareMs = performance.now() - t0;
 
     const spec = checked.spec;
     const accel = chooseAccel(spec.accel, spec.name);
     const tSpawn = performance.now();
-    const state = await startVm(spec, {
-      launch: {
-        accel,
-        ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
-        incomingDefer: true,
-        diskFiles,
-        layerDir: layerDir ?? checked.layerDir,
-      },
-    });
+    // A pre-started shell if one matches (its RAM is a memfd filled through userfaultfd in
+    // both modes); otherwise, or if the hand-off fails before the VM is adopted, a cold start.
+    let shell: RestoreShellUse = { used: false, reason: 'restore shells not asked for' };
+    let state: VmState | undefined;
+    let fileSource: FilePageSource | undefined;
+    if ((opts.shell ?? 'auto') === 'auto') {
+      const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes) : { reason: 'disk overlays given by the caller (sizes unknown)' };
+      if ('reason' in cfg) {
+        shell = { used: false, reason: cfg.reason };
+      } else {
+        const key = shellKey(cfg.config);
+        const launch = { accel, ram: { kind: 'memfd' as const }, incomingDefer: true, diskFiles, layerDir: layerDir ?? checked.layerDir };
+        const h = await handOff(spec, launch, key, diskFiles ?? []).catch(async (err: unknown) => {
+          // Adopted but not usable: the shell's QEMU is now this VM's and must go before a cold start.
+          await stopVm(opts.vm).catch(() => undefined);
+          return { reason: `hand-off to a restore shell failed: ${(err as Error).message}` };
+        });
+        if ('reason' in h) shell = { used: false, key, reason: h.reason };
+        else {
+          shell = { used: true, key, id: h.shellId };
+          state = h.state;
+        }
+      }
+      if (!shell.used) log.info({ reason: shell.reason }, 'no restore shell used: starting QEMU cold');
+    }
+    if (!state) {
+      state = await startVm(spec, {
+        launch: {
+          accel,
+          ram: opts.mode === 'file' ? { kind: 'file-private', path: memoryPath! } : { kind: 'memfd' },
+          incomingDefer: true,
+          diskFiles,
+          layerDir: layerDir ?? checked.layerDir,
+        },
+      });
+    }
     const spawnMs = performance.now() - tSpawn;
 
     let pager: NetworkPager | undefined;
@@ -180,7 +226,14 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         keepClient = true;
         // Memory is complete (or the pager failed and said so): closing the connections is cleanup.
         pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
+      } else if (shell.used) {
+        fileSource = await FilePageSource.open(memoryPath!);
+        const src = fileSource;
+        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch: opts.prefetch ?? true, hotOffsets, onProgress: opts.onProgress });
+        // Closing the image once every page is in (or the pager gave up) is cleanup.
+        pager.done.finally(() => src.close()).catch(() => undefined);
       }
+      const handoffMs = performance.now() - tSpawn;
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
       // While QEMU waits for the incoming state, `stop` only clears its autostart: the guest stays paused after loading.
       if (opts.paused) await qmp.execute('stop');
@@ -188,6 +241,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       await qmp.execute('migrate-incoming', { uri: `file:${devstateFile}` });
       await waitMigration(qmp, opts.vm);
       const deviceLoadMs = performance.now() - tLoad;
+      const tCont = performance.now();
       if (!opts.paused) await qmp.execute('cont');
       const tRun = performance.now();
       pager?.startPrefetch();
@@ -196,13 +250,17 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         prepareMs,
         spawnMs,
         deviceLoadMs,
-        spawnToRunningMs: performance.timeOrigin + tRun - (state.qemuSpawnedAt ?? performance.timeOrigin + tSpawn),
+        // A shell's QEMU was spawned long before: its restore counts from the hand-off.
+        spawnToRunningMs: shell.used ? tRun - tSpawn : performance.timeOrigin + tRun - (state.qemuSpawnedAt ?? performance.timeOrigin + tSpawn),
         launchToRunningMs: tRun - tSpawn,
         totalMs: tRun - t0,
+        warm: shell.used ? 1 : 0,
+        ...(shell.used ? { shellHandoffMs: handoffMs } : {}),
+        contMs: tRun - tCont,
       };
-      log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode }, 'VM restored and running');
+      log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode, shell }, 'VM restored and running');
       qmp.close();
-      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager, announced };
+      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager, announced, shell };
       if (opts.protect) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;
