@@ -1,5 +1,6 @@
 // The agent's assignments: what etcd asks this host to do (restore a VM here, protect a VM running here).
 import { pidAlive } from '../util/pid.js';
+import { localShellConfig } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type Assignment, type Versioned, type VmRecord } from './cluster.js';
 import { fenceLocalVm } from './fence.js';
@@ -180,7 +181,7 @@ export class AssignmentRunner {
       const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
-          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined }
+          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined, shellConfig: localShellConfig(a.vm) }
           : undefined,
       () => [cluster.etcd.delete().key(k)]);
       core.log.info({ vm: a.vm, generation }, 'VM protected');

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { shellsDir, supervisorEntry, shimPath } from '../config/paths.js';
 import { QemuError, VmError, VmExistsError } from '../errors.js';
 import { killProcess } from '../native/index.js';
@@ -237,4 +237,31 @@ export async function adoptShell(id: string, spec: VmSpec, launch: QemuLaunchOpt
 /** The idle shells for `key`, oldest first (the one a restore should take). */
 export function idleShellsFor(key: string): ShellInfo[] {
   return listShells().filter((s) => s.idle && s.key === key);
+}
+
+/**
+ * The shell configuration of a VM running on this host, from its recorded
+ * spec (disk sizes read with qemu-img), or undefined when no shell can take
+ * it (NICs) or its files cannot be read.
+ */
+export function localShellConfig(vm: string): ShellConfig | undefined {
+  let launch: LaunchFile;
+  try {
+    launch = JSON.parse(fs.readFileSync(vmPaths(vm).spec, 'utf8')) as LaunchFile;
+  } catch {
+    return undefined;
+  }
+  const files = launch.launch.diskFiles ?? launch.spec.disks.map((d) => d.path);
+  const sizes: number[] = [];
+  for (const f of files) {
+    try {
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', f], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })) as { 'virtual-size'?: number };
+      if (typeof info['virtual-size'] !== 'number') return undefined;
+      sizes.push(info['virtual-size']);
+    } catch {
+      return undefined;
+    }
+  }
+  const c = shellConfigOf(launch.spec, launch.launch.accel, sizes);
+  return 'config' in c ? c.config : undefined;
 }
