@@ -105,3 +105,24 @@ test('an idle shell ends itself when its owner dies, and leaves no process behin
   await sleep(100);
   assert.ok(!listShells().find((x) => x.id === s.id)?.live);
 });
+
+test('the pool replaces a shell killed while idle, and keeps only the configurations it is asked for', async () => {
+  const { ShellPool } = await import('../src/ha/shell-pool.js');
+  const { log } = await import('../src/util/log.js');
+  const cfg = configOf(lab.writeSpec('pooled', {}));
+  const pool = new ShellPool(log, { configs: [cfg], perConfig: 1 });
+  const round = () => pool.reconcile([], 'h1');
+  try {
+    round();
+    const first = await until('a shell is ready', () => listShells().find((s) => s.key === shellKey(cfg) && s.idle), 30_000);
+    assert.deepEqual(pool.status().find((x) => x.key === shellKey(cfg)), { key: shellKey(cfg), idle: 1 });
+    process.kill(first.state!.qemuPid!, 'SIGKILL');
+    await until('the dead shell is noticed', () => { round(); return !listShells().some((s) => s.id === first.id) || undefined; }, 10_000);
+    const second = await until('a replacement is ready', () => { round(); return listShells().find((s) => s.key === shellKey(cfg) && s.idle && s.id !== first.id); }, 30_000);
+    assert.ok(pidAlive(second.state!.qemuPid!));
+    assert.equal(listShells().filter((s) => s.key === shellKey(cfg)).length, 1, 'one shell for the configuration');
+  } finally {
+    await pool.close();
+  }
+  assert.equal(listShells().filter((s) => s.key === shellKey(cfg)).length, 0, 'close stops the pool\'s shells');
+});

@@ -69,7 +69,8 @@ export class ShellPool {
     const shells = listShells();
     for (const s of shells) {
       if (s.live) continue;
-      // Still starting (no state yet) is live by its supervisor; a dead one is gone for good.
+      // No state yet: its supervisor is still starting (given a minute before it counts as debris).
+      if (!s.state && Date.now() - s.createdAt < 60_000) continue;
       if (s.state) this.log.warn({ shell: s.id, key: s.key, reason: s.state.reason ?? s.state.lifecycle }, 'idle restore shell died: replacing it');
       removeShell(s.id);
     }
@@ -82,7 +83,7 @@ export class ShellPool {
       plan.set(shellKey(c), n);
       total += n;
     }
-    const live = shells.filter((s) => s.live);
+    const live = shells.filter((s) => s.live || (!s.state && Date.now() - s.createdAt < 60_000));
     const have = new Map<string, ShellInfo[]>();
     for (const s of live) have.set(s.key, [...(have.get(s.key) ?? []), s]);
     for (const [key, list] of have) {

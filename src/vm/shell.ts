@@ -59,6 +59,8 @@ export interface ShellInfo {
   live: boolean;
   state?: VmState;
   dir: string;
+  /** When its directory was made (ms since the epoch). */
+  createdAt: number;
 }
 
 function readLaunch(id: string): LaunchFile | undefined {
@@ -84,7 +86,13 @@ export function listShells(): ShellInfo[] {
     if (!launch?.shell || !config) continue;
     const state = readStateAt(shellPaths(id).state);
     const live = !!state && (pidAlive(state.supervisorPid) || pidAlive(state.qemuPid));
-    out.push({ id, key: launch.shell.key, config, idle: live && state?.lifecycle === 'running', live, ...(state ? { state } : {}), dir: shellPaths(id).dir });
+    let createdAt = 0;
+    try {
+      createdAt = fs.statSync(shellPaths(id).spec).mtimeMs;
+    } catch {
+      // removed meanwhile: counts as old debris
+    }
+    out.push({ id, key: launch.shell.key, config, idle: live && state?.lifecycle === 'running', live, ...(state ? { state } : {}), dir: shellPaths(id).dir, createdAt });
   }
   return out;
 }
@@ -117,7 +125,7 @@ export async function startShell(config: ShellConfig, opts: { ownerPid?: number;
   for (;;) {
     const state = readStateAt(paths.state);
     if (state && state.lifecycle !== 'starting') {
-      if (state.lifecycle === 'running') return { id, key, config, idle: true, live: true, state, dir: paths.dir };
+      if (state.lifecycle === 'running') return { id, key, config, idle: true, live: true, state, dir: paths.dir, createdAt: Date.now() };
       removeShell(id);
       throw new VmError('HYDRA_VM_SHELL_FAILED', `restore shell ${key} did not start: ${state.reason ?? state.lifecycle}`);
     }
