@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import path from 'node:path';
 import { registerEvalCommands } from './bench-eval-command.js';
+import { SpecError } from '../errors.js';
 
 export function registerBenchCommand(program: Command): void {
   const bench = program.command('bench').description('benchmarks: write JSON, a Markdown table and SVG plots');
@@ -82,7 +83,9 @@ export function registerBenchCommand(program: Command): void {
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean }) => {
+    .option('--shells <which>', 'fail-overs into a pre-started restore shell (warm), cold QEMU starts, or both', 'both')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; shells: string }) => {
+      if (!['both', 'warm', 'cold'].includes(opts.shells)) throw new SpecError(`--shells: "${opts.shells}" is not both, warm or cold`);
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
@@ -95,6 +98,7 @@ export function registerBenchCommand(program: Command): void {
         noPrefetchS: Number(opts.demandOnlySeconds),
         fencingRounds: Number(opts.fencingRounds),
         fencingOnly: !!opts.fencingOnly,
+        shells: opts.shells as 'both' | 'warm' | 'cold',
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);
