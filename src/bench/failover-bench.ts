@@ -367,7 +367,7 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   const t0 = now();
   try {
     if (!opts.fencingOnly) {
-      qemu = await runQemuBaseline(env, opts);
+      if (!opts.noQemuBaseline) qemu = await runQemuBaseline(env, opts);
       const shells = opts.shells ?? 'both';
       for (let i = 1; i <= opts.repeats; i++) {
         for (const mode of ['file', 'network'] as const) {

@@ -18,6 +18,8 @@ export interface FailoverBenchOptions {
   fencingOnly?: boolean;
   /** Restores into a pre-started restore shell, cold QEMU starts, or both (default both). */
   shells?: 'both' | 'warm' | 'cold';
+  /** Skip QEMU's full save/restore baseline (its table is then absent). */
+  noQemuBaseline?: boolean;
   log: (msg: string) => void;
 }
 

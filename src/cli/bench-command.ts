@@ -83,8 +83,9 @@ export function registerBenchCommand(program: Command): void {
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
+    .option('--no-qemu-baseline', 'skip QEMU\'s full save/restore baseline')
     .option('--shells <which>', 'fail-overs into a pre-started restore shell (warm), cold QEMU starts, or both', 'both')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; shells: string }) => {
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; shells: string; qemuBaseline: boolean }) => {
       if (!['both', 'warm', 'cold'].includes(opts.shells)) throw new SpecError(`--shells: "${opts.shells}" is not both, warm or cold`);
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
@@ -99,6 +100,7 @@ export function registerBenchCommand(program: Command): void {
         fencingRounds: Number(opts.fencingRounds),
         fencingOnly: !!opts.fencingOnly,
         shells: opts.shells as 'both' | 'warm' | 'cold',
+        noQemuBaseline: !opts.qemuBaseline,
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);

@@ -112,6 +112,7 @@ export class AssignmentRunner {
       restoredEpoch: res.epoch,
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
+      ...(res.shell && !res.shell.used ? { coldReason: res.shell.reason } : {}),
     }).catch(() => undefined);
     // The restored copy's files, read once: its memory size for etcd, its protection below.
     const local = readLocalVm(home, a.vm);

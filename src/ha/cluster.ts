@@ -167,6 +167,8 @@ export interface FailoverTiming {
   totalMs?: number;
   error?: string;
   restoreTimings?: Record<string, number>;
+  /** Why the restore started QEMU cold instead of using a restore shell (absent when it used one). */
+  coldReason?: string;
 }
 
 export interface ClusterEvent {
