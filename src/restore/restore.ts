@@ -4,8 +4,8 @@ import crypto from 'node:crypto';
 import { RestoreError, HydraError } from '../errors.js';
 import { protectVm } from '../checkpoint/index.js';
 import { StoreClient, type StoreMeta } from '../protocol/index.js';
-import { startVm, stopVm, vmPaths, readState, isLive, chooseAccel, shellConfigOf, shellKey, type VmState } from '../vm/index.js';
-import { handOff } from './shell-handoff.js';
+import { startVm, stopVm, vmPaths, readState, isLive, chooseAccel, shellConfigOf, shellKey, type VmState, type VmSpec, type Accel, type QemuLaunchOptions } from '../vm/index.js';
+import { handOff, type Handoff } from './shell-handoff.js';
 import { FilePageSource } from './file-pages.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
@@ -68,6 +68,12 @@ export interface RestoreTimings {
   shellHandoffMs?: number;
   /** The `cont` command. */
   contMs: number;
+  /** Warm: from the end of preparation until the pager holds the shell's RAM (the adoption ran earlier when it could). */
+  launchMs?: number;
+  /** Connecting to the store and registering the new generation (the fence). */
+  fenceMs: number;
+  /** Reading and validating the pinned metadata. */
+  metaMs: number;
 }
 
 /** Whether a restore shell was used, and if not, why (shown with the timings). */
@@ -109,15 +115,21 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
   const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: newGeneration, role: 'checkpointer' })
     .catch((err: unknown) => { throw err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION' ? err : unreachable(err); });
   await fence.close();
+  const tFence = performance.now();
   await hooks.afterFence?.();
 
   const client = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
     .catch((err: unknown) => { throw unreachable(err); });
   let keepClient = false;
   let devstateFile: string | undefined;
+  /** Started early, consumed once QEMU is there; whatever is left unconsumed is undone in `finally`. */
+  let backgroundP: Promise<{ c: StoreClient; hot: number[] }> | undefined;
+  let earlyHandoff: Promise<(Handoff & { key: string; ms: number }) | { reason: string; key?: string }> | undefined;
   try {
     // Pinned: every later read on this connection is of this generation and epoch, or refused.
-    const meta = await client.getMeta(opts.generation, { pin: true }).catch((err: unknown) => {
+    // File mode reads the image file itself: its epoch must be applied there. Network mode is served
+    // the newest committed epoch at once, from the journal's data plus the image, while it is applied.
+    const meta = await client.getMeta(opts.generation, { pin: true, ...(opts.mode === 'file' ? { applied: true } : {}) }).catch((err: unknown) => {
       if (err instanceof HydraError && err.code === 'HYDRA_STORE_NO_IMAGE') return null;
       throw err;
     });
@@ -125,11 +137,35 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     if (meta.committedEpoch < 1) throw new RestoreError('HYDRA_RESTORE_NO_IMAGE', `VM "${opts.vm}": generation ${meta.generation} has no committed checkpoint`);
     const checked = validateImage(meta, { vm: opts.vm, ...(opts.generation !== undefined ? { generation: opts.generation } : {}), newGeneration });
     assertRestorableNics(checked.spec);
-    // Network mode: the 2 MiB regions the VM wrote most in its last epochs are prefetched first (advisory: any error -> none).
-    // At most 64 Ki of them (128 GiB): the pager spreads the list into an array push, which overflows the stack past ~120 Ki.
-    const hotOffsets = opts.mode === 'network' && (opts.prefetch ?? true)
-      ? (await client.getHotRegions(meta.generation, 65536).catch(() => [])).map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize)
-      : [];
+    const tMeta = performance.now();
+    const prefetch = opts.prefetch ?? true;
+    // Network mode with prefetch: the second connection (background stream) is opened, pinned to the
+    // same epoch, and asked for the heat record while this one fetches the device state. The
+    // heat record lists the 2 MiB regions the VM wrote most in its last epochs, prefetched first
+    // (advisory: any error -> none). At most 64 Ki of them (128 GiB): the pager spreads the list
+    // into an array push, which overflows the stack past ~120 Ki.
+    backgroundP = opts.mode === 'network' && prefetch ? (async () => {
+      const c = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' });
+      try {
+        // States the same epoch and pins to it: refused if the image moved.
+        await c.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
+        const hot = (await c.getHotRegions(meta.generation, 65536).catch(() => [])).map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize);
+        return { c, hot };
+      } catch (err) {
+        await c.close().catch(() => undefined);
+        throw err;
+      }
+    })() : undefined;
+    // Settled here so an early failure elsewhere leaves no unhandled rejection; awaited below.
+    backgroundP?.catch(() => undefined);
+    // A VM without disks needs nothing more to pick its restore shell: adopt it meanwhile too.
+    const accel = chooseAccel(checked.spec.accel, checked.spec.name);
+    const wantShell = (opts.shell ?? 'auto') === 'auto';
+    if (wantShell && meta.disks.length === 0 && !opts.diskFiles) {
+      earlyHandoff = startHandoff(opts, checked.spec, accel, [], [], checked.layerDir);
+      earlyHandoff.catch(() => undefined);
+    }
+    let hotOffsets: number[] = [];
 
     const paths = vmPaths(opts.vm);
     fs.mkdirSync(paths.dir, { recursive: true });
@@ -170,30 +206,20 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     const prepareMs = performance.now() - t0;
 
     const spec = checked.spec;
-    const accel = chooseAccel(spec.accel, spec.name);
     const tSpawn = performance.now();
     // A pre-started shell if one matches (its RAM is a memfd filled through userfaultfd in
     // both modes); otherwise, or if the hand-off fails before the VM is adopted, a cold start.
     let shell: RestoreShellUse = { used: false, reason: 'restore shells not asked for' };
     let state: VmState | undefined;
-    let fileSource: FilePageSource | undefined;
-    if ((opts.shell ?? 'auto') === 'auto') {
-      const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes) : { reason: 'disk overlays given by the caller (sizes unknown)' };
-      if ('reason' in cfg) {
-        shell = { used: false, reason: cfg.reason };
-      } else {
-        const key = shellKey(cfg.config);
-        const launch = { accel, ram: { kind: 'memfd' as const }, incomingDefer: true, diskFiles, layerDir: layerDir ?? checked.layerDir };
-        const h = await handOff(spec, launch, key, diskFiles ?? []).catch(async (err: unknown) => {
-          // Adopted but not usable: the shell's QEMU is now this VM's and must go before a cold start.
-          await stopVm(opts.vm).catch(() => undefined);
-          return { reason: `hand-off to a restore shell failed: ${(err as Error).message}` };
-        });
-        if ('reason' in h) shell = { used: false, key, reason: h.reason };
-        else {
-          shell = { used: true, key, id: h.shellId };
-          state = h.state;
-        }
+    let adoptMs: number | undefined;
+    if (wantShell) {
+      const h = await (earlyHandoff ?? startHandoff(opts, spec, accel, diskFiles, diskSizes, layerDir ?? checked.layerDir));
+      earlyHandoff = undefined;
+      if ('reason' in h) shell = { used: false, ...(h.key ? { key: h.key } : {}), reason: h.reason };
+      else {
+        shell = { used: true, key: h.key, id: h.shellId };
+        state = h.state;
+        adoptMs = h.ms;
       }
       if (!shell.used) log.info({ reason: shell.reason }, 'no restore shell used: starting QEMU cold');
     }
@@ -215,21 +241,19 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     try {
       if (opts.mode === 'network') {
         // The pager must own the guest RAM before QEMU touches it while loading devices.
-        const prefetch = opts.prefetch ?? true;
-        const background = prefetch
-          ? await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' })
-          : client;
-        // The prefetch connection states the same epoch and pins to it: refused if the image moved.
-        if (background !== client) await background.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
+        const pending = backgroundP;
+        backgroundP = undefined;
+        const bg = pending ? await pending : undefined;
+        const background = bg?.c ?? client;
+        hotOffsets = bg?.hot ?? [];
         pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
         // The pager reads through these connections until memory is complete.
         keepClient = true;
         // Memory is complete (or the pager failed and said so): closing the connections is cleanup.
         pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
       } else if (shell.used) {
-        fileSource = await FilePageSource.open(memoryPath!);
-        const src = fileSource;
-        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch: opts.prefetch ?? true, hotOffsets, onProgress: opts.onProgress });
+        const src = await FilePageSource.open(memoryPath!);
+        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
         // Closing the image once every page is in (or the pager gave up) is cleanup.
         pager.done.finally(() => src.close()).catch(() => undefined);
       }
@@ -255,7 +279,10 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         launchToRunningMs: tRun - tSpawn,
         totalMs: tRun - t0,
         warm: shell.used ? 1 : 0,
-        ...(shell.used ? { shellHandoffMs: handoffMs } : {}),
+        // The adoption itself (it may have run beside the store reads), then what the launch step still took.
+        ...(shell.used ? { shellHandoffMs: adoptMs ?? handoffMs, launchMs: handoffMs } : {}),
+        fenceMs: tFence - t0,
+        metaMs: tMeta - tFence,
         contMs: tRun - tCont,
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode, shell }, 'VM restored and running');
@@ -277,9 +304,40 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
     }
   } finally {
+    if (earlyHandoff) {
+      // The restore failed before it used the shell it adopted: that QEMU must not stay.
+      const h = await earlyHandoff;
+      if (!('reason' in h)) await stopVm(opts.vm).catch(() => undefined);
+    }
+    if (backgroundP) {
+      // Never handed to a pager: closing it is cleanup.
+      const bg = await backgroundP.catch(() => undefined);
+      await bg?.c.close().catch(() => undefined);
+    }
     if (devstateFile) fs.rmSync(devstateFile, { force: true });
     // Cleanup: the restore's outcome is already decided.
     if (!keepClient) await client.close().catch(() => undefined);
+  }
+}
+
+/**
+ * Adopt an idle restore shell of the VM's configuration (see shell-handoff.ts).
+ * Never throws: a refusal or a failure after adoption (whose QEMU is stopped
+ * here) comes back as the reason for a cold start.
+ */
+async function startHandoff(opts: RestoreOptions, spec: VmSpec, accel: Accel, diskFiles: string[] | undefined, diskSizes: number[] | undefined, layerDir: string | undefined): Promise<(Handoff & { key: string; ms: number }) | { reason: string; key?: string }> {
+  const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes) : { reason: 'disk overlays given by the caller (sizes unknown)' };
+  if ('reason' in cfg) return { reason: cfg.reason };
+  const key = shellKey(cfg.config);
+  const launch: QemuLaunchOptions = { accel, ram: { kind: 'memfd' }, incomingDefer: true, ...(diskFiles ? { diskFiles } : {}), ...(layerDir ? { layerDir } : {}) };
+  const t0 = performance.now();
+  try {
+    const h = await handOff(spec, launch, key, diskFiles ?? []);
+    return 'reason' in h ? { ...h, key } : { ...h, key, ms: performance.now() - t0 };
+  } catch (err) {
+    // Adopted but not usable: the shell's QEMU is now this VM's and must go before a cold start.
+    await stopVm(opts.vm).catch(() => undefined);
+    return { key, reason: `hand-off to a restore shell failed: ${(err as Error).message}` };
   }
 }
 
