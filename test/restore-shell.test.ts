@@ -110,7 +110,7 @@ test('the pool replaces a shell killed while idle, and keeps only the configurat
   const { ShellPool } = await import('../src/ha/shell-pool.js');
   const { log } = await import('../src/util/log.js');
   const cfg = configOf(lab.writeSpec('pooled', {}));
-  const pool = new ShellPool(log, { configs: [cfg], perConfig: 1 });
+  const pool = new ShellPool(log, 'h1', { configs: [cfg], perConfig: 1 });
   const round = () => pool.reconcile([], 'h1');
   try {
     round();

@@ -15,6 +15,10 @@ interface Row {
   kind: 'warm' | 'cold';
   n: number;
   detect: number | null;
+  /** SIGKILL until the dead VM's supervisor is gone too (the restore starts then). */
+  gone: number | null;
+  /** Of prepare: registering the new generation at the store (the fence). */
+  fence: number | null;
   prepare: number | null;
   /** Warm: adopting the shell, disks, pager. Cold: supervisor + QEMU start to QMP, then the pager. */
   launch: number | null;
@@ -44,6 +48,8 @@ export function renderWarmCold(runs: RunResult[]): { markdown: string; json: Row
       rows.push({
         mode, kind, n: rs.length,
         detect: median(rs.map((r) => r.detectMs)),
+        gone: median(rs.map((r) => r.goneMs)),
+        fence: median(rs.flatMap((r) => (r.restore.fenceMs !== undefined ? [r.restore.fenceMs] : []))),
         prepare: median(rs.map((r) => r.restore.prepareMs)),
         launch: median(launch),
         deviceLoad: median(rs.map((r) => r.restore.deviceLoadMs)),
@@ -62,11 +68,12 @@ export function renderWarmCold(runs: RunResult[]): { markdown: string; json: Row
     'Medians in ms (kill → running also its maximum). Warm: the restore adopts a restore shell started before the failure',
     '(supervisor + QEMU waiting with `-incoming defer`, memfd RAM, placeholder disks); launch = hand-off (adopt, disks, pager attach).',
     'Cold: launch = supervisor start + QEMU spawn to QMP + pager attach. No HA manager runs here, so there is no assign step:',
-    'the restore is called as soon as the dead VM\'s supervisor is gone (detect).',
+    'the restore is called as soon as the dead VM\'s supervisor is gone. Prepare: fence (register the new generation at the',
+    'store, durable), pinned meta, device state; file mode also waits until the epoch is in the image file.',
     '',
-    '| mode | start | runs | detect | prepare | launch | device load | cont | launch → running | kill → running (median / max) | violations |',
-    '|---|---|---|---|---|---|---|---|---|---|---|',
-    ...rows.map((r) => `| ${r.mode} | ${r.kind} | ${r.n} | ${f(r.detect)} | ${f(r.prepare)} | ${f(r.launch)} | ${f(r.deviceLoad)} | ${f(r.cont)} | ${f(r.launchToRunning)} | ${f(r.killToRunning)} / ${f(r.killToRunningMax)} | ${r.violations} |`),
+    '| mode | start | runs | detect | supervisor gone | prepare | of which fence | launch | device load | cont | launch → running | kill → running (median / max) | violations |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    ...rows.map((r) => `| ${r.mode} | ${r.kind} | ${r.n} | ${f(r.detect)} | ${f(r.gone)} | ${f(r.prepare)} | ${f(r.fence)} | ${f(r.launch)} | ${f(r.deviceLoad)} | ${f(r.cont)} | ${f(r.launchToRunning)} | ${f(r.killToRunning)} / ${f(r.killToRunningMax)} | ${r.violations} |`),
   ];
   const misses = rows.flatMap((r) => r.misses);
   if (misses.length > 0) lines.push('', 'Warm runs that found no shell (counted as cold):', ...misses.map((m) => `- ${m}`));

@@ -122,7 +122,8 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       classify: (v) => this.watchdogVerdict(v),
       ...(this.hw ? { hw: this.hw } : {}),
     });
-    this.shells = opts.shells === false ? undefined : new ShellPool(this.log, opts.shells ?? {});
+    // Shells live in HYDRAVM_HOME, where restores look for them: an agent acting on another home keeps none.
+    this.shells = opts.shells === false || this.home !== path.resolve(hydraHome()) ? undefined : new ShellPool(this.log, this.host, opts.shells ?? {});
     this.lease = new AgentLease(core, {
       ...(this.shells ? { shells: () => this.shells!.status() } : {}),
       ttlSec,

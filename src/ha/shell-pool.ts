@@ -37,7 +37,8 @@ export class ShellPool {
   /** Consecutive start failures per key: a broken configuration backs off instead of spinning. */
   private failures = new Map<string, { count: number; until: number }>();
 
-  constructor(private readonly log: Logger, private readonly opts: ShellPoolOptions = {}) {
+  /** `owner` tags the shells this pool starts: it counts, stops and reaps only those (a restore may adopt any). */
+  constructor(private readonly log: Logger, private readonly owner: string, private readonly opts: ShellPoolOptions = {}) {
     this.perConfig = opts.perConfig ?? 1;
     this.max = opts.max ?? 2;
   }
@@ -59,14 +60,14 @@ export class ShellPool {
   /** Idle shells by key, for the host record and `cluster status`. */
   status(): ShellPoolStatus[] {
     const by = new Map<string, number>();
-    for (const s of listShells()) if (s.idle) by.set(s.key, (by.get(s.key) ?? 0) + 1);
+    for (const s of listShells()) if (s.idle && s.owner === this.owner) by.set(s.key, (by.get(s.key) ?? 0) + 1);
     return [...by.entries()].map(([key, idle]) => ({ key, idle })).sort((a, b) => a.key.localeCompare(b.key));
   }
 
   /** One round: reap dead shells, stop unwanted ones, start one missing shell in the background. */
   reconcile(records: Iterable<VmRecord>, host: string): void {
     if (this.closed || this.perConfig <= 0) return;
-    const shells = listShells();
+    const shells = listShells().filter((s) => s.owner === this.owner);
     for (const s of shells) {
       if (s.live) continue;
       // No state yet: its supervisor is still starting (given a minute before it counts as debris).
@@ -103,7 +104,7 @@ export class ShellPool {
     this.starting = true;
     const key = shellKey(missing);
     const t0 = performance.now();
-    void startShell(missing)
+    void startShell(missing, { owner: this.owner })
       .then((s) => {
         this.failures.delete(key);
         this.log.info({ shell: s.id, key, startMs: Math.round(performance.now() - t0) }, 'restore shell ready');
@@ -124,6 +125,6 @@ export class ShellPool {
   async close(): Promise<void> {
     this.closed = true;
     for (let i = 0; i < 200 && this.starting; i++) await new Promise((r) => setTimeout(r, 50));
-    for (const s of listShells()) stopShellNow(s.id);
+    for (const s of listShells()) if (s.owner === this.owner) stopShellNow(s.id);
   }
 }

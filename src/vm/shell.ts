@@ -61,6 +61,8 @@ export interface ShellInfo {
   dir: string;
   /** When its directory was made (ms since the epoch). */
   createdAt: number;
+  /** Who started it (a host agent's pool names itself), if anyone said. */
+  owner?: string;
 }
 
 function readLaunch(id: string): LaunchFile | undefined {
@@ -92,7 +94,8 @@ export function listShells(): ShellInfo[] {
     } catch {
       // removed meanwhile: counts as old debris
     }
-    out.push({ id, key: launch.shell.key, config, idle: live && state?.lifecycle === 'running', live, ...(state ? { state } : {}), dir: shellPaths(id).dir, createdAt });
+    const owner = (launch as LaunchFile & { shellOwner?: string }).shellOwner;
+    out.push({ id, key: launch.shell.key, config, idle: live && state?.lifecycle === 'running', live, ...(state ? { state } : {}), dir: shellPaths(id).dir, createdAt, ...(owner ? { owner } : {}) });
   }
   return out;
 }
@@ -102,7 +105,7 @@ export function listShells(): ShellInfo[] {
  * when that process dies while it is idle). Resolves once QEMU answers QMP,
  * waiting for its incoming migration.
  */
-export async function startShell(config: ShellConfig, opts: { ownerPid?: number; timeoutMs?: number } = {}): Promise<ShellInfo> {
+export async function startShell(config: ShellConfig, opts: { ownerPid?: number; owner?: string; timeoutMs?: number } = {}): Promise<ShellInfo> {
   const qemuBinary = findQemu();
   if (!fs.existsSync(shimPath)) throw new QemuError(`the userfaultfd shim ${shimPath} is not built (run \`hydravm setup\`)`);
   const key = shellKey(config);
@@ -115,7 +118,7 @@ export async function startShell(config: ShellConfig, opts: { ownerPid?: number;
     ...(config.initrd ? { initrd: config.initrd } : {}), cmdline: 'console=ttyS0', disks: [], nics: [],
   } as VmSpec;
   const launch: QemuLaunchOptions = { accel: config.accel, ram: { kind: 'memfd' }, incomingDefer: true, placeholderDisks: config.diskSizes };
-  const launchFile: LaunchFile & { shellConfig: ShellConfig } = { spec, launch, qemuBinary, shell: { key, ownerPid: opts.ownerPid ?? process.pid }, shellConfig: config };
+  const launchFile: LaunchFile & { shellConfig: ShellConfig; shellOwner?: string } = { spec, launch, qemuBinary, shell: { key, ownerPid: opts.ownerPid ?? process.pid }, shellConfig: config, ...(opts.owner ? { shellOwner: opts.owner } : {}) };
   fs.writeFileSync(paths.spec, JSON.stringify(launchFile, null, 2) + '\n');
   const logFd = fs.openSync(paths.supervisorLog, 'a');
   const child = spawn(process.execPath, [supervisorEntry, '--shell', id], { detached: true, stdio: ['ignore', logFd, logFd], env: process.env });
@@ -125,7 +128,7 @@ export async function startShell(config: ShellConfig, opts: { ownerPid?: number;
   for (;;) {
     const state = readStateAt(paths.state);
     if (state && state.lifecycle !== 'starting') {
-      if (state.lifecycle === 'running') return { id, key, config, idle: true, live: true, state, dir: paths.dir, createdAt: Date.now() };
+      if (state.lifecycle === 'running') return { id, key, config, idle: true, live: true, state, dir: paths.dir, createdAt: Date.now(), ...(opts.owner ? { owner: opts.owner } : {}) };
       removeShell(id);
       throw new VmError('HYDRA_VM_SHELL_FAILED', `restore shell ${key} did not start: ${state.reason ?? state.lifecycle}`);
     }
