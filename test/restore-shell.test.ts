@@ -114,15 +114,15 @@ test('the pool replaces a shell killed while idle, and keeps only the configurat
   const round = () => pool.reconcile([], 'h1');
   try {
     round();
-    const first = await until('a shell is ready', () => listShells().find((s) => s.key === shellKey(cfg) && s.idle), 30_000);
+    const first = await until('a shell is ready', () => listShells().find((s) => s.key === shellKey(cfg) && s.idle && s.owner === 'h1'), 30_000);
     assert.deepEqual(pool.status().find((x) => x.key === shellKey(cfg)), { key: shellKey(cfg), idle: 1 });
     process.kill(first.state!.qemuPid!, 'SIGKILL');
     await until('the dead shell is noticed', () => { round(); return !listShells().some((s) => s.id === first.id) || undefined; }, 10_000);
-    const second = await until('a replacement is ready', () => { round(); return listShells().find((s) => s.key === shellKey(cfg) && s.idle && s.id !== first.id); }, 30_000);
+    const second = await until('a replacement is ready', () => { round(); return listShells().find((s) => s.key === shellKey(cfg) && s.idle && s.owner === 'h1' && s.id !== first.id); }, 30_000);
     assert.ok(pidAlive(second.state!.qemuPid!));
-    assert.equal(listShells().filter((s) => s.key === shellKey(cfg)).length, 1, 'one shell for the configuration');
+    assert.equal(listShells().filter((s) => s.key === shellKey(cfg) && s.owner === 'h1' && s.live).length, 1, 'one live shell of the pool for the configuration');
   } finally {
     await pool.close();
   }
-  assert.equal(listShells().filter((s) => s.key === shellKey(cfg)).length, 0, 'close stops the pool\'s shells');
+  await until('the pool\'s shells are gone', () => listShells().every((s) => s.owner !== 'h1' || !s.live) || undefined, 10_000);
 });
