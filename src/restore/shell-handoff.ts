@@ -1,5 +1,5 @@
 // Restoring into a pre-started restore shell: adopt it, point its disks at the restore overlays.
-import { adoptShell, idleShellsFor, placeholderNode, type QemuLaunchOptions, type VmSpec, type VmState } from '../vm/index.js';
+import { adoptShell, idleShellsFor, placeholderNode, SHELL_THROTTLE_GROUP, type QemuLaunchOptions, type VmSpec, type VmState } from '../vm/index.js';
 import { connectWhenReady } from '../qmp/index.js';
 import { vmPaths } from '../vm/index.js';
 
@@ -12,7 +12,7 @@ export interface Handoff {
  * Take the oldest idle shell with `key` (another restore may win a race for
  * one; the next is tried) and give it the VM's disks: each restore overlay is
  * opened with blockdev-add (inactive, as every node is while QEMU waits for
- * its incoming state) and the raw filter the device is attached to is
+ * its incoming state) and the throttle filter the device is attached to is
  * reopened onto it; the placeholder goes. Returns undefined, with the reason,
  * when no shell could be adopted; a failure after adoption throws (the VM's
  * QEMU is then the caller's to stop).
@@ -42,7 +42,7 @@ export async function handOff(spec: VmSpec, launch: QemuLaunchOptions, key: stri
           file: { driver: 'file', filename: diskFiles[i], 'node-name': `disk${i}-file`, cache: { direct: false } },
         });
       }
-      await qmp.execute('blockdev-reopen', { options: diskFiles.map((_, i) => ({ driver: 'raw', 'node-name': `disk${i}`, file: `disk${i}-top` })) });
+      await qmp.execute('blockdev-reopen', { options: diskFiles.map((_, i) => ({ driver: 'throttle', 'node-name': `disk${i}`, 'throttle-group': SHELL_THROTTLE_GROUP, file: `disk${i}-top` })) });
       for (let i = 0; i < diskFiles.length; i++) await qmp.execute('blockdev-del', { 'node-name': placeholderNode(i) });
     } finally {
       qmp.close();

@@ -33,11 +33,14 @@ export interface QemuLaunchOptions {
   /** Where this VM's frozen disk layers live (set by a restore, so later protections keep one root). */
   layerDir?: string;
   /**
-   * A restore shell: each disk is a raw filter (node diskN, the device's drive) over an
+   * A restore shell: each disk is a throttle filter without limits (node diskN, the device's drive) over an
    * empty null-co node of this virtual size, swapped for the restore overlay at hand-off.
    */
   placeholderDisks?: number[];
 }
+
+/** The (limitless) throttle group of a restore shell's disk filters. */
+export const SHELL_THROTTLE_GROUP = 'hvshell';
 
 /** The node a restore shell's disk N holds until hand-off (see restore/shell-handoff.ts). */
 export const placeholderNode = (i: number): string => `disk${i}-hold`;
@@ -78,12 +81,14 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
     '-append', spec.cmdline,
   ];
   if (spec.initrd) args.push('-initrd', spec.initrd);
-  // The device only names its drive, so a raw filter can stand in for the qcow2 node until
+  // The device only names its drive, so a filter can stand in for the qcow2 node until
   // blockdev-reopen points it at the real overlay; the guest sees the same virtio-blk device.
+  // A throttle node without limits is a true filter: block jobs see through it to the qcow2 chain.
+  if ((opts.placeholderDisks ?? []).length > 0) args.push('-object', `throttle-group,id=${SHELL_THROTTLE_GROUP}`);
   (opts.placeholderDisks ?? []).forEach((size, i) => {
     args.push(
       '-blockdev', `driver=null-co,node-name=${placeholderNode(i)},size=${size}`,
-      '-blockdev', `driver=raw,file=${placeholderNode(i)},node-name=disk${i}`,
+      '-blockdev', `driver=throttle,throttle-group=${SHELL_THROTTLE_GROUP},file=${placeholderNode(i)},node-name=disk${i}`,
       '-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}`,
     );
   });
