@@ -1,5 +1,6 @@
 // The benchmarks behind `hydravm bench` (the front door of src/bench).
 export { runCheckpointBench, type CheckpointBenchOptions } from './checkpoint-bench.js';
+export { checkpointMarkdown, writeCheckpointDoc, type CheckpointBenchJson } from './checkpoint-report.js';
 export { runFailoverBench, type FailoverBenchOptions } from './failover-bench.js';
 export { runProtocolBench, type ProtocolBenchOptions } from './protocol-bench.js';
 export { RedisWatcher, summarizeWatch, lossReport, lastAcked, readWatchLog, type WatcherOptions, type WatchRecord, type WatchSummary, type LossReport } from './redis-watcher.js';

@@ -27,9 +27,20 @@ export function registerBenchCommand(program: Command): void {
         slowdownWindowS: Number(opts.slowdownWindow),
         disk: opts.disk,
         log: (m) => process.stderr.write(`${m}\n`),
+        command: ['hydravm', ...process.argv.slice(2)].join(' '),
       });
       process.stdout.write(r.markdown);
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
+    });
+
+  bench.command('checkpoint-page')
+    .description('write a checkpoint benchmark run (its JSON) into the generated section of docs/benchmarks.md')
+    .option('--json <file>', 'the run', path.join('bench', 'results', 'checkpoint.json'))
+    .option('--doc <file>', 'the page', path.join('docs', 'benchmarks.md'))
+    .action(async (opts: { json: string; doc: string }) => {
+      const { writeCheckpointDoc } = await import('../bench/index.js');
+      writeCheckpointDoc(opts.json, opts.doc);
+      process.stdout.write(`${opts.doc}: checkpoint section written from ${opts.json}\n`);
     });
 
   bench.command('protocol')

@@ -143,6 +143,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       ...(opts.supervisorGraceMs !== undefined ? { supervisorGraceMs: opts.supervisorGraceMs } : {}),
       connected: () => this.lease.connected,
       reportProtected: (vm, generation) => this.deaths.reportProtected(vm, generation),
+      ...(typeof opts.etcd === 'string' || Array.isArray(opts.etcd) ? { etcdUrls: [opts.etcd].flat().join(',') } : {}),
     });
     this.view = new EtcdView(core, {
       fenceStale: () => this.fenceStale(),

@@ -6,6 +6,10 @@ import { keys, type Assignment, type Versioned, type VmRecord } from './cluster.
 import { fenceLocalVm } from './fence.js';
 import { readLocalVm, writeHaLocal } from './local-vm.js';
 import type { ProtectFn, RestoreFn, RestoreOutcome, StoreGenerationFn } from './restore-adapter.js';
+import { isClusterStore, storeAddress } from './store-discovery.js';
+
+/** How long an assignment waits for an active store in etcd (a standby may be taking over right now). */
+const STORE_LOOKUP_MS = 15_000;
 
 export interface AssignmentOptions {
   restore: RestoreFn;
@@ -20,6 +24,8 @@ export interface AssignmentOptions {
   connected: () => boolean;
   /** Record the protection of a VM's generation in etcd. */
   reportProtected: (vm: string, generation: number) => Promise<void>;
+  /** etcd endpoints a checkpointer started here may use to look the active store up again (store `cluster`). */
+  etcdUrls?: string;
 }
 
 export class AssignmentRunner {
@@ -95,7 +101,8 @@ export class AssignmentRunner {
       // checkpoint takes seconds and must not delay the fail-over's record.
       res = await opts.restore({
         vm: a.vm,
-        store: a.store,
+        store: await storeAddress(cluster, a.store, STORE_LOOKUP_MS),
+        ...(isClusterStore(a.store) ? { resolveStore: () => storeAddress(cluster, a.store, STORE_LOOKUP_MS) } : {}),
         secret,
         mode: a.mode,
         storeDir: a.storeDir,
@@ -133,7 +140,7 @@ export class AssignmentRunner {
     if (!(local?.protection?.state === 'protected' && local.protection.generation === a.generation && local.protection.pid && pidAlive(local.protection.pid))) {
       try {
         if (res.pager) await res.pager.done;
-        await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
+        await opts.protect({ ...(await this.protectTarget(a.store)), vm: a.vm, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       } catch (err) {
         const msg = (err as Error).message;
         core.log.error({ vm: a.vm, generation: a.generation, err: msg }, 'restored VM runs unprotected: protection failed');
@@ -143,6 +150,16 @@ export class AssignmentRunner {
       }
     }
     await opts.reportProtected(a.vm, a.generation);
+  }
+
+  /**
+   * The store a checkpointer started here talks to: a fixed address, or for
+   * `cluster` the active store now plus the etcd endpoints to look it up again.
+   */
+  private async protectTarget(store: string): Promise<{ store: string; storeDiscovery?: { etcd: string } }> {
+    if (!isClusterStore(store)) return { store };
+    const address = await storeAddress(this.core.cluster, store, STORE_LOOKUP_MS);
+    return { store: address, ...(this.opts.etcdUrls ? { storeDiscovery: { etcd: this.opts.etcdUrls } } : {}) };
   }
 
   private async restoreFailed(a: Assignment, msg: string): Promise<void> {
@@ -175,11 +192,12 @@ export class AssignmentRunner {
     let generation = cur.value.generation;
     try {
       // Higher than anything etcd or the store has seen: the store fences older generations.
-      const storeNext = await opts.storeGeneration(a.vm, a.store, opts.secretFile);
+      const target = await this.protectTarget(a.store);
+      const storeNext = await opts.storeGeneration(a.vm, target.store, opts.secretFile);
       generation = await cluster.allocateGeneration(a.vm, storeNext ?? 0);
       await cluster.updateVm(a.vm, (c) => (c.host === host && c.state === 'protecting' ? { ...c, generation, memoryBytes: local.state?.memoryBytes } : undefined));
       writeHaLocal(home, { vm: a.vm, host, generation, updatedAt: Date.now() });
-      const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
+      const st = await opts.protect({ ...target, vm: a.vm, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
           ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined, shellConfig: localShellConfig(a.vm) }

@@ -19,6 +19,9 @@ import { etcdSecurityOptions, type EtcdCredentials } from './etcd-credentials.js
  *   /hydravm/timings/VM/GEN           FailoverTiming of the fail-over that created generation GEN
  *   /hydravm/events/TS-RAND           ClusterEvent: what the manager decided or could not do
  *   /hydravm/election/manager/LEASE   etcd3 Election: the oldest key is the active manager
+ *   /hydravm/stores/active            StoreRecord of the checkpoint store that holds the shared
+ *                                     directory's lock, on that store's lease
+ *   /hydravm/stores/standby/NAME      StoreRecord of a standby store waiting for the lock, on its lease
  */
 export const PREFIX = '/hydravm/';
 const pad = (n: number) => String(n).padStart(10, '0');
@@ -42,6 +45,9 @@ export const keys = {
   /** Election name under the /hydravm/ namespace: keys are /hydravm/election/manager/LEASE. */
   election: 'manager',
   electionPrefix: `${PREFIX}election/manager/`,
+  storeActive: `${PREFIX}stores/active`,
+  storeStandbyPrefix: `${PREFIX}stores/standby/`,
+  storeStandby: (name: string) => `${PREFIX}stores/standby/${name}`,
 } as const;
 
 export interface KnownHost {

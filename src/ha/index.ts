@@ -20,3 +20,5 @@ export { startNetnsCluster, DEFAULT_NETNS_PREFIX, type NetnsClusterOptions } fro
 export { planNetns, removeNetns, setHostLink, existingWithPrefix, processInNetns, inNetns, type NetnsLayout, type NetnsHost } from './netns.js';
 export type { RestoreFn, RestoreRequest, RestoreOutcome, ProtectFn } from './restore-adapter.js';
 export { HaError } from '../errors.js';
+export { ClusterStore, DEFAULT_STORE_LEASE_TTL_SEC, type ClusterStoreOptions } from './store-daemon.js';
+export { CLUSTER_STORE, isClusterStore, listStores, resolveStore, storeAddress, storeResolver, type StoreRecord, type StoreList } from './store-discovery.js';

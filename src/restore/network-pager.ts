@@ -13,6 +13,8 @@ const NEIGHBOURHOOD_BYTES = 2 * 1024 * 1024;
 const PREFETCH_BYTES = 2 * 1024 * 1024;
 const PREFETCH_DEPTH = 4;
 const FETCH_RETRIES = 3;
+/** With `reconnect`: how long a fetch keeps reconnecting (a standby store taking the directory over takes seconds). */
+const RECONNECT_BUDGET_MS = 30_000;
 
 export interface PagerStats {
   faults: number;
@@ -31,6 +33,7 @@ export interface PagerStats {
 /** Where the pager reads guest pages: the store (network mode) or the image file (file mode into a restore shell). */
 export interface PageSource {
   readPages(runs: { offset: number; length: number }[]): Promise<Buffer>;
+  close(): Promise<void>;
 }
 
 export interface PagerOptions {
@@ -45,7 +48,15 @@ export interface PagerOptions {
   /** Page offsets to prefetch first, e.g. the pages the VM wrote most before it failed. */
   hotOffsets?: number[];
   onProgress?: (msg: string) => void;
+  /**
+   * A new connection, pinned to the same generation and epoch, for one that
+   * failed: to the same store, or in a cluster to whichever store serves the
+   * directory now. Absent: a failed fetch is retried on the same connection.
+   */
+  reconnect?: () => Promise<PageSource>;
 }
+
+type Role = 'urgent' | 'background';
 
 /**
  * Network-mode memory for a restored VM (the paper's `odpf`): guest RAM is
@@ -77,11 +88,15 @@ export class NetworkPager {
   private wakePrefetch: (() => void) | undefined;
   private lastReport = 0;
   private readonly log;
+  /** The connections in use; replaced when one fails and `reconnect` is given. */
+  private readonly conns: Record<Role, PageSource>;
+  private readonly reconnecting = new Map<PageSource, Promise<void>>();
 
   private constructor(opts: PagerOptions, handler: MissingPageHandler) {
     this.opts = opts;
     this.handler = handler;
     this.log = vmLog(opts.vm);
+    this.conns = { urgent: opts.urgent, background: opts.background };
     const pages = opts.meta.ramSize / PAGE;
     this.page = new Uint8Array(pages);
     for (const off of opts.hotOffsets ?? []) this.priority.push(off);
@@ -179,7 +194,7 @@ export class NetworkPager {
         this.priority.unshift(Math.floor(off / NEIGHBOURHOOD_BYTES) * NEIGHBOURHOOD_BYTES);
       }
       await Promise.all([...windows].map(async (w) => {
-        this.stats.faultPagesFetched += await this.fetchAndFill(this.opts.urgent, w, Math.min(w + FAULT_WINDOW_PAGES * PAGE, this.opts.meta.ramSize));
+        this.stats.faultPagesFetched += await this.fetchAndFill('urgent', w, Math.min(w + FAULT_WINDOW_PAGES * PAGE, this.opts.meta.ramSize));
       }));
       this.stats.maxFaultMs = Math.max(this.stats.maxFaultMs, performance.now() - t);
       this.wakePrefetch?.();
@@ -194,7 +209,7 @@ export class NetworkPager {
       while (running.size < PREFETCH_DEPTH && !this.stopped) {
         const range = this.nextPrefetchRange();
         if (!range) break;
-        const p: Promise<void> = this.fetchAndFill(this.opts.background, range[0], range[1]).then((n) => {
+        const p: Promise<void> = this.fetchAndFill('background', range[0], range[1]).then((n) => {
           this.stats.pagesPrefetched += n;
           running.delete(p);
           this.report();
@@ -229,7 +244,30 @@ export class NetworkPager {
   }
 
   /** Request the missing, unrequested pages of [start, end) and copy them in; returns pages filled. */
-  private async fetchAndFill(client: PageSource, start: number, end: number): Promise<number> {
+  /** The connections in use now (the caller closes them when memory is complete). */
+  connections(): PageSource[] {
+    return [...new Set([this.conns.urgent, this.conns.background])];
+  }
+
+  /** Replace `failed` (in every role it serves) with a new connection; concurrent callers share one attempt. */
+  private async replace(failed: PageSource): Promise<void> {
+    let p = this.reconnecting.get(failed);
+    if (!p) {
+      p = (async () => {
+        const fresh = await this.opts.reconnect!();
+        for (const role of ['urgent', 'background'] as const) if (this.conns[role] === failed) this.conns[role] = fresh;
+        this.log.warn('store connection replaced; paging continues');
+        // The old connection already failed: closing it only frees the socket.
+        await failed.close().catch(() => undefined);
+      })();
+      this.reconnecting.set(failed, p);
+      // A failed attempt may be tried again by the next fetch.
+      p.catch(() => this.reconnecting.delete(failed));
+    }
+    return p;
+  }
+
+  private async fetchAndFill(role: Role, start: number, end: number): Promise<number> {
     const runs: { offset: number; length: number }[] = [];
     for (let p = start / PAGE; p < end / PAGE; p++) {
       if (this.page[p] !== 0) continue;
@@ -241,15 +279,21 @@ export class NetworkPager {
     if (runs.length === 0) return 0;
     let data: Buffer | undefined;
     let lastErr: unknown;
-    for (let attempt = 0; attempt < FETCH_RETRIES && !data; attempt++) {
+    const deadline = performance.now() + (this.opts.reconnect ? RECONNECT_BUDGET_MS : 0);
+    let attempt = 0;
+    while (!data && !this.stopped) {
+      const client = this.conns[role];
       try {
         data = await client.readPages(runs);
       } catch (err) {
         lastErr = err;
-        await sleep(50 * (attempt + 1));
+        if (++attempt >= FETCH_RETRIES && performance.now() > deadline) break;
+        await sleep(Math.min(50 * attempt, 500));
+        if (this.opts.reconnect) await this.replace(client).catch((e: unknown) => { lastErr = e; });
       }
     }
-    if (!data) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages ${start}..${end} from the store after ${FETCH_RETRIES} tries: ${(lastErr as Error)?.message}`, { cause: lastErr });
+    if (!data && this.stopped) return 0;
+    if (!data) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages ${start}..${end} from the store after ${attempt} tries${this.opts.reconnect ? ' and reconnections' : ''}: ${(lastErr as Error)?.message}`, { cause: lastErr });
     if (this.finished) return 0;
     let pos = 0;
     let filled = 0;

@@ -20,6 +20,11 @@ export interface RestoreOptions {
   vm: string;
   /** Store address host:port (both modes read metadata and, in network mode, pages from it). */
   store: string;
+  /**
+   * In a cluster: the address of the store serving the directory now. A
+   * network-mode pager whose connection drops asks it and reconnects there.
+   */
+  resolveStore?: () => Promise<string>;
   secret: string;
   mode: RestoreMode;
   /** File mode: the store's directory as this host sees it (shared filesystem). */
@@ -246,11 +251,28 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         const bg = pending ? await pending : undefined;
         const background = bg?.c ?? client;
         hotOffsets = bg?.hot ?? [];
-        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
+        // In a cluster a dropped connection is replaced by one pinned to the same generation and epoch, on
+        // the store serving now (a standby may be taking over). A lone store that died does not come back:
+        // its fetches fail after their retries and the VM is stopped.
+        const resolveStore = opts.resolveStore;
+        const reconnect = resolveStore && (async (): Promise<StoreClient> => {
+          const address = await resolveStore();
+          const c = await StoreClient.connect({ address, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' });
+          try {
+            await c.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
+          } catch (err) {
+            // Refused (the image moved) or lost: the pager reports the error it got; this socket is only freed.
+            await c.close().catch(() => undefined);
+            throw err;
+          }
+          return c;
+        });
+        const started = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress, ...(reconnect ? { reconnect } : {}) });
+        pager = started;
         // The pager reads through these connections until memory is complete.
         keepClient = true;
-        // Memory is complete (or the pager failed and said so): closing the connections is cleanup.
-        pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
+        // Memory is complete (or the pager failed and said so): closing the connections (the first ones and any replacements) is cleanup.
+        started.done.finally(() => Promise.all([client, background, ...started.connections()].map((c) => c.close())).catch(() => undefined)).catch(() => undefined);
       } else if (shell.used) {
         const src = await FilePageSource.open(memoryPath!);
         pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch, hotOffsets, onProgress: opts.onProgress });

@@ -3,6 +3,7 @@ export { findQemu, startVm, stopVm, onStop, vmStatus, listVms, assertVmName, QEM
 export { vmPaths, readState, writeState, isLive, listVmNames, removeStaleSockets, qemuIdentity, supervisorIdentity, type VmPaths, type VmLifecycle, type VmState } from './runtime.js';
 export { parseSize, parseGrain, validateSpec, loadSpecFile, checkSpecFiles, nameSchema, defaultTapName, type DiskSpec, type NicSpec, type VmSpec } from './spec.js';
 export { writeCowGuard, clearCowGuard } from './cow-guard.js';
+export { writePauseGuard, clearPauseGuard } from './pause-guard.js';
 export { checkNics, prepareNics, releaseNics, releaseRecordedNics } from './nics.js';
 export { chooseAccel, kvmUsable, type Accel } from './accel.js';
 export { buildQemuArgs, type QemuLaunchOptions, type QemuRuntimePaths, type RamBacking } from './qemu-args.js';

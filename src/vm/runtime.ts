@@ -32,6 +32,7 @@ export interface VmPaths extends QemuRuntimePaths {
   watchdog: string;
   /** Names the copy-on-write checkpointer holding guest RAM write-protected (see cow-guard.ts). */
   cowGuard: string;
+  pauseGuard: string;
   /** The serial console's input (a FIFO the supervisor holds open; see serial.ts). */
   serialIn: string;
 }
@@ -59,6 +60,7 @@ function pathsIn(dir: string): VmPaths {
     supervisorLog: path.join(dir, 'supervisor.log'),
     watchdog: path.join(dir, 'watchdog.json'),
     cowGuard: path.join(dir, 'cow-guard.json'),
+    pauseGuard: path.join(dir, 'pause-guard.json'),
     serialIn: path.join(dir, 'serial.in'),
   };
 }

@@ -9,11 +9,12 @@ import { vmPaths, shellPaths, writeState, readStateAt, removeStaleSockets, type 
 import { moveShellFiles, SERIAL_CHARDEV } from './shell-files.js';
 import { pidAlive } from '../util/pid.js';
 import { procStartTime } from '../util/pid.js';
+import { VmError } from '../errors.js';
 import { guardWithWatchdog, type WatchdogGuard } from './watchdog.js';
 import { guardCowProtection } from './cow-guard.js';
+import { guardCheckpointPause } from './pause-guard.js';
 import type { VmSpec } from './spec.js';
 import { releaseNics } from './nics.js';
-import { VmError } from '../errors.js';
 
 /** What `vm start` (or a restore) hands to the supervisor through spec.json. */
 export interface LaunchFile {
@@ -124,6 +125,8 @@ export async function runSupervisor(target: SupervisorTarget): Promise<void> {
   // A shell guards nothing until a VM adopts it; then it guards that VM's files.
   let watchdog: WatchdogGuard | undefined;
   let cowGuard: { stop(): void } | undefined;
+  let pauseGuard: { stop(): void } | undefined;
+  let qmp: QmpClient | undefined;
   const guard = () => {
     watchdog = guardWithWatchdog(paths.watchdog, (reason) => {
       if (qemuExited) return;
@@ -137,10 +140,14 @@ export async function runSupervisor(target: SupervisorTarget): Promise<void> {
     // A record left by a checkpointer of an earlier QEMU does not apply to this one.
     fs.rmSync(paths.cowGuard, { force: true });
     cowGuard = guardCowProtection(paths.cowGuard, () => (qemuExited ? undefined : qemu.pid), logger);
+    fs.rmSync(paths.pauseGuard, { force: true });
+    pauseGuard = guardCheckpointPause(paths.pauseGuard, async () => {
+      if (!qmp || qmp.closed || qemuExited) throw new VmError('HYDRA_VM_QMP_UNAVAILABLE', `VM ${name}: QEMU's monitor is not connected`);
+      await qmp.execute('cont', undefined, { timeoutMs: 2000 });
+    }, logger);
   };
   if (!idleShell) guard();
 
-  let qmp: QmpClient | undefined;
   try {
     qmp = await connectWhenReady(paths.supervisorQmpSocket, { label: `VM ${name}`, deadlineMs: 15_000, isAlive: () => !qemuExited });
     const status = await qmp.execute<{ status: string }>('query-status');
@@ -247,6 +254,7 @@ export async function runSupervisor(target: SupervisorTarget): Promise<void> {
   await exited;
   watchdog?.stop();
   cowGuard?.stop();
+  pauseGuard?.stop();
   if (ownerWatch) clearInterval(ownerWatch);
   if (serialIn !== undefined) fs.closeSync(serialIn);
   qmp?.close();
