@@ -101,7 +101,9 @@ export function registerBenchCommand(program: Command): void {
     .option('--netns-subnet <cidr>', 'debian: a /24 inside 198.18.0.0/15 for the hosts and the VM', '198.18.110.0/24')
     .option('--docs <file>', 'debian: also replace the generated section of this Markdown file (e.g. docs/benchmarks.md)')
     .option('--keep', 'debian: keep the cluster directory (logs) after the run')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; guest: string; runs: string; intervals: string; netnsPrefix: string; netnsSubnet: string; docs?: string; keep?: boolean }) => {
+    .option('--no-qemu-baseline', 'skip QEMU\'s full save/restore baseline')
+    .option('--shells <which>', 'fail-overs into a pre-started restore shell (warm), cold QEMU starts, or both', 'both')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; guest: string; runs: string; intervals: string; netnsPrefix: string; netnsSubnet: string; docs?: string; keep?: boolean; shells: string; qemuBaseline: boolean }) => {
       if (opts.guest === 'debian') {
         const { runDebianFailoverBench } = await import('../bench/index.js');
         const r = await runDebianFailoverBench({
@@ -114,6 +116,7 @@ export function registerBenchCommand(program: Command): void {
         return;
       }
       if (opts.guest !== 'memcheck') throw new BenchError('HYDRA_BENCH_BAD_OPTION', `bench failover --guest "${opts.guest}": use memcheck or debian`);
+      if (!['both', 'warm', 'cold'].includes(opts.shells)) throw new BenchError('HYDRA_BENCH_BAD_OPTION', `bench failover --shells "${opts.shells}": use both, warm or cold`);
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
@@ -126,6 +129,8 @@ export function registerBenchCommand(program: Command): void {
         noPrefetchS: Number(opts.demandOnlySeconds),
         fencingRounds: Number(opts.fencingRounds),
         fencingOnly: !!opts.fencingOnly,
+        shells: opts.shells as 'both' | 'warm' | 'cold',
+        noQemuBaseline: !opts.qemuBaseline,
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);

@@ -214,9 +214,9 @@ export function registerHaCommands(program: Command): void {
           if (!st.active) process.stdout.write('no active checkpoint store: checkpoints stall until a standby takes over\n');
         } else process.stdout.write('checkpoint stores: none registered in etcd\n');
         process.stdout.write('\n');
-        process.stdout.write(table(['HOST', 'ALIVE', 'FREE', 'TOTAL', 'VMS', 'HOME'], s.hosts.map((h) => h.alive
-          ? [h.name, 'yes', bytes(h.freeMemoryBytes), bytes(h.totalMemoryBytes), h.vms.join(',') || '-', h.home]
-          : [h.name, 'NO', undefined, undefined, undefined, h.home])) + '\n\n');
+        process.stdout.write(table(['HOST', 'ALIVE', 'FREE', 'TOTAL', 'VMS', 'SHELLS', 'HOME'], s.hosts.map((h) => h.alive
+          ? [h.name, 'yes', bytes(h.freeMemoryBytes), bytes(h.totalMemoryBytes), h.vms.join(',') || '-', (h.shells ?? []).map((x) => `${x.idle}x ${x.key}`).join(', ') || '-', h.home]
+          : [h.name, 'NO', undefined, undefined, undefined, undefined, h.home])) + '\n\n');
         if (s.vms.length === 0) process.stdout.write('no VMs under HA\n');
         else process.stdout.write(table(['VM', 'HOST', 'GEN', 'IMAGE', 'STATE', 'STORE', 'MODE', 'REASON'], s.vms.map((v) => [
           v.name, v.hostAlive ? v.host : `${v.host} (dead)`, v.generation, v.imageGeneration, v.state, v.store, v.mode, v.reason,

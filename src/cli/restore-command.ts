@@ -16,7 +16,8 @@ export function registerRestoreCommand(program: Command): void {
     .option('--protect', 'protect the restored VM again, as a new generation')
     .option('--interval <duration>', 'checkpoint interval when protecting again', '2s')
     .option('--secret-file <file>', 'cluster secret file')
-    .action(async (name: string, opts: { store: string; mode: string; storeDir?: string; generation?: string; prefetch: boolean; paused?: boolean; protect?: boolean; interval: string; secretFile?: string }) => {
+    .option('--no-shell', 'start QEMU cold even if a pre-started restore shell of the VM\'s configuration is idle on this host')
+    .action(async (name: string, opts: { store: string; mode: string; storeDir?: string; generation?: string; prefetch: boolean; paused?: boolean; protect?: boolean; interval: string; secretFile?: string; shell: boolean }) => {
       if (opts.mode !== 'file' && opts.mode !== 'network') throw new SpecError(`--mode: "${opts.mode}" is not file or network`);
       const { restoreVm } = await import('../restore/index.js');
       const { loadSecret } = await import('../config/secret.js');
@@ -29,9 +30,13 @@ export function registerRestoreCommand(program: Command): void {
         vm: name, store: opts.store, secret, mode: opts.mode, storeDir: opts.storeDir, generation, newGeneration,
         prefetch: opts.prefetch,
         paused: opts.paused,
+        shell: opts.shell ? 'auto' : 'never',
         onProgress: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(`VM ${name} restored from generation ${r.generation} epoch ${r.epoch} (${r.mode} mode): running ${ms(r.timings.spawnToRunningMs)} after QEMU was spawned (${ms(r.timings.launchToRunningMs)} with the supervisor's start; device load ${ms(r.timings.deviceLoadMs)})\n`);
+      process.stdout.write(r.shell.used
+        ? `VM ${name} restored into restore shell ${r.shell.id} (${r.shell.key}): hand-off ${ms(r.timings.shellHandoffMs ?? 0)}, device load ${ms(r.timings.deviceLoadMs)}, cont ${ms(r.timings.contMs)}\n`
+        : `VM ${name} started cold: ${r.shell.reason}\n`);
       if (r.announced) process.stdout.write(`VM ${name} announced itself on its network (QMP announce-self)\n`);
       if (r.pager) {
         // Keep serving memory until it is complete; the VM needs this process until then.

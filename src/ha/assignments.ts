@@ -1,5 +1,6 @@
 // The agent's assignments: what etcd asks this host to do (restore a VM here, protect a VM running here).
 import { pidAlive } from '../util/pid.js';
+import { localShellConfig } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type Assignment, type Versioned, type VmRecord } from './cluster.js';
 import { fenceLocalVm } from './fence.js';
@@ -118,7 +119,8 @@ export class AssignmentRunner {
       restoredEpoch: res.epoch,
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
-    }).catch(() => undefined);
+      ...(res.shell && !res.shell.used ? { coldReason: res.shell.reason } : {}),
+    }).catch(() => undefined); // best effort: the timing record is advisory
     // The restored copy's files, read once: its memory size for etcd, its protection below.
     const local = readLocalVm(home, a.vm);
     const written = await cluster.updateVm(a.vm, (cur) =>
@@ -198,7 +200,7 @@ export class AssignmentRunner {
       const st = await opts.protect({ ...target, vm: a.vm, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
-          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined }
+          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined, shellConfig: localShellConfig(a.vm) }
           : undefined,
       () => [cluster.etcd.delete().key(k)]);
       core.log.info({ vm: a.vm, generation }, 'VM protected');

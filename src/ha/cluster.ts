@@ -2,6 +2,7 @@ import os from 'node:os';
 import crypto from 'node:crypto';
 import { Etcd3, type IOptions, type IKeyValue, type IOperation } from 'etcd3';
 import { HaError } from '../errors.js';
+import type { ShellConfig } from '../vm/index.js';
 import { etcdSecurityOptions, type EtcdCredentials } from './etcd-credentials.js';
 
 /**
@@ -68,6 +69,8 @@ export interface HostRecord {
   freeMemoryBytes: number;
   /** HA-managed VMs live on this host. */
   vms: string[];
+  /** Idle restore shells on this host, by configuration key (absent: none). */
+  shells?: { key: string; idle: number }[];
   leaseId: string;
   startedAt: number;
   updatedAt: number;
@@ -108,6 +111,8 @@ export interface VmRecord {
   /** Copy-on-write checkpoints (grain in bytes). */
   cow?: { grain?: number };
   memoryBytes?: number;
+  /** The restore-shell configuration the VM needs (set when protected; absent for VMs no shell can take). */
+  shellConfig?: ShellConfig;
   state: VmHaState;
   reason?: string;
   /** Consecutive failed restores (reset once protected). */
@@ -168,6 +173,8 @@ export interface FailoverTiming {
   totalMs?: number;
   error?: string;
   restoreTimings?: Record<string, number>;
+  /** Why the restore started QEMU cold instead of using a restore shell (absent when it used one). */
+  coldReason?: string;
 }
 
 export interface ClusterEvent {

@@ -1,5 +1,5 @@
 import { RestoreError } from '../errors.js';
-import type { StoreClient, StoreMeta } from '../protocol/index.js';
+import type { StoreMeta } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { MissingPageHandler } from '../tracker/index.js';
 import { sleep } from '../util/sleep.js';
@@ -30,13 +30,19 @@ export interface PagerStats {
   prefetch: boolean;
 }
 
+/** Where the pager reads guest pages: the store (network mode) or the image file (file mode into a restore shell). */
+export interface PageSource {
+  readPages(runs: { offset: number; length: number }[]): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
 export interface PagerOptions {
   vm: string;
   qemuPid: number;
   /** Connection for faults: a faulting vCPU must not wait behind background prefetch. */
-  urgent: StoreClient;
+  urgent: PageSource;
   /** Connection for background prefetch (may be the same when prefetch is off). */
-  background: StoreClient;
+  background: PageSource;
   meta: StoreMeta;
   prefetch: boolean;
   /** Page offsets to prefetch first, e.g. the pages the VM wrote most before it failed. */
@@ -47,7 +53,7 @@ export interface PagerOptions {
    * failed: to the same store, or in a cluster to whichever store serves the
    * directory now. Absent: a failed fetch is retried on the same connection.
    */
-  reconnect?: () => Promise<StoreClient>;
+  reconnect?: () => Promise<PageSource>;
 }
 
 type Role = 'urgent' | 'background';
@@ -83,8 +89,8 @@ export class NetworkPager {
   private lastReport = 0;
   private readonly log;
   /** The connections in use; replaced when one fails and `reconnect` is given. */
-  private readonly conns: Record<Role, StoreClient>;
-  private readonly reconnecting = new Map<StoreClient, Promise<void>>();
+  private readonly conns: Record<Role, PageSource>;
+  private readonly reconnecting = new Map<PageSource, Promise<void>>();
 
   private constructor(opts: PagerOptions, handler: MissingPageHandler) {
     this.opts = opts;
@@ -239,12 +245,12 @@ export class NetworkPager {
 
   /** Request the missing, unrequested pages of [start, end) and copy them in; returns pages filled. */
   /** The connections in use now (the caller closes them when memory is complete). */
-  connections(): StoreClient[] {
+  connections(): PageSource[] {
     return [...new Set([this.conns.urgent, this.conns.background])];
   }
 
   /** Replace `failed` (in every role it serves) with a new connection; concurrent callers share one attempt. */
-  private async replace(failed: StoreClient): Promise<void> {
+  private async replace(failed: PageSource): Promise<void> {
     let p = this.reconnecting.get(failed);
     if (!p) {
       p = (async () => {

@@ -521,7 +521,7 @@ class Connection {
         const q = decodeJson(f.type, f.payload, getMetaSchema);
         try {
           const g = await this.readerGen(q.generation);
-          const meta = g ? await g.metaAt(q.epoch) : null;
+          const meta = g ? await (q.applied ? g.appliedMeta(q.epoch) : g.metaAt(q.epoch)) : null;
           if (q.pin) {
             if (!g || !meta) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image to pin${q.generation ? ` in generation ${q.generation}` : ''}`);
             this.pinned = { gen: g, epoch: meta.committedEpoch };

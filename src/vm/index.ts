@@ -11,3 +11,6 @@ export { readSerial, lastMemcheckProgress, countViolations, waitForSerial, waitF
 export { monoNow, readWatchdogFeed, writeWatchdogFeed, starvedReason, guardWithWatchdog, type WatchdogFeed, type WatchdogGuard } from './watchdog.js';
 export type { LaunchFile } from './supervisor.js';
 export { killProcess, type ProcessIdentity } from '../native/index.js';
+export { shellKey, shellConfigOf, localShellConfig, listShells, startShell, stopShellNow, removeShell, stopAllShells, adoptShell, idleShellsFor, type ShellConfig, type ShellInfo, type AdoptResult } from './shell.js';
+export { shellPaths } from './runtime.js';
+export { placeholderNode, SHELL_THROTTLE_GROUP } from './qemu-args.js';
