@@ -1,9 +1,9 @@
 // Copy-on-write fail-over under random kills: of the checkpointer (the copier dies mid-copy) and of QEMU, each followed by a full memcheck verification.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { lastMemcheckProgress, waitForMemcheckStep, readSerial } from '../src/vm/serial.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 
@@ -25,17 +25,7 @@ import { readCheckpointHistory } from '../src/checkpoint/protection.js';
  */
 const ROUNDS = Math.max(1, Number(process.env.HYDRAVM_TEST_COW_ROUNDS ?? 2) || 2);
 
-const lab = makeLab('cfo');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('cfo');
 
 interface Protection { committedEpoch: number; generation: number; state: string; mode?: string; pid: number }
 const vmDir = (vm: string) => path.join(lab.home, 'vms', vm);

@@ -1,9 +1,9 @@
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { lastMemcheckProgress, waitForMemcheckStep, waitForSerial, readSerial } from '../src/vm/serial.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 import { openVmImage } from '../src/store/index.js';
@@ -30,18 +30,7 @@ const LONG_RUN_EPOCHS = 22;
 const MAX_CHAIN = 6;
 const CMDLINE = 'console=ttyS0 quiet hydra.run=memcheck+diskcheck memcheck.mb=16 memcheck.rate=4 diskcheck.rate=20';
 
-const lab = makeLab('dfo');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await stopAllShells();
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('dfo', { beforeStop: stopAllShells });
 
 interface Protection { committedEpoch: number; generation: number; state: string; pid: number }
 interface StatusRow { vm: string; vmState: string; protection: string | null; generation: number | null; epoch: number | null; diskChainLength: number | null; lastDiskFreezeMs: number | null }

@@ -1,24 +1,14 @@
 // A checkpointer that dies or hangs inside its pause does not leave the VM paused: real QEMU, real guest, real store.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep } from '../src/vm/serial.js';
 
 const PAUSE_LIMIT_MS = 1500;
-const lab = makeLab('pguard', { env: { HYDRAVM_PAUSE_LIMIT_MS: String(PAUSE_LIMIT_MS) } });
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('pguard', { env: { HYDRAVM_PAUSE_LIMIT_MS: String(PAUSE_LIMIT_MS) } });
 
 interface Protection { committedEpoch: number; generation: number; state: string; pid: number }
 const vmDir = (vm: string) => path.join(lab.home, 'vms', vm);

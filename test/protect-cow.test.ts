@@ -1,26 +1,16 @@
 // Copy-on-write protection end to end: real QEMU, real guest, real store.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
 import { openVmImage } from '../src/store/index.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 
-const lab = makeLab('pcow');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('pcow');
 
 interface Protection { committedEpoch: number; generation: number; state: string; mode?: string; pid: number; last?: { pauseMs: number; bytes: number; cow?: { cowCopies: number; faults: number } } }
 const protection = (vm: string) => readJson<Protection>(path.join(lab.home, 'vms', vm, 'protection.json'));

@@ -1,24 +1,13 @@
 // Restore shells with real QEMU: fail-over into a warm shell (both modes) and a cold start beside a mismatched one.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { waitForMemcheckStep, readSerial } from '../src/vm/serial.js';
 import { loadSpecFile, chooseAccel, shellConfigOf, shellKey, startShell, listShells, adoptShell, stopAllShells, type ShellConfig } from '../src/vm/index.js';
 
-const lab = makeLab('shell');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await stopAllShells();
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('shell', { beforeStop: stopAllShells });
 
 interface Protection { committedEpoch: number; generation: number; pid: number }
 const protection = (vm: string) => readJson<Protection>(path.join(lab.home, 'vms', vm, 'protection.json'));
