@@ -7,7 +7,8 @@ import { StoreClient, type StoreMeta } from '../protocol/index.js';
 import { startVm, stopVm, vmPaths, readState, isLive, type LaunchFile, chooseAccel } from '../vm/index.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
-import { NetworkPager, type PagerStats } from './network-pager.js';
+import { DEFAULT_STREAMS, NetworkPager, type PagerStats } from './network-pager.js';
+import { pagerConnect, type PagingOptions } from './pager-connect.js';
 import { validateImage } from './validate.js';
 import { announceSelf, assertRestorableNics } from './nics.js';
 import { sleep } from '../util/sleep.js';
@@ -39,6 +40,8 @@ export interface RestoreOptions {
   paused?: boolean;
   /** Network mode: background prefetch (on by default). */
   prefetch?: boolean;
+  /** Network mode: how guest memory is streamed, and where to turn when the store fails meanwhile. */
+  paging?: PagingOptions;
   /** Disk overlays to open instead of the spec's disks (prepared from the checkpoint's frozen layers). */
   diskFiles?: string[];
   /** Progress lines (prefetch). */
@@ -170,16 +173,23 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       if (opts.mode === 'network') {
         // The pager must own the guest RAM before QEMU touches it while loading devices.
         const prefetch = opts.prefetch ?? true;
+        const paging = opts.paging ?? {};
+        const connect = pagerConnect(opts, meta);
         const background = prefetch
-          ? await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' })
-          : client;
-        // The prefetch connection states the same epoch and pins to it: refused if the image moved.
-        if (background !== client) await background.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
-        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
+          ? await Promise.all(Array.from({ length: Math.max(1, paging.streams ?? DEFAULT_STREAMS) }, () => connect.to(opts.store)))
+          : [client];
+        pager = await NetworkPager.start({
+          vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress,
+          reconnect: connect.any,
+          ...(paging.reconnectMs !== undefined ? { reconnectMs: paging.reconnectMs } : {}),
+          ...(paging.batchBytes !== undefined ? { batchBytes: paging.batchBytes } : {}),
+          ...(paging.maxBytesPerS !== undefined ? { maxBytesPerS: paging.maxBytesPerS } : {}),
+        });
         // The pager reads through these connections until memory is complete.
         keepClient = true;
+        const p = pager;
         // Memory is complete (or the pager failed and said so): closing the connections is cleanup.
-        pager.done.finally(() => Promise.all([client.close(), background.close()]).catch(() => undefined)).catch(() => undefined);
+        p.done.finally(() => Promise.all(p.clients().map((c) => c.close())).catch(() => undefined)).catch(() => undefined);
       }
       qmp = await connectWhenReady(paths.hydraQmpSocket, { label: `VM ${opts.vm}`, deadlineMs: 5000 });
       // While QEMU waits for the incoming state, `stop` only clears its autostart: the guest stays paused after loading.
@@ -255,4 +265,4 @@ async function waitMigration(qmp: QmpClient, vm: string): Promise<void> {
   }
 }
 
-export type { PagerStats, StoreMeta };
+export type { PagerStats, PagingOptions, StoreMeta };

@@ -35,6 +35,8 @@ export class GenerationImage {
   private needsRecovery: Error | null = null;
   private journal: JournalWriter | null = null;
   current: Checkpoint | null = null;
+  /** The committed image's read handle (readHandle), with the meta it was opened for. */
+  private reader: { meta: StoreMeta; path: string; fh: fs.FileHandle } | null = null;
   /** The apply of the last journalled commit (settled: never rejects). */
   pendingApply: Promise<void> = Promise.resolve();
   /** Set once a newer generation was registered by this store: no checkpoint of this one begins or commits again. */
@@ -206,6 +208,12 @@ export class GenerationImage {
     // Closing: an abort that fails leaves files recovery removes.
     if (this.current) await this.current.abort('store closing').catch(() => undefined);
     await this.pendingApply;
+    await this.lock.run(async () => {
+      const r = this.reader;
+      this.reader = null;
+      // A read-only handle: closing it cannot lose data.
+      if (r) await r.fh.close().catch(() => undefined);
+    });
     if (this.journal) await this.journal.close();
     this.journal = null;
   }
@@ -228,13 +236,25 @@ export class GenerationImage {
     return this.withStableImage(async (img) => {
       this.checkEpoch(img.meta, epoch, 'READ_PAGES');
       checkRuns(runs, img.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
-      const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
-      try {
-        return await readRuns(fh, img.memoryPath, runs);
-      } finally {
-        await fh.close();
-      }
+      return readRuns(await this.readHandle(img), img.memoryPath, runs);
     });
+  }
+
+  /**
+   * The committed image opened for reading, kept open across reads: a restore
+   * pages a whole image in MiB-sized requests, and an open + close per request
+   * cost as much CPU as the read. Reopened whenever the committed meta changed
+   * (a commit may name a new image file); called inside withStableImage only.
+   */
+  private async readHandle(img: StableImage): Promise<fs.FileHandle> {
+    const cached = this.reader;
+    if (cached && cached.meta === img.meta && cached.path === img.memoryPath) return cached.fh;
+    this.reader = null;
+    // Replaced: a reader still holding the old handle has finished (the lock is held), so closing is safe.
+    if (cached) await cached.fh.close().catch(() => undefined);
+    const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
+    this.reader = { meta: img.meta, path: img.memoryPath, fh };
+    return fh;
   }
 
   private checkEpoch(meta: StoreMeta, epoch: number | undefined, what: string): void {

@@ -266,9 +266,14 @@ class Connection {
   }
 
   /** Send a frame (tagged once the peer authenticated); resolves when the socket accepted it without exceeding its buffer (drain). */
-  private async send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
+  private send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
+    return this.sendParts(type, [payload], flags, crc);
+  }
+
+  /** send() of a payload given in parts (page data goes out without being copied behind its run table). */
+  private async sendParts(type: FrameType, payload: Buffer[], flags = 0, crc?: number): Promise<void> {
     if (this.sock.destroyed) return;
-    const parts = encodeFrameParts(type, [payload], { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
+    const parts = encodeFrameParts(type, payload, { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
     this.sock.cork();
     let ok = true;
     for (const p of parts) ok = this.sock.write(p);
@@ -530,7 +535,7 @@ class Connection {
         if (batches.length === 0) return this.send(FrameType.PAGES, encodeRunTable([]));
         for (let i = 0; i < batches.length; i++) {
           const b = batches[i]!;
-          await this.send(FrameType.PAGES, Buffer.concat([encodeRunTable(b.runs), b.data!]), i < batches.length - 1 ? FrameFlag.MORE : 0);
+          await this.sendParts(FrameType.PAGES, [encodeRunTable(b.runs), b.data!], i < batches.length - 1 ? FrameFlag.MORE : 0);
         }
         return;
       }
