@@ -394,7 +394,7 @@ export class NetworkPager {
     // The failed connection is dead or lying: closing it is cleanup.
     void old.close().catch(() => undefined);
     try {
-      if (!this.opts.reconnect) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": connection to store ${old.address} failed (${why}) and no other store is known`);
+      if (!this.opts.reconnect) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages: the connection to store ${old.address} failed (${why}) and no other store is known`);
       let lastErr: unknown;
       for (let attempt = 0; performance.now() < deadline && !this.finished; attempt++) {
         try {
@@ -409,7 +409,7 @@ export class NetworkPager {
           await sleep(Math.min(500, 50 * 2 ** attempt));
         }
       }
-      throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": no store answered within ${this.opts.reconnectMs ?? DEFAULT_RECONNECT_MS} ms after the connection to ${old.address} failed (${why}): ${(lastErr as Error | undefined)?.message ?? 'stopped'}`, { cause: lastErr });
+      throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages: no store answered within ${this.opts.reconnectMs ?? DEFAULT_RECONNECT_MS} ms after the connection to ${old.address} failed (${why}): ${(lastErr as Error | undefined)?.message ?? 'stopped'}`, { cause: lastErr });
     } catch (err) {
       this.fail(err as Error);
     } finally {
