@@ -13,7 +13,7 @@ export function registerRestoreCommand(program: Command): void {
     .option('--store-dir <dir>', 'file mode: the store directory as this host sees it')
     .option('--generation <n>', 'image generation to restore (default: newest)')
     .option('--no-prefetch', 'network mode: only fetch pages the guest faults on')
-    .option('--standby-store <addr>', 'network mode: another store serving the same image, asked when the store fails while memory is paged in (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--standby-store <addr>', 'network mode: another store serving the same image, asked when the store fails while memory is paged in (repeatable; the VM is stopped when none answers within 5 s)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--page-rate <MBps>', 'network mode: upper bound of the background page stream in MB/s (default: none; faults are never limited)')
     .option('--page-streams <n>', 'network mode: connections streaming the image in the background', '2')
     .option('--paused', 'leave the guest paused after loading its device state (drills, verification); memory is still fetched')

@@ -16,7 +16,7 @@ export const DEFAULT_BATCH_BYTES = 8 * 1024 * 1024;
 export const DEFAULT_STREAMS = 2;
 const DEPTH_PER_STREAM = 2;
 /** How long a lost store connection is retried (other addresses included) before the VM is stopped. */
-export const DEFAULT_RECONNECT_MS = 10_000;
+export const DEFAULT_RECONNECT_MS = 5000;
 
 /** 0: missing, 1: requested, 2: present (per page). */
 const MISSING = 0;
@@ -98,6 +98,8 @@ interface Conn {
 export class NetworkPager {
   readonly stats: PagerStats;
   readonly done: Promise<PagerStats>;
+  /** Why the pager stopped the VM (null while it has not). */
+  failure: Error | null = null;
   private readonly opts: PagerOptions;
   private readonly handler: MissingPageHandler;
   private readonly page: Uint8Array;
@@ -187,6 +189,7 @@ export class NetworkPager {
     if (this.finished) return;
     this.finished = true;
     this.stopped = true;
+    this.failure = err;
     this.log.error({ err: err.message }, 'guest memory cannot be fetched: stopping the VM rather than let it run on missing memory; restore it again from the committed epoch');
     try {
       process.kill(this.opts.qemuPid, 'SIGKILL');

@@ -225,6 +225,8 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       keepClient = false;
       // Undoing a failed restore; the restore's own error is thrown below.
       await stopVm(opts.vm).catch(() => undefined);
+      // The pager stopping the VM (memory unreachable) is the cause of whatever QMP then reported.
+      if (pager?.failure) throw pager.failure;
       if (err instanceof HydraError) throw err;
       throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
     }
