@@ -14,8 +14,8 @@ import { boot } from './serial-watch.js';
 export interface PagingBenchOptions {
   /** Guest memory sizes, e.g. ['512M', '2G']. */
   sizes: string[];
-  /** Background stream limits to try, MB/s (0: unlimited). */
-  ratesMBs: number[];
+  /** Stream controls to try: 'guard' (the default rate control, 5 % vCPU wait), 'none' (unlimited), or a fixed limit in MB/s. */
+  modes: string[];
   /** Background connections of the pager. */
   streams: number;
   workingSetMb: number;
@@ -40,8 +40,10 @@ export interface StoreReadBandwidth {
 export interface PagingRun {
   memory: string;
   memoryBytes: number;
-  /** Background stream limit, MB/s (0: none). */
-  rateMBs: number;
+  /** Stream control: 'guard', 'none' or a fixed limit in MB/s. */
+  control: string;
+  /** Lowest rate the guard set, MB/s (null: never engaged). */
+  guardMinMBs: number | null;
   streams: number;
   killToRunningMs: number;
   /** From the guest running again until every page is present. */
@@ -157,7 +159,7 @@ async function storeBandwidth(env: BenchEnv, vm: string, generation: number, str
   }
 }
 
-async function pagingRun(env: BenchEnv, memory: string, rateMBs: number, baselineStepsPerS: number | null, opts: PagingBenchOptions, idx: number): Promise<PagingRun> {
+async function pagingRun(env: BenchEnv, memory: string, control: string, baselineStepsPerS: number | null, opts: PagingBenchOptions, idx: number): Promise<PagingRun> {
   const name = `pg-${memory.toLowerCase()}-${idx}`;
   const spec = makeSpec(name, memory, opts);
   opts.log(`[${name}] boot, protect`);
@@ -174,7 +176,7 @@ async function pagingRun(env: BenchEnv, memory: string, rateMBs: number, baselin
     const tCall = now();
     const r = await restoreVm({
       vm: name, store: env.store.address, secret: process.env.HYDRAVM_SECRET!, mode: 'network',
-      paging: { streams: opts.streams, ...(rateMBs > 0 ? { maxBytesPerS: rateMBs * MB } : {}) },
+      paging: { streams: opts.streams, ...controlOptions(control) },
     });
     const tRun = tCall + r.timings.totalMs;
     let tComplete: number | null = null;
@@ -190,7 +192,8 @@ async function pagingRun(env: BenchEnv, memory: string, rateMBs: number, baselin
     await stopVm(name).catch(() => undefined);
     const store = await storeBandwidth(env, name, 1, opts.streams);
     const res: PagingRun = {
-      memory, memoryBytes: parseSize(memory, '--paging-sizes'), rateMBs, streams: opts.streams,
+      memory, memoryBytes: parseSize(memory, '--paging-sizes'), control, streams: opts.streams,
+      guardMinMBs: s.guardMinBytesPerS !== null ? s.guardMinBytesPerS / MB : null,
       killToRunningMs: tRun - tKill,
       completeAfterRunningMs: tComplete !== null ? (tComplete as number) - tRun : null,
       streamMs: s.streamMs,
@@ -200,7 +203,7 @@ async function pagingRun(env: BenchEnv, memory: string, rateMBs: number, baselin
       slowdownPct: baselineStepsPerS && pagingStepsPerS !== null ? (1 - pagingStepsPerS / baselineStepsPerS) * 100 : null,
       violations, store,
     };
-    opts.log(`[${name}] limit ${rateMBs || 'none'}: complete ${fmt(res.completeAfterRunningMs, 0)} ms after running, paging ${fmt(res.pagingMBs, 0)} MB/s; store raw cold ${fmt(store.rawColdMBs, 0)} / warm ${fmt(store.rawWarmMBs, 0)} MB/s, READ_PAGES ${fmt(store.readPagesMBs, 0)} MB/s; steps/s baseline ${fmt(baselineStepsPerS)} paging ${fmt(pagingStepsPerS)} after ${fmt(afterStepsPerS)}; violations ${violations}`);
+    opts.log(`[${name}] control ${control}${res.guardMinMBs !== null ? ` (down to ${fmt(res.guardMinMBs, 0)} MB/s)` : ''}: complete ${fmt(res.completeAfterRunningMs, 0)} ms after running, paging ${fmt(res.pagingMBs, 0)} MB/s; store raw cold ${fmt(store.rawColdMBs, 0)} / warm ${fmt(store.rawWarmMBs, 0)} MB/s, READ_PAGES ${fmt(store.readPagesMBs, 0)} MB/s; steps/s baseline ${fmt(baselineStepsPerS)} paging ${fmt(pagingStepsPerS)} after ${fmt(afterStepsPerS)}; violations ${violations}`);
     return res;
   } finally {
     watch.close();
@@ -215,9 +218,18 @@ export async function runPagingBench(env: BenchEnv, opts: PagingBenchOptions): P
   for (const memory of opts.sizes) {
     const baseline = await baselineRate(memory, opts);
     let i = 0;
-    for (const rate of opts.ratesMBs) runs.push(await pagingRun(env, memory, rate, baseline, opts, ++i));
+    for (const control of opts.modes) runs.push(await pagingRun(env, memory, control, baseline, opts, ++i));
   }
   return runs;
+}
+
+/** 'guard': the restore's default rate control; 'none': unlimited, no control; a number: that fixed limit in MB/s, no control. */
+function controlOptions(control: string): { guestDelay?: number; maxBytesPerS?: number } {
+  if (control === 'guard') return {};
+  if (control === 'none') return { guestDelay: 0 };
+  const mbs = Number(control);
+  if (!(mbs > 0)) throw new BenchError('HYDRA_BENCH_WRONG_RESULT', `--paging-modes: "${control}" is not guard, none or a rate in MB/s`);
+  return { guestDelay: 0, maxBytesPerS: mbs * MB };
 }
 
 const pct = (a: number | null, b: number | null) => (a !== null && b ? `${fmt((100 * a) / b, 0)} %` : '-');
@@ -228,12 +240,12 @@ export function renderPaging(runs: PagingRun[], opts: PagingBenchOptions): strin
     '',
     'Paging: bytes fetched over the background stream\'s duration. Store raw: sequential 8 MiB preads of the image file on the store host, cold (evicted first) and from the page cache. READ_PAGES: the whole image through the store protocol, no guest. Slowdown: memcheck steps/s while memory was paged in, against the same VM unprotected and never failed.',
     '',
-    '| guest | stream limit | memory complete after running | paging MB/s | store raw cold / warm MB/s | READ_PAGES MB/s | paging / raw cold | paging / READ_PAGES | steps/s unfailed / while paging / after | slowdown while paging | violations |',
+    '| guest | stream control | memory complete after running | paging MB/s | store raw cold / warm MB/s | READ_PAGES MB/s | paging / raw cold | paging / READ_PAGES | steps/s unfailed / while paging / after | slowdown while paging | violations |',
     '|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const r of runs) {
     const s = r.store;
-    lines.push(`| ${r.memory} | ${r.rateMBs ? `${r.rateMBs} MB/s` : 'none'} | ${fmt(r.completeAfterRunningMs, 0)} ms | ${fmt(r.pagingMBs, 0)} | ${fmt(s.rawColdMBs, 0)} / ${fmt(s.rawWarmMBs, 0)} | ${fmt(s.readPagesMBs, 0)} | ${pct(r.pagingMBs, s.rawColdMBs)} | ${pct(r.pagingMBs, s.readPagesMBs)} | ${fmt(r.baselineStepsPerS)} / ${fmt(r.pagingStepsPerS)} / ${fmt(r.afterStepsPerS)} | ${fmt(r.slowdownPct, 1)} % | ${r.violations} |`);
+    lines.push(`| ${r.memory} | ${r.control === 'guard' ? `guard (5 % vCPU wait${r.guardMinMBs !== null ? `, down to ${fmt(r.guardMinMBs, 0)} MB/s` : ', never engaged'})` : r.control === 'none' ? 'none' : `${r.control} MB/s`} | ${fmt(r.completeAfterRunningMs, 0)} ms | ${fmt(r.pagingMBs, 0)} | ${fmt(s.rawColdMBs, 0)} / ${fmt(s.rawWarmMBs, 0)} | ${fmt(s.readPagesMBs, 0)} | ${pct(r.pagingMBs, s.rawColdMBs)} | ${pct(r.pagingMBs, s.readPagesMBs)} | ${fmt(r.baselineStepsPerS)} / ${fmt(r.pagingStepsPerS)} / ${fmt(r.afterStepsPerS)} | ${fmt(r.slowdownPct, 1)} % | ${r.violations} |`);
   }
   lines.push('', `Image files: ${runs.map((r) => `${r.memory} ${fmt(r.store.allocatedBytes / MiB, 0)} MiB allocated of ${fmt(r.store.imageBytes / MiB, 0)} MiB`).join('; ')} (holes read as zeros without disk I/O).`, '');
   lines.push(`Host: ${os.cpus().length} CPUs, load average at the end ${os.loadavg().map((v) => v.toFixed(2)).join(' ')}.`, '');

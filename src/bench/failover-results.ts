@@ -16,8 +16,8 @@ export interface FailoverBenchOptions {
   fencingRounds: number;
   /** Run only the self-fencing rounds. */
   fencingOnly?: boolean;
-  /** Network paging part: guest sizes (none: skip), stream limits in MB/s (0: none), background connections. */
-  paging?: { sizes: string[]; ratesMBs: number[]; streams: number };
+  /** Network paging part: guest sizes (none: skip), stream controls (guard, none, MB/s), background connections. */
+  paging?: { sizes: string[]; modes: string[]; streams: number };
   /** Run only the paging part. */
   pagingOnly?: boolean;
   log: (msg: string) => void;

@@ -83,10 +83,10 @@ export function registerBenchCommand(program: Command): void {
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
     .option('--paging-sizes <list>', 'network paging part: guest memory sizes, comma-separated ("none" skips it)', '512M,2G')
-    .option('--paging-rates <list>', 'network paging part: background stream limits in MB/s to try, comma-separated (0 = none)', '0')
+    .option('--paging-modes <list>', 'network paging part: stream controls to try, comma-separated: guard (the default rate control), none (unlimited), or a fixed MB/s', 'guard,none')
     .option('--paging-streams <n>', 'network paging part: background connections of the pager', '2')
     .option('--paging-only', 'run only the network paging part')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; pagingSizes: string; pagingRates: string; pagingStreams: string; pagingOnly?: boolean }) => {
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; pagingSizes: string; pagingModes: string; pagingStreams: string; pagingOnly?: boolean }) => {
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
@@ -101,7 +101,7 @@ export function registerBenchCommand(program: Command): void {
         fencingOnly: !!opts.fencingOnly,
         paging: {
           sizes: opts.pagingSizes === 'none' ? [] : opts.pagingSizes.split(',').map((x) => x.trim()).filter(Boolean),
-          ratesMBs: opts.pagingRates.split(',').map(Number),
+          modes: opts.pagingModes.split(',').map((x) => x.trim()).filter(Boolean),
           streams: Number(opts.pagingStreams),
         },
         pagingOnly: !!opts.pagingOnly,

@@ -4,6 +4,7 @@ import type { DecodedPages, PageRun, StoreClient, StoreMeta } from '../protocol/
 import { vmLog } from '../util/log.js';
 import { MissingPageHandler } from '../tracker/index.js';
 import { sleep } from '../util/sleep.js';
+import { GuestDelay } from './guest-delay.js';
 
 const PAGE = 4096;
 /** Pages fetched around each fault: the paper saw strong spatial locality. */
@@ -43,6 +44,8 @@ export interface PagerStats {
   reconnects: number;
   /** Time the background stream waited for the rate limit, ms. */
   throttledMs: number;
+  /** Lowest rate the guard set, bytes/s (null: never engaged). */
+  guardMinBytesPerS: number | null;
 }
 
 /** A new reader connection pinned to the image being restored; may try another store address. */
@@ -70,6 +73,13 @@ export interface PagerOptions {
   batchBytes?: number;
   /** Upper bound of the background stream, bytes per second (0 or absent: unlimited). Faults are never limited. */
   maxBytesPerS?: number;
+  /**
+   * Rate control by the guest's delay: while the VM's vCPUs wait for a CPU
+   * more than this share of the time (e.g. 0.05), the stream slows down
+   * (halved per 250 ms, never below minBytesPerS); while they do not, it
+   * speeds up again. Absent: no control (only maxBytesPerS).
+   */
+  guard?: { maxDelay: number; minBytesPerS: number };
   onProgress?: (msg: string) => void;
 }
 
@@ -122,6 +132,9 @@ export class NetworkPager {
   private lastReport = 0;
   /** Token bucket of the rate limit: when the next background request may start. */
   private nextSlot = 0;
+  /** The stream's current limit, bytes/s (0: none): maxBytesPerS, lowered by the guard. */
+  private rate = 0;
+  private guardTimer: NodeJS.Timeout | null = null;
   private readonly log;
 
   private constructor(opts: PagerOptions, handler: MissingPageHandler) {
@@ -136,7 +149,7 @@ export class NetworkPager {
     this.batch = Math.max(PAGE, Math.floor((opts.batchBytes ?? DEFAULT_BATCH_BYTES) / PAGE) * PAGE);
     this.stats = {
       faults: 0, faultPagesFetched: 0, pagesPrefetched: 0, bytesFetched: 0, pagesTotal: pages, pagesPresent: 0,
-      completeMs: null, streamMs: null, maxFaultMs: 0, prefetch: opts.prefetch, streams: this.background.length, reconnects: 0, throttledMs: 0,
+      completeMs: null, streamMs: null, maxFaultMs: 0, prefetch: opts.prefetch, streams: this.background.length, reconnects: 0, throttledMs: 0, guardMinBytesPerS: null,
     };
     this.done = new Promise((resolve, reject) => { this.resolveDone = resolve; this.rejectDone = reject; });
     // Callers await `done` for the outcome; this only keeps an unawaited rejection from being unhandled.
@@ -162,6 +175,8 @@ export class NetworkPager {
     if (!this.opts.prefetch || this.prefetchStarted || this.finished) return;
     this.prefetchStarted = true;
     this.tStream = performance.now();
+    this.rate = this.opts.maxBytesPerS ?? 0;
+    if (this.opts.guard) this.startGuard(this.opts.guard);
     for (const conn of this.background) {
       for (let i = 0; i < DEPTH_PER_STREAM; i++) void this.streamLoop(conn).catch((err: Error) => this.fail(err));
     }
@@ -169,6 +184,7 @@ export class NetworkPager {
 
   /** Stop serving (the VM is being torn down). Resolves `done` with the stats so far. */
   async stop(): Promise<void> {
+    this.stopGuard();
     this.stopped = true;
     this.wake();
     this.handler.close();
@@ -187,6 +203,7 @@ export class NetworkPager {
 
   private fail(err: Error): void {
     if (this.finished) return;
+    this.stopGuard();
     this.finished = true;
     this.stopped = true;
     this.failure = err;
@@ -205,8 +222,14 @@ export class NetworkPager {
     return this.stats.pagesPresent === this.stats.pagesTotal;
   }
 
+  private stopGuard(): void {
+    if (this.guardTimer) clearInterval(this.guardTimer);
+    this.guardTimer = null;
+  }
+
   private checkComplete(): void {
     if (!this.complete() || this.finished) return;
+    this.stopGuard();
     this.finished = true;
     this.stopped = true;
     const t = performance.now();
@@ -280,9 +303,42 @@ export class NetworkPager {
     for (const f of w) f();
   }
 
+  /**
+   * AIMD on the stream's rate from the vCPUs' run-queue wait: the stream
+   * (with the store it keeps busy) competes with the guest for CPUs, and the
+   * wait is the guest's loss. Contention from elsewhere slows the stream too:
+   * it cannot tell whose CPU time it is, and the guest comes first.
+   */
+  private startGuard(g: { maxDelay: number; minBytesPerS: number }): void {
+    const delay = new GuestDelay(this.opts.qemuPid);
+    const max = this.opts.maxBytesPerS ?? 0;
+    let current = max > 0 ? max : Infinity;
+    let measured = 0;
+    let lastBytes = this.stats.bytesFetched;
+    let lastT = performance.now();
+    delay.sample();
+    this.guardTimer = setInterval(() => {
+      const d = delay.sample();
+      const t = performance.now();
+      // What the stream actually did lately: the base the rate is cut from.
+      const r = ((this.stats.bytesFetched - lastBytes) / (t - lastT)) * 1000;
+      lastBytes = this.stats.bytesFetched;
+      lastT = t;
+      measured = Math.max(r, g.minBytesPerS);
+      if (d === null) return;
+      if (d > g.maxDelay) current = Math.max(g.minBytesPerS, Math.min(current, measured) / 2);
+      else if (current !== Infinity) current = current * 1.25 + 8 * 1024 * 1024;
+      if (max > 0 && current >= max) current = max;
+      if (current === Infinity || (max === 0 && current > 64 * measured)) current = Infinity;
+      this.rate = current === Infinity ? 0 : current;
+      if (this.rate > 0) this.stats.guardMinBytesPerS = Math.min(this.stats.guardMinBytesPerS ?? Infinity, this.rate);
+    }, 250);
+    this.guardTimer.unref();
+  }
+
   /** Wait for the rate limit (a token bucket of one batch). */
   private async throttle(): Promise<void> {
-    const rate = this.opts.maxBytesPerS ?? 0;
+    const rate = this.rate;
     if (!(rate > 0)) return;
     const now = performance.now();
     const start = Math.max(now, this.nextSlot);

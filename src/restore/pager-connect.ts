@@ -2,6 +2,9 @@
 import { HydraError, RestoreError } from '../errors.js';
 import { StoreClient, type StoreMeta } from '../protocol/index.js';
 
+export const DEFAULT_GUEST_DELAY = 0.05;
+export const DEFAULT_MIN_BYTES_PER_S = 64e6;
+
 export interface PagingOptions {
   /** Background connections streaming the image (default 2). */
   streams?: number;
@@ -9,6 +12,13 @@ export interface PagingOptions {
   batchBytes?: number;
   /** Upper bound of the background stream in bytes per second (default: none). Faults are never limited. */
   maxBytesPerS?: number;
+  /**
+   * Rate control: the largest share of time the guest's vCPUs may wait for a
+   * CPU before the stream slows down (default 0.05; 0 turns the control off),
+   * and the rate it never goes below (default 64 MB/s, so memory completes).
+   */
+  guestDelay?: number;
+  minBytesPerS?: number;
   /** How long the pager tries to reach a store after a connection failed before it stops the VM (default 10 s). */
   reconnectMs?: number;
   /**

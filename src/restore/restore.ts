@@ -8,7 +8,7 @@ import { startVm, stopVm, vmPaths, readState, isLive, type LaunchFile, chooseAcc
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { DEFAULT_STREAMS, NetworkPager, type PagerStats } from './network-pager.js';
-import { pagerConnect, type PagingOptions } from './pager-connect.js';
+import { DEFAULT_GUEST_DELAY, DEFAULT_MIN_BYTES_PER_S, pagerConnect, type PagingOptions } from './pager-connect.js';
 import { validateImage } from './validate.js';
 import { announceSelf, assertRestorableNics } from './nics.js';
 import { sleep } from '../util/sleep.js';
@@ -184,6 +184,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
           ...(paging.reconnectMs !== undefined ? { reconnectMs: paging.reconnectMs } : {}),
           ...(paging.batchBytes !== undefined ? { batchBytes: paging.batchBytes } : {}),
           ...(paging.maxBytesPerS !== undefined ? { maxBytesPerS: paging.maxBytesPerS } : {}),
+          ...((paging.guestDelay ?? DEFAULT_GUEST_DELAY) > 0 ? { guard: { maxDelay: paging.guestDelay ?? DEFAULT_GUEST_DELAY, minBytesPerS: paging.minBytesPerS ?? DEFAULT_MIN_BYTES_PER_S } } : {}),
         });
         // The pager reads through these connections until memory is complete.
         keepClient = true;
