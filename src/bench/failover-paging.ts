@@ -52,6 +52,8 @@ export interface PagingRun {
   streamMs: number | null;
   /** Bytes fetched / stream time. */
   pagingMBs: number | null;
+  /** CPU ms per MiB paged in, restoring process (pager) and store process, user + system: the cost that does not depend on the load. */
+  cpuMsPerMiB: { pager: number | null; store: number | null };
   faults: number;
   reconnects: number;
   /** memcheck steps/s of the same VM unprotected and never failed. */
@@ -101,6 +103,23 @@ async function baselineRate(memory: string, opts: PagingBenchOptions): Promise<n
     watch.close();
     // Cleanup after the measurement: a VM already gone is what we want.
     await stopVm(spec.name).catch(() => undefined);
+  }
+}
+
+/** CPU time (user + system, ms) of this process. */
+function selfCpuMs(): number {
+  const c = process.cpuUsage();
+  return (c.user + c.system) / 1000;
+}
+
+/** CPU time (user + system, ms) another process has used so far (null: unreadable), from /proc/<pid>/stat in USER_HZ = 100 ticks. */
+function processCpuMs(pid: number): number | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) * 10;
+  } catch {
+    return null;
   }
 }
 
@@ -173,6 +192,7 @@ async function pagingRun(env: BenchEnv, memory: string, control: string, baselin
     process.kill(state.qemuPid!, 'SIGKILL');
     await waitFor(`${name} recorded crashed`, () => readState(name)?.lifecycle === 'crashed', 10_000, 10);
     await waitFor(`${name} supervisor gone`, () => !isLive(readState(name)), 10_000, 2);
+    const cpu0 = { self: selfCpuMs(), store: processCpuMs(env.store.proc.pid!) };
     const tCall = now();
     const r = await restoreVm({
       vm: name, store: env.store.address, secret: process.env.HYDRAVM_SECRET!, mode: 'network',
@@ -181,6 +201,7 @@ async function pagingRun(env: BenchEnv, memory: string, control: string, baselin
     const tRun = tCall + r.timings.totalMs;
     let tComplete: number | null = null;
     const stats = await Promise.race([r.pager!.done.then((s) => { tComplete = now(); return s; }), sleep(180_000).then(() => null)]);
+    const cpu1 = { self: selfCpuMs(), store: processCpuMs(env.store.proc.pid!) };
     if (!stats) opts.log(`[${name}] memory not complete after 180 s`);
     const s = r.pager!.stats;
     const end = (tComplete as number | null) ?? now();
@@ -198,12 +219,16 @@ async function pagingRun(env: BenchEnv, memory: string, control: string, baselin
       completeAfterRunningMs: tComplete !== null ? (tComplete as number) - tRun : null,
       streamMs: s.streamMs,
       pagingMBs: s.streamMs ? s.bytesFetched / MB / (s.streamMs / 1000) : null,
+      cpuMsPerMiB: {
+        pager: s.bytesFetched ? (cpu1.self - cpu0.self) / (s.bytesFetched / MiB) : null,
+        store: s.bytesFetched && cpu0.store !== null && cpu1.store !== null ? (cpu1.store - cpu0.store) / (s.bytesFetched / MiB) : null,
+      },
       faults: s.faults, reconnects: s.reconnects,
       baselineStepsPerS, pagingStepsPerS, afterStepsPerS,
       slowdownPct: baselineStepsPerS && pagingStepsPerS !== null ? (1 - pagingStepsPerS / baselineStepsPerS) * 100 : null,
       violations, store,
     };
-    opts.log(`[${name}] control ${control}${res.guardMinMBs !== null ? ` (down to ${fmt(res.guardMinMBs, 0)} MB/s)` : ''}: complete ${fmt(res.completeAfterRunningMs, 0)} ms after running, paging ${fmt(res.pagingMBs, 0)} MB/s; store raw cold ${fmt(store.rawColdMBs, 0)} / warm ${fmt(store.rawWarmMBs, 0)} MB/s, READ_PAGES ${fmt(store.readPagesMBs, 0)} MB/s; steps/s baseline ${fmt(baselineStepsPerS)} paging ${fmt(pagingStepsPerS)} after ${fmt(afterStepsPerS)}; violations ${violations}`);
+    opts.log(`[${name}] control ${control}${res.guardMinMBs !== null ? ` (down to ${fmt(res.guardMinMBs, 0)} MB/s)` : ''}: complete ${fmt(res.completeAfterRunningMs, 0)} ms after running, paging ${fmt(res.pagingMBs, 0)} MB/s (CPU ms/MiB pager ${fmt(res.cpuMsPerMiB.pager, 2)}, store ${fmt(res.cpuMsPerMiB.store, 2)}); store raw cold ${fmt(store.rawColdMBs, 0)} / warm ${fmt(store.rawWarmMBs, 0)} MB/s, READ_PAGES ${fmt(store.readPagesMBs, 0)} MB/s; steps/s baseline ${fmt(baselineStepsPerS)} paging ${fmt(pagingStepsPerS)} after ${fmt(afterStepsPerS)}; violations ${violations}`);
     return res;
   } finally {
     watch.close();
@@ -240,12 +265,12 @@ export function renderPaging(runs: PagingRun[], opts: PagingBenchOptions): strin
     '',
     'Paging: bytes fetched over the background stream\'s duration. Store raw: sequential 8 MiB preads of the image file on the store host, cold (evicted first) and from the page cache. READ_PAGES: the whole image through the store protocol, no guest. Slowdown: memcheck steps/s while memory was paged in, against the same VM unprotected and never failed.',
     '',
-    '| guest | stream control | memory complete after running | paging MB/s | store raw cold / warm MB/s | READ_PAGES MB/s | paging / raw cold | paging / READ_PAGES | steps/s unfailed / while paging / after | slowdown while paging | violations |',
-    '|---|---|---|---|---|---|---|---|---|---|---|',
+    '| guest | stream control | memory complete after running | paging MB/s | CPU ms/MiB pager + store | store raw cold / warm MB/s | READ_PAGES MB/s | paging / raw cold | paging / READ_PAGES | steps/s unfailed / while paging / after | slowdown while paging | violations |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const r of runs) {
     const s = r.store;
-    lines.push(`| ${r.memory} | ${r.control === 'guard' ? `guard (5 % vCPU wait${r.guardMinMBs !== null ? `, down to ${fmt(r.guardMinMBs, 0)} MB/s` : ', never engaged'})` : r.control === 'none' ? 'none' : `${r.control} MB/s`} | ${fmt(r.completeAfterRunningMs, 0)} ms | ${fmt(r.pagingMBs, 0)} | ${fmt(s.rawColdMBs, 0)} / ${fmt(s.rawWarmMBs, 0)} | ${fmt(s.readPagesMBs, 0)} | ${pct(r.pagingMBs, s.rawColdMBs)} | ${pct(r.pagingMBs, s.readPagesMBs)} | ${fmt(r.baselineStepsPerS)} / ${fmt(r.pagingStepsPerS)} / ${fmt(r.afterStepsPerS)} | ${fmt(r.slowdownPct, 1)} % | ${r.violations} |`);
+    lines.push(`| ${r.memory} | ${r.control === 'guard' ? `guard (5 % vCPU wait${r.guardMinMBs !== null ? `, down to ${fmt(r.guardMinMBs, 0)} MB/s` : ', never engaged'})` : r.control === 'none' ? 'none' : `${r.control} MB/s`} | ${fmt(r.completeAfterRunningMs, 0)} ms | ${fmt(r.pagingMBs, 0)} | ${fmt(r.cpuMsPerMiB.pager, 2)} + ${fmt(r.cpuMsPerMiB.store, 2)} | ${fmt(s.rawColdMBs, 0)} / ${fmt(s.rawWarmMBs, 0)} | ${fmt(s.readPagesMBs, 0)} | ${pct(r.pagingMBs, s.rawColdMBs)} | ${pct(r.pagingMBs, s.readPagesMBs)} | ${fmt(r.baselineStepsPerS)} / ${fmt(r.pagingStepsPerS)} / ${fmt(r.afterStepsPerS)} | ${fmt(r.slowdownPct, 1)} % | ${r.violations} |`);
   }
   lines.push('', `Image files: ${runs.map((r) => `${r.memory} ${fmt(r.store.allocatedBytes / MiB, 0)} MiB allocated of ${fmt(r.store.imageBytes / MiB, 0)} MiB`).join('; ')} (holes read as zeros without disk I/O).`, '');
   lines.push(`Host: ${os.cpus().length} CPUs, load average at the end ${os.loadavg().map((v) => v.toFixed(2)).join(' ')}.`, '');

@@ -55,6 +55,8 @@ interface Pending {
 }
 
 const MAX_READ_REQUEST = 32 * 1024 * 1024;
+/** Socket read buffer of a plain TCP connection. */
+const READ_BUFFER = 256 * 1024;
 /** Longest gap between frames the client sends once connected (PING fills it); also capped at a third of the store's idle timeout. */
 const KEEPALIVE_MS = 5000;
 
@@ -96,13 +98,16 @@ export class StoreClient {
     const host = m[1] ?? m[2]!;
     const port = Number(m[3]);
     const tlsOpts = opts.tls === undefined ? clientTlsFromEnv() : opts.tls;
+    // Plain TCP reads into one reused buffer (the frame decoder copies what it keeps): no allocation per socket read.
+    const reader: { client?: StoreClient } = {};
     const sock = tlsOpts
       ? tls.connect({ host, port, ca: loadCa(tlsOpts.ca), ...(tlsOpts.servername ? { servername: tlsOpts.servername } : net.isIP(host) ? {} : { servername: host }) })
-      : net.connect({ host, port });
+      : net.connect({ host, port, onread: { buffer: Buffer.allocUnsafeSlow(READ_BUFFER), callback: (n: number, buf: Uint8Array) => { reader.client?.onData(Buffer.from(buf.buffer, buf.byteOffset, n)); return true; } } });
     sock.setNoDelay(true);
     // The kernel notices a vanished store host even while no request is outstanding.
     sock.setKeepAlive(true, KEEPALIVE_MS);
     const client = new StoreClient(sock, opts);
+    reader.client = client;
     const timer = setTimeout(() => {
       client.shutdown(new StoreError('HYDRA_STORE_TIMEOUT', `connecting to store ${opts.address} (vm ${opts.vm}): no answer within ${timeoutMs} ms`));
       sock.destroy();
@@ -369,6 +374,11 @@ export class StoreClient {
     }
     if (got !== total) throw new ProtocolError('HYDRA_PROTOCOL_SHORT_REPLY', `READ_PAGES to store ${this.opts.address} returned ${got} of ${total} bytes`);
     return out;
+  }
+
+  /** Give the buffers of replies from readPageFrames() back once their pages are placed: the next replies reuse them. */
+  recycle(pages: readonly DecodedPages[]): void {
+    for (const p of pages) this.decoder.recycle(p.data);
   }
 
   /** The store this client talks to ('host:port'). */

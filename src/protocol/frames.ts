@@ -181,6 +181,11 @@ export interface FrameDecoderOptions {
   acceptVersion?: number;
 }
 
+/** Payloads from POOL_MIN to POOL_BUFFER bytes (page replies) are assembled in recyclable buffers; POOL_KEEP kept spare. */
+const POOL_MIN = 1024 * 1024;
+const POOL_BUFFER = MAX_PAGES_DATA + 64 * 1024;
+const POOL_KEEP = 8;
+
 /** Tag checking of received frames (set once the session keys are known). */
 export interface ReceiveMac {
   mac: FrameMac;
@@ -210,10 +215,34 @@ export class FrameDecoder {
   private version: number;
   private failed = false;
   private recv: ReceiveMac | null = null;
+  /** Payload buffers handed back by the consumer (recycle()), for the next large frames. */
+  private readonly spare: ArrayBuffer[] = [];
+  private readonly pooled = new WeakSet<ArrayBuffer>();
 
   constructor(opts: FrameDecoderOptions = {}) {
     this.maxPayload = opts.maxPayload ?? MAX_FRAME_PAYLOAD;
     this.version = opts.acceptVersion ?? PROTOCOL_VERSION;
+  }
+
+  /**
+   * Hand back the memory of a received payload (or a view into it) that the
+   * consumer is done with: the next large frame is assembled in it instead of
+   * a new allocation. Only for payloads nothing refers to any more.
+   */
+  recycle(view: Uint8Array): void {
+    const ab = view.buffer as ArrayBuffer;
+    if (this.pooled.has(ab) && this.spare.length < POOL_KEEP && !this.spare.includes(ab)) this.spare.push(ab);
+  }
+
+  private payloadBuffer(length: number): Buffer {
+    if (length === 0) return Buffer.alloc(0);
+    if (length < POOL_MIN || length > POOL_BUFFER) return Buffer.allocUnsafe(length);
+    let ab = this.spare.pop();
+    if (!ab) {
+      ab = new ArrayBuffer(POOL_BUFFER);
+      this.pooled.add(ab);
+    }
+    return Buffer.from(ab, 0, length);
   }
 
   setVersion(v: number): void {
@@ -294,7 +323,7 @@ export class FrameDecoder {
 
   private startFrame(h: NonNullable<FrameDecoder['header']>): void {
     this.header = h;
-    this.body = h.length === 0 ? Buffer.alloc(0) : Buffer.allocUnsafe(h.length);
+    this.body = this.payloadBuffer(h.length);
     this.bodyFill = 0;
     this.bodyCrc = 0;
     this.tagFill = 0;

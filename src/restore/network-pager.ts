@@ -407,7 +407,16 @@ export class NetworkPager {
    * pages filled.
    */
   private async fetchAndFill(conn: Conn, runs: PageRun[]): Promise<number> {
-    const replies = await this.fetch(conn, runs);
+    const { client, replies } = await this.fetch(conn, runs);
+    try {
+      return this.fill(runs, replies);
+    } finally {
+      // Placed (or dropped): the reply buffers take the next replies.
+      client.recycle(replies);
+    }
+  }
+
+  private fill(runs: PageRun[], replies: DecodedPages[]): number {
     if (this.finished) return 0;
     checkReply(this.opts.vm, runs, replies);
     let filled = 0;
@@ -425,14 +434,14 @@ export class NetworkPager {
     return filled;
   }
 
-  private async fetch(conn: Conn, runs: PageRun[]): Promise<DecodedPages[]> {
+  private async fetch(conn: Conn, runs: PageRun[]): Promise<{ client: StoreClient; replies: DecodedPages[] }> {
     const deadline = performance.now() + (this.opts.reconnectMs ?? DEFAULT_RECONNECT_MS);
     let lastErr: unknown;
     for (let attempt = 0; !this.finished; attempt++) {
       if (conn.replacing) await conn.replacing;
       const client = conn.client;
       try {
-        return await client.readPageFrames(runs);
+        return { client, replies: await client.readPageFrames(runs) };
       } catch (err) {
         lastErr = err;
         if (this.finished) break;

@@ -229,14 +229,14 @@ export class GenerationImage {
   }
 
   /**
-   * Read runs of the committed image. With `epoch` (a pinned reader), refused with
-   * HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
+   * Read runs of the committed image (into `into` when it is large enough). With `epoch`
+   * (a pinned reader), refused with HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
    */
-  async readPages(runs: readonly PageRun[], epoch?: number): Promise<Buffer> {
+  async readPages(runs: readonly PageRun[], epoch?: number, into?: Buffer): Promise<Buffer> {
     return this.withStableImage(async (img) => {
       this.checkEpoch(img.meta, epoch, 'READ_PAGES');
       checkRuns(runs, img.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
-      return readRuns(await this.readHandle(img), img.memoryPath, runs);
+      return readRuns(await this.readHandle(img), img.memoryPath, runs, into);
     });
   }
 
