@@ -3,7 +3,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { validateSpec, type VmSpec, stopVm, findQemu, vmPaths, readState, isLive, removeStaleSockets, listVmNames, buildQemuArgs, chooseAccel, countViolations } from '../vm/index.js';
+import { shellConfigOf, startShell, stopAllShells } from '../vm/index.js';
+import { validateSpec, type VmSpec, startVm, stopVm, findQemu, vmPaths, readState, isLive, removeStaleSockets, listVmNames, buildQemuArgs, chooseAccel, countViolations } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { shimPath } from '../config/paths.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
@@ -17,6 +18,7 @@ import { boot } from './serial-watch.js';
 import { renderFencing, runFencingBench, type FencingResult } from './failover-fencing.js';
 import { renderPaging, runPagingBench, type PagingRun } from './failover-paging.js';
 import { BenchError } from '../errors.js';
+import { renderWarmCold } from './failover-warm.js';
 
 export type { FailoverBenchOptions } from './failover-results.js';
 
@@ -51,12 +53,18 @@ async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pol
   }
 }
 
-async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: RestoreMode, prefetch: boolean, idx: number): Promise<RunResult> {
-  const name = `fo-${mode}${mode === 'network' && !prefetch ? '-nopf' : ''}-${idx}`;
+async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: RestoreMode, prefetch: boolean, idx: number, warm = false): Promise<RunResult> {
+  const name = `fo-${mode}${mode === 'network' && !prefetch ? '-nopf' : ''}${warm ? '-warm' : ''}-${idx}`;
   const spec = makeSpec(name, opts);
   opts.log(`[${name}] boot`);
   const { watch, bootMs } = await boot(spec);
   try {
+    if (warm) {
+      // The restoration host's shell, started (and idle) well before the failure, as an agent's pool keeps it.
+      const cfg = shellConfigOf(spec, chooseAccel(spec.accel, spec.name), []);
+      if ('reason' in cfg) throw new BenchError('HYDRA_BENCH_BAD_OPTION', `[${name}] no restore shell possible: ${cfg.reason}`);
+      await startShell(cfg.config);
+    }
     const prot = await protectVm({ vm: name, store: env.store.address, intervalMs: opts.intervalMs, generation: 1 });
     await waitFor('two incremental checkpoints', () => (readProtection(name)?.committedEpoch ?? 0) >= 3, 30_000, 50);
     const tA = now();
@@ -74,7 +82,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
     const tGone = await waitFor(`${name} supervisor gone`, () => !isLive(readState(name)), 10_000, 2);
 
     const tCall = now();
-    const r = await restoreVm({ vm: name, store: env.store.address, secret: process.env.HYDRAVM_SECRET!, mode, storeDir: env.storeDir, prefetch });
+    const r = await restoreVm({ vm: name, store: env.store.address, secret: process.env.HYDRAVM_SECRET!, mode, storeDir: env.storeDir, prefetch, shell: warm ? 'auto' : 'never' });
     const tRun = tCall + r.timings.totalMs;
     let tComplete: number | null = null;
     r.pager?.done.then(() => { tComplete = now(); }, () => undefined);
@@ -106,7 +114,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
       if (!prefetch) await stopVm(name).catch(() => undefined);
     }
     const res: RunResult = {
-      mode, prefetch, vm: name, accel: state.accel ?? '?', bootMs,
+      mode, prefetch, warm, ...(r.shell.used ? {} : { shellMiss: r.shell.reason }), vm: name, accel: state.accel ?? '?', bootMs,
       initialCopyMs: prot.initialCopy?.ms ?? null,
       epochAtKill, stepBeforeKill, stepFirstAfter: progress?.step ?? null,
       detectMs: tDetect - tKill,
@@ -117,7 +125,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
       stepsPerSBefore, stepsPerSAfter, pager,
       violations: countViolations(vmPaths(name).serialLog, killOffset),
     };
-    opts.log(`[${name}] detect ${fmt(res.detectMs)} ms, spawn->running ${fmt(r.timings.spawnToRunningMs)} ms (device load ${fmt(r.timings.deviceLoadMs)}), kill->running ${fmt(res.killToRunningMs)} ms, kill->progress ${fmt(res.killToProgressMs)} ms, steps/s ${fmt(stepsPerSBefore)} -> ${fmt(stepsPerSAfter)}${pager ? `, faults ${pager.faults}, prefetched ${pager.pagesPrefetched}, complete ${fmt(pager.completeAfterRunningMs)} ms after running` : ''}, violations ${res.violations}`);
+    opts.log(`[${name}] ${r.shell.used ? `warm (shell ${r.shell.id}, hand-off ${fmt(r.timings.shellHandoffMs ?? 0)} ms)` : `cold (${r.shell.reason})`}, detect ${fmt(res.detectMs)} ms, spawn->running ${fmt(r.timings.spawnToRunningMs)} ms (device load ${fmt(r.timings.deviceLoadMs)}), kill->running ${fmt(res.killToRunningMs)} ms, kill->progress ${fmt(res.killToProgressMs)} ms, steps/s ${fmt(stepsPerSBefore)} -> ${fmt(stepsPerSAfter)}${pager ? `, faults ${pager.faults}, prefetched ${pager.pagesPrefetched}, complete ${fmt(pager.completeAfterRunningMs)} ms after running` : ''}, violations ${res.violations}`);
     return res;
   } finally {
     watch.close();
@@ -262,12 +270,15 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     if (opts.pagingOnly) {
       if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
     } else if (!opts.fencingOnly) {
-      qemu = await runQemuBaseline(env, opts);
+      if (!opts.noQemuBaseline) qemu = await runQemuBaseline(env, opts);
+      const shells = opts.shells ?? 'both';
       for (let i = 1; i <= opts.repeats; i++) {
-        runs.push(await runFailover(env, opts, 'file', true, i));
-        runs.push(await runFailover(env, opts, 'network', true, i));
+        for (const mode of ['file', 'network'] as const) {
+          if (shells !== 'warm') runs.push(await runFailover(env, opts, mode, true, i));
+          if (shells !== 'cold') runs.push(await runFailover(env, opts, mode, true, i, true));
+        }
       }
-      runs.push(await runFailover(env, opts, 'network', false, 1));
+      if (shells !== 'warm') runs.push(await runFailover(env, opts, 'network', false, 1));
       if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
     }
     if (opts.fencingRounds > 0) fencing = await runFencingBench(env, opts, opts.fencingRounds);
@@ -277,6 +288,8 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
       // Best-effort sweep of whatever a failed run left; the run's own error is what the user sees.
       if (s && (isLive(s) || pidAlive(s.qemuPid))) await stopVm(n).catch(() => undefined);
     }
+    // Shells a failed run left idle (each also ends itself with this process).
+    await stopAllShells();
     await env.close();
   }
   const durationS = (now() - t0) / 1000;
@@ -297,10 +310,13 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
     const files = writeResults(opts.outDir, 'failover-fencing', json, markdown, {});
     return { json, markdown, files };
   }
-  const analysis = analyseFailover(runs, qemu);
-  const r = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, runs, qemu, analysis);
-  const json = { ...(r.json as object), fencing, paging };
-  const markdown = r.markdown + (fencingMd ? `\n${fencingMd}` : '') + (pagingMd ? `\n${pagingMd}` : '');
+  // The established tables compare cold starts (as before restore shells); warm runs get their own table beside them.
+  const coldRuns = runs.filter((x) => !x.warm);
+  const analysis = analyseFailover(coldRuns.length > 0 ? coldRuns : runs, qemu);
+  const r = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, coldRuns.length > 0 ? coldRuns : runs, qemu, analysis);
+  const warmCold = renderWarmCold(runs);
+  const json = { ...(r.json as object), fencing, warmCold: warmCold.json, allRuns: runs, paging };
+  const markdown = r.markdown + `\n${warmCold.markdown}` + (fencingMd ? `\n${fencingMd}` : '') + (pagingMd ? `\n${pagingMd}` : '');
   const files = writeResults(opts.outDir, 'failover', json, markdown, r.charts);
   return { json, markdown, files };
 }

@@ -341,8 +341,8 @@ export class StoreClient {
    * `epoch`: refused (HYDRA_STORE_EPOCH_MOVED) unless that epoch is still the committed one.
    * `pin`: the connection's later reads serve this generation and epoch only, or are refused.
    */
-  async getMeta(generation?: number, opts: { epoch?: number; pin?: boolean } = {}): Promise<StoreMeta | null> {
-    const q = { ...(generation !== undefined ? { generation } : {}), ...(opts.epoch !== undefined ? { epoch: opts.epoch } : {}), ...(opts.pin ? { pin: true } : {}) };
+  async getMeta(generation?: number, opts: { epoch?: number; pin?: boolean; applied?: boolean } = {}): Promise<StoreMeta | null> {
+    const q = { ...(generation !== undefined ? { generation } : {}), ...(opts.epoch !== undefined ? { epoch: opts.epoch } : {}), ...(opts.pin ? { pin: true } : {}), ...(opts.applied ? { applied: true } : {}) };
     const [f] = await this.request(FrameType.GET_META, encodeJson(q), FrameType.META, 'GET_META');
     return decodeJson(FrameType.META, f!.payload, metaReplySchema).meta as StoreMeta | null;
   }

@@ -1,6 +1,6 @@
 // Network-mode guest memory of a restored VM: demand faults plus a background stream of the image, straight from the receive buffers into guest RAM.
 import { HydraError, RestoreError } from '../errors.js';
-import type { DecodedPages, PageRun, StoreClient, StoreMeta } from '../protocol/index.js';
+import type { DecodedPages, PageRun, StoreMeta } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { MissingPageHandler } from '../tracker/index.js';
 import { sleep } from '../util/sleep.js';
@@ -16,8 +16,8 @@ export const DEFAULT_BATCH_BYTES = 8 * 1024 * 1024;
 /** Background connections, each with this many requests in flight: the store reads the next batch while one is on the wire. */
 export const DEFAULT_STREAMS = 2;
 const DEPTH_PER_STREAM = 2;
-/** How long a lost store connection is retried (other addresses included) before the VM is stopped. */
-export const DEFAULT_RECONNECT_MS = 5000;
+/** How long a lost store connection is retried (other addresses included) before the VM is stopped: a standby store taking the directory over takes seconds. */
+export const DEFAULT_RECONNECT_MS = 30_000;
 
 /** 0: missing, 1: requested, 2: present (per page). */
 const MISSING = 0;
@@ -48,16 +48,30 @@ export interface PagerStats {
   guardMinBytesPerS: number | null;
 }
 
-/** A new reader connection pinned to the image being restored; may try another store address. */
-export type PagerConnect = (why: string) => Promise<StoreClient>;
+/**
+ * Where the pager reads guest pages: a store connection (network mode) or
+ * the image file (file mode into a restore shell). A source that can hand
+ * out reply buffers without copying (readPageFrames, then recycle) is read that way.
+ */
+export interface PageSource {
+  readPages(runs: PageRun[]): Promise<Buffer>;
+  readPageFrames?(runs: readonly PageRun[]): Promise<DecodedPages[]>;
+  recycle?(pages: readonly DecodedPages[]): void;
+  /** For messages, e.g. the store's 'host:port'. */
+  readonly address?: string;
+  close(): Promise<void>;
+}
+
+/** A new source pinned to the image being restored, for one that failed; may be another store. */
+export type PagerConnect = (why?: string) => Promise<PageSource>;
 
 export interface PagerOptions {
   vm: string;
   qemuPid: number;
   /** Connection for faults: a faulting vCPU must not wait behind background prefetch. */
-  urgent: StoreClient;
-  /** Connections for background prefetch (may be [urgent] when prefetch is off). */
-  background: StoreClient[];
+  urgent: PageSource;
+  /** Connections for background prefetch (may be the urgent one when prefetch is off). */
+  background: PageSource | PageSource[];
   /**
    * Replace a failed connection: a reader of the same generation pinned to
    * the same epoch (refused otherwise). Without it a lost connection stops the VM.
@@ -85,7 +99,7 @@ export interface PagerOptions {
 
 /** One store connection of the pager: replaced in place when it fails. */
 interface Conn {
-  client: StoreClient;
+  client: PageSource;
   /** Set while a replacement is being made; requests wait for it. */
   replacing: Promise<void> | null;
 }
@@ -145,7 +159,7 @@ export class NetworkPager {
     this.page = new Uint8Array(pages);
     for (const off of opts.hotOffsets ?? []) this.priority.push(off);
     this.urgent = { client: opts.urgent, replacing: null };
-    this.background = opts.background.map((client) => (client === opts.urgent ? this.urgent : { client, replacing: null }));
+    this.background = (Array.isArray(opts.background) ? opts.background : [opts.background]).map((client) => (client === opts.urgent ? this.urgent : { client, replacing: null }));
     this.batch = Math.max(PAGE, Math.floor((opts.batchBytes ?? DEFAULT_BATCH_BYTES) / PAGE) * PAGE);
     this.stats = {
       faults: 0, faultPagesFetched: 0, pagesPrefetched: 0, bytesFetched: 0, pagesTotal: pages, pagesPresent: 0,
@@ -196,8 +210,8 @@ export class NetworkPager {
     await this.done.catch(() => undefined);
   }
 
-  /** Every store connection the pager uses now (replacements included), for closing. */
-  clients(): StoreClient[] {
+  /** Every source the pager uses now (replacements included), for closing. */
+  connections(): PageSource[] {
     return [...new Set([this.urgent.client, ...this.background.map((c) => c.client)])];
   }
 
@@ -412,7 +426,7 @@ export class NetworkPager {
       return this.fill(runs, replies);
     } finally {
       // Placed (or dropped): the reply buffers take the next replies.
-      client.recycle(replies);
+      client.recycle?.(replies);
     }
   }
 
@@ -434,14 +448,15 @@ export class NetworkPager {
     return filled;
   }
 
-  private async fetch(conn: Conn, runs: PageRun[]): Promise<{ client: StoreClient; replies: DecodedPages[] }> {
+  private async fetch(conn: Conn, runs: PageRun[]): Promise<{ client: PageSource; replies: DecodedPages[] }> {
     const deadline = performance.now() + (this.opts.reconnectMs ?? DEFAULT_RECONNECT_MS);
     let lastErr: unknown;
     for (let attempt = 0; !this.finished; attempt++) {
       if (conn.replacing) await conn.replacing;
       const client = conn.client;
       try {
-        return { client, replies: await client.readPageFrames(runs) };
+        const replies = client.readPageFrames ? await client.readPageFrames(runs) : [{ runs, data: await client.readPages(runs), dataOffset: 0 }];
+        return { client, replies };
       } catch (err) {
         lastErr = err;
         if (this.finished) break;
@@ -462,7 +477,7 @@ export class NetworkPager {
     // The failed connection is dead or lying: closing it is cleanup.
     void old.close().catch(() => undefined);
     try {
-      if (!this.opts.reconnect) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages: the connection to store ${old.address} failed (${why}) and no other store is known`);
+      if (!this.opts.reconnect) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages: the connection to ${old.address ?? 'the page source'} failed (${why}) and no other store is known`);
       let lastErr: unknown;
       for (let attempt = 0; performance.now() < deadline && !this.finished; attempt++) {
         try {
@@ -477,7 +492,7 @@ export class NetworkPager {
           await sleep(Math.min(500, 50 * 2 ** attempt));
         }
       }
-      throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages: no store answered within ${this.opts.reconnectMs ?? DEFAULT_RECONNECT_MS} ms after the connection to ${old.address} failed (${why}): ${(lastErr as Error | undefined)?.message ?? 'stopped'}`, { cause: lastErr });
+      throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${this.opts.vm}": cannot fetch guest pages: no store answered within ${this.opts.reconnectMs ?? DEFAULT_RECONNECT_MS} ms after the connection to ${old.address ?? 'the page source'} failed (${why}): ${(lastErr as Error | undefined)?.message ?? 'stopped'}`, { cause: lastErr });
     } catch (err) {
       this.fail(err as Error);
     } finally {

@@ -43,7 +43,7 @@ interface ConnectTarget {
  * same (a store serving another copy never answers a page). `any(why)`: the
  * restore's store, then each alternate, the first that works.
  */
-export function pagerConnect(opts: ConnectTarget, meta: StoreMeta): { to: (address: string) => Promise<StoreClient>; any: (why: string) => Promise<StoreClient> } {
+export function pagerConnect(opts: ConnectTarget, meta: StoreMeta): { to: (address: string) => Promise<StoreClient>; any: (why?: string) => Promise<StoreClient> } {
   const to = async (address: string): Promise<StoreClient> => {
     const c = await StoreClient.connect({ address, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' });
     try {
@@ -58,7 +58,7 @@ export function pagerConnect(opts: ConnectTarget, meta: StoreMeta): { to: (addre
       throw err;
     }
   };
-  const any = async (why: string): Promise<StoreClient> => {
+  const any = async (why = 'a failure'): Promise<StoreClient> => {
     const alt = opts.paging?.alternates;
     const others = typeof alt === 'function' ? await alt() : alt ?? [];
     const errors: string[] = [];

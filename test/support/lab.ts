@@ -20,10 +20,11 @@ export interface Lab {
   cleanup(): void;
 }
 
-export function makeLab(prefix: string): Lab {
+/** `opts.env`: extra environment for every command the lab runs (and the VMs' supervisors they start). */
+export function makeLab(prefix: string, opts: { env?: NodeJS.ProcessEnv } = {}): Lab {
   // Short path: unix socket paths are limited to 108 bytes.
   const home = fs.mkdtempSync(path.join('/tmp', `hv-${prefix}-`));
-  const env = { ...process.env, HYDRAVM_HOME: home, HYDRAVM_SECRET: 'test-secret-0123456789abcdef' };
+  const env = { ...process.env, ...opts.env, HYDRAVM_HOME: home, HYDRAVM_SECRET: 'test-secret-0123456789abcdef' };
   // Library calls made by the test itself see the same home (each test file is its own process).
   process.env.HYDRAVM_HOME = home;
   process.env.HYDRAVM_SECRET = env.HYDRAVM_SECRET;
