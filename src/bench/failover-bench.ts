@@ -281,7 +281,7 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
       if (shells !== 'warm') runs.push(await runFailover(env, opts, 'network', false, 1));
       if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
     }
-    if (opts.fencingRounds > 0) fencing = await runFencingBench(env, opts, opts.fencingRounds);
+    if (opts.fencingRounds > 0 && !opts.pagingOnly) fencing = await runFencingBench(env, opts, opts.fencingRounds);
   } finally {
     for (const n of listVmNames()) {
       const s = readState(n);
