@@ -14,7 +14,9 @@ import { benchEnv, fmt, writeResults, sleep, type BenchEnv } from './harness.js'
 import { analyseFailover } from './failover-analysis.js';
 import type { FailoverBenchOptions, QemuBaseline, RunResult } from './failover-results.js';
 import { renderFailover } from './failover-report.js';
+import { boot } from './serial-watch.js';
 import { renderFencing, runFencingBench, type FencingResult } from './failover-fencing.js';
+import { renderPaging, runPagingBench, type PagingRun } from './failover-paging.js';
 import { BenchError } from '../errors.js';
 import { renderWarmCold } from './failover-warm.js';
 
@@ -35,116 +37,11 @@ export type { FailoverBenchOptions } from './failover-results.js';
 
 const now = () => performance.now();
 
-interface ProgressLine {
-  /** performance.now() when the bench saw the line (polled every 10 ms). */
-  t: number;
-  step: number;
-  /** Byte offset of the line's start in the serial log. */
-  offset: number;
-}
-
-/** Follows a serial log and timestamps every memcheck progress line as it appears. */
-class SerialWatch {
-  readonly lines: ProgressLine[] = [];
-  private pos = 0;
-  private partial = '';
-  private partialStart = 0;
-  private readonly timer: NodeJS.Timeout;
-
-  constructor(private readonly file: string) {
-    this.timer = setInterval(() => this.poll(), 10);
-  }
-
-  /** Bytes read so far: a line starting at or after this offset is new. */
-  get offset(): number {
-    this.poll();
-    return this.pos;
-  }
-
-  poll(): void {
-    let fd: number;
-    try {
-      fd = fs.openSync(this.file, 'r');
-    } catch {
-      return;
-    }
-    try {
-      const size = fs.fstatSync(fd).size;
-      if (size <= this.pos) return;
-      const buf = Buffer.alloc(size - this.pos);
-      const n = fs.readSync(fd, buf, 0, buf.length, this.pos);
-      const t = now();
-      let text = this.partial + buf.subarray(0, n).toString('latin1');
-      let lineStart = this.partial ? this.partialStart : this.pos;
-      this.pos += n;
-      for (;;) {
-        const nl = text.indexOf('\n');
-        if (nl < 0) break;
-        const line = text.slice(0, nl);
-        const m = /memcheck: step=(\d+)\b/.exec(line);
-        if (m) this.lines.push({ t, step: Number(m[1]), offset: lineStart });
-        lineStart += nl + 1;
-        text = text.slice(nl + 1);
-      }
-      this.partial = text;
-      this.partialStart = lineStart;
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
-
-  firstAfter(offset: number): ProgressLine | undefined {
-    return this.lines.find((l) => l.offset >= offset);
-  }
-
-  async waitFirstAfter(offset: number, timeoutMs: number): Promise<ProgressLine | undefined> {
-    const deadline = now() + timeoutMs;
-    for (;;) {
-      this.poll();
-      const l = this.firstAfter(offset);
-      if (l || now() > deadline) return l;
-      await sleep(5);
-    }
-  }
-
-  /**
-   * memcheck steps per second over [from, to): steps since the first line
-   * seen in the window, divided by the time from the window's start to the
-   * last line in it, so a stall at the start of the window counts against it.
-   */
-  rate(from: number, to: number, minOffset = 0): number | null {
-    const w = this.lines.filter((l) => l.t >= from && l.t < to && l.offset >= minOffset);
-    if (w.length < 2) return null;
-    const first = w[0]!;
-    const last = w[w.length - 1]!;
-    return (last.step - first.step) / ((last.t - from) / 1000);
-  }
-
-  close(): void {
-    clearInterval(this.timer);
-  }
-}
-
-
 function makeSpec(name: string, opts: FailoverBenchOptions): VmSpec {
   return validateSpec({
     name, memory: opts.memory, vcpus: 1, accel: 'auto', kernel: 'guest:vmlinux', initrd: 'guest:initrd.img',
     cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${opts.workingSetMb} memcheck.rate=${opts.rateMb}`,
   }, process.cwd(), 'bench spec');
-}
-
-/** Boot a fresh VM; resolves at its first memcheck progress line. */
-async function boot(spec: VmSpec): Promise<{ watch: SerialWatch; bootMs: number }> {
-  fs.rmSync(vmPaths(spec.name).serialLog, { force: true });
-  const watch = new SerialWatch(vmPaths(spec.name).serialLog);
-  const t0 = now();
-  await startVm(spec);
-  const first = await watch.waitFirstAfter(0, 90_000);
-  if (!first) {
-    watch.close();
-    throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${spec.name}: no memcheck progress within 90 s of its start (see ${vmPaths(spec.name).serialLog})`);
-  }
-  return { watch, bootMs: first.t - t0 };
 }
 
 async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pollMs: number): Promise<number> {
@@ -364,9 +261,15 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   const runs: RunResult[] = [];
   let qemu: QemuBaseline | undefined;
   let fencing: FencingResult | undefined;
+  let paging: PagingRun[] = [];
+  const pagingOpts = opts.paging && opts.paging.sizes.length > 0 && !opts.fencingOnly
+    ? { ...opts.paging, workingSetMb: opts.workingSetMb, intervalMs: opts.intervalMs, windowS: opts.windowS, log: opts.log }
+    : undefined;
   const t0 = now();
   try {
-    if (!opts.fencingOnly) {
+    if (opts.pagingOnly) {
+      if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
+    } else if (!opts.fencingOnly) {
       if (!opts.noQemuBaseline) qemu = await runQemuBaseline(env, opts);
       const shells = opts.shells ?? 'both';
       for (let i = 1; i <= opts.repeats; i++) {
@@ -376,8 +279,9 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
         }
       }
       if (shells !== 'warm') runs.push(await runFailover(env, opts, 'network', false, 1));
+      if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
     }
-    if (opts.fencingRounds > 0) fencing = await runFencingBench(env, opts, opts.fencingRounds);
+    if (opts.fencingRounds > 0 && !opts.pagingOnly) fencing = await runFencingBench(env, opts, opts.fencingRounds);
   } finally {
     for (const n of listVmNames()) {
       const s = readState(n);
@@ -393,6 +297,13 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   opts.log(`load after: ${loadAfter.uptime}`);
 
   const fencingMd = fencing ? renderFencing(fencing).join('\n') + '\n' : '';
+  const pagingMd = pagingOpts && paging.length ? renderPaging(paging, pagingOpts).join('\n') + '\n' : '';
+  if (opts.pagingOnly) {
+    const json = { startedAt, durationS, loadBefore, loadAfter, options: { ...opts, log: undefined }, paging };
+    const markdown = `# Fail-over benchmark: network-mode paging only\n\n${loadBefore.uptime}\n\n${pagingMd}`;
+    const files = writeResults(opts.outDir, 'failover-paging', json, markdown, {});
+    return { json, markdown, files };
+  }
   if (opts.fencingOnly) {
     const json = { startedAt, durationS, loadBefore, loadAfter, options: { ...opts, log: undefined }, fencing };
     const markdown = `# Fail-over benchmark: self-fencing only\n\n${loadBefore.uptime}\n\n${fencingMd}`;
@@ -404,8 +315,8 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   const analysis = analyseFailover(coldRuns.length > 0 ? coldRuns : runs, qemu);
   const r = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, coldRuns.length > 0 ? coldRuns : runs, qemu, analysis);
   const warmCold = renderWarmCold(runs);
-  const json = { ...(r.json as object), fencing, warmCold: warmCold.json, allRuns: runs };
-  const markdown = r.markdown + `\n${warmCold.markdown}` + (fencingMd ? `\n${fencingMd}` : '');
+  const json = { ...(r.json as object), fencing, warmCold: warmCold.json, allRuns: runs, paging };
+  const markdown = r.markdown + `\n${warmCold.markdown}` + (fencingMd ? `\n${fencingMd}` : '') + (pagingMd ? `\n${pagingMd}` : '');
   const files = writeResults(opts.outDir, 'failover', json, markdown, r.charts);
   return { json, markdown, files };
 }

@@ -16,6 +16,10 @@ export interface FailoverBenchOptions {
   fencingRounds: number;
   /** Run only the self-fencing rounds. */
   fencingOnly?: boolean;
+  /** Network paging part: guest sizes (none: skip), stream controls (guard, none, MB/s), background connections. */
+  paging?: { sizes: string[]; modes: string[]; streams: number };
+  /** Run only the paging part. */
+  pagingOnly?: boolean;
   /** Restores into a pre-started restore shell, cold QEMU starts, or both (default both). */
   shells?: 'both' | 'warm' | 'cold';
   /** Skip QEMU's full save/restore baseline (its table is then absent). */

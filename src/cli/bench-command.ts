@@ -94,6 +94,10 @@ export function registerBenchCommand(program: Command): void {
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
+    .option('--paging-sizes <list>', 'network paging part: guest memory sizes, comma-separated ("none" skips it)', '512M,2G')
+    .option('--paging-modes <list>', 'network paging part: stream controls to try, comma-separated: guard (the default rate control), none (unlimited), or a fixed MB/s', 'guard,none')
+    .option('--paging-streams <n>', 'network paging part: background connections of the pager', '2')
+    .option('--paging-only', 'run only the network paging part')
     .option('--guest <guest>', 'memcheck (the test guest, on one host) or debian (redis in the Debian image on 3 namespaced hosts, watched by a client; needs root)', 'memcheck')
     .option('--runs <n>', 'debian: fail-overs of each kind (QEMU death, host death) per checkpoint interval', '2')
     .option('--intervals <s>', 'debian: comma-separated checkpoint intervals in seconds', '1,0.5')
@@ -103,7 +107,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--keep', 'debian: keep the cluster directory (logs) after the run')
     .option('--no-qemu-baseline', 'skip QEMU\'s full save/restore baseline')
     .option('--shells <which>', 'fail-overs into a pre-started restore shell (warm), cold QEMU starts, or both', 'both')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; guest: string; runs: string; intervals: string; netnsPrefix: string; netnsSubnet: string; docs?: string; keep?: boolean; shells: string; qemuBaseline: boolean }) => {
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; guest: string; runs: string; intervals: string; netnsPrefix: string; netnsSubnet: string; docs?: string; keep?: boolean; shells: string; qemuBaseline: boolean; pagingSizes: string; pagingModes: string; pagingStreams: string; pagingOnly?: boolean }) => {
       if (opts.guest === 'debian') {
         const { runDebianFailoverBench } = await import('../bench/index.js');
         const r = await runDebianFailoverBench({
@@ -129,6 +133,12 @@ export function registerBenchCommand(program: Command): void {
         noPrefetchS: Number(opts.demandOnlySeconds),
         fencingRounds: Number(opts.fencingRounds),
         fencingOnly: !!opts.fencingOnly,
+        paging: {
+          sizes: opts.pagingSizes === 'none' ? [] : opts.pagingSizes.split(',').map((x) => x.trim()).filter(Boolean),
+          modes: opts.pagingModes.split(',').map((x) => x.trim()).filter(Boolean),
+          streams: Number(opts.pagingStreams),
+        },
+        pagingOnly: !!opts.pagingOnly,
         shells: opts.shells as 'both' | 'warm' | 'cold',
         noQemuBaseline: !opts.qemuBaseline,
         log: (m) => process.stderr.write(`${m}\n`),

@@ -9,7 +9,8 @@ import { handOff, type Handoff } from './shell-handoff.js';
 import { FilePageSource } from './file-pages.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
-import { NetworkPager, type PagerStats } from './network-pager.js';
+import { DEFAULT_STREAMS, NetworkPager, type PagerStats } from './network-pager.js';
+import { DEFAULT_GUEST_DELAY, DEFAULT_MIN_BYTES_PER_S, pagerConnect, type PagingOptions } from './pager-connect.js';
 import { validateImage } from './validate.js';
 import { announceSelf, assertRestorableNics } from './nics.js';
 import { sleep } from '../util/sleep.js';
@@ -25,6 +26,8 @@ export interface RestoreOptions {
    * network-mode pager whose connection drops asks it and reconnects there.
    */
   resolveStore?: () => Promise<string>;
+  /** Network mode: how guest memory is streamed, and which other stores to ask when the store fails meanwhile. */
+  paging?: PagingOptions;
   secret: string;
   mode: RestoreMode;
   /** File mode: the store's directory as this host sees it (shared filesystem). */
@@ -257,20 +260,25 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         // In a cluster a dropped connection is replaced by one pinned to the same generation and epoch, on
         // the store serving now (a standby may be taking over). A lone store that died does not come back:
         // its fetches fail after their retries and the VM is stopped.
+        // Standby stores given (paging.alternates) are asked too.
         const resolveStore = opts.resolveStore;
-        const reconnect = resolveStore && (async (): Promise<StoreClient> => {
-          const address = await resolveStore();
-          const c = await StoreClient.connect({ address, secret: opts.secret, vm: opts.vm, generation: meta.generation, role: 'reader' });
-          try {
-            await c.getMeta(meta.generation, { epoch: meta.committedEpoch, pin: true });
-          } catch (err) {
-            // Refused (the image moved) or lost: the pager reports the error it got; this socket is only freed.
-            await c.close().catch(() => undefined);
-            throw err;
-          }
-          return c;
+        const paging = opts.paging ?? {};
+        const connect = pagerConnect(opts, meta);
+        const reconnect = resolveStore
+          ? async () => connect.to(await resolveStore())
+          : paging.alternates ? connect.any : undefined;
+        // More background streams beside the first (its connection was opened early, with the heat record).
+        const more = prefetch && background !== client
+          ? await Promise.all(Array.from({ length: Math.max(0, (paging.streams ?? DEFAULT_STREAMS) - 1) }, () => connect.to(opts.store)))
+          : [];
+        const started = await NetworkPager.start({
+          vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background: [background, ...more], meta, prefetch, hotOffsets, onProgress: opts.onProgress,
+          ...(reconnect ? { reconnect } : {}),
+          ...(paging.reconnectMs !== undefined ? { reconnectMs: paging.reconnectMs } : {}),
+          ...(paging.batchBytes !== undefined ? { batchBytes: paging.batchBytes } : {}),
+          ...(paging.maxBytesPerS !== undefined ? { maxBytesPerS: paging.maxBytesPerS } : {}),
+          ...((paging.guestDelay ?? DEFAULT_GUEST_DELAY) > 0 ? { guard: { maxDelay: paging.guestDelay ?? DEFAULT_GUEST_DELAY, minBytesPerS: paging.minBytesPerS ?? DEFAULT_MIN_BYTES_PER_S } } : {}),
         });
-        const started = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background, meta, prefetch, hotOffsets, onProgress: opts.onProgress, ...(reconnect ? { reconnect } : {}) });
         pager = started;
         // The pager reads through these connections until memory is complete.
         keepClient = true;
@@ -325,6 +333,8 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       keepClient = false;
       // Undoing a failed restore; the restore's own error is thrown below.
       await stopVm(opts.vm).catch(() => undefined);
+      // The pager stopping the VM (memory unreachable) is the cause of whatever QMP then reported.
+      if (pager?.failure) throw pager.failure;
       if (err instanceof HydraError) throw err;
       throw new RestoreError('HYDRA_RESTORE_FAILED', `VM "${opts.vm}": restore failed: ${(err as Error).message}`, { cause: err });
     }
@@ -397,4 +407,4 @@ async function waitMigration(qmp: QmpClient, vm: string): Promise<void> {
   }
 }
 
-export type { PagerStats, StoreMeta };
+export type { PagerStats, PagingOptions, StoreMeta };

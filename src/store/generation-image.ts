@@ -51,6 +51,8 @@ export class GenerationImage {
   private needsRecovery: Error | null = null;
   private journal: JournalWriter | null = null;
   current: Checkpoint | null = null;
+  /** The committed image's read handle (readHandle), with the meta it was opened for. */
+  private reader: { meta: StoreMeta; path: string; fh: fs.FileHandle } | null = null;
   /** The apply of the last journalled commit (settled: never rejects). */
   pendingApply: Promise<void> = Promise.resolve();
   /** Set from the journal END until the apply has put the epoch into the image (see PendingEpoch). */
@@ -260,6 +262,12 @@ export class GenerationImage {
     // Closing: an abort that fails leaves files recovery removes.
     if (this.current) await this.current.abort('store closing').catch(() => undefined);
     await this.pendingApply;
+    await this.lock.run(async () => {
+      const r = this.reader;
+      this.reader = null;
+      // A read-only handle: closing it cannot lose data.
+      if (r) await r.fh.close().catch(() => undefined);
+    });
     if (this.journal) await this.journal.close();
     this.journal = null;
   }
@@ -275,22 +283,34 @@ export class GenerationImage {
   }
 
   /**
-   * Read runs of the committed image. With `epoch` (a pinned reader), refused with
-   * HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
+   * Read runs of the committed image (into `into` when it is large enough). With `epoch`
+   * (a pinned reader), refused with HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
    */
-  async readPages(runs: readonly PageRun[], epoch?: number): Promise<Buffer> {
+  async readPages(runs: readonly PageRun[], epoch?: number, into?: Buffer): Promise<Buffer> {
     const pending = await this.lock.run(async () => (this.needsRecovery ? null : this.pending));
     if (pending) return this.readPendingPages(pending, runs, epoch);
     return this.withStableImage(async (img) => {
       this.checkEpoch(img.meta, epoch, 'READ_PAGES');
       checkRuns(runs, img.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
-      const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
-      try {
-        return await readRuns(fh, img.memoryPath, runs);
-      } finally {
-        await fh.close();
-      }
+      return readRuns(await this.readHandle(img), img.memoryPath, runs, into);
     });
+  }
+
+  /**
+   * The committed image opened for reading, kept open across reads: a restore
+   * pages a whole image in MiB-sized requests, and an open + close per request
+   * cost as much CPU as the read. Reopened whenever the committed meta changed
+   * (a commit may name a new image file); called inside withStableImage only.
+   */
+  private async readHandle(img: StableImage): Promise<fs.FileHandle> {
+    const cached = this.reader;
+    if (cached && cached.meta === img.meta && cached.path === img.memoryPath) return cached.fh;
+    this.reader = null;
+    // Replaced: a reader still holding the old handle has finished (the lock is held), so closing is safe.
+    if (cached) await cached.fh.close().catch(() => undefined);
+    const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
+    this.reader = { meta: img.meta, path: img.memoryPath, fh };
+    return fh;
   }
 
   /**

@@ -203,6 +203,12 @@ class Connection {
   private cp: Checkpoint | null = null;
   /** A reader's pin (GET_META with pin): its reads serve this generation at this epoch, or are refused. */
   private pinned: { gen: GenerationImage; epoch: number } | null = null;
+  /**
+   * Page buffers of READ_PAGES replies whose bytes the kernel has taken: a
+   * restore pages a whole image in 8 MiB requests, and a fresh buffer per
+   * request made the store spend a fifth of its time collecting garbage.
+   */
+  private readonly readBufs: Buffer[] = [];
   /** Error that ended the current checkpoint early (sent unsolicited); data frames are ignored until BEGIN. */
   private cpFailed: HydraError | null = null;
   private readonly timer: NodeJS.Timeout;
@@ -291,12 +297,23 @@ class Connection {
   }
 
   /** Send a frame (tagged once the peer authenticated); resolves when the socket accepted it without exceeding its buffer (drain). */
-  private async send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
+  private send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
+    return this.sendParts(type, [payload], flags, crc);
+  }
+
+  /**
+   * send() of a payload given in parts (page data goes out without being
+   * copied behind its run table); `written` runs once the socket has passed
+   * every byte to the kernel (not at all if the connection dies first).
+   */
+  private async sendParts(type: FrameType, payload: Buffer[], flags = 0, crc?: number, written?: () => void): Promise<void> {
     if (this.sock.destroyed) return;
-    const parts = encodeFrameParts(type, [payload], { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
+    const parts = encodeFrameParts(type, payload, { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
     this.sock.cork();
     let ok = true;
-    for (const p of parts) ok = this.sock.write(p);
+    parts.forEach((p, i) => {
+      ok = i === parts.length - 1 && written ? this.sock.write(p, (err) => { if (!err) written(); }) : this.sock.write(p);
+    });
     this.sock.uncork();
     if (!ok) await waitDrain(this.sock);
   }
@@ -549,21 +566,28 @@ class Connection {
       case FrameType.READ_PAGES: {
         const { runs } = decodePages(f.payload, false);
         let data: Buffer;
+        const buf = this.readBuffer();
         try {
           let total = 0;
           for (const r of runs) total += r.length;
           if (total > MAX_READ_BYTES) throw new StoreError('HYDRA_STORE_READ_TOO_LARGE', `READ_PAGES of ${total} bytes exceeds ${MAX_READ_BYTES} per request`);
           const g = this.pinned?.gen ?? (await this.readerGen(undefined));
           if (!g) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image`);
-          data = await g.readPages(runs, this.pinned?.epoch);
+          data = await g.readPages(runs, this.pinned?.epoch, total <= buf.length ? buf : undefined);
         } catch (err) {
+          this.readBufs.push(buf);
           return this.replyError(err);
         }
         const batches = [...batchRuns(runs, data, MAX_PAGES_DATA)];
-        if (batches.length === 0) return this.send(FrameType.PAGES, encodeRunTable([]));
+        if (batches.length === 0) {
+          this.readBufs.push(buf);
+          return this.send(FrameType.PAGES, encodeRunTable([]));
+        }
         for (let i = 0; i < batches.length; i++) {
           const b = batches[i]!;
-          await this.send(FrameType.PAGES, Buffer.concat([encodeRunTable(b.runs), b.data!]), i < batches.length - 1 ? FrameFlag.MORE : 0);
+          const last = i === batches.length - 1;
+          // The buffer is reused only once the socket has handed its last byte to the kernel.
+          await this.sendParts(FrameType.PAGES, [encodeRunTable(b.runs), b.data!], last ? 0 : FrameFlag.MORE, undefined, last ? () => this.readBufs.push(buf) : undefined);
         }
         return;
       }
@@ -586,6 +610,12 @@ class Connection {
       default:
         throw new ProtocolError('HYDRA_PROTOCOL_UNEXPECTED', `unexpected ${frameTypeName(f.type)} frame from a ${h.role}`);
     }
+  }
+
+  /** A reply buffer of MAX_PAGES_DATA bytes (larger requests get their own); at most 4 kept per connection. */
+  private readBuffer(): Buffer {
+    if (this.readBufs.length > 4) this.readBufs.length = 4;
+    return this.readBufs.pop() ?? Buffer.allocUnsafeSlow(MAX_PAGES_DATA);
   }
 
   private async readerGen(generation: number | undefined): Promise<GenerationImage | null> {
