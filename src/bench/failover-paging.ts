@@ -210,6 +210,7 @@ async function pagingRun(env: BenchEnv, memory: string, control: string, baselin
     const afterStepsPerS = watch.rate(end, now(), killOffset);
     const violations = countViolations(vmPaths(name).serialLog, killOffset);
     await r.pager!.stop();
+    // Measured already: a VM that is gone by now changes nothing.
     await stopVm(name).catch(() => undefined);
     const store = await storeBandwidth(env, name, 1, opts.streams);
     const res: PagingRun = {
