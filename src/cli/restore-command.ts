@@ -64,5 +64,5 @@ function pagingOptions(opts: { standbyStore: string[]; pageRate?: string; pageSt
   if (!Number.isInteger(streams) || streams < 1 || streams > 16) throw new SpecError(`--page-streams: "${opts.pageStreams}" is not a whole number from 1 to 16`);
   const rate = opts.pageRate === undefined ? undefined : Number(opts.pageRate);
   if (rate !== undefined && !(rate > 0)) throw new SpecError(`--page-rate: "${opts.pageRate}" is not a positive number of MB/s`);
-  return { streams, alternates: opts.standbyStore, guestDelay: guard / 100, ...(rate !== undefined ? { maxBytesPerS: rate * 1e6 } : {}) };
+  return { streams, ...(opts.standbyStore.length > 0 ? { alternates: opts.standbyStore } : {}), guestDelay: guard / 100, ...(rate !== undefined ? { maxBytesPerS: rate * 1e6 } : {}) };
 }

@@ -271,6 +271,7 @@ export class NetworkPager {
       const faults = await this.handler.waitFaults(100);
       if (this.stopped) break;
       if (faults.length === 0) continue;
+      this.log.debug({ faults: faults.length, first: faults[0] }, 'page faults');
       const t = performance.now();
       const runs: PageRun[] = [];
       const windowBytes = FAULT_WINDOW_PAGES * PAGE;
@@ -459,6 +460,7 @@ export class NetworkPager {
         return { client, replies };
       } catch (err) {
         lastErr = err;
+        this.log.debug({ err: (err as Error).message, attempt }, 'page fetch failed');
         if (this.finished) break;
         if (!retryable(err)) throw this.fetchError(runs, err, 'the store refused');
         if (performance.now() > deadline) break;

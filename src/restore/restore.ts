@@ -9,7 +9,7 @@ import { handOff, type Handoff } from './shell-handoff.js';
 import { FilePageSource } from './file-pages.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
-import { DEFAULT_STREAMS, NetworkPager, type PagerStats } from './network-pager.js';
+import { DEFAULT_RECONNECT_MS, DEFAULT_STREAMS, NetworkPager, type PagerStats } from './network-pager.js';
 import { DEFAULT_GUEST_DELAY, DEFAULT_MIN_BYTES_PER_S, pagerConnect, type PagingOptions } from './pager-connect.js';
 import { validateImage } from './validate.js';
 import { announceSelf, assertRestorableNics } from './nics.js';
@@ -266,7 +266,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         const connect = pagerConnect(opts, meta);
         const reconnect = resolveStore
           ? async () => connect.to(await resolveStore())
-          : paging.alternates ? connect.any : undefined;
+          : typeof paging.alternates === 'function' || (paging.alternates?.length ?? 0) > 0 ? connect.any : undefined;
         // More background streams beside the first (its connection was opened early, with the heat record).
         const more = prefetch && background !== client
           ? await Promise.all(Array.from({ length: Math.max(0, (paging.streams ?? DEFAULT_STREAMS) - 1) }, () => connect.to(opts.store)))
@@ -296,7 +296,13 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       if (opts.paused) await qmp.execute('stop');
       const tLoad = performance.now();
       await qmp.execute('migrate-incoming', { uri: `file:${devstateFile}` });
-      await waitMigration(qmp, opts.vm);
+      // Loading devices touches guest RAM: QEMU waits on the pager, which may spend its reconnect window
+      // finding a store. Its failure (it stops the VM) is the answer then, not a QMP timeout.
+      const pagerWaitMs = pager ? (opts.paging?.reconnectMs ?? DEFAULT_RECONNECT_MS) + 10_000 : 10_000;
+      await Promise.race([
+        waitMigration(qmp, opts.vm, pagerWaitMs),
+        ...(pager ? [pager.done.then(() => new Promise<never>(() => undefined))] : []),
+      ]);
       const deviceLoadMs = performance.now() - tLoad;
       const tCont = performance.now();
       if (!opts.paused) await qmp.execute('cont');
@@ -394,10 +400,10 @@ async function nextGenerationAt(opts: RestoreOptions): Promise<number> {
 }
 
 /** Poll the incoming migration (events need a capability; polling is simpler and just as fast here). */
-async function waitMigration(qmp: QmpClient, vm: string): Promise<void> {
+async function waitMigration(qmp: QmpClient, vm: string, commandTimeoutMs: number): Promise<void> {
   const deadline = Date.now() + 30_000;
   for (;;) {
-    const info = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+    const info = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate', undefined, { timeoutMs: commandTimeoutMs });
     if (info.status === 'completed') return;
     if (info.status === 'failed' || info.status === 'cancelled') {
       throw new RestoreError('HYDRA_RESTORE_DEVICE_LOAD', `VM "${vm}": QEMU failed to load the device state: ${info['error-desc'] ?? info.status} (see qemu.log)`);
