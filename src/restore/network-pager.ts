@@ -1,5 +1,5 @@
 // Network-mode guest memory of a restored VM: demand faults plus a background stream of the image, straight from the receive buffers into guest RAM.
-import { HydraError, RestoreError } from '../errors.js';
+import { HydraError, ProtocolError, RestoreError } from '../errors.js';
 import type { DecodedPages, PageRun, StoreMeta } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { MissingPageHandler } from '../tracker/index.js';
@@ -517,7 +517,8 @@ export class NetworkPager {
  */
 function retryable(err: unknown): boolean {
   const code = err instanceof HydraError ? err.code : undefined;
-  if (code === undefined || code.startsWith('HYDRA_PROTOCOL_')) return true;
+  // A garbled or short reply (any protocol error) is worth asking again, on a fresh connection if need be.
+  if (code === undefined || err instanceof ProtocolError) return true;
   return code === 'HYDRA_STORE_CONNECTION_LOST' || code === 'HYDRA_STORE_TIMEOUT' || code === 'HYDRA_RESTORE_STORE_UNREACHABLE';
 }
 
