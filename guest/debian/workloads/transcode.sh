@@ -7,5 +7,7 @@ secs=${HYDRA_SCALE:-20}
 frames=$((secs * 25))
 ffmpeg -nostdin -hide_banner -loglevel error -t "$secs" -i /usr/src/hydra/input.mp4 \
   -c:v mpeg4 -q:v 5 -an -progress pipe:1 -y out.mp4 |
-  awk -F= -v n="$HYDRA_NAME" -v t="$frames" \
-    '$1 == "frame" { printf "hydra-workload: name=%s step=%d of=%d\n", n, $2, t; fflush() }'
+  # A bash loop, not awk: Debian's awk (mawk) reads a pipe in blocks, which would hold the lines back.
+  while IFS='=' read -r key value; do
+    if [ "$key" = frame ]; then echo "hydra-workload: name=$HYDRA_NAME step=$value of=$frames"; fi
+  done

@@ -7,6 +7,8 @@ import { sizePart } from './parts/size.js';
 import { vmsPart } from './parts/vms.js';
 import { baselinePart } from './parts/baseline.js';
 import { overheadPart } from './parts/overhead.js';
+import { paperPart } from './parts/paper.js';
+import type { Part } from './part.js';
 import type { EvalDocument } from './types.js';
 
 const peakLoad = (doc: EvalDocument) => Math.max(...doc.parts.flatMap((p) => [p.load.start.loadavg[0] ?? 0, p.load.end.loadavg[0] ?? 0]));
@@ -21,7 +23,8 @@ function loadWords(doc: EvalDocument): string {
 
 function plannedMinutes(quick: boolean): number {
   const o = defaultOptions(quick);
-  return [sizePart, vmsPart, baselinePart, overheadPart].reduce((s, p) => { const x = p.plan(o, { debianImage: false, debianWorkloads: false, cow: false, modes: ['basic'] }); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
+  const caps = { debianImage: true, debianWorkloads: true, cow: true, modes: ['basic', 'cow'] as ('basic' | 'cow')[] };
+  return [sizePart, vmsPart, baselinePart, overheadPart, paperPart].reduce((s, p) => { const x = (p as Part).plan(o, caps); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
 }
 
 /** What the page says about 8 GB VMs and 8 VMs per store: measured, failed, or left out, and why. */
@@ -60,19 +63,19 @@ export function renderPage(doc: EvalDocument | null, source: string): string {
     '',
     'Run as root (the cold-cache baseline writes `/proc/sys/vm/drop_caches`) on a machine as quiet as you can get: every part records the load average at its start and end, and the report shows it. Options: `--sizes 0.5,1,2,4,8` (GB), `--vms 1,2,4,8`, `--baseline-sizes`, `--repeats`, `--rounds`, `--checkpoints`, `--window`.',
     '',
-    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min without the Debian workloads (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : ''}.` : ''}`,
+    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : ''}.` : ''}`,
     '',
     largest(doc),
     '',
     '## Method',
     '',
-    '- **Guest now:** the memcheck test guest (busybox initramfs; memcheck writes pages at a set rate and verifies them). "Fully populated" means memcheck over all RAM but 8 % + 112 MB (kernel, initramfs, page structs); it writes every page before its first progress line.',
+    '- **Guests:** the scaling, memory-cost, baseline and overhead parts use the memcheck test guest (busybox initramfs; memcheck writes pages at a set rate and verifies them), whose dirty rate and working set can be set exactly; "fully populated" means memcheck over all RAM but 8 % + 112 MB (kernel, initramfs, page structs), every page written before its first progress line. The paper\'s figures use its own two workloads in a Debian guest (below).',
     '- **Scaling with VM size** (0.5, 1, 2, 4 GB): per size, rounds of protect (every 1 s, dirtying 32 MB/s) → incremental checkpoints → stop checkpointing → SIGKILL of QEMU → slim restore in network mode with prefetch. Full checkpoint = the initial copy while the VM runs; pause = QMP `stop` to `cont`; restore = QEMU spawn → running; memory complete = running → the pager holding every page.',
-    '- **VMs per store** (1, 2, 4): 512 MB guests, memcheck 64 MB at 16 MB/s, protected every 1 s to one store process; commit latency and achieved interval from each checkpoint\'s record, store RSS and CPU from `/proc/<pid>/status` and `/proc/<pid>/stat` over the window.',
+    '- **VMs per store** (1, 2, 4, 8): 512 MB guests, memcheck 64 MB at 16 MB/s, protected every 1 s to one store process; commit latency and achieved interval from each checkpoint\'s record, store RSS and CPU from `/proc/<pid>/status` and `/proc/<pid>/stat` over the window.',
     '- **Growth:** a least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero, else the slope per GB or per VM.',
     '- **Memory cost:** the anonymous RSS of the store and of the VM\'s checkpointer (max over the protected window) against one full copy of the VM\'s RAM, which a standby-VM design reserves on another host. Both designs need a failure detector (our HA agent), so it is left out of both sides.',
     '- **Baselines:** QEMU `migrate` to `file:` and `-incoming` on the same fully populated guest, n ≥ 3 per size and cache state; cold = `sync; echo 3 > /proc/sys/vm/drop_caches`, verified with `fincore`; protection overhead = memcheck steps/s of the same VM unprotected and protected, alternating.',
-    '- **Copy-on-write:** the overhead part measures it as a protection mode beside basic whenever `hydravm protect --cow` exists (`cow: {}` vs `cow: false` in the protect request); a run without it says the CoW rows wait. The run below records which modes it had.',
+    '- **Copy-on-write:** the overhead part and Figures 2-3 measure it as a protection mode beside basic (`cow: {}` vs `cow: false` in the protect request, whatever the spec says).',
     '',
     '## The paper\'s workloads (Debian guest)',
     '',

@@ -268,6 +268,22 @@ function comparisonTable(doc: EvalDocument): string[] {
     ['fullRestore', coldGb1.length ? `${range(coldGb1.map((x) => x.spawnToRunningMs))} ms QEMU full restore, ${coldGb} GB fully populated, cold cache` : '-', PAPER.fullRestore!.why],
     ['overhead', basicPct.length ? `${range(basicPct, 1)} % (basic; memcheck unthrottled, every 2 s; median (min-max) of rounds)` : '-', PAPER.overhead!.why],
   ];
+  // The paper's own workloads, when this run had them.
+  const paper = part<PaperSample>(doc, 'paper');
+  const ps = paper?.samples ?? [];
+  const prot = ps.filter((x): x is ProtectedSample => x.figure === 'protected');
+  const fo = ps.filter((x): x is FailoverSample => x.figure === 'failover');
+  const unprotRun = (w: string) => med(ps.filter((x): x is UnprotectedSample => x.figure === 'unprotected' && x.workload === w).map((x) => x.runS));
+  if (prot.length || fo.length) {
+    const at2 = (w: string, m: string) => prot.find((x) => x.workload === w && x.mode === m && x.intervalS === 2);
+    const pauseOf = (x: ProtectedSample | undefined) => (x ? `${f(med(x.pauses.map((h) => h.pauseMs)))} ms` : '-');
+    rows.push(['fig2', `compile every 2 s: basic ${pauseOf(at2('compile', 'basic'))}, CoW ${pauseOf(at2('compile', 'cow'))} (median)`, PAPER.fig2!.why]);
+    const ov = (w: string) => prot.filter((x) => x.workload === w).map((x) => pct(x.runS, unprotRun(w)));
+    rows.push(['fig3', ['compile', 'transcode'].map((w) => `${w} ${range(ov(w), 1)} %`).join('; ') + ' (median (min-max) over intervals 1-10 s and modes; one run each)', PAPER.fig3!.why]);
+    const net = fo.filter((x) => x.config === 'network');
+    rows.push(['fig4', net.length ? `${net.map((x) => `${x.workload} ${f(x.killToRunningMs, 0)} ms`).join(', ')} QEMU death → running (network)` : '-', PAPER.fig4!.why]);
+    rows.push(['table2', fo.length ? fo.map((x) => `${x.workload} ${x.config} ${f(pct(x.remainingS, x.referenceS))} %`).join('; ') + ' slower than never failed' : '-', PAPER.table2!.why]);
+  }
   return [
     `## Beside the paper`, '', `Paper: ${PAPER_SETUP}. Ours: this run (${doc.environment.accel.toUpperCase()}, ${doc.environment.machine.cores} cores).`, '',
     '| what | HydraVM (this run) | paper | why they differ |', '|---|---|---|---|',
