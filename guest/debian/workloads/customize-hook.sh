@@ -10,6 +10,8 @@ install -m 644 "$here/hydra-workload.service" "$root/etc/systemd/system/hydra-wo
 mkdir -p "$root/usr/local/lib/hydra-workload" "$root/usr/src/hydra"
 install -m 644 "$here/compile.sh" "$here/transcode.sh" "$root/usr/local/lib/hydra-workload/"
 chroot "$root" systemctl enable hydra-workload.service >/dev/null 2>&1
+# The runner's gate reads the serial console's input: no login prompt competes for it.
+chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
 
 # Lua from Debian's source archive (deb-src of the same mirror): the upstream tarball, unpacked.
 dl="$root/usr/src/hydra/download"

@@ -13,13 +13,13 @@ import type { DebianWorkload } from './workloads.js';
  * Absolute paths into the build, so a later build under the same name
  * cannot change what a run boots.
  */
-export function debianSpec(name: string, img: BuiltImage, w: DebianWorkload, scale: number, dir: string): VmSpec {
+export function debianSpec(name: string, img: BuiltImage, w: DebianWorkload, scale: number, dir: string, runs = 1): VmSpec {
   const root = path.join(dir, `${name}-root.qcow2`);
   fs.rmSync(root, { force: true });
   return validateSpec({
     name, memory: `${w.memoryMb}M`, vcpus: 1, accel: 'auto',
     kernel: img.vmlinux ?? img.kernel, initrd: img.initrd,
-    cmdline: `${DEBIAN_CMDLINE} quiet hydra.workload=${w.id} hydra.scale=${scale}`,
+    cmdline: `${DEBIAN_CMDLINE} quiet hydra.workload=${w.id} hydra.scale=${scale}${runs > 1 ? ` hydra.runs=${runs}` : ''}`,
     root: { path: root, base: img.root },
   }, dir, `bench eval spec for ${name}`);
 }
@@ -27,7 +27,9 @@ export function debianSpec(name: string, img: BuiltImage, w: DebianWorkload, sca
 export interface WorkloadLine {
   /** performance.now() when the harness saw the line (polled every 20 ms). */
   t: number;
-  kind: 'start' | 'step' | 'done';
+  kind: 'ready' | 'start' | 'step' | 'done';
+  /** The run of the job in this boot (1 without hydra.runs); step lines belong to the last start. */
+  run: number;
   step?: number;
   of?: number;
   seconds?: number;
@@ -40,6 +42,7 @@ export class WorkloadWatch {
   private pos = 0;
   private partial = '';
   private error: string | undefined;
+  private run = 1;
   private readonly timer: NodeJS.Timeout;
 
   constructor(private readonly vm: string) {
@@ -63,22 +66,33 @@ export class WorkloadWatch {
     this.partial = parts.pop() ?? '';
     for (const line of parts) {
       let m: RegExpExecArray | null;
-      if (/hydra-workload: start name=/.test(line)) this.lines.push({ t, kind: 'start' });
-      else if ((m = /hydra-workload: name=\S+ step=(\d+) of=(\d+)/.exec(line))) this.lines.push({ t, kind: 'step', step: Number(m[1]), of: Number(m[2]) });
-      else if ((m = /hydra-workload: done name=\S+ seconds=([\d.]+) status=(\d+)/.exec(line))) this.lines.push({ t, kind: 'done', seconds: Number(m[1]), status: Number(m[2]) });
+      // systemd may echo a line twice on the console (its own copy and the kernel's): keep the first.
+      if ((m = /hydra-workload: ready name=\S+ run=(\d+)/.exec(line))) this.push({ t, kind: 'ready', run: Number(m[1]) });
+      else if ((m = /hydra-workload: start name=\S+ run=(\d+)/.exec(line))) this.push({ t, kind: 'start', run: (this.run = Number(m[1])) });
+      else if ((m = /hydra-workload: name=\S+ step=(\d+) of=(\d+)/.exec(line))) this.push({ t, kind: 'step', run: this.run, step: Number(m[1]), of: Number(m[2]) });
+      else if ((m = /hydra-workload: done name=\S+ run=(\d+) seconds=([\d.]+) status=(\d+)/.exec(line))) this.push({ t, kind: 'done', run: Number(m[1]), seconds: Number(m[2]), status: Number(m[3]) });
       else if ((m = /hydra-workload: error .*/.exec(line))) this.error ??= m[0];
     }
   }
 
-  /** Fraction of the job done by the last step line seen at or before `t` (0 before any). */
-  fractionAt(t: number): number {
-    const l = [...this.lines].reverse().find((x) => x.kind === 'step' && x.t <= t);
+  private push(l: WorkloadLine): void {
+    if (!this.lines.some((x) => x.kind === l.kind && x.run === l.run && x.step === l.step)) this.lines.push(l);
+  }
+
+  /** Fraction of run `run` done by the last step line seen at or before `t` (0 before any). */
+  fractionAt(t: number, run = 1): number {
+    const l = [...this.lines].reverse().find((x) => x.kind === 'step' && x.run === run && x.t <= t);
     return l && l.of ? l.step! / l.of : 0;
   }
 
-  /** When the first step line at or beyond `fraction` of the job was seen. */
-  timeOf(fraction: number): number | undefined {
-    return this.lines.find((l) => l.kind === 'step' && l.of! > 0 && l.step! / l.of! >= fraction)?.t;
+  /** When the first step line of run `run` at or beyond `fraction` of the job was seen. */
+  timeOf(fraction: number, run = 1): number | undefined {
+    return this.lines.find((l) => l.kind === 'step' && l.run === run && l.of! > 0 && l.step! / l.of! >= fraction)?.t;
+  }
+
+  /** [seconds since the start line, fraction done] at each step line of run `run`. */
+  timeline(run: number, startT: number): [number, number][] {
+    return this.lines.filter((l) => l.kind === 'step' && l.run === run).map((l) => [(l.t - startT) / 1000, l.step! / l.of!]);
   }
 
   async until(what: string, pred: (w: WorkloadWatch) => WorkloadLine | undefined | false, timeoutMs: number): Promise<WorkloadLine> {
@@ -96,9 +110,10 @@ export class WorkloadWatch {
     }
   }
 
-  started = (timeoutMs: number) => this.until('the workload to start', (w) => w.lines.find((l) => l.kind === 'start'), timeoutMs);
-  finished = (timeoutMs: number, after = 0) => this.until('the workload to finish', (w) => w.lines.find((l) => l.kind === 'done' && l.t > after), timeoutMs);
-  reached = (fraction: number, timeoutMs: number) => this.until(`${Math.round(fraction * 100)} % of the workload`, (w) => w.lines.find((l) => l.kind === 'step' && l.of! > 0 && l.step! / l.of! >= fraction), timeoutMs);
+  ready = (run: number, timeoutMs: number) => this.until(`the workload runner to be ready for run ${run}`, (w) => w.lines.find((l) => l.kind === 'ready' && l.run === run), timeoutMs);
+  started = (timeoutMs: number, run = 1) => this.until(`run ${run} of the workload to start`, (w) => w.lines.find((l) => l.kind === 'start' && l.run === run), timeoutMs);
+  finished = (timeoutMs: number, run = 1, after = 0) => this.until(`run ${run} of the workload to finish`, (w) => w.lines.find((l) => l.kind === 'done' && l.run === run && l.t > after), timeoutMs);
+  reached = (fraction: number, timeoutMs: number, run = 1) => this.until(`${Math.round(fraction * 100)} % of run ${run} of the workload`, (w) => w.lines.find((l) => l.kind === 'step' && l.run === run && l.of! > 0 && l.step! / l.of! >= fraction), timeoutMs);
 
   close(): void {
     clearInterval(this.timer);
