@@ -17,8 +17,8 @@ export function registerEvalCommands(bench: Command): void {
     .option('--baseline-sizes <gb>', 'guest sizes for QEMU full save/restore (default 0.5,1; --quick 0.5)')
     .option('--repeats <n>', 'QEMU full restores per size and cache state (default 3; --quick 1)')
     .option('--rounds <n>', 'protect/kill/restore rounds per VM size (default 1; --quick 1)')
-    .option('--checkpoints <n>', 'incremental checkpoints per protection in the size part (default 10; --quick 3)')
-    .option('--window <s>', 'seconds per measuring window (default 20; --quick 8)')
+    .option('--checkpoints <n>', 'incremental checkpoints per protection in the size part (default 6; --quick 3)')
+    .option('--window <s>', 'seconds per measuring window (default 15; --quick 8)')
     .action(async (o: { quick: boolean; only?: string; out: string; sizes?: string; vms?: string; baselineSizes?: string; repeats?: string; rounds?: string; checkpoints?: string; window?: string }) => {
       const { runEval, parseOnly } = await import('../bench/index.js');
       const only = parseOnly(list(o.only));

@@ -63,19 +63,26 @@ export async function runEval(o: EvalRunOptions): Promise<{ doc: EvalDocument; f
       r.load.end = loadSample();
       progress.endPart(r.status + (r.error ? `: ${r.error}` : ''));
       results.push(r);
+      // Written after every part, so a long run stopped early keeps what it measured (`unfinished` names the rest).
+      if (results.length < parts.length) write(parts.slice(results.length).map((x) => x.id));
     }
   } finally {
     progress.close();
   }
-  const doc: EvalDocument = {
-    schema: 'hydravm-eval/1',
-    startedAt, finishedAt: new Date().toISOString(), durationS: (performance.now() - t0) / 1000,
-    quick: o.quick, command: o.command, environment: env, capabilities: caps, parts: results,
-  };
-  const rendered = renderReport(doc);
-  fs.mkdirSync(o.outDir, { recursive: true });
-  const files = writeResults(o.outDir, 'eval', doc, rendered.markdown, rendered.charts);
-  return { doc, files };
+  return write([]);
+
+  function write(unfinished: PartId[]): { doc: EvalDocument; files: string[] } {
+    const doc: EvalDocument = {
+      schema: 'hydravm-eval/1',
+      startedAt, finishedAt: new Date().toISOString(), durationS: (performance.now() - t0) / 1000,
+      quick: o.quick, command: o.command, environment: env, capabilities: caps, parts: results,
+      ...(unfinished.length ? { unfinished } : {}),
+    };
+    const rendered = renderReport(doc);
+    fs.mkdirSync(o.outDir, { recursive: true });
+    const files = writeResults(o.outDir, 'eval', doc, rendered.markdown, rendered.charts);
+    return { doc, files };
+  }
 }
 
 /** Read an evaluation JSON back, checking it is one. */

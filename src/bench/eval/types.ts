@@ -49,6 +49,8 @@ export interface EvalDocument {
   environment: Environment;
   capabilities: Capabilities;
   parts: PartResult[];
+  /** Parts not run yet: present only in the file a run writes between parts (a run stopped early leaves it). */
+  unfinished?: PartId[];
 }
 
 export interface Capabilities {

@@ -57,10 +57,10 @@ export const TRANSCODE: DebianWorkload = {
   title: 'ffmpeg transcodes a generated H.264 video (lavfi testsrc, 640x360, 25 fps) to MPEG-4',
   paper: 'video transcoding',
   memoryMb: 512,
-  scale: 40,
+  scale: 24,
   quickScale: 6,
   step: 'frame',
-  expectedS: 35,
+  expectedS: 25,
 };
 
 export const DEBIAN_WORKLOADS: DebianWorkload[] = [COMPILE, TRANSCODE];
