@@ -57,8 +57,8 @@ export const TRANSCODE: DebianWorkload = {
   title: 'ffmpeg transcodes a generated H.264 video (lavfi testsrc, 640x360, 25 fps) to MPEG-4',
   paper: 'video transcoding',
   memoryMb: 512,
-  scale: 24,
-  quickScale: 6,
+  scale: 40,
+  quickScale: 16,
   step: 'frame',
   expectedS: 25,
 };

@@ -212,6 +212,10 @@ async function failoverRun(env: BenchEnv, img: BuiltImage, w: DebianWorkload, sc
     if (!qemuPid) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${run.name} has no QEMU to kill`);
     const tKill = performance.now();
     process.kill(qemuPid, 'SIGKILL');
+    run.watch.poll();
+    const ended = run.watch.lines.find((l) => l.kind === 'done');
+    const newest = Math.max(...readCheckpointHistory(run.name).map((h) => h.startedAt));
+    if (ended && wallOf(ended.t) < newest) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${run.name}: the job ended before the checkpoint the restore would resume from (its second half is shorter than the ${FAILOVER_INTERVAL_S} s interval): no fail-over to time; use a larger hydra.scale`);
     const tDetect = await waitFor(`${run.name}'s supervisor to record the crash`, () => readState(run.name)?.lifecycle === 'crashed', 30_000, 5);
     const tGone = await waitFor(`${run.name}'s supervisor to exit`, () => !isLive(readState(run.name)), 30_000, 5);
     // No checkpointer of the dead VM may race the restored QEMU.
