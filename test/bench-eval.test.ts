@@ -59,13 +59,17 @@ test('bench eval --quick --only overhead,paper writes well-formed results and th
     assert.match(paper.waitingFor.join(' '), /image build debian --workloads/);
     assert.equal(paper.samples.length, 0, 'a waiting part records no numbers');
   } else {
-    // With it: one short transcode unprotected, then protected, killed past 50 % and slim-restored.
+    // With it: one short transcode run twice unprotected and once per protection mode in one boot, then
+    // protected in a boot of its own, killed past 50 % and slim-restored.
     assert.equal(paper.status, 'done', `paper part: ${paper.error}`);
     assert.equal(paper.errors, undefined, JSON.stringify(paper.errors));
-    const [u, fo] = paper.samples;
-    assert.equal(u.figure, 'unprotected');
-    assert.ok(u.runS > 0 && u.lastHalfS > 0 && u.lastHalfS < u.runS && u.timeline.length > 0);
-    assert.equal(fo.figure, 'failover');
+    const of = (figure: string) => paper.samples.filter((x: { figure: string }) => x.figure === figure);
+    assert.deepEqual(of('unprotected').map((x: { run: number }) => x.run), [1, 2]);
+    for (const u of of('unprotected')) assert.ok(u.runS > 0 && u.lastHalfS > 0 && u.lastHalfS < u.runS && u.timeline.length > 0);
+    assert.deepEqual(of('protected').map((x: { mode: string }) => x.mode), doc.capabilities.modes);
+    for (const p of of('protected')) assert.ok(p.runS > 0 && p.protectedBeforeStart && p.checkpoints === p.pauses.length);
+    const [fo] = of('failover');
+    assert.ok(fo, 'a fail-over sample');
     assert.ok(fo.resumedAt >= 0.5 && fo.resumedAt < 1, `resumed at ${fo.resumedAt}`);
     assert.ok(fo.remainingS > 0 && fo.killToRunningMs > 0 && fo.pauses.length >= 1);
     assert.ok(fo.referenceS > 0, 'the unprotected run gives the never-failed time of the same remainder');
