@@ -31,6 +31,13 @@ import { writeFileAtomic } from '../util/atomic-write.js';
  *   overlay's header to the base at completion); merged files are deleted only
  *   after that, so a crash at any point leaves a usable chain.
  *
+ * QEMU's commit job relinks the overlay's header before it flushes the base
+ * (the flush comes with the base's reopen read-only, after the relink), so a
+ * QEMU killed in between leaves a frozen layer whose chain skips the merged
+ * data: the base's new clusters were still in QEMU's qcow2 metadata cache. So
+ * jobs run with auto-finalize off: once a job has copied everything (state
+ * "pending") the base node is flushed, and only then is the job finalized.
+ *
  * A running commit job blocks snapshots of the active layer (QEMU: "block
  * device is in use by block job"), so freeze() cancels a running merge
  * (cancelling leaves the chain as it was) unless the chain has reached
@@ -211,7 +218,7 @@ export class DiskFreezer {
     const qmp = typeof opts.qmp === 'string' ? await QmpClient.connect(opts.qmp, { label: `VM ${opts.vm}` }) : opts.qmp;
     try {
       // An interrupted merge of an earlier incarnation: let it finish (the chain is valid either way).
-      await waitOurJobs(qmp);
+      await waitOurJobs(qmp, opts.vm);
       const chains = await readChains(qmp, opts.vm, opts.disks.map((d) => d.path), sizes);
       const freezer = new DiskFreezer(opts.vm, qmp, ownsQmp, dir, chains, opts);
       await freezer.collectGarbage();
@@ -453,9 +460,17 @@ export class DiskFreezer {
           'top-node': chain.layers[top]!.node,
           'base-node': chain.layers[0]!.node,
           'backing-file': chain.layers[0]!.file,
+          'auto-finalize': false,
           'auto-dismiss': false,
         });
         started.push({ chain, top, job, active });
+      }
+      // Everything copied: make the base durable, then let QEMU relink the overlays onto it.
+      const copied = await this.awaitCopied(started.map((s) => s.job));
+      for (const s of started) {
+        if (!copied.has(s.job)) continue;
+        await flushNode(this.qmp, s.chain.layers[0]!.node, this.vm);
+        await this.qmp.execute('job-finalize', { id: s.job });
       }
     } catch (err) {
       // A freeze may have cancelled between our commands, or QEMU refused: undo what started.
@@ -522,6 +537,8 @@ export class DiskFreezer {
       await this.qmp.execute('job-complete', { id: job });
       const res = (await this.settle([job])).get(job);
       if (res?.error) throw new DiskError('HYDRA_DISK_MERGE_FAILED', `VM ${this.vm}: flattening disk ${chain.index} failed: ${res.error}`);
+      // The VM now runs on the base; its merged clusters may still sit in QEMU's metadata cache.
+      await flushNode(this.qmp, chain.layers[0]!.node, this.vm);
       const removed = chain.layers.splice(1);
       await this.syncFile(chain.layers[0]!.file);
       for (const l of removed.reverse()) {
@@ -532,6 +549,26 @@ export class DiskFreezer {
       this.log.info({ disk: chain.index, layers: removed.length, file: chain.layers[0]!.file }, 'disk layers merged back into the VM disk');
     }
     await this.writeRecord();
+  }
+
+  /** Wait until each job has copied everything ("pending") or ended; returns the pending ones. */
+  private async awaitCopied(ids: string[]): Promise<Set<string>> {
+    const pendingJobs = new Set<string>();
+    let waiting = ids.slice();
+    let delay = 2;
+    while (waiting.length > 0) {
+      const jobs = await this.qmp.execute<JobInfo[]>('query-jobs');
+      waiting = waiting.filter((id) => {
+        const j = jobs.find((x) => x.id === id);
+        if (j?.status === 'pending') pendingJobs.add(id);
+        return j !== undefined && !['pending', 'concluded', 'null', 'aborting'].includes(j.status);
+      });
+      if (waiting.length) {
+        await sleep(delay);
+        delay = Math.min(delay * 2, 50);
+      }
+    }
+    return pendingJobs;
   }
 
   /** Wait for jobs to leave the running states; return their final error (undefined = success) and dismiss them. */
@@ -628,10 +665,23 @@ export class DiskFreezer {
 }
 
 /** Wait for merge jobs of an earlier freezer on this QEMU, then dismiss them. */
-async function waitOurJobs(qmp: QmpClient): Promise<void> {
+async function waitOurJobs(qmp: QmpClient, vm: string): Promise<void> {
   const deadline = Date.now() + 120_000;
   for (;;) {
     const jobs = (await qmp.execute<JobInfo[]>('query-jobs')).filter((j) => j.id.startsWith(JOB_PREFIX));
+    for (const j of jobs) {
+      if (j.status === 'pending') {
+        // A merge that copied everything and waits for the freezer that died: finish it the safe way.
+        // Which node is its base is not reported, so every node is flushed (clean ones cost nothing).
+        const nodes = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
+        for (const n of nodes) await flushNode(qmp, n['node-name'], vm);
+        // It may have been cancelled meanwhile; the loop below sees it end either way.
+        await qmp.execute('job-finalize', { id: j.id }).catch(() => undefined);
+      } else if (j.status === 'ready') {
+        // A flatten waiting for its completion: cancel it, the VM keeps running on its chain.
+        await qmp.execute('job-cancel', { id: j.id }).catch(() => undefined);
+      }
+    }
     const running = jobs.filter((j) => !['concluded', 'null'].includes(j.status));
     // Dismissing a job QEMU already dropped fails harmlessly.
     for (const j of jobs) if (j.status === 'concluded') await qmp.execute('job-dismiss', { id: j.id }).catch(() => undefined);
@@ -639,6 +689,16 @@ async function waitOurJobs(qmp: QmpClient): Promise<void> {
     if (Date.now() > deadline) throw new DiskError('HYDRA_DISK_UNSUPPORTED', `merge job ${running[0]!.id} still running after 120 s`);
     await sleep(50);
   }
+}
+
+/**
+ * Flush one block node: its data and qcow2 metadata reach the file and the file is synced.
+ * QMP has no per-node flush (only `stop` flushes, for all nodes), so this uses HMP's qemu-io
+ * on the node, which prints nothing on success and "Error..." or a failed-flush message otherwise.
+ */
+async function flushNode(qmp: QmpClient, node: string, vm: string): Promise<void> {
+  const out = await qmp.execute<string>('human-monitor-command', { 'command-line': `qemu-io ${node} "flush"` });
+  if (out.trim() !== '') throw new DiskError('HYDRA_DISK_MERGE_FAILED', `VM ${vm}: flushing disk node ${node} before relinking its overlay failed: ${out.trim()}`);
 }
 
 /** For each disk path, the device whose chain contains it, and the chain's node names from the block graph. */

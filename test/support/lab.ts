@@ -77,7 +77,9 @@ export function makeLab(prefix: string): Lab {
           if (pr.pid) try { process.kill(pr.pid, 'SIGKILL'); } catch { /* gone */ }
         } catch { /* not protected */ }
       }
-      fs.rmSync(home, { recursive: true, force: true });
+      // HYDRAVM_TEST_KEEP=1 keeps the lab (serial logs, layers, store) for a post-mortem.
+      if (process.env.HYDRAVM_TEST_KEEP === '1') console.error(`# lab kept: ${home}`);
+      else fs.rmSync(home, { recursive: true, force: true });
     },
   };
   return lab;
