@@ -30,7 +30,7 @@ test('bench eval --quick --only overhead,paper writes well-formed results and th
   const r = await lab.cliAsync(['bench', 'eval', '--quick', '--only', 'overhead,paper', '--out', out], { timeoutMs: 590_000 });
   assert.equal(r.code, 0, `bench eval failed:\n${r.stderr.slice(-3000)}`);
   // The progress display names the part, the sample and an ETA.
-  assert.match(r.stderr, /\[eval .* \| part 1\/2 overhead \| sample 1\/\d+ \| ETA \S+\]/);
+  assert.match(r.stderr, /\[eval .* \| part 1\/2 paper \| sample (0|1)\/\d+ \| ETA \S+\]/);
 
   const doc = JSON.parse(fs.readFileSync(path.join(out, 'eval.json'), 'utf8'));
   assert.equal(doc.schema, 'hydravm-eval/1');
@@ -40,7 +40,7 @@ test('bench eval --quick --only overhead,paper writes well-formed results and th
   assert.match(doc.environment.qemu.version, /QEMU emulator version \d+/);
   assert.ok(['tcg', 'kvm'].includes(doc.environment.accel));
   assert.match(doc.environment.git.commit, /^[0-9a-f]{40}$/);
-  assert.deepEqual(doc.parts.map((p: { id: string }) => p.id), ['overhead', 'paper']);
+  assert.deepEqual(doc.parts.map((p: { id: string }) => p.id), ['paper', 'overhead'], 'the paper part runs first');
   for (const p of doc.parts) {
     for (const l of [p.load.start, p.load.end]) {
       assert.equal(l.loadavg.length, 3);
@@ -48,7 +48,7 @@ test('bench eval --quick --only overhead,paper writes well-formed results and th
     }
   }
 
-  const [overhead, paper] = doc.parts;
+  const [paper, overhead] = doc.parts;
   assert.equal(overhead.status, 'done', `overhead part: ${overhead.error}`);
   assert.equal(overhead.samples.length, doc.capabilities.modes.length, 'one round per protection mode');
   const s = overhead.samples[0];
