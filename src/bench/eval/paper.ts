@@ -51,6 +51,10 @@ export const PAPER: Record<string, PaperRow> = {
     key: 'table2', what: 'Table II: last 50 % after a slim restore vs never failed', paper: 'on-demand fetching "does not introduce a prohibitive overhead"; ~30,000 pages (~128 MB) fetched over a kernel compile; SSD no faster than disk (the table\'s figures are not legible in our copy of the paper)',
     why: 'in network mode a pager fetches each missing page over TCP from the store on its first touch while a background prefetch fills the rest, so the slowdown lasts until memory is complete (seconds on 512 MB, not the job\'s whole second half; without prefetch every first touch waits); in file mode guest RAM is a private mapping of the image file, paged in by the kernel.',
   },
+  reboot: {
+    key: 'reboot', what: 'reboot of the VM instead (restart-based HA)', paper: 'not measured; restart-based HA "take[s] significantly longer than HydraVM" and loses the application state',
+    why: 'a reboot runs firmware, kernel and systemd to a service again (here under TCG, where every instruction of it is emulated) and the job starts over, while a slim restore resumes the job where its last checkpoint left it.',
+  },
   memory: {
     key: 'memory', what: 'memory reserved elsewhere while protected', paper: 'none beyond the image on storage (the paper\'s claim; no standby VM)',
     why: 'both keep the VM\'s memory on storage; the store process keeps only protocol buffers and the journal index in RAM, and the checkpointer on the VM\'s host its staging buffer.',
