@@ -33,6 +33,19 @@ export function registerEvalCommands(bench: Command): void {
       if (doc.parts.some((p) => p.status === 'failed')) process.exitCode = 1;
     });
 
+  bench.command('eval-merge')
+    .description('one evaluation from several runs\' JSON (each part from the last run that measured it; every run listed): JSON, Markdown and plots')
+    .argument('<json...>', 'evaluation results, in order')
+    .option('--out <dir>', 'output directory', path.join('bench', 'results', 'eval'))
+    .action(async (files: string[], o: { out: string }) => {
+      const { readEvalDocument, mergeEvalDocuments, renderReport } = await import('../bench/index.js');
+      const { writeResults } = await import('../bench/harness.js');
+      const doc = mergeEvalDocuments(files.map((f) => readEvalDocument(f)));
+      const r = renderReport(doc);
+      const written = writeResults(o.out, 'eval', doc, r.markdown, r.charts);
+      process.stdout.write(`merged ${files.length} runs (${doc.parts.map((p) => p.id).join(', ')}): ${written.join(', ')}\n`);
+    });
+
   bench.command('eval-page')
     .description('generate docs/evaluation.md from an evaluation JSON (or, with none, the method and how to produce it)')
     .option('--json <file>', 'evaluation results', path.join('bench', 'results', 'eval', 'eval.json'))

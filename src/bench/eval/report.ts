@@ -305,11 +305,13 @@ export function renderReport(doc: EvalDocument): Rendered {
   const e = doc.environment;
   const out: string[] = [
     `# HydraVM evaluation${doc.quick ? ' (--quick)' : ''}`, '',
-    `Run ${doc.startedAt} → ${doc.finishedAt} (${(doc.durationS / 60).toFixed(1)} min): \`${doc.command.join(' ')}\`.${doc.unfinished?.length ? ` **The run stopped before its parts ${doc.unfinished.join(', ')}: they are not in this file.**` : ''}`, '',
+    ...(doc.runs && doc.runs.length > 1
+      ? [`Merged from ${doc.runs.length} runs (${doc.startedAt} → ${doc.finishedAt}, ${(doc.durationS / 60).toFixed(1)} min of wall time; a run that overlapped another shared the 2 cores with it, see the load columns):`, '', ...doc.runs.map((x) => `- \`${x.command.join(' ')}\`: ${x.startedAt} → ${x.finishedAt} (${(x.durationS / 60).toFixed(1)} min), parts ${x.parts.join(', ')}${x.unfinished?.length ? `; stopped before ${x.unfinished.join(', ')}` : ''}, commit ${x.commit.slice(0, 12)}.`), '']
+      : [`Run ${doc.startedAt} → ${doc.finishedAt} (${(doc.durationS / 60).toFixed(1)} min): \`${doc.command.join(' ')}\`.${doc.unfinished?.length ? ` **The run stopped before its parts ${doc.unfinished.join(', ')}: they are not in this file.**` : ''}`, '']),
     `Machine: ${e.machine.cpuModel}, ${e.machine.cores} cores, ${e.machine.memGiB} GiB, Linux ${e.machine.kernel}; ${e.qemu.version}; accelerator ${e.accel}; commit ${e.git.commit.slice(0, 12)}${e.git.dirty ? ' (with uncommitted changes)' : ''} on ${e.git.branch}; Node ${e.node}.`, '',
     `Protection modes measured: ${doc.capabilities.modes.join(', ')}${doc.capabilities.cow ? '' : ' (copy-on-write waits for `hydravm protect --cow`)'}; Debian guest image: ${doc.capabilities.debianImage ? 'available' : 'not yet (`hydravm image build` is absent)'}; its workload runner: ${doc.capabilities.debianWorkloads ? 'available' : 'not yet'}.`, '',
-    '| part | status | duration | load average at start → end (1 min) |', '|---|---|---|---|',
-    ...doc.parts.map((p) => `| ${p.title} | ${p.status}${p.waitingFor ? ` (for ${p.waitingFor.join(', ')})` : ''} | ${p.durationS.toFixed(0)} s | ${p.load.start.loadavg[0]} → ${p.load.end.loadavg[0]} |`), '',
+    '| part | status | started | duration | load average at start → end (1 min) |', '|---|---|---|---|---|',
+    ...doc.parts.map((p) => `| ${p.title} | ${p.status}${p.waitingFor ? ` (for ${p.waitingFor.join(', ')})` : ''} | ${p.startedAt.slice(11, 19)} | ${p.durationS.toFixed(0)} s | ${p.load.start.loadavg[0]} → ${p.load.end.loadavg[0]} |`), '',
   ];
   const size = part<SizeSample>(doc, 'size');
   if (doc.parts.some((p) => p.id !== 'paper' && p.status === 'done')) out.push(...comparisonTable(doc));
