@@ -32,6 +32,13 @@ function statusBlock(p: PartResult): string[] {
   return out;
 }
 
+/** A warning when the host's load changed a lot while a part stepped through its configurations one after another. */
+function loadDrift(p: PartResult, what: string, first: string): string[] {
+  const a = p.load.start.loadavg[0] ?? 0, b = p.load.end.loadavg[0] ?? 0;
+  if (Math.max(a, b) < 4 || Math.max(a, b) < 1.5 * Math.min(a, b)) return [];
+  return [`**Caution:** the 1-minute load went from ${a} to ${b} during this part, which measured its ${what} one after another, so ${first} ran on a ${a > b ? 'busier' : 'quieter'} host than the later ones: a trend in the numbers below may be the load's rather than the ${what}'.`, ''];
+}
+
 export interface Rendered {
   markdown: string;
   charts: Record<string, string>;
@@ -62,6 +69,7 @@ function sizeSection(p: PartResult<SizeSample>, r: Rendered): string[] {
     { key: 'memory-complete', what: 'memory complete after running (network)', unit: 'ms', pts: s.map((x) => ({ x: x.sizeGb, y: x.restore?.completeAfterRunningMs })) },
   ];
   out.push('', `Growth with VM size (least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero)${Number(p.config.rounds) === 1 ? '. This run took one round per size, so full checkpoint, restore and memory-complete fits rest on one point per size: read them as indicative' : ''}:`, '');
+  out.push(...loadDrift(p, 'sizes', 'the smaller sizes'));
   for (const se of series) {
     const fit = fitOf(se.pts, se.unit, 'GB');
     r.fits.push({ what: `${se.what} vs VM size`, fit });
@@ -110,6 +118,7 @@ function vmsSection(p: PartResult<VmsSample>, r: Rendered, cores: number): strin
     { key: 'store-rss', what: 'store RSS', unit: 'MB', pts: s.map((x) => ({ x: x.vms, y: x.storeRssMb })) },
     { key: 'store-cpu', what: 'store CPU', unit: '% of a core', pts: s.map((x) => ({ x: x.vms, y: x.storeCpuPct })) },
   ];
+  out.push('', ...loadDrift(p, 'VM counts', 'the smaller counts'));
   out.push('', 'Growth with the number of VMs (least-squares line; store RSS and CPU have one sample per count):', '');
   for (const se of series) {
     const fit = fitOf(se.pts, se.unit, 'VM');
