@@ -27,6 +27,12 @@ function plannedMinutes(quick: boolean): number {
   return [sizePart, vmsPart, baselinePart, overheadPart, paperPart].reduce((s, p) => { const x = (p as Part).plan(o, caps); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
 }
 
+function durationWords(doc: EvalDocument): string {
+  const loaded = peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : '';
+  if (!doc.runs || doc.runs.length < 2) return `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${loaded}.`;
+  return `The results below come from ${doc.runs.length} runs, ${doc.runs.map((r) => `\`${r.command.join(' ')}\` (${(r.durationS / 60).toFixed(1)} min${r.unfinished?.length ? `, stopped before ${r.unfinished.join(', ')}` : ''})`).join(' and ')}, ${(doc.durationS / 60).toFixed(1)} min of wall time in all${loaded}; where they overlapped they shared the cores (the load columns show it).`;
+}
+
 /** What the page says about 8 GB VMs and 8 VMs per store: measured, failed, or left out, and why. */
 function largest(doc: EvalDocument | null): string {
   const size = doc?.parts.find((p) => p.id === 'size');
@@ -63,7 +69,7 @@ export function renderPage(doc: EvalDocument | null, source: string): string {
     '',
     'Run as root (the cold-cache baseline writes `/proc/sys/vm/drop_caches`) on a machine as quiet as you can get: every part records the load average at its start and end, and the report shows it. Options: `--sizes 0.5,1,2,4,8` (GB), `--vms 1,2,4,8`, `--baseline-sizes`, `--repeats`, `--rounds`, `--checkpoints`, `--window`.',
     '',
-    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : ''}.` : ''}`,
+    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min on a quiet host (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? durationWords(doc) : ''}`,
     '',
     largest(doc),
     '',
