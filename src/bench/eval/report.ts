@@ -198,6 +198,10 @@ function paperSection(p: PartResult<PaperSample>, r: Rendered): string[] {
   out.push(`${loadLine(p)}. Each run boots a fresh 512 MB, 1-vCPU Debian guest (an overlay on the workload image${cfg.image ? `, ${cfg.image}` : ''}); its runner starts the job at boot (\`hydra.workload=<id> hydra.scale=<n>\`) and prints a line per step on the serial console, which the harness timestamps. A protected run is protected at the runner's gate, so the initial full copy is over before the job starts (column "full copy before start"). Run time is the host's time from the job's start line to its done line.`, '');
   for (const w of cfg.workloads ?? []) out.push(`- **${w.id}** (the paper's ${w.paper}): ${w.title}; scale ${w.scale}, one step per ${w.step}.`);
   out.push('');
+  const la = p.load.start.loadavg[0] ?? 0, lb = p.load.end.loadavg[0] ?? 0;
+  if (Math.max(la, lb) >= 4 && Math.max(la, lb) >= 1.5 * Math.min(la, lb)) {
+    out.push(`**Caution:** the 1-minute load went from ${la} to ${lb} during this part, which runs its workloads one after another (${(cfg.workloads ?? []).map((w) => w.id).join(', then ')}), so the first ran on a ${la > lb ? 'busier' : 'quieter'} host than the last. Every comparison across runs here (Figure 3's overhead against the unprotected run, Table II's remaining time against the never-failed run) carries that noise: an overhead or slowdown below zero is the load's, not the protection's.`, '');
+  }
   const s = p.samples;
   const unprot = s.filter((x): x is UnprotectedSample => x.figure === 'unprotected');
   const prot = s.filter((x): x is ProtectedSample => x.figure === 'protected');
@@ -212,7 +216,7 @@ function paperSection(p: PartResult<PaperSample>, r: Rendered): string[] {
     out.push('');
   }
   if (prot.length || fo.some((x) => x.pauses.length)) {
-    out.push('### Figure 2: pause per checkpoint and its phases', '', 'Medians over the incremental checkpoints taken while the job ran. Phases: stop = QMP `stop` answered; collect = finding the dirty pages (basic: PAGEMAP_SCAN; CoW: re-arming write protection); copy = copying them inside the pause (CoW: after `cont`, so 0 here); device = QEMU saving the device state (overlaps collect and copy); disk = freezing the root disk\'s qcow2 layer; cont = QMP `cont` answered.', '');
+    out.push('### Figure 2: pause per checkpoint and its phases', '', 'Medians over the incremental checkpoints taken while the job ran. Phases: stop = QMP `stop` answered; collect = finding the dirty pages (basic: PAGEMAP_SCAN; CoW: re-arming write protection); copy = copying them (basic: inside the pause; CoW: after `cont` while the guest runs, so outside the pause); device = QEMU saving the device state (overlaps collect and copy); disk = freezing the root disk\'s qcow2 layer; cont = QMP `cont` answered.', '');
     out.push('| workload | mode | interval | checkpoints | pause median | pause p99 | stop | collect | copy | device | disk | cont | MB per ckpt | paper |', '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
     const rows = [...prot.map((x) => ({ w: x.workload, mode: x.mode, iv: `${x.intervalS} s`, pauses: x.pauses })), ...fo.filter((x) => x.pauses.length).map((x) => ({ w: x.workload, mode: 'basic' as const, iv: `${x.intervalS} s (fail-over run, ${x.config}, to the kill)`, pauses: x.pauses }))];
     for (const x of rows) {
