@@ -4,7 +4,9 @@
 # guest (systemd, redis) on a qcow2 root disk and a NIC: they build the Debian
 # image once (cached in HYDRAVM_CACHE), create a bridge and a network namespace
 # (HYDRAVM_TEST_NET_PREFIX, default "hvt-"; addresses from HYDRAVM_TEST_SUBNET,
-# default 198.18.90) and need root. Extra arguments go to node --test.
+# default 198.18.90) and need root. The namespaced-cluster tests take their own
+# prefix and /24 (HYDRAVM_TEST_NETNS_PREFIX / HYDRAVM_TEST_NETNS_SUBNET for the
+# Debian one). Extra arguments go to node --test.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

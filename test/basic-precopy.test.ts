@@ -1,19 +1,15 @@
 // Basic mode without a cliff: a dirty set larger than the staging cap is pre-copied while the VM runs, and the image stays exact.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until } from './support/lab.js';
+import { labWithStore, readJson, until } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { waitForMemcheckStep } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
 import { protectVm, readCheckpointHistory, unprotectVm } from '../src/checkpoint/protection.js';
 
-const lab = makeLab('prec');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-before(async () => { store = await startStore(lab, storeDir); });
-after(async () => { await store?.stop(); lab.cleanup(); });
+const { lab, storeDir, store } = labWithStore('prec');
 
 const protection = (vm: string) => readJson<{ committedEpoch: number; generation: number }>(path.join(lab.home, 'vms', vm, 'protection.json'));
 

@@ -1,9 +1,9 @@
 // A checkpoint that fails at any step loses no dirty page: faults injected at every step, then the image is compared with guest RAM byte for byte.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until } from './support/lab.js';
+import { labWithStore, readJson, until } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { waitForMemcheckStep, countViolations } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
@@ -11,17 +11,7 @@ import { openVmImage } from '../src/store/index.js';
 import { protectVm } from '../src/checkpoint/protection.js';
 import { CKPT_FAULT_STEPS } from '../src/checkpoint/faults.js';
 
-const lab = makeLab('ckf');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('ckf');
 
 interface Protection { committedEpoch: number; generation: number; state: string; pid: number }
 const protection = (vm: string) => readJson<Protection>(path.join(lab.home, 'vms', vm, 'protection.json'));

@@ -100,3 +100,58 @@ for (const grain of [4096, 64 * 1024, 256 * 1024]) {
     assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
   });
 }
+
+test('a copier that falls behind (never started): the handler copies each pending grain the guest writes until the spill limit, then the checkpoint fails, the guest goes on, and the next copy carries every grain', async () => {
+  const vm = 'cowlag';
+  const grain = 64 * 1024;
+  const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=64 memcheck.rate=0' });
+  assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
+  await waitForMemcheckStep(serialOf(vm), 1, 60_000);
+  const qmp = await QmpClient.connect(path.join(lab.home, 'vms', vm, 'qmp.sock'));
+  // 16 ring slots and 32 grains of spill: far less than the 64 MB the guest rewrites.
+  const t = await CowTracker.attach(qemuPid(vm), { grain, stagingBytes: 16 * grain, maxSpillBytes: 32 * grain });
+  try {
+    t.armAll();
+    const image = Buffer.alloc(t.ramSize);
+    const populated = t.populatedRuns();
+    const bounce = t.allocStaging(t.ramSize);
+    t.copyRuns(populated, bounce);
+    let pos = 0;
+    for (const r of populated) { bounce.copy(image, r.offset, pos, pos + r.length); pos += r.length; }
+
+    await new Promise((r) => setTimeout(r, 700));
+    await qmp.execute('stop');
+    const c = t.collect();
+    await qmp.execute('cont');
+    assert.ok(c.grains > 48, `the guest dirtied more than ring + spill (${c.grains} grains)`);
+    // No startCopy(): the copier never runs. Every write to a pending grain is copied by the handler
+    // (ring slot, then spill) until the spill is full; then the checkpoint is given up and writes go on.
+    const b = await t.nextBatch(1024 * 1024, 60_000);
+    assert.ok(b.failed, 'the checkpoint was given up');
+    assert.match(b.reason, /spill limit/);
+    const step0 = (await waitForMemcheckStep(serialOf(vm), 1, 10_000)).step;
+    await waitForMemcheckStep(serialOf(vm), step0 + 3, 60_000);
+
+    // The next checkpoint carries the failed one's grains: the image becomes RAM as of this pause.
+    t.growStaging(128 * 1024 * 1024);
+    await qmp.execute('stop');
+    const c2 = t.collect();
+    const reference = Buffer.from(t.ram);
+    await qmp.execute('cont');
+    t.startCopy();
+    for (;;) {
+      const nb = await t.nextBatch(8 * 1024 * 1024, 30_000);
+      assert.ok(!nb.failed, `copy failed: ${nb.reason}`);
+      applyBatch(image, nb.runs, t.staging, nb.stagingOffset);
+      t.release(nb);
+      if (nb.done) break;
+    }
+    assert.ok(c2.grains >= c.grains, `the failed checkpoint's ${c.grains} grains are carried (${c2.grains})`);
+    assert.ok(image.equals(reference), firstDiff(image, reference));
+    assert.equal(t.stats().failures, 1);
+  } finally {
+    t.close();
+    qmp.close();
+  }
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});

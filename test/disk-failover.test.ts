@@ -1,14 +1,15 @@
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { lastMemcheckProgress, waitForMemcheckStep, waitForSerial, readSerial } from '../src/vm/serial.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 import { openVmImage } from '../src/store/index.js';
 import { parseLayerId } from '../src/disk/index.js';
 import { QmpClient } from '../src/qmp/index.js';
+import { localShellConfig, startShell, stopAllShells } from '../src/vm/index.js';
 
 /**
  * The issue's end-to-end disk test, through the real CLI: a VM running
@@ -29,17 +30,7 @@ const LONG_RUN_EPOCHS = 22;
 const MAX_CHAIN = 6;
 const CMDLINE = 'console=ttyS0 quiet hydra.run=memcheck+diskcheck memcheck.mb=16 memcheck.rate=4 diskcheck.rate=20';
 
-const lab = makeLab('dfo');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('dfo', { beforeStop: stopAllShells });
 
 interface Protection { committedEpoch: number; generation: number; state: string; pid: number }
 interface StatusRow { vm: string; vmState: string; protection: string | null; generation: number | null; epoch: number | null; diskChainLength: number | null; lastDiskFreezeMs: number | null }
@@ -153,6 +144,13 @@ test(`disk fail-over: ${ROUNDS} rounds of SIGKILL at a random moment, restore on
     for (let round = 1; round <= ROUNDS; round++) {
       // The first generation runs long enough to show the chain bound over many merges.
       const before = await waitCommits(vm, round === 1 ? LONG_RUN_EPOCHS : 2, round === 1 ? 120_000 : 60_000);
+      // Even rounds restore into a restore shell (its disk a placeholder until the hand-off opens the overlay), odd rounds start cold.
+      const warm = round % 2 === 0;
+      if (warm) {
+        const cfg = localShellConfig(vm);
+        assert.ok(cfg, 'the running VM has a restore-shell configuration (its disk size read from its overlay)');
+        await startShell(cfg);
+      }
       const delayMs = Math.floor(Math.random() * 1000);
       await sleep(delayMs);
       const killedAt = fs.statSync(serialOf(vm)).size;
@@ -168,6 +166,8 @@ test(`disk fail-over: ${ROUNDS} rounds of SIGKILL at a random moment, restore on
       assert.equal(r.code, 0, `round ${round}: restore failed: ${r.stderr}`);
       const m = new RegExp(`VM ${vm} restored from generation (\\d+) epoch (\\d+) \\(network mode\\)`).exec(r.stdout);
       assert.ok(m, r.stdout);
+      if (warm) assert.match(r.stdout, new RegExp(`VM ${vm} restored into restore shell \\S+ \\(m256M-c1-\\w+-d64M-`), r.stdout);
+      else assert.doesNotMatch(r.stdout, /restored into restore shell/);
       const restoredGen = Number(m[1]);
       const restoredEpoch = Number(m[2]);
       assert.equal(restoredGen, before.generation, 'restored the generation that was killed');
@@ -225,7 +225,11 @@ test(`disk fail-over: ${ROUNDS} rounds of SIGKILL at a random moment, restore on
   await qmp.execute('stop');
   const blocks = await qmp.execute<{ qdev?: string; inserted?: { file: string } }[]>('query-block');
   qmp.close();
-  const top = blocks.find((b) => b.inserted && /vblk0/.test(b.qdev ?? ''))!.inserted!.file;
+  const inserted = blocks.find((b) => b.inserted && /vblk0/.test(b.qdev ?? ''))!.inserted!.file;
+  // A VM restored into a restore shell has a throttle filter on top: QEMU names the root as a JSON descriptor.
+  const fileBelow = (d: { filename?: string; file?: unknown }): string | undefined => d.filename ?? (d.file && typeof d.file === 'object' ? fileBelow(d.file as { filename?: string; file?: unknown }) : undefined);
+  const top = inserted.startsWith('json:') ? fileBelow(JSON.parse(inserted.slice(5)) as { file?: unknown }) : inserted;
+  if (inserted.startsWith('json:')) assert.match(inserted, /"driver": "throttle", "file": \{"driver": "qcow2"/, 'only the shell\'s throttle filter sits above the qcow2 node');
   // Unprotecting folded every frozen layer back into the disk the VM's configuration names.
   assert.equal(top, overlay, 'after unprotect the VM writes to its own disk again, not to a layer');
   const lastPrinted = lastDiskProgress(serialOf(vm))!;

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { makeLab, pidAlive } from './support/lab.js';
-import { startNetnsCluster, readClusterInfo, processInNetns, Cluster, type EmbeddedCluster } from '../src/ha/index.js';
+import { startNetnsCluster, readClusterInfo, processInNetns, listStores, Cluster, type EmbeddedCluster } from '../src/ha/index.js';
 
 const PREFIX = 'hv9n-';
 const SUBNET = '198.18.100.0/24';
@@ -22,8 +22,8 @@ after(async () => {
 
 const ourNetns = () => spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0]!).filter((n) => n.startsWith(PREFIX)).sort();
 const ourLinks = () => spawnSync('ip', ['-o', 'link', 'show'], { encoding: 'utf8' }).stdout.split('\n').map((l) => /^\d+:\s+([^:@\s]+)/.exec(l)?.[1]).filter((n): n is string => !!n && n.startsWith(PREFIX)).sort();
-const allPids = (c: { manager?: { pid: number }; store?: { pid: number }; hosts: { pid: number }[]; etcdMembers?: { pid: number }[] }) =>
-  [c.manager!.pid, c.store!.pid, ...c.hosts.map((h) => h.pid), ...c.etcdMembers!.map((m) => m.pid)];
+const allPids = (c: { manager?: { pid: number }; stores?: { pid: number }[]; hosts: { pid: number }[]; etcdMembers?: { pid: number }[] }) =>
+  [c.manager!.pid, ...c.stores!.map((st) => st.pid), ...c.hosts.map((h) => h.pid), ...c.etcdMembers!.map((m) => m.pid)];
 
 test('bad subnets and prefixes are refused before anything is created', { skip: !isRoot && 'needs root' }, async () => {
   await assert.rejects(startNetnsCluster({ dir, prefix: PREFIX, subnet: '10.0.0.0/24' }), /inside 198\.18\.0\.0\/15/);
@@ -40,7 +40,20 @@ test('3 namespaced hosts: 3 started etcd members, daemons in their namespaces; a
     'host1 http://198.18.100.11:2379', 'host2 http://198.18.100.12:2379', 'host3 http://198.18.100.13:2379',
   ]);
   for (const h of cluster.hosts) assert.ok(processInNetns(h.pid, h.netns!), `agent ${h.host} in ${h.netns}`);
+  // Each host's address is on its VM bridge br0, with eth0 (its link to the cluster's bridge) as a port and br0 keeping eth0's MAC.
+  for (const h of cluster.hosts) {
+    const show = (...args: string[]) => spawnSync('ip', ['-n', h.netns!, '-o', ...args], { encoding: 'utf8' }).stdout;
+    assert.match(show('-4', 'addr', 'show', 'dev', 'br0'), new RegExp(`inet ${h.address!.replace(/\./g, '\\.')}/24`), `${h.host}: address on br0`);
+    const eth0 = show('link', 'show', 'dev', 'eth0');
+    assert.match(eth0, /master br0/, `${h.host}: eth0 is a port of br0`);
+    assert.equal(/link\/ether (\S+)/.exec(show('link', 'show', 'dev', 'br0'))?.[1], /link\/ether (\S+)/.exec(eth0)?.[1], `${h.host}: br0 keeps eth0's MAC`);
+  }
   for (const m of cluster.etcdMembers!) assert.ok(processInNetns(m.pid, m.netns), `${m.name} in ${m.netns}`);
+  // A checkpoint store per host on the shared directory: host1's active, the others standbys.
+  for (const st of cluster.stores!) assert.ok(processInNetns(st.pid, st.netns!), `${st.name} in ${st.netns}`);
+  const stores = await listStores(cluster.cluster);
+  assert.equal(stores.active?.name, 'store-host1');
+  assert.deepEqual(stores.standbys.map((st) => st.name), ['store-host2', 'store-host3']);
   // Each member alone answers for the cluster (the CLI reaches them through the bridge).
   for (const m of cluster.etcdMembers!) {
     const c = new Cluster(m.url);

@@ -114,6 +114,11 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     const rec = await protectInCluster(lab.cluster, { vm: 'realfo', host: 'h1', store, mode: 'network', intervalMs: 500 }, { timeoutMs: 60_000 });
     assert.equal(rec.state, 'protected');
     await sleep(1500); // a few incremental checkpoints
+    // h2's agent keeps a restore shell of the VM's configuration (recorded when it was protected): wait until it is idle.
+    const { shellKey } = await import('../src/vm/shell.js');
+    const cfg = (await lab.cluster.vm('realfo'))!.value.shellConfig;
+    assert.ok(cfg, 'the protected VM\'s record carries its restore-shell configuration');
+    await until('h2 reports an idle restore shell for the VM', async () => (await lab.cluster.hosts()).get('h2')?.shells?.some((x) => x.key === shellKey(cfg) && x.idle > 0), 60_000);
     const h2Serial = path.join(homes.h2!, 'vms', 'realfo', 'serial.log');
     const serialOffset = fs.existsSync(h2Serial) ? fs.statSync(h2Serial).size : 0;
     const killedAt = Date.now();
@@ -123,7 +128,8 @@ test('real fail-over (network mode): protected VM on h1, QEMU killed, restored o
     assert.equal(record.host, 'h2');
     assert.equal(record.generation, rec.generation + 1);
     assert.ok(timing);
-    console.log(`# real fail-over: detected ${timing!.detectedAt - killedAt} ms, assigned ${timing!.assignedAt - killedAt} ms, guest running ${timing!.runningAt! - killedAt} ms after the kill (spawn->running ${timing!.spawnToRunningMs?.toFixed(0)} ms); 'running' visible in etcd after ${runningSeen - killedAt} ms`);
+    assert.equal(timing!.restoreTimings?.warm, 1, `restored into h2's restore shell (cold because: ${timing!.coldReason})`);
+    console.log(`# real fail-over (warm, hand-off ${timing!.restoreTimings?.shellHandoffMs?.toFixed(0)} ms): detected ${timing!.detectedAt - killedAt} ms, assigned ${timing!.assignedAt - killedAt} ms, guest running ${timing!.runningAt! - killedAt} ms after the kill (spawn->running ${timing!.spawnToRunningMs?.toFixed(0)} ms); 'running' visible in etcd after ${runningSeen - killedAt} ms`);
     const prot = await waitForFailover(lab.cluster, 'realfo', rec.generation, { timeoutMs: 60_000, until: 'protected' });
     assert.equal(prot.record.imageGeneration, rec.generation + 1, 'the restored VM is protected under its new generation');
     // The whole restored guest, every page: memcheck verifies on request.

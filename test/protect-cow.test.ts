@@ -1,26 +1,16 @@
 // Copy-on-write protection end to end: real QEMU, real guest, real store.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeLab, startStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
+import { labWithStore, readJson, until, sleep, pidAlive, assertFullVerify } from './support/lab.js';
 import { QmpClient } from '../src/qmp/index.js';
 import { lastMemcheckProgress, waitForMemcheckStep, countViolations, readSerial } from '../src/vm/serial.js';
 import { findGuestRam } from '../src/tracker/guest-ram.js';
 import { openVmImage } from '../src/store/index.js';
 import { readCheckpointHistory } from '../src/checkpoint/protection.js';
 
-const lab = makeLab('pcow');
-const storeDir = path.join(lab.home, 'store');
-let store: Awaited<ReturnType<typeof startStore>>;
-
-before(async () => {
-  store = await startStore(lab, storeDir);
-});
-after(async () => {
-  await store?.stop();
-  lab.cleanup();
-});
+const { lab, storeDir, store } = labWithStore('pcow');
 
 interface Protection { committedEpoch: number; generation: number; state: string; mode?: string; pid: number; last?: { pauseMs: number; bytes: number; cow?: { cowCopies: number; faults: number } } }
 const protection = (vm: string) => readJson<Protection>(path.join(lab.home, 'vms', vm, 'protection.json'));
@@ -146,6 +136,62 @@ test('a SIGKILLed CoW checkpointer does not leave the guest blocked: its supervi
   assert.equal(p.code, 0, p.stderr);
   assert.equal(lab.cli(['unprotect', vm]).code, 0);
   assert.ok(!fs.existsSync(guard), 'a clean stop removes the guard');
+  await assertFullVerify(serialOf(vm));
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
+test('a stopped CoW checkpointer blocks a guest write at most the stall limit: the supervisor kills it and lifts the protection; the next protection starts full', async () => {
+  const vm = 'cstall';
+  await startProtectedCow(vm, { mb: 32, rate: 0, grain: '64K' });
+  await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
+  const guard = path.join(lab.home, 'vms', vm, 'cow-guard.json');
+  const cpPid = protection(vm)!.pid;
+  const generation = protection(vm)!.generation;
+  const before = lastMemcheckProgress(serialOf(vm))!.step;
+  // Alive but serving nothing: the unthrottled guest's next write to a protected grain waits.
+  process.kill(cpPid, 'SIGSTOP');
+  const stoppedAt = Date.now();
+  try {
+    await until('guard acts', () => !fs.existsSync(guard), 60_000);
+  } finally {
+    if (pidAlive(cpPid)) process.kill(cpPid, 'SIGCONT');
+  }
+  const actedMs = Date.now() - stoppedAt;
+  const log = fs.readFileSync(path.join(lab.home, 'vms', vm, 'supervisor.log'), 'utf8');
+  const m = /copy-on-write checkpointer stalled: a guest write waited (\d+) ms \(limit (\d+) ms\)/.exec(log);
+  assert.ok(m, 'the supervisor logged the stall');
+  assert.ok(Number(m[1]) >= Number(m[2]), `it acted on a wait of at least the limit (${m[1]} >= ${m[2]} ms)`);
+  assert.ok(!pidAlive(cpPid), 'the stalled checkpointer was killed before the protection was lifted');
+  console.log(`SIGSTOP -> protection lifted: ${actedMs} ms (guest write waited ${m[1]} ms, limit ${m[2]} ms)`);
+  // The guest goes on and its memory is intact.
+  await waitForMemcheckStep(serialOf(vm), before + 5, 60_000);
+  await assertFullVerify(serialOf(vm));
+  // Protected again: a new generation, starting with a full checkpoint.
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  const p = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
+  assert.equal(p.code, 0, p.stderr);
+  assert.ok(protection(vm)!.generation > generation);
+  assert.equal(readCheckpointHistory(vm).find((h) => h.generation === protection(vm)!.generation && h.epoch === 1)?.kind, 'full');
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});
+
+test('a SIGKILLed basic checkpointer does not keep its VM from copy-on-write protection: its async registration is released', async () => {
+  const vm = 'cb2c';
+  const file = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=16 memcheck.rate=8' });
+  assert.equal(lab.cli(['vm', 'start', file]).code, 0);
+  await waitForMemcheckStep(serialOf(vm), 1, 120_000);
+  const b = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s']);
+  assert.equal(b.code, 0, b.stderr);
+  assert.equal(protection(vm)!.mode, 'basic');
+  const cp = protection(vm)!.pid;
+  process.kill(cp, 'SIGKILL');
+  await until('checkpointer dead', () => !pidAlive(cp), 10_000);
+  const c = await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s', '--cow']);
+  assert.equal(c.code, 0, c.stderr);
+  assert.equal(protection(vm)!.mode, 'cow');
+  await until('a copy-on-write commit', () => (protection(vm)?.committedEpoch ?? 0) >= 2 || undefined, 60_000);
+  assert.equal(lab.cli(['unprotect', vm]).code, 0);
   await assertFullVerify(serialOf(vm));
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });

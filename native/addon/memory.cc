@@ -5,6 +5,7 @@
 // leaving a dangling Buffer: the range is replaced in place by an anonymous
 // read-only mapping of zeros (reads give 0, nothing is held), and the
 // finalizer later unmaps that.
+#include <algorithm>
 #include <thread>
 #include <vector>
 #include "common.h"
@@ -249,6 +250,60 @@ Napi::Value Lseek(const Napi::CallbackInfo &info) {
   return Napi::Number::New(env, (double)r);
 }
 
+// extendDataRuns(fd, base, size, known: Float64Array, chunk) -> Float64Array
+// The [offset, length] runs (relative to base, within size) that may hold data
+// of the file: `known` (ascending, from an earlier call) plus every chunk-aligned
+// chunk of the gaps between them where SEEK_DATA now finds data. Data never
+// leaves a run here (a hole punched later only costs a scan of it), and
+// SEEK_HOLE is never used: on shmem it walks every page of the data it skips.
+// The cost follows the gaps and the newly populated chunks, not the file size.
+Napi::Value ExtendDataRuns(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  uint64_t base = ArgU64(info, 1, "base"), size = ArgU64(info, 2, "size");
+  if (info.Length() < 4 || !info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    ThrowType(env, "known must be a Float64Array of [offset, length] pairs");
+  Napi::Float64Array known = info[3].As<Napi::Float64Array>();
+  uint64_t chunk = ArgU64(info, 4, "chunk");
+  if (chunk < PageSize() || (chunk & (chunk - 1))) ThrowType(env, "chunk must be a power of two, at least the page size");
+  std::vector<double> out;
+  auto emit = [&](uint64_t s, uint64_t e) {
+    size_t k = out.size();
+    if (k >= 2 && (uint64_t)(out[k - 2] + out[k - 1]) >= s) {
+      if ((double)e > out[k - 2] + out[k - 1]) out[k - 1] = (double)e - out[k - 2];
+    } else { out.push_back((double)s); out.push_back((double)(e - s)); }
+  };
+  auto gap = [&](uint64_t a, uint64_t b) {
+    uint64_t pos = a;
+    while (pos < b) {
+      off_t d = lseek(fd, (off_t)(base + pos), SEEK_DATA);
+      if (d < 0) {
+        if (errno == ENXIO) return;
+        ThrowErrno(env, "lseek(SEEK_DATA)", errno);
+      }
+      uint64_t off = (uint64_t)d - base;
+      if ((uint64_t)d < base || off >= b) return;
+      uint64_t cs = std::max(a, off & ~(chunk - 1)), ce = std::min(b, (off & ~(chunk - 1)) + chunk);
+      emit(cs, ce);
+      pos = ce;
+    }
+  };
+  uint64_t cur = 0;
+  size_t n = known.ElementLength();
+  if (n % 2) ThrowType(env, "known must hold [offset, length] pairs");
+  for (size_t i = 0; i < n; i += 2) {
+    uint64_t s = (uint64_t)known[i], e = s + (uint64_t)known[i + 1];
+    if (s < cur || e > size) ThrowType(env, "known runs must be ascending, within size");
+    gap(cur, s);
+    emit(s, e);
+    cur = e;
+  }
+  gap(cur, size);
+  Napi::Float64Array r = Napi::Float64Array::New(env, out.size());
+  if (!out.empty()) memcpy(r.Data(), out.data(), out.size() * sizeof(double));
+  return r;
+}
+
 // flock(2) without blocking: true when taken, false when another open file
 // description holds a conflicting lock (EWOULDBLOCK). mode: "ex", "sh" or "un".
 Napi::Value Flock(const Napi::CallbackInfo &info) {
@@ -280,6 +335,7 @@ void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("releaseMapping", Napi::Function::New(env, ReleaseMapping));
   exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
   exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("extendDataRuns", Napi::Function::New(env, ExtendDataRuns));
   exports.Set("flock", Napi::Function::New(env, Flock));
   exports.Set("processReadRuns", Napi::Function::New(env, ProcessReadRuns));
   exports.Set("bufferAddress", Napi::Function::New(env, BufferAddress));

@@ -161,17 +161,11 @@ struct ScanSpec {
   uint64_t flags, inverted, mask, anyof, ret;
 };
 
-Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint64_t vecLen) {
-  Napi::Env env = info.Env();
-  int fd = ArgFd(info, 0, "pagemapFd");
-  uint64_t start = ArgU64(info, 1, "start");
-  uint64_t end = ArgU64(info, 2, "end");
-  if (vecLen == 0 || vecLen > (1u << 20)) ThrowType(env, "vecLen out of range");
-  if (end < start || (start | end) & (PageSize() - 1)) ThrowType(env, "start/end must be page aligned, start <= end");
-
-  std::vector<PageRegion> vec(vecLen);
-  std::vector<double> out;
-  uint64_t cur = start, calls = 0, pages = 0, stalls = 0;
+// Scans [s, e) (absolute, page aligned) with `spec`, appending [offset, length]
+// pairs relative to `base` to out (merged with its last run where they touch).
+void ScanRange(Napi::Env env, int fd, const ScanSpec &spec, std::vector<PageRegion> &vec, uint64_t s0, uint64_t end, uint64_t base,
+               std::vector<double> &out, uint64_t &calls, uint64_t &pages) {
+  uint64_t cur = s0, stalls = 0;
   while (cur < end) {
     PmScanArg arg = {};
     arg.size = sizeof arg;
@@ -179,7 +173,7 @@ Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint6
     arg.start = cur;
     arg.end = end;
     arg.vec = (uint64_t)(uintptr_t)vec.data();
-    arg.vec_len = vecLen;
+    arg.vec_len = vec.size();
     arg.category_inverted = spec.inverted;
     arg.category_mask = spec.mask;
     arg.category_anyof_mask = spec.anyof;
@@ -192,9 +186,9 @@ Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint6
     }
     for (long i = 0; i < n; i++) {
       uint64_t s = vec[i].start, e = vec[i].end;
-      if (s < start || e > end || e <= s) ThrowErrno(env, "PAGEMAP_SCAN returned a region outside the range", EIO);
+      if (s < s0 || e > end || e <= s) ThrowErrno(env, "PAGEMAP_SCAN returned a region outside the range", EIO);
       pages += (e - s) / PageSize();
-      double off = (double)(s - start), len = (double)(e - s);
+      double off = (double)(s - base), len = (double)(e - s);
       size_t k = out.size();
       if (k >= 2 && out[k - 2] + out[k - 1] == off) out[k - 1] += len;
       else { out.push_back(off); out.push_back(len); }
@@ -208,6 +202,9 @@ Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint6
     stalls = 0;
     cur = next;
   }
+}
+
+Napi::Value ScanResultOf(Napi::Env env, const std::vector<double> &out, uint64_t calls, uint64_t pages) {
   Napi::Float64Array runs = Napi::Float64Array::New(env, out.size());
   if (!out.empty()) memcpy(runs.Data(), out.data(), out.size() * sizeof(double));
   Napi::Object r = Napi::Object::New(env);
@@ -215,6 +212,47 @@ Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint6
   r.Set("calls", Napi::Number::New(env, (double)calls));
   r.Set("pages", Napi::Number::New(env, (double)pages));
   return r;
+}
+
+Napi::Value ScanLoop(const Napi::CallbackInfo &info, const ScanSpec &spec, uint64_t vecLen) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "pagemapFd");
+  uint64_t start = ArgU64(info, 1, "start");
+  uint64_t end = ArgU64(info, 2, "end");
+  if (vecLen == 0 || vecLen > (1u << 20)) ThrowType(env, "vecLen out of range");
+  if (end < start || (start | end) & (PageSize() - 1)) ThrowType(env, "start/end must be page aligned, start <= end");
+  std::vector<PageRegion> vec(vecLen);
+  std::vector<double> out;
+  uint64_t calls = 0, pages = 0;
+  ScanRange(env, fd, spec, vec, start, end, start, out, calls, pages);
+  return ScanResultOf(env, out, calls, pages);
+}
+
+// The same over several [offset, length] ranges relative to `start` (ascending,
+// not overlapping): only they are walked. Runs are relative to start.
+Napi::Value ScanLoopIn(const Napi::CallbackInfo &info, const ScanSpec &spec, uint64_t vecLen) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "pagemapFd");
+  uint64_t start = ArgU64(info, 1, "start");
+  if (info.Length() < 3 || !info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    ThrowType(env, "ranges must be a Float64Array of [offset, length] pairs");
+  Napi::Float64Array rs = info[2].As<Napi::Float64Array>();
+  if (rs.ElementLength() % 2) ThrowType(env, "ranges must hold [offset, length] pairs");
+  if (vecLen == 0 || vecLen > (1u << 20)) ThrowType(env, "vecLen out of range");
+  if (start & (PageSize() - 1)) ThrowType(env, "start must be page aligned");
+  std::vector<PageRegion> vec(vecLen);
+  std::vector<double> out;
+  uint64_t calls = 0, pages = 0, last = 0;
+  for (size_t i = 0; i < rs.ElementLength(); i += 2) {
+    double o = rs[i], l = rs[i + 1];
+    if (!(o >= 0) || !(l > 0) || o != (double)(uint64_t)o || l != (double)(uint64_t)l) ThrowType(env, "ranges must be non-negative integers");
+    uint64_t s = (uint64_t)o, e = s + (uint64_t)l;
+    if ((s | e) & (PageSize() - 1)) ThrowType(env, "ranges must be page aligned");
+    if (s < last) ThrowType(env, "ranges must be ascending and not overlap");
+    last = e;
+    ScanRange(env, fd, spec, vec, start + s, start + e, start, out, calls, pages);
+  }
+  return ScanResultOf(env, out, calls, pages);
 }
 
 // scanWritten(pagemapFd, start, end, vecLen?) -> { runs: Float64Array, calls, pages }
@@ -248,6 +286,19 @@ Napi::Value ScanPages(const Napi::CallbackInfo &info) {
   if (spec.ret == 0) ThrowType(env, "returnMask must not be 0");
   uint64_t vecLen = info.Length() > 4 && !info[4].IsUndefined() ? ArgU64(info, 4, "vecLen") : 4096;
   return ScanLoop(info, spec, vecLen);
+}
+
+// scanWrittenIn(pagemapFd, start, ranges: Float64Array, vecLen?) -> { runs, calls, pages }
+// scanWritten over the given ranges only (relative to start).
+Napi::Value ScanWrittenIn(const Napi::CallbackInfo &info) {
+  uint64_t vecLen = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "vecLen") : 4096;
+  return ScanLoopIn(info, {kPmScanWpMatching | kPmScanCheckWpasync, 0, kPageIsWritten, 0, kPageIsWritten}, vecLen);
+}
+
+// countWrittenIn(pagemapFd, start, ranges: Float64Array) -> { runs, calls, pages }
+// Pages written in the ranges, nothing re-protected (sizing the next copy while the VM runs).
+Napi::Value CountWrittenIn(const Napi::CallbackInfo &info) {
+  return ScanLoopIn(info, {0, 0, kPageIsWritten, 0, kPageIsWritten}, 4096);
 }
 
 // copyIn(uffd, dst, src: Buffer, srcOffset, len) -> { copied, existed }
@@ -424,6 +475,8 @@ void InitUffd(Napi::Env env, Napi::Object exports) {
   exports.Set("uffdCopy", Napi::Function::New(env, UffdCopy));
   exports.Set("scanWritten", Napi::Function::New(env, ScanWritten));
   exports.Set("scanPages", Napi::Function::New(env, ScanPages));
+  exports.Set("scanWrittenIn", Napi::Function::New(env, ScanWrittenIn));
+  exports.Set("countWrittenIn", Napi::Function::New(env, CountWrittenIn));
   exports.Set("waitFaults", Napi::Function::New(env, WaitFaults));
   exports.Set("eventfdCreate", Napi::Function::New(env, EventfdCreate));
   exports.Set("eventfdSignal", Napi::Function::New(env, EventfdSignal));

@@ -3,8 +3,12 @@ import { validateSpec, startVm, stopVm, waitForMemcheckStep, lastMemcheckProgres
 import { protectVm, unprotectVm, readCheckpointHistory, readProtection } from '../checkpoint/index.js';
 import { SpecError } from '../errors.js';
 import { benchEnv, summary, fmt, writeResults, sleep, type Summary } from './harness.js';
+
+const uptime = () => { try { return execFileSync('uptime', { encoding: 'utf8' }).trim(); } catch { return 'unknown'; } };
 import { barChart } from './svg-chart.js';
 import { BenchError } from '../errors.js';
+import { execFileSync } from 'node:child_process';
+import { checkpointMarkdown, type CheckpointBenchJson, type CheckpointModeResult, type CheckpointSlowdown } from './checkpoint-report.js';
 
 export interface CheckpointBenchOptions {
   outDir: string;
@@ -22,6 +26,8 @@ export interface CheckpointBenchOptions {
   /** Also measure a VM with a qcow2 disk (memcheck + diskcheck): the disk freeze's share of the pause, and merges. */
   disk: boolean;
   log: (msg: string) => void;
+  /** The command line, recorded with the results. */
+  command?: string;
 }
 
 interface DiskResult {
@@ -34,30 +40,8 @@ interface DiskResult {
   meanMergeMs: number | null;
 }
 
-interface ModeResult {
-  memory: string;
-  workingSetMb: number;
-  mode: string;
-  checkpoints: number;
-  pauseMs: Summary;
-  parts: Record<'stopMs' | 'collectMs' | 'copyMs' | 'devstateMs' | 'diskMs' | 'contMs', Summary>;
-  mb: Summary;
-  commitMs: Summary;
-  sendMs: Summary;
-  precopyRounds: number;
-  /** CoW: writes that met a pending grain (copied first), first-write faults, fault service. */
-  cowCopies: Summary | null;
-  faults: Summary | null;
-  serviceMeanUs: Summary | null;
-  serviceMaxUs: Summary | null;
-}
-
-interface SlowdownResult {
-  rateMb: number;
-  mode: string;
-  stepsPerS: number;
-  slowdownPct: number | null;
-}
+type ModeResult = CheckpointModeResult;
+type SlowdownResult = CheckpointSlowdown;
 
 const PAPER = { basicPauseMs: '70-80', cowPauseMs: '5-7' };
 
@@ -101,6 +85,8 @@ async function stepRate(name: string, windowS: number): Promise<number> {
  * at memcheck 32 MB/s and unthrottled.
  */
 export async function runCheckpointBench(opts: CheckpointBenchOptions) {
+  const loadBefore = uptime();
+  const started = Date.now();
   const env = await benchEnv('ckpt');
   const modes = opts.modes.map(parseMode);
   const results: ModeResult[] = [];
@@ -120,13 +106,15 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
             opts.log(`  ${m.label}: protect every ${opts.intervalS} s (generation ${generation})`);
             await protectVm({ vm: name, store: env.store.address, intervalMs: opts.intervalS * 1000, generation, cow: m.cow });
             await waitEpoch(name, opts.checkpoints + 1);
-            await unprotectVm(name);
+            // A checkpoint of a large dirty set under load takes seconds to finish before the checkpointer exits.
+            await unprotectVm(name, 120_000);
             const hist = readCheckpointHistory(name).filter((h) => h.generation === generation && h.kind === 'incremental');
             const pick = (k: 'pauseMs' | 'stopMs' | 'collectMs' | 'copyMs' | 'devstateMs' | 'diskMs' | 'contMs' | 'commitMs' | 'sendMs') => summary(hist.map((h) => h[k]));
             const cowPick = (k: 'cowCopies' | 'faults' | 'serviceMeanUs' | 'serviceMaxUs') => (m.cow ? summary(hist.map((h) => h.cow?.[k] ?? 0)) : null);
             const r: ModeResult = {
               memory, workingSetMb: ws, mode: m.label, checkpoints: hist.length,
               pauseMs: pick('pauseMs'),
+              vmPausedMs: summary(hist.map((h) => h.vmPausedMs).filter((v): v is number => v !== undefined)),
               parts: { stopMs: pick('stopMs'), collectMs: pick('collectMs'), copyMs: pick('copyMs'), devstateMs: pick('devstateMs'), diskMs: pick('diskMs'), contMs: pick('contMs') },
               mb: summary(hist.map((h) => h.bytes / 2 ** 20)),
               commitMs: pick('commitMs'), sendMs: pick('sendMs'),
@@ -134,7 +122,7 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
               cowCopies: cowPick('cowCopies'), faults: cowPick('faults'), serviceMeanUs: cowPick('serviceMeanUs'), serviceMaxUs: cowPick('serviceMaxUs'),
             };
             results.push(r);
-            opts.log(`    pause median ${fmt(r.pauseMs.median)} ms p99 ${fmt(r.pauseMs.p99)} ms, collect ${fmt(r.parts.collectMs.median, 2)} ms, copy ${fmt(r.parts.copyMs.median)} ms, devstate ${fmt(r.parts.devstateMs.median)} ms, ${fmt(r.mb.median)} MB/ckpt`);
+            opts.log(`    VM paused median ${fmt(r.vmPausedMs?.median ?? null)} ms p99 ${fmt(r.vmPausedMs?.p99 ?? null)} ms; stop to cont median ${fmt(r.pauseMs.median)} ms p99 ${fmt(r.pauseMs.p99)} ms, collect ${fmt(r.parts.collectMs.median, 2)} ms, copy ${fmt(r.parts.copyMs.median)} ms, devstate ${fmt(r.parts.devstateMs.median)} ms, ${fmt(r.mb.median)} MB/ckpt`);
           }
         } finally {
           await stopVm(name);
@@ -173,36 +161,21 @@ export async function runCheckpointBench(opts: CheckpointBenchOptions) {
   } finally {
     await env.close();
   }
-  const json = {
+  const json: CheckpointBenchJson = {
     benchmark: 'checkpoint',
     date: new Date().toISOString(),
     host: { cpus: os.cpus().length, memGiB: Math.round(os.totalmem() / 2 ** 30), kernel: os.release() },
-    guest: { memories: opts.memories, accel: 'auto', workload: 'memcheck (unthrottled) over the working set', intervalS: opts.intervalS },
+    load: { before: loadBefore, after: uptime() },
+    command: opts.command,
+    durationS: Math.round((Date.now() - started) / 1000),
+    guest: { memories: opts.memories, intervalS: opts.intervalS },
     paper: PAPER,
     results,
     slowdown,
+    slowdownWindowS: opts.slowdownWindowS,
     disk: diskResult ?? null,
   };
-  const md = [
-    `Paper (Xen, 512 MB VM): pause ${PAPER.basicPauseMs} ms basic, ${PAPER.cowPauseMs} ms copy-on-write.`,
-    '',
-    '| guest | dirty set | mode | ckpts | pause median | pause p99 | collect | copy | devstate | MB/ckpt | pre-copy rounds | CoW copies before a write (median) | fault service mean / max (median) |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
-    ...results.map((r) => `| ${r.memory} | ${r.workingSetMb} MB | ${r.mode} | ${r.checkpoints} | ${fmt(r.pauseMs.median)} ms | ${fmt(r.pauseMs.p99)} ms | ${fmt(r.parts.collectMs.median, 2)} ms | ${fmt(r.parts.copyMs.median)} ms${r.mode.startsWith('cow') ? ' (after cont)' : ''} | ${fmt(r.parts.devstateMs.median)} ms | ${fmt(r.mb.median)} | ${r.precopyRounds} | ${r.cowCopies ? fmt(r.cowCopies.median, 0) : '-'} | ${r.serviceMeanUs ? `${fmt(r.serviceMeanUs.median, 0)} / ${fmt(r.serviceMaxUs!.median, 0)} µs` : '-'} |`),
-    '',
-    ...(slowdown.length ? [
-      `Guest slowdown from protection (${opts.memories[0]} guest, memcheck over 64 MB, interval ${opts.intervalS} s, ${opts.slowdownWindowS} s windows; unprotected = mean of a window before and after):`,
-      '',
-      '| memcheck rate | mode | steps/s | slowdown vs unprotected |',
-      '|---|---|---|---|',
-      ...slowdown.map((s) => `| ${s.rateMb ? `${s.rateMb} MB/s` : 'unthrottled'} | ${s.mode} | ${fmt(s.stepsPerS)} | ${s.slowdownPct === null ? '-' : `${fmt(s.slowdownPct)} %`} |`),
-      '',
-    ] : []),
-  ].join('\n') + '\n' + (diskResult ? [
-    '',
-    `With a qcow2 disk (memcheck 16 MB + diskcheck, interval 1 s, ${diskResult.checkpoints} checkpoints): pause median ${fmt(diskResult.pauseMs.median)} ms, p99 ${fmt(diskResult.pauseMs.p99)} ms, of which the disk freeze median ${fmt(diskResult.diskFreezeMs.median, 2)} ms, p99 ${fmt(diskResult.diskFreezeMs.p99, 2)} ms; chain length max ${diskResult.chainLength.max}; ${diskResult.merges} background merges of ${diskResult.layersMerged} layers, mean ${fmt(diskResult.meanMergeMs)} ms each.`,
-    '',
-  ].join('\n') : '');
+  const md = checkpointMarkdown(json);
   const cats = results.map((r) => `${r.memory}/${r.workingSetMb}MB ${r.mode}`);
   const charts = {
     'checkpoint-pause.svg': barChart({ title: 'VM pause per checkpoint: basic vs copy-on-write', unit: 'ms', categories: cats, series: [{ name: 'median', values: results.map((r) => r.pauseMs.median) }, { name: 'p99', values: results.map((r) => r.pauseMs.p99) }], target: { value: 5, label: 'CoW target 5 ms' } }),

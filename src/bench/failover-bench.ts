@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { shellConfigOf, startShell, stopAllShells } from '../vm/index.js';
 import { validateSpec, type VmSpec, startVm, stopVm, findQemu, vmPaths, readState, isLive, removeStaleSockets, listVmNames, buildQemuArgs, chooseAccel, countViolations } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { shimPath } from '../config/paths.js';
@@ -13,8 +14,11 @@ import { benchEnv, fmt, writeResults, sleep, type BenchEnv } from './harness.js'
 import { analyseFailover } from './failover-analysis.js';
 import type { FailoverBenchOptions, QemuBaseline, RunResult } from './failover-results.js';
 import { renderFailover } from './failover-report.js';
+import { boot } from './serial-watch.js';
 import { renderFencing, runFencingBench, type FencingResult } from './failover-fencing.js';
+import { renderPaging, runPagingBench, type PagingRun } from './failover-paging.js';
 import { BenchError } from '../errors.js';
+import { renderWarmCold } from './failover-warm.js';
 
 export type { FailoverBenchOptions } from './failover-results.js';
 
@@ -33,116 +37,11 @@ export type { FailoverBenchOptions } from './failover-results.js';
 
 const now = () => performance.now();
 
-interface ProgressLine {
-  /** performance.now() when the bench saw the line (polled every 10 ms). */
-  t: number;
-  step: number;
-  /** Byte offset of the line's start in the serial log. */
-  offset: number;
-}
-
-/** Follows a serial log and timestamps every memcheck progress line as it appears. */
-class SerialWatch {
-  readonly lines: ProgressLine[] = [];
-  private pos = 0;
-  private partial = '';
-  private partialStart = 0;
-  private readonly timer: NodeJS.Timeout;
-
-  constructor(private readonly file: string) {
-    this.timer = setInterval(() => this.poll(), 10);
-  }
-
-  /** Bytes read so far: a line starting at or after this offset is new. */
-  get offset(): number {
-    this.poll();
-    return this.pos;
-  }
-
-  poll(): void {
-    let fd: number;
-    try {
-      fd = fs.openSync(this.file, 'r');
-    } catch {
-      return;
-    }
-    try {
-      const size = fs.fstatSync(fd).size;
-      if (size <= this.pos) return;
-      const buf = Buffer.alloc(size - this.pos);
-      const n = fs.readSync(fd, buf, 0, buf.length, this.pos);
-      const t = now();
-      let text = this.partial + buf.subarray(0, n).toString('latin1');
-      let lineStart = this.partial ? this.partialStart : this.pos;
-      this.pos += n;
-      for (;;) {
-        const nl = text.indexOf('\n');
-        if (nl < 0) break;
-        const line = text.slice(0, nl);
-        const m = /memcheck: step=(\d+)\b/.exec(line);
-        if (m) this.lines.push({ t, step: Number(m[1]), offset: lineStart });
-        lineStart += nl + 1;
-        text = text.slice(nl + 1);
-      }
-      this.partial = text;
-      this.partialStart = lineStart;
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
-
-  firstAfter(offset: number): ProgressLine | undefined {
-    return this.lines.find((l) => l.offset >= offset);
-  }
-
-  async waitFirstAfter(offset: number, timeoutMs: number): Promise<ProgressLine | undefined> {
-    const deadline = now() + timeoutMs;
-    for (;;) {
-      this.poll();
-      const l = this.firstAfter(offset);
-      if (l || now() > deadline) return l;
-      await sleep(5);
-    }
-  }
-
-  /**
-   * memcheck steps per second over [from, to): steps since the first line
-   * seen in the window, divided by the time from the window's start to the
-   * last line in it, so a stall at the start of the window counts against it.
-   */
-  rate(from: number, to: number, minOffset = 0): number | null {
-    const w = this.lines.filter((l) => l.t >= from && l.t < to && l.offset >= minOffset);
-    if (w.length < 2) return null;
-    const first = w[0]!;
-    const last = w[w.length - 1]!;
-    return (last.step - first.step) / ((last.t - from) / 1000);
-  }
-
-  close(): void {
-    clearInterval(this.timer);
-  }
-}
-
-
 function makeSpec(name: string, opts: FailoverBenchOptions): VmSpec {
   return validateSpec({
     name, memory: opts.memory, vcpus: 1, accel: 'auto', kernel: 'guest:vmlinux', initrd: 'guest:initrd.img',
     cmdline: `console=ttyS0 quiet hydra.run=memcheck memcheck.mb=${opts.workingSetMb} memcheck.rate=${opts.rateMb}`,
   }, process.cwd(), 'bench spec');
-}
-
-/** Boot a fresh VM; resolves at its first memcheck progress line. */
-async function boot(spec: VmSpec): Promise<{ watch: SerialWatch; bootMs: number }> {
-  fs.rmSync(vmPaths(spec.name).serialLog, { force: true });
-  const watch = new SerialWatch(vmPaths(spec.name).serialLog);
-  const t0 = now();
-  await startVm(spec);
-  const first = await watch.waitFirstAfter(0, 90_000);
-  if (!first) {
-    watch.close();
-    throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${spec.name}: no memcheck progress within 90 s of its start (see ${vmPaths(spec.name).serialLog})`);
-  }
-  return { watch, bootMs: first.t - t0 };
 }
 
 async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pollMs: number): Promise<number> {
@@ -154,12 +53,18 @@ async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pol
   }
 }
 
-async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: RestoreMode, prefetch: boolean, idx: number): Promise<RunResult> {
-  const name = `fo-${mode}${mode === 'network' && !prefetch ? '-nopf' : ''}-${idx}`;
+async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: RestoreMode, prefetch: boolean, idx: number, warm = false): Promise<RunResult> {
+  const name = `fo-${mode}${mode === 'network' && !prefetch ? '-nopf' : ''}${warm ? '-warm' : ''}-${idx}`;
   const spec = makeSpec(name, opts);
   opts.log(`[${name}] boot`);
   const { watch, bootMs } = await boot(spec);
   try {
+    if (warm) {
+      // The restoration host's shell, started (and idle) well before the failure, as an agent's pool keeps it.
+      const cfg = shellConfigOf(spec, chooseAccel(spec.accel, spec.name), []);
+      if ('reason' in cfg) throw new BenchError('HYDRA_BENCH_BAD_OPTION', `[${name}] no restore shell possible: ${cfg.reason}`);
+      await startShell(cfg.config);
+    }
     const prot = await protectVm({ vm: name, store: env.store.address, intervalMs: opts.intervalMs, generation: 1 });
     await waitFor('two incremental checkpoints', () => (readProtection(name)?.committedEpoch ?? 0) >= 3, 30_000, 50);
     const tA = now();
@@ -177,7 +82,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
     const tGone = await waitFor(`${name} supervisor gone`, () => !isLive(readState(name)), 10_000, 2);
 
     const tCall = now();
-    const r = await restoreVm({ vm: name, store: env.store.address, secret: process.env.HYDRAVM_SECRET!, mode, storeDir: env.storeDir, prefetch });
+    const r = await restoreVm({ vm: name, store: env.store.address, secret: process.env.HYDRAVM_SECRET!, mode, storeDir: env.storeDir, prefetch, shell: warm ? 'auto' : 'never' });
     const tRun = tCall + r.timings.totalMs;
     let tComplete: number | null = null;
     r.pager?.done.then(() => { tComplete = now(); }, () => undefined);
@@ -209,7 +114,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
       if (!prefetch) await stopVm(name).catch(() => undefined);
     }
     const res: RunResult = {
-      mode, prefetch, vm: name, accel: state.accel ?? '?', bootMs,
+      mode, prefetch, warm, ...(r.shell.used ? {} : { shellMiss: r.shell.reason }), vm: name, accel: state.accel ?? '?', bootMs,
       initialCopyMs: prot.initialCopy?.ms ?? null,
       epochAtKill, stepBeforeKill, stepFirstAfter: progress?.step ?? null,
       detectMs: tDetect - tKill,
@@ -220,7 +125,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
       stepsPerSBefore, stepsPerSAfter, pager,
       violations: countViolations(vmPaths(name).serialLog, killOffset),
     };
-    opts.log(`[${name}] detect ${fmt(res.detectMs)} ms, spawn->running ${fmt(r.timings.spawnToRunningMs)} ms (device load ${fmt(r.timings.deviceLoadMs)}), kill->running ${fmt(res.killToRunningMs)} ms, kill->progress ${fmt(res.killToProgressMs)} ms, steps/s ${fmt(stepsPerSBefore)} -> ${fmt(stepsPerSAfter)}${pager ? `, faults ${pager.faults}, prefetched ${pager.pagesPrefetched}, complete ${fmt(pager.completeAfterRunningMs)} ms after running` : ''}, violations ${res.violations}`);
+    opts.log(`[${name}] ${r.shell.used ? `warm (shell ${r.shell.id}, hand-off ${fmt(r.timings.shellHandoffMs ?? 0)} ms)` : `cold (${r.shell.reason})`}, detect ${fmt(res.detectMs)} ms, spawn->running ${fmt(r.timings.spawnToRunningMs)} ms (device load ${fmt(r.timings.deviceLoadMs)}), kill->running ${fmt(res.killToRunningMs)} ms, kill->progress ${fmt(res.killToProgressMs)} ms, steps/s ${fmt(stepsPerSBefore)} -> ${fmt(stepsPerSAfter)}${pager ? `, faults ${pager.faults}, prefetched ${pager.pagesPrefetched}, complete ${fmt(pager.completeAfterRunningMs)} ms after running` : ''}, violations ${res.violations}`);
     return res;
   } finally {
     watch.close();
@@ -356,23 +261,35 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   const runs: RunResult[] = [];
   let qemu: QemuBaseline | undefined;
   let fencing: FencingResult | undefined;
+  let paging: PagingRun[] = [];
+  const pagingOpts = opts.paging && opts.paging.sizes.length > 0 && !opts.fencingOnly
+    ? { ...opts.paging, workingSetMb: opts.workingSetMb, intervalMs: opts.intervalMs, windowS: opts.windowS, log: opts.log }
+    : undefined;
   const t0 = now();
   try {
-    if (!opts.fencingOnly) {
-      qemu = await runQemuBaseline(env, opts);
+    if (opts.pagingOnly) {
+      if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
+    } else if (!opts.fencingOnly) {
+      if (!opts.noQemuBaseline) qemu = await runQemuBaseline(env, opts);
+      const shells = opts.shells ?? 'both';
       for (let i = 1; i <= opts.repeats; i++) {
-        runs.push(await runFailover(env, opts, 'file', true, i));
-        runs.push(await runFailover(env, opts, 'network', true, i));
+        for (const mode of ['file', 'network'] as const) {
+          if (shells !== 'warm') runs.push(await runFailover(env, opts, mode, true, i));
+          if (shells !== 'cold') runs.push(await runFailover(env, opts, mode, true, i, true));
+        }
       }
-      runs.push(await runFailover(env, opts, 'network', false, 1));
+      if (shells !== 'warm') runs.push(await runFailover(env, opts, 'network', false, 1));
+      if (pagingOpts) paging = await runPagingBench(env, pagingOpts);
     }
-    if (opts.fencingRounds > 0) fencing = await runFencingBench(env, opts, opts.fencingRounds);
+    if (opts.fencingRounds > 0 && !opts.pagingOnly) fencing = await runFencingBench(env, opts, opts.fencingRounds);
   } finally {
     for (const n of listVmNames()) {
       const s = readState(n);
       // Best-effort sweep of whatever a failed run left; the run's own error is what the user sees.
       if (s && (isLive(s) || pidAlive(s.qemuPid))) await stopVm(n).catch(() => undefined);
     }
+    // Shells a failed run left idle (each also ends itself with this process).
+    await stopAllShells();
     await env.close();
   }
   const durationS = (now() - t0) / 1000;
@@ -380,16 +297,26 @@ export async function runFailoverBench(opts: FailoverBenchOptions) {
   opts.log(`load after: ${loadAfter.uptime}`);
 
   const fencingMd = fencing ? renderFencing(fencing).join('\n') + '\n' : '';
+  const pagingMd = pagingOpts && paging.length ? renderPaging(paging, pagingOpts).join('\n') + '\n' : '';
+  if (opts.pagingOnly) {
+    const json = { startedAt, durationS, loadBefore, loadAfter, options: { ...opts, log: undefined }, paging };
+    const markdown = `# Fail-over benchmark: network-mode paging only\n\n${loadBefore.uptime}\n\n${pagingMd}`;
+    const files = writeResults(opts.outDir, 'failover-paging', json, markdown, {});
+    return { json, markdown, files };
+  }
   if (opts.fencingOnly) {
     const json = { startedAt, durationS, loadBefore, loadAfter, options: { ...opts, log: undefined }, fencing };
     const markdown = `# Fail-over benchmark: self-fencing only\n\n${loadBefore.uptime}\n\n${fencingMd}`;
     const files = writeResults(opts.outDir, 'failover-fencing', json, markdown, {});
     return { json, markdown, files };
   }
-  const analysis = analyseFailover(runs, qemu);
-  const r = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, runs, qemu, analysis);
-  const json = { ...(r.json as object), fencing };
-  const markdown = r.markdown + (fencingMd ? `\n${fencingMd}` : '');
+  // The established tables compare cold starts (as before restore shells); warm runs get their own table beside them.
+  const coldRuns = runs.filter((x) => !x.warm);
+  const analysis = analyseFailover(coldRuns.length > 0 ? coldRuns : runs, qemu);
+  const r = renderFailover(opts, { startedAt, durationS, loadBefore, loadAfter }, coldRuns.length > 0 ? coldRuns : runs, qemu, analysis);
+  const warmCold = renderWarmCold(runs);
+  const json = { ...(r.json as object), fencing, warmCold: warmCold.json, allRuns: runs, paging };
+  const markdown = r.markdown + `\n${warmCold.markdown}` + (fencingMd ? `\n${fencingMd}` : '') + (pagingMd ? `\n${pagingMd}` : '');
   const files = writeResults(opts.outDir, 'failover', json, markdown, r.charts);
   return { json, markdown, files };
 }

@@ -16,12 +16,24 @@ export interface FailoverBenchOptions {
   fencingRounds: number;
   /** Run only the self-fencing rounds. */
   fencingOnly?: boolean;
+  /** Network paging part: guest sizes (none: skip), stream controls (guard, none, MB/s), background connections. */
+  paging?: { sizes: string[]; modes: string[]; streams: number };
+  /** Run only the paging part. */
+  pagingOnly?: boolean;
+  /** Restores into a pre-started restore shell, cold QEMU starts, or both (default both). */
+  shells?: 'both' | 'warm' | 'cold';
+  /** Skip QEMU's full save/restore baseline (its table is then absent). */
+  noQemuBaseline?: boolean;
   log: (msg: string) => void;
 }
 
 export interface RunResult {
   mode: RestoreMode;
   prefetch: boolean;
+  /** Restored into a pre-started restore shell (asked for); `restore.warm` says whether one was used. */
+  warm: boolean;
+  /** Why no shell was used, when none was. */
+  shellMiss?: string;
   vm: string;
   accel: string;
   /** QEMU spawn (startVm) to the first memcheck progress line: the reboot baseline. */

@@ -1,12 +1,13 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { CheckpointError, HydraError } from '../errors.js';
+import { vmPaths } from '../vm/index.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { DirtyTracker, processStartTime } from '../tracker/index.js';
 import type { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
-import { joinStore, openCheckpoint, retryable, stopIfRunning, streamFullCopy } from './full-copy.js';
+import { beginPause, joinStore, openCheckpoint, retryable, streamFullCopy } from './full-copy.js';
 import { batchRuns, mergeRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import { CheckpointFaults } from './faults.js';
@@ -31,6 +32,8 @@ export interface CheckpointerOptions {
   /** Where QEMU writes the device state during the pause (small, rewritten each time). */
   devstateFile: string;
   store: string;
+  /** In a cluster: the active store's address, asked on every (re)connection (see joinStore). */
+  resolveStore?: () => Promise<string>;
   secret: string;
   generation: number;
   intervalMs: number;
@@ -52,6 +55,8 @@ export interface CheckpointerOptions {
    * so every committed epoch has a disk state that matches its memory.
    */
   disks?: { paths: { path: string }[]; layerDir: string };
+  /** Copy-on-write was asked for and could not be given (why): basic checkpoints, and the status says so. */
+  cowRefused?: string;
 }
 
 /**
@@ -96,6 +101,8 @@ export class Checkpointer {
       generation: opts.generation,
       state: 'starting',
       pid: process.pid,
+      mode: 'basic',
+      ...(opts.cowRefused ? { cowRefused: opts.cowRefused } : {}),
       configuredIntervalMs: opts.intervalMs,
       committedEpoch: 0,
       lastCommitAt: null,
@@ -230,6 +237,7 @@ export class Checkpointer {
   private async connectStore(): Promise<void> {
     const joined = await joinStore(this.opts, this.status.committedEpoch, this.log);
     this.client = joined.client;
+    this.status.store = joined.address;
     if (joined.needFull) {
       this.needFull = true;
       this.status.committedEpoch = joined.storeEpoch;
@@ -263,14 +271,15 @@ export class Checkpointer {
     this.lastStart = startedAt;
     const pre = await this.precopy(client);
 
-    const t0 = performance.now();
-    const wasRunning = await stopIfRunning(this.qmp);
-    const t1 = performance.now();
-    // QEMU saves the device state in its own thread while we collect and copy pages.
-    const devstateSaved = this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false })
-      .then(() => performance.now() - t1);
-    // Awaited (and its error thrown) below; this only keeps an early rejection from being unhandled.
-    devstateSaved.catch(() => undefined);
+    const pause = await beginPause(this.qmp, this.opts.devstateFile, vmPaths(this.opts.vm).pauseGuard);
+    const t0 = pause.sentAt;
+    const t1 = pause.stoppedAt;
+    let contSentAt = 0;
+    let vmPausedMs: number | undefined;
+    const cont = () => {
+      contSentAt ||= performance.now();
+      return pause.cont();
+    };
     let runs: Run[] = [];
     let stagedRuns: Run[] = [];
     let overflow: Run[] = [];
@@ -313,7 +322,13 @@ export class Checkpointer {
       this.tracker.copyRuns(stagedRuns, this.staging, 0, PAUSE_COPY_THREADS);
       this.faults.hit('copy');
       copyMs = performance.now() - t2;
-      devstateMs = await devstateSaved;
+      if (overflow.length > 0) {
+        overflowBuf = Buffer.allocUnsafeSlow(totalBytes(overflow));
+        this.tracker.copyRuns(overflow, overflowBuf);
+      }
+      // Without disks the pages are all there: `cont` goes now and runs right after the save.
+      if (!this.freezer) void cont().catch(() => undefined); // awaited in the finally below
+      devstateMs = (await pause.devstate) - t1;
       this.faults.hit('devstate');
       this.faults.hit('freeze');
       if (this.freezer) {
@@ -321,17 +336,13 @@ export class Checkpointer {
         disks = await this.freezer.freeze(epoch);
         diskMs = performance.now() - td;
       }
-      if (overflow.length > 0) {
-        overflowBuf = Buffer.allocUnsafeSlow(totalBytes(overflow));
-        this.tracker.copyRuns(overflow, overflowBuf);
-      }
     } finally {
       // Only waits for QEMU to finish before the next step; a failed save already failed the checkpoint above.
-      await devstateSaved.catch(() => undefined);
-      const t4 = performance.now();
-      if (wasRunning) await this.qmp.execute('cont');
-      t5 = performance.now();
-      contMs = t5 - t4;
+      const saved = await pause.devstate.catch(() => performance.now());
+      t5 = await cont();
+      // From the later of sending `cont` and the save's answer: what `cont` itself took.
+      contMs = t5 - Math.max(contSentAt, saved);
+      vmPausedMs = pause.vmPausedMs();
     }
     const devstate = fs.readFileSync(this.opts.devstateFile);
 
@@ -367,7 +378,7 @@ export class Checkpointer {
     if (totalBytes(runs) > this.staging.length * 0.75) this.growStaging(totalBytes(runs) * 1.5);
     const stats: CheckpointStats = {
       epoch, kind, startedAt,
-      pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
+      pauseMs: t5 - t0, vmPausedMs, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
       pages: bytes / PAGE, bytes, devstateBytes: devstate.length,
       sendMs: te - ts, commitMs: tc - te, intervalMs,
       diskChainLength: this.freezer?.chainLength() ?? 0,

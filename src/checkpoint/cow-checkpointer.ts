@@ -6,7 +6,7 @@ import { CowTracker, processStartTime } from '../tracker/index.js';
 import type { StoreClient } from '../protocol/index.js';
 import { vmLog } from '../util/log.js';
 import { DiskFreezer } from '../disk/index.js';
-import { joinStore, openCheckpoint, retryable, stopIfRunning, streamFullCopy } from './full-copy.js';
+import { beginPause, joinStore, openCheckpoint, retryable, streamFullCopy } from './full-copy.js';
 import { batchRuns, totalBytes, type Run } from './runs.js';
 import { summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
 import type { CheckpointerOptions } from './checkpointer.js';
@@ -171,6 +171,7 @@ export class CowCheckpointer {
   private async connectStore(): Promise<void> {
     const joined = await joinStore(this.opts, this.status.committedEpoch, this.log);
     this.client = joined.client;
+    this.status.store = joined.address;
     if (joined.needFull) {
       this.needFull = true;
       this.status.committedEpoch = joined.storeEpoch;
@@ -207,11 +208,9 @@ export class CowCheckpointer {
 
     // Re-protecting a large dirty set takes milliseconds: do it while the VM still runs.
     const prearm = this.tracker.prearm();
-    const t0 = performance.now();
-    const wasRunning = await stopIfRunning(this.qmp);
-    const t1 = performance.now();
-    const devstateSaved = this.qmp.execute('xen-save-devices-state', { filename: this.opts.devstateFile, live: false }).then(() => performance.now() - t1);
-    devstateSaved.catch(() => undefined); // awaited below; this only keeps an early rejection from being unhandled
+    const pause = await beginPause(this.qmp, this.opts.devstateFile, vmPaths(this.opts.vm).pauseGuard);
+    const t0 = pause.sentAt;
+    const t1 = pause.stoppedAt;
     let collected: ReturnType<CowTracker['collect']> | undefined;
     let collectMs = 0;
     let devstateMs = 0;
@@ -219,23 +218,31 @@ export class CowCheckpointer {
     let contMs = 0;
     let disks: string[] | undefined;
     let t5 = t1;
+    let contSentAt = 0;
+    let vmPausedMs: number | undefined;
+    const cont = () => {
+      contSentAt ||= performance.now();
+      return pause.cont();
+    };
     let drained = false;
     try {
       try {
         collected = this.tracker.collect();
         collectMs = performance.now() - t1;
-        devstateMs = await devstateSaved;
+        // Without disks nothing else belongs in the pause: `cont` goes now and runs right after the save.
+        if (!this.freezer) void cont().catch(() => undefined); // awaited in the finally below
+        devstateMs = (await pause.devstate) - t1;
         if (this.freezer) {
           const td = performance.now();
           disks = await this.freezer.freeze(epoch);
           diskMs = performance.now() - td;
         }
       } finally {
-        await devstateSaved.catch(() => undefined); // its failure is already thrown above
-        const t4 = performance.now();
-        if (wasRunning) await this.qmp.execute('cont');
-        t5 = performance.now();
-        contMs = t5 - t4;
+        const saved = await pause.devstate.catch(() => performance.now()); // its failure is already thrown above
+        t5 = await cont();
+        // From the later of sending `cont` and the save's answer: what `cont` itself took.
+        contMs = t5 - Math.max(contSentAt, saved);
+        vmPausedMs = pause.vmPausedMs();
       }
       const devstate = fs.readFileSync(this.opts.devstateFile);
 
@@ -274,7 +281,7 @@ export class CowCheckpointer {
       const c = collected;
       const stats: CheckpointStats = {
         epoch, kind, startedAt,
-        pauseMs: t5 - t0, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
+        pauseMs: t5 - t0, vmPausedMs, stopMs: t1 - t0, collectMs, copyMs, devstateMs, diskMs, contMs,
         pages: copied / PAGE, bytes: copied, devstateBytes: devstate.length,
         sendMs: te - ts, commitMs: tc - te, intervalMs,
         diskChainLength: this.freezer?.chainLength() ?? 0,

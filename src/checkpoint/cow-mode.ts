@@ -7,24 +7,37 @@ import { DEFAULT_COW_GRAIN, DEFAULT_COW_MAX_SPILL, DEFAULT_COW_STAGING, type Cow
 export { CowCheckpointer } from './cow-checkpointer.js';
 
 /**
- * Copy-on-write settings for a request, or undefined for basic mode. The
- * request wins over the VM's spec. A VM restored in file mode runs on a
- * private mapping of the image, which the copy-on-write copier cannot read
- * through a shared view: it is checkpointed in basic mode (logged).
+ * Why a VM restored in file mode is checkpointed in basic mode even when
+ * copy-on-write is asked for. Its RAM is a private mapping of the image file
+ * (pages load from the page cache on first touch). Catching a write before it
+ * lands needs userfaultfd write-protect in sync mode, and the kernel allows
+ * that only on anonymous, shmem and hugetlb memory; on any other file mapping
+ * it allows write-protect only in async mode (what basic mode uses), which
+ * records writes but does not stop them. A network-mode restore runs on
+ * shared memory and keeps copy-on-write.
  */
-export function cowSettings(req: { vm: string; cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number } }, config: LaunchFile, qemuPid: number): CowSettings | undefined {
+export const COW_PRIVATE_RAM_REASON = 'guest RAM is a private mapping of the image file (a file-mode restore): the kernel offers only async write-protect there, which cannot hold a write until its page is copied; restore in network mode to keep copy-on-write';
+
+/**
+ * Copy-on-write settings for a request (`settings`), or none for basic mode;
+ * `refused` says why copy-on-write was asked for and not given. The request
+ * wins over the VM's spec.
+ */
+export function cowSettings(req: { vm: string; cow?: false | { grain?: number; stagingBytes?: number; maxSpillBytes?: number } }, config: LaunchFile, qemuPid: number): { settings?: CowSettings; refused?: string } {
   const fromSpec = config.spec.protection;
-  if (req.cow === false) return undefined;
-  if (req.cow === undefined && !fromSpec?.cow) return undefined;
+  if (req.cow === false) return {};
+  if (req.cow === undefined && !fromSpec?.cow) return {};
   if (findGuestRam(qemuPid).kind !== 'shared') {
-    vmLog(req.vm).warn('copy-on-write asked for, but guest RAM is a private file mapping (file-mode restore): using basic checkpoints');
-    return undefined;
+    vmLog(req.vm).warn({ reason: COW_PRIVATE_RAM_REASON }, 'copy-on-write asked for: using basic checkpoints');
+    return { refused: COW_PRIVATE_RAM_REASON };
   }
   const r = req.cow ?? {};
   return {
-    grain: r.grain ?? fromSpec?.grainBytes ?? DEFAULT_COW_GRAIN,
-    stagingBytes: r.stagingBytes ?? DEFAULT_COW_STAGING,
-    maxSpillBytes: r.maxSpillBytes ?? DEFAULT_COW_MAX_SPILL,
+    settings: {
+      grain: r.grain ?? fromSpec?.grainBytes ?? DEFAULT_COW_GRAIN,
+      stagingBytes: r.stagingBytes ?? DEFAULT_COW_STAGING,
+      maxSpillBytes: r.maxSpillBytes ?? DEFAULT_COW_MAX_SPILL,
+    },
   };
 }
 
@@ -32,12 +45,15 @@ export function cowSettings(req: { vm: string; cow?: false | { grain?: number; s
  * After its copy-on-write checkpointer was killed, a VM's guest RAM stays
  * write-protected on a uffd its QEMU holds: the next write to a protected
  * grain would wait forever. Unregistering the range lets every writer go on.
+ * alsoAsync (right before a new checkpointer starts, none living): also the
+ * async registration a killed basic checkpointer left, which would make the
+ * new tracker's registration fail as busy.
  */
-export function releaseCowOf(vm: string): void {
+export function releaseCowOf(vm: string, opts: { alsoAsync?: boolean } = {}): void {
   const state = readState(vm);
   if (!state?.qemuPid || !isLive(state)) return;
   try {
-    if (releaseOrphanedCow(state.qemuPid)) vmLog(vm).warn('released guest RAM left write-protected by a stopped copy-on-write checkpointer');
+    if (releaseOrphanedCow(state.qemuPid, opts)) vmLog(vm).warn('released guest RAM left registered for write-protect by a stopped checkpointer');
   } catch (err) {
     vmLog(vm).warn({ err: (err as Error).message }, 'could not release copy-on-write protection left by a stopped checkpointer');
   }

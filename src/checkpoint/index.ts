@@ -2,7 +2,7 @@
 import { onStop } from '../vm/index.js';
 import { isProtected, unprotectVm } from './protection.js';
 
-export { protectVm, unprotectVm, readProtection, readCheckpointHistory, isProtected, assertProtectable, runCheckpointerProcess, type ProtectRequest } from './protection.js';
+export { protectVm, unprotectVm, readProtection, readCheckpointHistory, isProtected, assertProtectable, runCheckpointerProcess, type ProtectRequest, type StoreDiscovery, type StoreResolverFactory } from './protection.js';
 export { nextGeneration } from './generation.js';
 export { collectStatus, renderPrometheus, type StatusRow } from './status-report.js';
 export { quantile, summarize, type CheckpointStats, type ProtectionStatus } from './stats.js';
@@ -11,3 +11,4 @@ export { quantile, summarize, type CheckpointStats, type ProtectionStatus } from
 onStop(async (vm) => {
   if (isProtected(vm)) await unprotectVm(vm, 120_000);
 });
+export { COW_PRIVATE_RAM_REASON } from './cow-mode.js';

@@ -3,8 +3,10 @@ export interface CheckpointStats {
   epoch: number;
   kind: 'full' | 'incremental';
   startedAt: number;
-  /** VM paused: from `stop` sent to `cont` answered. */
+  /** The pause as the checkpointer sees it: from `stop` sent to `cont` answered (two QMP round trips more than the VM's). */
   pauseMs: number;
+  /** The VM's own pause by QEMU's clock: its STOP event (vCPUs halted) to its RESUME event. */
+  vmPausedMs?: number;
   stopMs: number;
   collectMs: number;
   copyMs: number;
@@ -53,6 +55,8 @@ export interface ProtectionStatus {
   state: 'starting' | 'initial-copy' | 'protected' | 'retrying' | 'stopped' | 'failed';
   /** 'cow': copy-on-write checkpoints; absent or 'basic': pages copied inside the pause. */
   mode?: 'basic' | 'cow';
+  /** Copy-on-write was asked for but the VM is checkpointed in basic mode: why. */
+  cowRefused?: string;
   /** Copy-on-write checkpoints given up (their grains went into the next one). */
   cowFailures?: number;
   reason?: string;

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import path from 'node:path';
 import { registerEvalCommands } from './bench-eval-command.js';
+import { BenchError } from '../errors.js';
 
 export function registerBenchCommand(program: Command): void {
   const bench = program.command('bench').description('benchmarks: write JSON, a Markdown table and SVG plots');
@@ -26,9 +27,20 @@ export function registerBenchCommand(program: Command): void {
         slowdownWindowS: Number(opts.slowdownWindow),
         disk: opts.disk,
         log: (m) => process.stderr.write(`${m}\n`),
+        command: ['hydravm', ...process.argv.slice(2)].join(' '),
       });
       process.stdout.write(r.markdown);
       process.stdout.write(`written: ${r.files.join(', ')}\n`);
+    });
+
+  bench.command('checkpoint-page')
+    .description('write a checkpoint benchmark run (its JSON) into the generated section of docs/benchmarks.md')
+    .option('--json <file>', 'the run', path.join('bench', 'results', 'checkpoint.json'))
+    .option('--doc <file>', 'the page', path.join('docs', 'benchmarks.md'))
+    .action(async (opts: { json: string; doc: string }) => {
+      const { writeCheckpointDoc } = await import('../bench/index.js');
+      writeCheckpointDoc(opts.json, opts.doc);
+      process.stdout.write(`${opts.doc}: checkpoint section written from ${opts.json}\n`);
     });
 
   bench.command('protocol')
@@ -82,7 +94,33 @@ export function registerBenchCommand(program: Command): void {
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
     .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
-    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean }) => {
+    .option('--paging-sizes <list>', 'network paging part: guest memory sizes, comma-separated ("none" skips it)', '512M,2G')
+    .option('--paging-modes <list>', 'network paging part: stream controls to try, comma-separated: guard (the default rate control), none (unlimited), or a fixed MB/s', 'guard,none')
+    .option('--paging-streams <n>', 'network paging part: background connections of the pager', '2')
+    .option('--paging-only', 'run only the network paging part')
+    .option('--guest <guest>', 'memcheck (the test guest, on one host) or debian (redis in the Debian image on 3 namespaced hosts, watched by a client; needs root)', 'memcheck')
+    .option('--runs <n>', 'debian: fail-overs of each kind (QEMU death, host death) per checkpoint interval', '2')
+    .option('--intervals <s>', 'debian: comma-separated checkpoint intervals in seconds', '1,0.5')
+    .option('--netns-prefix <prefix>', 'debian: name prefix of the namespaces, bridge and veths', 'hvfo-')
+    .option('--netns-subnet <cidr>', 'debian: a /24 inside 198.18.0.0/15 for the hosts and the VM', '198.18.110.0/24')
+    .option('--docs <file>', 'debian: also replace the generated section of this Markdown file (e.g. docs/benchmarks.md)')
+    .option('--keep', 'debian: keep the cluster directory (logs) after the run')
+    .option('--no-qemu-baseline', 'skip QEMU\'s full save/restore baseline')
+    .option('--shells <which>', 'fail-overs into a pre-started restore shell (warm), cold QEMU starts, or both', 'both')
+    .action(async (opts: { out: string; repeats: string; memory: string; workingSet: string; rate: string; interval: string; window: string; demandOnlySeconds: string; fencingRounds: string; fencingOnly?: boolean; guest: string; runs: string; intervals: string; netnsPrefix: string; netnsSubnet: string; docs?: string; keep?: boolean; shells: string; qemuBaseline: boolean; pagingSizes: string; pagingModes: string; pagingStreams: string; pagingOnly?: boolean }) => {
+      if (opts.guest === 'debian') {
+        const { runDebianFailoverBench } = await import('../bench/index.js');
+        const r = await runDebianFailoverBench({
+          outDir: opts.out, runs: Number(opts.runs), intervalsMs: opts.intervals.split(',').map((s) => Math.round(Number(s) * 1000)),
+          memory: opts.memory, windowS: Number(opts.window), prefix: opts.netnsPrefix, subnet: opts.netnsSubnet, keep: !!opts.keep, docs: opts.docs,
+          log: (m) => process.stderr.write(`${m}\n`),
+        });
+        process.stdout.write(r.markdown);
+        process.stdout.write(`written: ${r.files.join(', ')}\n`);
+        return;
+      }
+      if (opts.guest !== 'memcheck') throw new BenchError('HYDRA_BENCH_BAD_OPTION', `bench failover --guest "${opts.guest}": use memcheck or debian`);
+      if (!['both', 'warm', 'cold'].includes(opts.shells)) throw new BenchError('HYDRA_BENCH_BAD_OPTION', `bench failover --shells "${opts.shells}": use both, warm or cold`);
       const { runFailoverBench } = await import('../bench/index.js');
       const r = await runFailoverBench({
         outDir: opts.out,
@@ -95,6 +133,14 @@ export function registerBenchCommand(program: Command): void {
         noPrefetchS: Number(opts.demandOnlySeconds),
         fencingRounds: Number(opts.fencingRounds),
         fencingOnly: !!opts.fencingOnly,
+        paging: {
+          sizes: opts.pagingSizes === 'none' ? [] : opts.pagingSizes.split(',').map((x) => x.trim()).filter(Boolean),
+          modes: opts.pagingModes.split(',').map((x) => x.trim()).filter(Boolean),
+          streams: Number(opts.pagingStreams),
+        },
+        pagingOnly: !!opts.pagingOnly,
+        shells: opts.shells as 'both' | 'warm' | 'cold',
+        noQemuBaseline: !opts.qemuBaseline,
         log: (m) => process.stderr.write(`${m}\n`),
       });
       process.stdout.write(r.markdown);

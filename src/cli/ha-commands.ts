@@ -119,11 +119,13 @@ export function registerHaCommands(program: Command): void {
     .option('--etcd-port <port>', 'etcd client port (default: a free one)')
     .option('--lease-ttl <seconds>', 'host lease TTL (default 1; 3 with --netns)')
     .option('--secret-file <file>', 'cluster secret (default DIR/cluster.secret, created)')
-    .option('--netns', 'each host in its own network namespace on one bridge, with its own etcd member (a 3-member etcd for 3 hosts) and a checkpoint store in the first host (needs root)')
+    .option('--netns', 'each host in its own network namespace on one bridge, with its own etcd member (a 3-member etcd for 3 hosts) and its own checkpoint store (needs root)')
+    .option('--no-stores', 'start no checkpoint stores (default: one per host on DIR/shared/store, the first active, the others standbys)')
     .option('--netns-prefix <prefix>', 'name prefix of the namespaces, bridge and veths', 'hvm-')
     .option('--netns-subnet <cidr>', 'the hosts\' /24 inside 198.18.0.0/15 (bridge .1, hosts .11, .12, ...)', '198.18.100.0/24')
     .option('--json', 'print the cluster description as JSON')
-    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl?: string; secretFile?: string; json?: boolean; netns?: boolean; netnsPrefix: string; netnsSubnet: string }) => {
+    .action(async (opts: { dir?: string; hosts: string; hostMemory?: string; etcdPort?: string; leaseTtl?: string; secretFile?: string; json?: boolean; netns?: boolean; netnsPrefix: string; netnsSubnet: string; stores: boolean }) => {
+      if (opts.netns && !opts.stores) throw new SpecError('--no-stores: a namespaced cluster always runs a store per host');
       const { startEmbeddedCluster, startNetnsCluster } = await import('../ha/index.js');
       const { parseSize } = await import('../vm/index.js');
       const hosts = /^\d+$/.test(opts.hosts) ? positiveInt(opts.hosts, '--hosts') : opts.hosts.split(',').map((s) => s.trim()).filter(Boolean);
@@ -143,12 +145,14 @@ export function registerHaCommands(program: Command): void {
         etcdPort: opts.etcdPort ? positiveInt(opts.etcdPort, '--etcd-port') : undefined,
         leaseTtlSec: positiveInt(opts.leaseTtl ?? '1', '--lease-ttl'),
         secretFile: opts.secretFile,
+        stores: opts.stores,
       });
       c.cluster.close();
       const { cluster: _c, stop: _s, ...info } = c;
       if (opts.json) return printJson(info);
       process.stdout.write(`cluster up in ${c.dir}\n  etcd     ${c.etcdUrl} (pid ${(c.etcdMembers ?? [c.etcd]).map((m) => m.pid).join(', ')})\n  manager  pid ${c.manager?.pid}\n`);
-      if (c.store) process.stdout.write(`  store    ${c.store.address} (pid ${c.store.pid}), directory ${c.store.dir}\n`);
+      if (c.store) process.stdout.write(`  store    ${c.store.name} ${c.store.address} (pid ${c.store.pid}) active, directory ${c.store.dir}; protect VMs with --store cluster to follow the active store\n`);
+      for (const s of (c.stores ?? []).slice(1)) process.stdout.write(`  store    ${s.name} (pid ${s.pid}) standby\n`);
       if (c.netns) process.stdout.write(`  bridge   ${c.netns.bridge} ${c.netns.bridgeAddress}\n`);
       for (const h of c.hosts) process.stdout.write(`  ${h.host.padEnd(8)} pid ${h.pid}, HYDRAVM_HOME=${h.home}${h.netns ? `, netns ${h.netns} ${h.address}` : ''}\n`);
       process.stdout.write(`  logs     ${path.join(c.dir, 'logs')}\n  export HYDRAVM_ETCD=${c.etcdUrl}\n`);
@@ -201,10 +205,18 @@ export function registerHaCommands(program: Command): void {
       try {
         const s = await clusterStatus(c, { events: Number(opts.events) || 0 });
         if (opts.json) return printJson(s);
-        process.stdout.write(`manager: ${s.leader ?? 'NONE ELECTED'}\n\n`);
-        process.stdout.write(table(['HOST', 'ALIVE', 'FREE', 'TOTAL', 'VMS', 'HOME'], s.hosts.map((h) => h.alive
-          ? [h.name, 'yes', bytes(h.freeMemoryBytes), bytes(h.totalMemoryBytes), h.vms.join(',') || '-', h.home]
-          : [h.name, 'NO', undefined, undefined, undefined, h.home])) + '\n\n');
+        process.stdout.write(`manager: ${s.leader ?? 'NONE ELECTED'}\n`);
+        const st = s.stores;
+        if (st.active || st.standbys.length) {
+          process.stdout.write(table(['STORE', 'ROLE', 'ADDRESS', 'PID', 'SINCE', 'DIRECTORY'], [
+            ...(st.active ? [st.active] : []), ...st.standbys,
+          ].map((r) => [r.name, r.role, r.address || '-', r.pid, new Date(r.since).toISOString(), r.dir])) + '\n');
+          if (!st.active) process.stdout.write('no active checkpoint store: checkpoints stall until a standby takes over\n');
+        } else process.stdout.write('checkpoint stores: none registered in etcd\n');
+        process.stdout.write('\n');
+        process.stdout.write(table(['HOST', 'ALIVE', 'FREE', 'TOTAL', 'VMS', 'SHELLS', 'HOME'], s.hosts.map((h) => h.alive
+          ? [h.name, 'yes', bytes(h.freeMemoryBytes), bytes(h.totalMemoryBytes), h.vms.join(',') || '-', (h.shells ?? []).map((x) => `${x.idle}x ${x.key}`).join(', ') || '-', h.home]
+          : [h.name, 'NO', undefined, undefined, undefined, undefined, h.home])) + '\n\n');
         if (s.vms.length === 0) process.stdout.write('no VMs under HA\n');
         else process.stdout.write(table(['VM', 'HOST', 'GEN', 'IMAGE', 'STATE', 'STORE', 'MODE', 'REASON'], s.vms.map((v) => [
           v.name, v.hostAlive ? v.host : `${v.host} (dead)`, v.generation, v.imageGeneration, v.state, v.store, v.mode, v.reason,
@@ -222,7 +234,7 @@ export function registerHaCommands(program: Command): void {
     .description('put a running VM under HA: its host\'s agent protects it (new generation) and the manager fails it over')
     .argument('<vm>', 'VM name')
     .requiredOption('--host <name>', 'host (agent) the VM runs on')
-    .requiredOption('--store <addr>', 'checkpoint store address host:port')
+    .option('--store <addr>', 'checkpoint store address host:port, or "cluster": the active store registered in etcd, followed across store fail-overs', 'cluster')
     .option('--store-dir <dir>', 'the store\'s directory, for file-mode restores on this machine')
     .option('--mode <mode>', 'restore mode: network (pages from the store) | file (maps the image; needs --store-dir)', 'network')
     .option('--interval <duration>', 'checkpoint interval', '2s')
@@ -240,6 +252,10 @@ export function registerHaCommands(program: Command): void {
       try {
         const r = await protectInCluster(c, { vm, host: opts.host, store: opts.store, storeDir: opts.storeDir ? path.resolve(opts.storeDir) : undefined, mode: opts.mode, intervalMs: parseDuration(opts.interval, '--interval'), ...cowOption(opts) }, { wait: opts.wait });
         process.stdout.write(`VM ${vm} on ${r.host}: ${r.state}${r.state === 'protected' ? ` at generation ${r.generation}` : ''}\n`);
+        if (opts.cow && opts.mode === 'file') {
+          const { COW_PRIVATE_RAM_REASON } = await import('../checkpoint/index.js');
+          process.stdout.write(`VM ${vm}: after a fail-over it is checkpointed in basic mode, copy-on-write needs network-mode restores: ${COW_PRIVATE_RAM_REASON}\n`);
+        }
       } finally {
         c.close();
       }

@@ -40,6 +40,7 @@ export function registerProtectCommands(program: Command): void {
       });
       if (tty) process.stderr.write('\n');
       process.stdout.write(`VM ${name} protected: generation ${status.generation}, epoch ${status.committedEpoch} committed to ${status.store}, every ${ms(intervalMs)}${status.mode === 'cow' ? ', copy-on-write' : ''}\n`);
+      if (status.cowRefused) process.stdout.write(`VM ${name}: basic checkpoints, copy-on-write refused: ${status.cowRefused}\n`);
     });
 
   program.command('unprotect')
@@ -73,6 +74,8 @@ export function registerProtectCommands(program: Command): void {
     .argument('<name>')
     .action(async (name: string) => {
       const { runCheckpointerProcess } = await import('../checkpoint/index.js');
-      await runCheckpointerProcess(name);
+      // In a cluster the checkpointer looks the active store up in etcd on every reconnection.
+      const { storeResolver } = await import('../ha/index.js');
+      await runCheckpointerProcess(name, (d) => storeResolver(d));
     });
 }

@@ -33,6 +33,11 @@ export function vmDir(name: string): string {
   return path.join(vmsDir(), name);
 }
 
+/** Pre-started restore shells, one directory each (see src/vm/shell.ts). */
+export function shellsDir(): string {
+  return path.join(hydraHome(), 'shells');
+}
+
 export function cacheDir(): string {
   return process.env.HYDRAVM_CACHE ?? path.join(os.homedir(), '.cache', 'hydravm');
 }

@@ -80,6 +80,8 @@ interface DiskChain {
   /** Layers below the base (the disk's own backing files): never touched. */
   below: number;
   next: Layer | undefined;
+  /** The root node the device is attached to when it is a filter above the active layer (a VM restored into a restore shell). */
+  root?: string;
 }
 
 export interface MergeStats {
@@ -456,7 +458,8 @@ export class DiskFreezer {
         this.jobs.push(job);
         await this.qmp.execute('block-commit', {
           'job-id': job,
-          device: active,
+          // block-commit names a root node; under a filter the active layer is not one.
+          device: chain.root ?? active,
           'top-node': chain.layers[top]!.node,
           'base-node': chain.layers[0]!.node,
           'backing-file': chain.layers[0]!.file,
@@ -524,7 +527,7 @@ export class DiskFreezer {
       if (chain.layers.length < 2) continue;
       const job = `${JOB_PREFIX}flat${chain.index}-${this.token}-${++this.jobSeq}`;
       const active = chain.layers[chain.layers.length - 1]!.node;
-      await this.qmp.execute('block-commit', { 'job-id': job, device: active, 'base-node': chain.layers[0]!.node, 'auto-dismiss': false });
+      await this.qmp.execute('block-commit', { 'job-id': job, device: chain.root ?? active, 'top-node': active, 'base-node': chain.layers[0]!.node, 'auto-dismiss': false });
       const deadline = Date.now() + 300_000;
       for (;;) {
         const j = (await this.qmp.execute<JobInfo[]>('query-jobs')).find((x) => x.id === job);
@@ -722,6 +725,8 @@ async function readChains(qmp: QmpClient, vm: string, paths: string[], sizes: nu
       // Walk the backing chain: top node -> backing -> ...
       const nodes: Layer[] = [];
       let id = nameToId.get(ins['node-name']);
+      // A VM restored into a restore shell has a throttle filter between device and qcow2 chain: start below it.
+      if (id !== undefined && fileOf.get(ins['node-name'])?.drv === 'throttle') id = graph.edges.find((e) => e.parent === id && e.name === 'file')?.child;
       while (id !== undefined) {
         const n = byId.get(id)!;
         const info = fileOf.get(n.name);
@@ -735,7 +740,8 @@ async function readChains(qmp: QmpClient, vm: string, paths: string[], sizes: nu
       if (ins.ro) throw new DiskError('HYDRA_DISK_UNSUPPORTED', `disk ${paths[i]}: attached read-only to VM ${vm}; HydraVM protects writable qcow2 disks only, refusing to start protection`);
       // nodes[0] is the top; the merge base is the disk's own file, layers below it are left alone.
       const layers = nodes.slice(0, at + 1).reverse();
-      found = { index: i, qdev, size: sizes[i]!, layers, below: nodes.length - at - 1, next: undefined };
+      const root = fileOf.get(ins['node-name'])?.drv === 'throttle' ? ins['node-name'] : undefined;
+      found = { index: i, qdev, size: sizes[i]!, layers, below: nodes.length - at - 1, next: undefined, ...(root ? { root } : {}) };
       used.add(qdev);
       break;
     }

@@ -77,6 +77,11 @@ async function validateChain(vm: string, ref: LayerRef, checkAll: boolean): Prom
  * down from the frozen layer only.
  */
 export async function prepareRestoreDisks(layerIds: string[], opts: RestoreDisksOptions): Promise<string[]> {
+  return (await prepareRestoreDiskSet(layerIds, opts)).files;
+}
+
+/** prepareRestoreDisks, also returning each disk's virtual size (a restore shell must match them). */
+export async function prepareRestoreDiskSet(layerIds: string[], opts: RestoreDisksOptions): Promise<{ files: string[]; sizes: number[] }> {
   const refs = layerIds.map(parseLayerId).sort((a, b) => a.disk - b.disk);
   refs.forEach((r, i) => {
     if (r.disk !== i) throw new DiskError('HYDRA_DISK_LAYER_ID_INVALID', `VM ${opts.vm}: disk layer ids name disks ${refs.map((x) => x.disk).join(',')}, expected 0..${refs.length - 1}`);
@@ -104,7 +109,7 @@ export async function prepareRestoreDisks(layerIds: string[], opts: RestoreDisks
     for (const o of overlays) await fs.rm(o, { force: true });
     throw err;
   }
-  return overlays;
+  return { files: overlays, sizes };
 }
 
 /** Release the pin a prepareRestoreDisks({pin: true}) wrote (the overlays themselves are left alone). */

@@ -25,6 +25,8 @@ export interface LeaseOptions {
   onProof?: (sentMono: number, ttlMs: number) => void;
   /** etcd says the lease is gone (expired): what it guarded may already be restored elsewhere. */
   onLost?: (reason: string) => void;
+  /** Idle restore shells to report in the host record. */
+  shells?: () => { key: string; idle: number }[];
 }
 
 function memInfo(): { totalBytes: number; availableBytes: number } {
@@ -182,6 +184,7 @@ export class AgentLease {
       freeMemoryBytes: Math.max(0, Math.min(mem.availableBytes, capacity - used)),
       vms: local.filter((v) => v.ha?.host === core.host).map((v) => v.name),
       leaseId: this.leaseId ?? '',
+      ...(this.opts.shells ? { shells: this.opts.shells() } : {}),
       startedAt: 0,
       updatedAt: Date.now(),
     };

@@ -18,6 +18,7 @@ import { fenceLocalVm, staleReason } from './fence.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';
 import { HwWatchdog } from './hw-watchdog.js';
 import { WatchdogFeeder, type WatchdogVerdict } from './watchdog-feed.js';
+import { ShellPool, type ShellPoolOptions } from './shell-pool.js';
 import { defaultProtect, defaultRestore, defaultStoreGeneration, type ProtectFn, type RestoreFn, type StoreGenerationFn } from './restore-adapter.js';
 
 export type { AgentEvents } from './agent-core.js';
@@ -64,6 +65,8 @@ export interface AgentOptions {
   secret?: () => string | Promise<string>;
   restore?: RestoreFn;
   protect?: ProtectFn;
+  /** Pre-started restore shells (default: one per configuration of the VMs this host may receive, two at most); false: none. */
+  shells?: ShellPoolOptions | false;
   storeGeneration?: StoreGenerationFn;
   logger?: Logger;
 }
@@ -81,6 +84,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
   private readonly assignments: AssignmentRunner;
   private readonly feeder: WatchdogFeeder;
   private readonly hw: HwWatchdog | undefined;
+  private readonly shells: ShellPool | undefined;
 
   private running = false;
   private fencing = new Set<string>();
@@ -118,7 +122,10 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       classify: (v) => this.watchdogVerdict(v),
       ...(this.hw ? { hw: this.hw } : {}),
     });
+    // Shells live in HYDRAVM_HOME, where restores look for them: an agent acting on another home keeps none.
+    this.shells = opts.shells === false || this.home !== path.resolve(hydraHome()) ? undefined : new ShellPool(this.log, this.host, opts.shells ?? {});
     this.lease = new AgentLease(core, {
+      ...(this.shells ? { shells: () => this.shells!.status() } : {}),
       ttlSec,
       marginMs: opts.fenceMarginMs ?? 150,
       onProof: (sentMono, ttlMs) => this.feeder.proven(sentMono, ttlMs),
@@ -136,6 +143,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       ...(opts.supervisorGraceMs !== undefined ? { supervisorGraceMs: opts.supervisorGraceMs } : {}),
       connected: () => this.lease.connected,
       reportProtected: (vm, generation) => this.deaths.reportProtected(vm, generation),
+      ...(typeof opts.etcd === 'string' || Array.isArray(opts.etcd) ? { etcdUrls: [opts.etcd].flat().join(',') } : {}),
     });
     this.view = new EtcdView(core, {
       fenceStale: () => this.fenceStale(),
@@ -164,6 +172,13 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     this.timers.push(setInterval(() => void this.tick(), this.pollMs));
     this.timers.push(setInterval(() => void this.view.resync(), 1000));
     this.timers.push(setInterval(() => void this.lease.reportHost(false), 1000));
+    if (this.shells) {
+      const shells = this.shells;
+      const reconcile = () => shells.reconcile(this.view.records.values(), this.host);
+      this.timers.push(setInterval(reconcile, 1000));
+      // A used shell is replaced at once, not at the next round.
+      this.on('restored', reconcile);
+    }
     await this.view.startWatches();
     // Fence stale copies before announcing the host (resync swallows its own errors unless asked).
     await this.view.resync();
@@ -181,6 +196,7 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     this.deaths.close();
+    await this.shells?.close();
     // No new assignment starts now (running is false); one in flight finishes before the fence below.
     await this.assignments.settle(60_000);
     if (opts.fence !== false) {

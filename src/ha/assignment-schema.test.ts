@@ -11,6 +11,8 @@ test('a manager-written assignment parses', () => {
   // Copy-on-write protection travels with the assignment, so a restored incarnation is protected the same way.
   assert.deepEqual(parseAssignment(raw({ cow: { grain: 65536 } }), 'h2', 'web1').cow, { grain: 65536 });
   assert.deepEqual(parseAssignment(raw({ cow: {} }), 'h2', 'web1').cow, {});
+  // The cluster's active store, looked up in etcd by the agent.
+  assert.equal(parseAssignment(raw({ store: 'cluster' }), 'h2', 'web1').store, 'cluster');
 });
 
 test('malformed assignments are refused, naming the key and the field', () => {
@@ -24,6 +26,7 @@ test('malformed assignments are refused, naming the key and the field', () => {
     [{ generation: 0 }, /generation of at least 1/],
     [{ imageGeneration: undefined }, /imageGeneration/],
     [{ store: 'http://evil/x' }, /store/],
+    [{ store: 'CLUSTER' }, /store/],
     [{ mode: 'disk' }, /mode/],
     [{ mode: 'file' }, /storeDir/],
     [{ mode: 'file', storeDir: 'relative/dir' }, /storeDir/],

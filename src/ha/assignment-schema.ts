@@ -8,7 +8,9 @@ import type { Assignment } from './cluster.js';
 const u32 = z.number().int().min(0).max(0xffff_ffff);
 const hostName = z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,62}$/i, 'is not a valid host name');
 /** host:port, [v6]:port; no scheme, no path. */
-const storeAddress = z.string().max(300).regex(/^(\[[0-9a-f:.]+\]|[a-z0-9][a-z0-9_.-]*):\d{1,5}$/i, 'is not a store address host:port');
+/** host:port, or `cluster` (the active store etcd names). */
+const HOST_PORT = /^(\[[0-9a-f:.]+\]|[a-z0-9][a-z0-9_.-]*):\d{1,5}$/i;
+const storeAddress = z.string().max(300).refine((s) => s === 'cluster' || HOST_PORT.test(s), 'is not a store address host:port (or "cluster")');
 
 const assignmentSchema = z.object({
   kind: z.enum(['protect', 'restore']),

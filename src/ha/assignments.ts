@@ -1,10 +1,15 @@
 // The agent's assignments: what etcd asks this host to do (restore a VM here, protect a VM running here).
 import { pidAlive } from '../util/pid.js';
+import { localShellConfig } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type Assignment, type Versioned, type VmRecord } from './cluster.js';
 import { fenceLocalVm } from './fence.js';
 import { readLocalVm, writeHaLocal } from './local-vm.js';
 import type { ProtectFn, RestoreFn, RestoreOutcome, StoreGenerationFn } from './restore-adapter.js';
+import { isClusterStore, storeAddress } from './store-discovery.js';
+
+/** How long an assignment waits for an active store in etcd (a standby may be taking over right now). */
+const STORE_LOOKUP_MS = 15_000;
 
 export interface AssignmentOptions {
   restore: RestoreFn;
@@ -19,6 +24,8 @@ export interface AssignmentOptions {
   connected: () => boolean;
   /** Record the protection of a VM's generation in etcd. */
   reportProtected: (vm: string, generation: number) => Promise<void>;
+  /** etcd endpoints a checkpointer started here may use to look the active store up again (store `cluster`). */
+  etcdUrls?: string;
 }
 
 export class AssignmentRunner {
@@ -94,7 +101,8 @@ export class AssignmentRunner {
       // checkpoint takes seconds and must not delay the fail-over's record.
       res = await opts.restore({
         vm: a.vm,
-        store: a.store,
+        store: await storeAddress(cluster, a.store, STORE_LOOKUP_MS),
+        ...(isClusterStore(a.store) ? { resolveStore: () => storeAddress(cluster, a.store, STORE_LOOKUP_MS) } : {}),
         secret,
         mode: a.mode,
         storeDir: a.storeDir,
@@ -111,7 +119,8 @@ export class AssignmentRunner {
       restoredEpoch: res.epoch,
       spawnToRunningMs: res.timings?.spawnToRunningMs,
       restoreTimings: res.timings as Record<string, number> | undefined,
-    }).catch(() => undefined);
+      ...(res.shell && !res.shell.used ? { coldReason: res.shell.reason } : {}),
+    }).catch(() => undefined); // best effort: the timing record is advisory
     // The restored copy's files, read once: its memory size for etcd, its protection below.
     const local = readLocalVm(home, a.vm);
     const written = await cluster.updateVm(a.vm, (cur) =>
@@ -131,7 +140,7 @@ export class AssignmentRunner {
     if (!(local?.protection?.state === 'protected' && local.protection.generation === a.generation && local.protection.pid && pidAlive(local.protection.pid))) {
       try {
         if (res.pager) await res.pager.done;
-        await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
+        await opts.protect({ ...(await this.protectTarget(a.store)), vm: a.vm, intervalMs: a.intervalMs, generation: a.generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       } catch (err) {
         const msg = (err as Error).message;
         core.log.error({ vm: a.vm, generation: a.generation, err: msg }, 'restored VM runs unprotected: protection failed');
@@ -141,6 +150,16 @@ export class AssignmentRunner {
       }
     }
     await opts.reportProtected(a.vm, a.generation);
+  }
+
+  /**
+   * The store a checkpointer started here talks to: a fixed address, or for
+   * `cluster` the active store now plus the etcd endpoints to look it up again.
+   */
+  private async protectTarget(store: string): Promise<{ store: string; storeDiscovery?: { etcd: string } }> {
+    if (!isClusterStore(store)) return { store };
+    const address = await storeAddress(this.core.cluster, store, STORE_LOOKUP_MS);
+    return { store: address, ...(this.opts.etcdUrls ? { storeDiscovery: { etcd: this.opts.etcdUrls } } : {}) };
   }
 
   private async restoreFailed(a: Assignment, msg: string): Promise<void> {
@@ -173,14 +192,15 @@ export class AssignmentRunner {
     let generation = cur.value.generation;
     try {
       // Higher than anything etcd or the store has seen: the store fences older generations.
-      const storeNext = await opts.storeGeneration(a.vm, a.store, opts.secretFile);
+      const target = await this.protectTarget(a.store);
+      const storeNext = await opts.storeGeneration(a.vm, target.store, opts.secretFile);
       generation = await cluster.allocateGeneration(a.vm, storeNext ?? 0);
       await cluster.updateVm(a.vm, (c) => (c.host === host && c.state === 'protecting' ? { ...c, generation, memoryBytes: local.state?.memoryBytes } : undefined));
       writeHaLocal(home, { vm: a.vm, host, generation, updatedAt: Date.now() });
-      const st = await opts.protect({ vm: a.vm, store: a.store, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
+      const st = await opts.protect({ ...target, vm: a.vm, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
-          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined }
+          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined, shellConfig: localShellConfig(a.vm) }
           : undefined,
       () => [cluster.etcd.delete().key(k)]);
       core.log.info({ vm: a.vm, generation }, 'VM protected');

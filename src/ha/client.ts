@@ -1,6 +1,7 @@
 import { Cluster, keys, ON_HOST, FAILOVER_PENDING, type Assignment, type ClusterEvent, type FailoverTiming, type HostRecord, type KnownHost, type RestoreMode, type VmRecord } from './cluster.js';
 import { HaError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
+import { listStores, type StoreList } from './store-discovery.js';
 
 /**
  * What users, the demo and the bench do with a cluster: put a VM under HA,
@@ -10,6 +11,7 @@ export interface ProtectInClusterRequest {
   vm: string;
   /** The host (agent) the VM runs on now. */
   host: string;
+  /** host:port, or `cluster`: the active store etcd names, looked up again whenever it changes. */
   store: string;
   storeDir?: string;
   mode?: RestoreMode;
@@ -96,17 +98,20 @@ export type HostStatus = (HostRecord & { alive: true }) | (KnownHost & { alive: 
 
 export interface ClusterStatus {
   leader?: string;
+  /** The checkpoint store registered as active, and the standbys waiting for its directory. */
+  stores: StoreList;
   hosts: HostStatus[];
   vms: (VmRecord & { hostAlive: boolean; needsFailover: boolean })[];
   events: ClusterEvent[];
 }
 
 export async function clusterStatus(cluster: Cluster, opts: { events?: number } = {}): Promise<ClusterStatus> {
-  const [leader, hosts, known, vms, events] = await Promise.all([cluster.leader(), cluster.hosts(), cluster.knownHosts(), cluster.vms(), cluster.events(opts.events ?? 10)]);
+  const [leader, hosts, known, vms, events, stores] = await Promise.all([cluster.leader(), cluster.hosts(), cluster.knownHosts(), cluster.vms(), cluster.events(opts.events ?? 10), listStores(cluster)]);
   const all: HostStatus[] = [...hosts.values()].map((h) => ({ ...h, alive: true as const }));
   for (const k of known.values()) if (!hosts.has(k.name)) all.push({ ...k, alive: false as const });
   return {
     leader,
+    stores,
     hosts: all.sort((a, b) => a.name.localeCompare(b.name)),
     vms: [...vms.values()].map(({ value: v }) => ({
       ...v,

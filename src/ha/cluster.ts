@@ -2,6 +2,7 @@ import os from 'node:os';
 import crypto from 'node:crypto';
 import { Etcd3, type IOptions, type IKeyValue, type IOperation } from 'etcd3';
 import { HaError } from '../errors.js';
+import type { ShellConfig } from '../vm/index.js';
 import { etcdSecurityOptions, type EtcdCredentials } from './etcd-credentials.js';
 
 /**
@@ -18,6 +19,9 @@ import { etcdSecurityOptions, type EtcdCredentials } from './etcd-credentials.js
  *   /hydravm/timings/VM/GEN           FailoverTiming of the fail-over that created generation GEN
  *   /hydravm/events/TS-RAND           ClusterEvent: what the manager decided or could not do
  *   /hydravm/election/manager/LEASE   etcd3 Election: the oldest key is the active manager
+ *   /hydravm/stores/active            StoreRecord of the checkpoint store that holds the shared
+ *                                     directory's lock, on that store's lease
+ *   /hydravm/stores/standby/NAME      StoreRecord of a standby store waiting for the lock, on its lease
  */
 export const PREFIX = '/hydravm/';
 const pad = (n: number) => String(n).padStart(10, '0');
@@ -41,6 +45,9 @@ export const keys = {
   /** Election name under the /hydravm/ namespace: keys are /hydravm/election/manager/LEASE. */
   election: 'manager',
   electionPrefix: `${PREFIX}election/manager/`,
+  storeActive: `${PREFIX}stores/active`,
+  storeStandbyPrefix: `${PREFIX}stores/standby/`,
+  storeStandby: (name: string) => `${PREFIX}stores/standby/${name}`,
 } as const;
 
 export interface KnownHost {
@@ -62,6 +69,8 @@ export interface HostRecord {
   freeMemoryBytes: number;
   /** HA-managed VMs live on this host. */
   vms: string[];
+  /** Idle restore shells on this host, by configuration key (absent: none). */
+  shells?: { key: string; idle: number }[];
   leaseId: string;
   startedAt: number;
   updatedAt: number;
@@ -102,6 +111,8 @@ export interface VmRecord {
   /** Copy-on-write checkpoints (grain in bytes). */
   cow?: { grain?: number };
   memoryBytes?: number;
+  /** The restore-shell configuration the VM needs (set when protected; absent for VMs no shell can take). */
+  shellConfig?: ShellConfig;
   state: VmHaState;
   reason?: string;
   /** Consecutive failed restores (reset once protected). */
@@ -162,6 +173,8 @@ export interface FailoverTiming {
   totalMs?: number;
   error?: string;
   restoreTimings?: Record<string, number>;
+  /** Why the restore started QEMU cold instead of using a restore shell (absent when it used one). */
+  coldReason?: string;
 }
 
 export interface ClusterEvent {

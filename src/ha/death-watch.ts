@@ -1,5 +1,6 @@
 // The agent's death loop: notices at once when one of its VMs' QEMU dies (or its protection is up) and tells etcd.
 import fs from 'node:fs';
+import { localShellConfig } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import type { VmRecord } from './cluster.js';
 import { localGeneration, readLocalVm, vmDeath, type LocalVm } from './local-vm.js';
@@ -82,7 +83,7 @@ export class DeathWatch {
     try {
       await core.cluster.updateVm(vm, (cur) =>
         cur.host === core.host && cur.generation === generation && cur.state === 'running'
-          ? { ...cur, state: 'protected', imageGeneration: generation, attempts: 0, failedHosts: [], reason: undefined }
+          ? { ...cur, state: 'protected', imageGeneration: generation, attempts: 0, failedHosts: [], reason: undefined, shellConfig: localShellConfig(vm) }
           : undefined);
       await core.cluster.mergeTiming(vm, generation, { protectedAt: Date.now() });
       this.reported.add(id);

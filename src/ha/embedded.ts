@@ -11,6 +11,7 @@ import { startEtcd, stopPid } from './etcd-process.js';
 import { pidAlive } from '../util/pid.js';
 import { inNetns, removeNetns, type NetnsLayout } from './netns.js';
 import { sleep } from '../util/sleep.js';
+import { spawnClusterStore, stopClusterStores, waitStoresRegistered, type ClusterStoreInfo } from './cluster-stores.js';
 
 /**
  * The embedded cluster for one machine (demo, bench): an etcd member, one
@@ -23,6 +24,7 @@ import { sleep } from '../util/sleep.js';
  *   (the cluster secret is $HYDRAVM_HOME/cluster.secret, shared with `hydravm store`, unless one is given)
  *   etcd/data/            etcd's data directory
  *   hosts/HOST/           HOST's HYDRAVM_HOME (its VMs under vms/)
+ *   shared/store/         with `stores`: the checkpoint stores' shared directory
  *   run/NAME.pid          pid files: etcd, manager, agent-HOST
  *   logs/NAME.log         logs (JSON lines): etcd, manager, agent-HOST
  */
@@ -40,6 +42,12 @@ export interface EmbeddedClusterOptions {
   env?: NodeJS.ProcessEnv;
   /** Start the manager (default true). */
   manager?: boolean;
+  /**
+   * A checkpoint store per host on DIR/shared/store (default false): the
+   * first host's takes the directory's lock and is active, the others wait as
+   * standbys; VMs protected with store `cluster` follow whichever is active.
+   */
+  stores?: boolean;
   timeoutMs?: number;
 }
 
@@ -72,8 +80,10 @@ export interface EmbeddedClusterInfo {
   // Namespaced clusters (`cluster up --netns`, see netns-cluster.ts); `etcd` is then the first member.
   /** Every etcd member, one per host. */
   etcdMembers?: (DaemonInfo & { url: string; netns: string })[];
-  /** The checkpoint store the cluster started (in the first host's namespace). */
+  /** The checkpoint store the cluster started in the first host's namespace (the active one at start; see `stores`). */
   store?: DaemonInfo & { address: string; dir: string };
+  /** Every checkpoint store the cluster started, one per host: one active, the others standbys. */
+  stores?: ClusterStoreInfo[];
   /** Namespaces, bridge and veths created: what `cluster down` removes. */
   netns?: NetnsLayout;
 }
@@ -158,6 +168,7 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
   };
   const baseEnv = { ...process.env, ...opts.env };
   try {
+    if (opts.stores) await startStores(info, hostNames.map((host) => ({ host, listen: '127.0.0.1:0' })), baseEnv, opts.timeoutMs ?? 30_000);
     if (opts.manager !== false) {
       info.manager = spawnDaemon(dir, 'manager', ['manager', '--etcd', etcdProc.url, '--id', 'manager-1'], baseEnv);
     }
@@ -191,14 +202,48 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
 }
 
 /**
+ * One store per host on DIR/shared/store: the first is started alone and
+ * becomes active, then the others, which wait as standbys. Records them in
+ * cluster.json before waiting, so a failed start is still cleaned up.
+ */
+export async function startStores(info: EmbeddedClusterInfo, hosts: { host: string; listen: string; netns?: string; etcdUrl?: string }[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<void> {
+  const storeDir = path.join(info.dir, 'shared', 'store');
+  const cluster = new Cluster(info.etcdUrl);
+  try {
+    info.stores = [];
+    for (const [i, h] of hosts.entries()) {
+      info.stores.push(spawnClusterStore(info.dir, { host: h.host, storeDir, listen: h.listen, etcdUrl: h.etcdUrl ?? info.etcdUrl, secretFile: info.secretFile, env, ...(h.netns ? { netns: h.netns } : {}) }));
+      fs.writeFileSync(path.join(info.dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+      if (i === 0) {
+        const list = await waitStoresRegistered(cluster, info.stores, timeoutMs);
+        info.store = { ...info.stores[0]!, address: list.active!.address, dir: storeDir };
+      }
+    }
+    await waitStoresRegistered(cluster, info.stores, timeoutMs);
+    fs.writeFileSync(path.join(info.dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+  } finally {
+    cluster.close();
+  }
+}
+
+/**
  * Start a stopped (or killed) daemon of the embedded cluster in `dir` again,
- * with its recorded arguments: `manager` or `agent-HOST`. `env` adds to this
+ * with its recorded arguments: `manager`, `agent-HOST` or `store-HOST`. `env` adds to this
  * process's environment (an agent gets its host's HYDRAVM_HOME). Updates
  * cluster.json, so `cluster down` stops the new process.
  */
 export function restartDaemon(dir: string, name: string, env: NodeJS.ProcessEnv = {}): DaemonInfo {
   const info = readClusterInfo(dir);
   if (!info) throw new HaError('HYDRA_HA_SPAWN', `no embedded cluster in ${dir}`);
+  const store = info.stores?.find((st) => st.name === name);
+  if (store) {
+    // A store comes back as a standby (it always runs with --standby) and serves once it takes the directory's lock.
+    if (pidAlive(store.pid)) throw new HaError('HYDRA_HA_SPAWN', `daemon "${name}" still runs (pid ${store.pid})`);
+    const d = spawnClusterStore(dir, { host: store.host, storeDir: store.dir, listen: store.listen, etcdUrl: store.args?.[store.args.indexOf('--etcd') + 1] ?? info.etcdUrl, secretFile: info.secretFile, env: { ...process.env, ...env }, ...(store.netns ? { netns: store.netns } : {}) });
+    Object.assign(store, d);
+    fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
+    return d;
+  }
   const host = info.hosts.find((h) => h.name === name);
   const old = host ?? (info.manager?.name === name ? info.manager : undefined);
   if (!old?.args) throw new HaError('HYDRA_HA_SPAWN', `no daemon "${name}" with recorded arguments in ${dir}`);
@@ -218,7 +263,8 @@ export async function stopEmbeddedCluster(dir = defaultClusterDir()): Promise<bo
   const who = (d: DaemonInfo, fallback: string[]) => ({ cmdline: d.args?.length ? d.args : fallback });
   if (info.manager) await stopPid(info.manager.pid, 3000, who(info.manager, ['manager']));
   await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000, who(h, ['agent', '--host', h.host]))));
-  if (info.store) await stopPid(info.store.pid, 3000, { cmdline: ['store', '--dir', info.store.dir] });
+  if (info.stores) await stopClusterStores(info.stores);
+  else if (info.store) await stopPid(info.store.pid, 3000, { cmdline: ['store', '--dir', info.store.dir] });
   if (info.etcdMembers) await Promise.all(info.etcdMembers.map((m) => stopPid(m.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', m.name.replace(/^etcd-/, ''))] })));
   else await stopPid(info.etcd.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', 'data')] });
   for (const d of [info.etcd, info.manager, info.store, ...info.hosts, ...(info.etcdMembers ?? [])]) if (d?.pidFile) fs.rmSync(d.pidFile, { force: true });

@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import { log as rootLog } from '../util/log.js';
 import { Cluster, type ClusterOptions, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
 import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
+import { shellKey } from '../vm/index.js';
 import { HaError } from '../errors.js';
 import { monoNow } from '../vm/index.js';
 import { sleep } from '../util/sleep.js';
@@ -326,6 +327,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
         exclude: cause === 'host-lost' ? [r.host] : [],
         avoid: [r.host, ...(r.failedHosts ?? [])],
         headroomBytes: this.opts.headroomBytes ?? DEFAULT_HEADROOM,
+        ...(r.shellConfig ? { shellKey: shellKey(r.shellConfig) } : {}),
       },
       [...hosts.values()],
       reserved,

@@ -2,15 +2,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { spawn } from 'node:child_process';
-import { cliEntry } from '../config/paths.js';
 import { defaultSecretFile } from '../config/secret.js';
 import { HaError, NetnsError } from '../errors.js';
 import { pidAlive } from '../util/pid.js';
 import { sleep } from '../util/sleep.js';
 import { Cluster } from './cluster.js';
 import { startEtcd, waitEtcdHealthy, type EtcdProcess } from './etcd-process.js';
-import { defaultClusterDir, readClusterInfo, spawnDaemon, stopEmbeddedCluster, type DaemonInfo, type EmbeddedCluster, type EmbeddedClusterInfo } from './embedded.js';
+import { defaultClusterDir, readClusterInfo, spawnDaemon, startStores, stopEmbeddedCluster, type DaemonInfo, type EmbeddedCluster, type EmbeddedClusterInfo } from './embedded.js';
 import { checkNetnsTools, cleanupCommands, createNetns, existingWithPrefix, inNetns, planNetns, removeNetns } from './netns.js';
 
 /**
@@ -19,7 +17,8 @@ import { checkNetnsTools, cleanupCommands, createNetns, existingWithPrefix, inNe
  *   root namespace   bridge PREFIXbr (A.B.C.1), the manager, the CLI
  *   PREFIXhostI      eth0 A.B.C.(10+I); etcd member hostI (client :2379, peer :2380);
  *                    the agent (its supervisors, QEMU and checkpointers inherit the namespace);
- *                    host1 also runs the checkpoint store (:7000) on DIR/shared/store
+ *                    a checkpoint store (:7000) on DIR/shared/store: host1's active,
+ *                    the others standbys waiting for the directory's lock
  *
  * The etcd members form one cluster (initial-cluster of the namespace
  * addresses). Each agent talks to its own host's member: a host that is cut
@@ -36,6 +35,8 @@ export interface NetnsClusterOptions {
   /** A /24 inside 198.18.0.0/15 (default 198.18.100.0/24). */
   subnet?: string;
   hostMemoryBytes?: number;
+  /** Memory offered to VMs by particular hosts (overrides hostMemoryBytes for them), e.g. a host kept for the store. */
+  hostMemory?: Record<string, number>;
   /** Host lease TTL (default 3 s: see MEMBER_ELECTION_MS). */
   leaseTtlSec?: number;
   secretFile?: string;
@@ -44,8 +45,8 @@ export interface NetnsClusterOptions {
 }
 
 export const DEFAULT_NETNS_PREFIX = 'hvm-';
-const ETCD_CLIENT_PORT = 2379;
-const ETCD_PEER_PORT = 2380;
+export const ETCD_CLIENT_PORT = 2379;
+export const ETCD_PEER_PORT = 2380;
 const STORE_PORT = 7000;
 /**
  * Several members elect a leader, and on this loaded 2-core machine a
@@ -55,8 +56,8 @@ const STORE_PORT = 7000;
  * the lease 3 s, so one election (spurious or after a member's death) fits
  * inside a lease.
  */
-const MEMBER_HEARTBEAT_MS = 100;
-const MEMBER_ELECTION_MS = 1000;
+export const MEMBER_HEARTBEAT_MS = 100;
+export const MEMBER_ELECTION_MS = 1000;
 export const NETNS_LEASE_TTL_SEC = 3;
 
 function writeInfo(info: EmbeddedClusterInfo): void {
@@ -72,42 +73,12 @@ function writeInfo(info: EmbeddedClusterInfo): void {
 function cleanLeftovers(dir: string): string[] {
   const old = readClusterInfo(dir);
   if (!old?.netns) return [];
-  const daemons = [old.manager, old.store, ...old.hosts, ...(old.etcdMembers ?? [old.etcd])].filter((d): d is DaemonInfo => !!d);
+  const daemons = [old.manager, old.store, ...(old.stores ?? []), ...old.hosts, ...(old.etcdMembers ?? [old.etcd])].filter((d): d is DaemonInfo => !!d);
   const running = daemons.filter((d) => pidAlive(d.pid));
   if (running.length) {
     throw new HaError('HYDRA_HA_CLUSTER_RUNNING', `a namespaced cluster still runs in ${dir} (${running.map((d) => `${d.name} pid ${d.pid}`).join(', ')}); \`hydravm cluster down --dir ${dir}\` first`);
   }
   return removeNetns(old.netns);
-}
-
-async function waitStoreListening(log: string, pid: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    let text = '';
-    try {
-      text = fs.readFileSync(log, 'utf8');
-    } catch {
-      /* not written yet */
-    }
-    if (/listening on \S+,/.test(text)) return;
-    if (!pidAlive(pid)) throw new HaError('HYDRA_HA_SPAWN', `the checkpoint store exited during start (see ${log}): ${text.trim().split('\n').slice(-3).join(' | ')}`);
-    if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `the checkpoint store did not listen within ${timeoutMs / 1000} s (see ${log})`);
-    await sleep(50);
-  }
-}
-
-function spawnStoreIn(dir: string, netns: string, listen: string, storeDir: string, secretFile: string, env: NodeJS.ProcessEnv): DaemonInfo {
-  const log = path.join(dir, 'logs', 'store.log');
-  const pidFile = path.join(dir, 'run', 'store.pid');
-  fs.mkdirSync(storeDir, { recursive: true });
-  const argv = [...inNetns(netns), process.execPath, cliEntry, 'store', '--dir', storeDir, '--listen', listen, '--secret-file', secretFile];
-  const fd = fs.openSync(log, 'a');
-  const child = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ['ignore', fd, fd], env });
-  fs.closeSync(fd);
-  child.unref();
-  if (!child.pid) throw new HaError('HYDRA_HA_SPAWN', `cannot start the checkpoint store in ${netns} (see ${log})`);
-  fs.writeFileSync(pidFile, `${child.pid}\n`);
-  return { name: 'store', pid: child.pid, log, pidFile };
 }
 
 export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise<EmbeddedCluster> {
@@ -168,12 +139,8 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
     }
     await waitEtcdHealthy(members, timeoutMs);
 
-    const first = layout.hosts[0]!;
-    const storeDir = path.join(dir, 'shared', 'store');
-    const store = spawnStoreIn(dir, first.netns, `${first.address}:${STORE_PORT}`, storeDir, secretFile, baseEnv);
-    info.store = { ...store, address: `${first.address}:${STORE_PORT}`, dir: storeDir };
-    writeInfo(info);
-    await waitStoreListening(store.log, store.pid, timeoutMs);
+    // A store per host on the shared directory, each on its own host's etcd member (as the agents): host1's is active.
+    await startStores(info, layout.hosts.map((h) => ({ host: h.host, listen: `${h.address}:${STORE_PORT}`, netns: h.netns, etcdUrl: memberUrl(h.address) })), baseEnv, timeoutMs);
 
     info.manager = spawnDaemon(dir, 'manager', ['manager', '--etcd', info.etcdUrl, '--id', 'manager-1'], baseEnv);
     writeInfo(info);
@@ -183,7 +150,8 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
       // The agent talks to its own host's member only: a member cut off elsewhere (whose
       // connections hang rather than fail) cannot stall this host's lease keepalives.
       const args = ['agent', '--host', h.host, '--etcd', memberUrl(h.address), '--home', home, '--address', h.address, '--lease-ttl', String(ttl), '--secret-file', secretFile];
-      if (opts.hostMemoryBytes) args.push('--memory', String(opts.hostMemoryBytes));
+      const memory = opts.hostMemory?.[h.host] ?? opts.hostMemoryBytes;
+      if (memory) args.push('--memory', String(memory));
       const d = spawnDaemon(dir, `agent-${h.host}`, args, { ...baseEnv, HYDRAVM_HOME: home }, h.netns);
       info.hosts.push({ ...d, host: h.host, home, netns: h.netns, address: h.address });
       writeInfo(info);

@@ -7,8 +7,12 @@ import { NetnsError } from '../errors.js';
  * Layout of a namespaced cluster on subnet A.B.C.0/24:
  *
  *   bridge PREFIXbr in the root namespace, address A.B.C.1 (the CLI reaches every host through it)
- *   namespace PREFIXHOST per host, loopback up, eth0 = A.B.C.(10+i) (i = 1..N)
+ *   namespace PREFIXHOST per host, loopback up, bridge br0 = A.B.C.(10+i) (i = 1..N) with eth0 on it
  *   veth PREFIXvI in the root namespace (on the bridge) <-> eth0 in the host's namespace
+ *
+ * br0 is the host's bridge for VM NICs, as on a hypervisor host: a spec's
+ * `nics: [{bridge: br0}]` puts the VM's tap on it, on the same segment as
+ * every host, so the VM keeps its address on whichever host it is restored.
  *
  * Every name starts with the prefix, so leftovers of a crashed run can be
  * told from anything else on the machine. The layout is recorded in the
@@ -28,8 +32,13 @@ export interface NetnsLayout {
   subnet: string;
   bridge: string;
   bridgeAddress: string;
+  /** The bridge inside every host's namespace that holds the host's address and its VMs' taps (absent in older records). */
+  hostBridge?: string;
   hosts: NetnsHost[];
 }
+
+/** Name of the VM bridge inside each host namespace (names there do not clash with the root namespace). */
+export const HOST_BRIDGE = 'br0';
 
 export const IP_BINARY = process.env.HYDRAVM_IP_BINARY ?? 'ip';
 /** Linux interface names are at most 15 bytes. */
@@ -56,6 +65,7 @@ export function planNetns(prefix: string, hosts: string[], subnet = '198.18.100.
     subnet,
     bridge: `${prefix}br`,
     bridgeAddress: `${base}.1`,
+    hostBridge: HOST_BRIDGE,
     hosts: hosts.map((host, i) => ({ host, netns: `${prefix}${host}`, address: `${base}.${11 + i}`, veth: `${prefix}v${i + 1}` })),
   };
   for (const name of [layout.bridge, ...layout.hosts.map((h) => h.veth)]) {
@@ -144,8 +154,19 @@ export function createNetns(layout: NetnsLayout): void {
     ip(['link', 'add', h.veth, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', h.netns]);
     ip(['link', 'set', h.veth, 'master', layout.bridge]);
     ip(['link', 'set', h.veth, 'up']);
-    ip(['-n', h.netns, 'addr', 'add', `${h.address}/${len}`, 'dev', 'eth0']);
+    // The host's address lives on its bridge (a bridge port's own address would never see
+    // the frames the bridge takes), and the bridge keeps eth0's MAC: without a fixed MAC a
+    // bridge takes the lowest of its ports', so a VM's tap joining it would change the
+    // host's MAC under its peers' ARP caches.
+    const br = layout.hostBridge ?? HOST_BRIDGE;
+    const mac = /link\/ether\s+([0-9a-f:]{17})/.exec(ip(['-n', h.netns, '-o', 'link', 'show', 'eth0']))?.[1];
+    if (!mac) throw new NetnsError('HYDRA_NETNS_FAILED', `cannot read the MAC of eth0 in ${h.netns}`);
+    ip(['-n', h.netns, 'link', 'add', br, 'type', 'bridge']);
+    ip(['-n', h.netns, 'link', 'set', br, 'address', mac]);
+    ip(['-n', h.netns, 'link', 'set', 'eth0', 'master', br]);
+    ip(['-n', h.netns, 'addr', 'add', `${h.address}/${len}`, 'dev', br]);
     ip(['-n', h.netns, 'link', 'set', 'eth0', 'up']);
+    ip(['-n', h.netns, 'link', 'set', br, 'up']);
   }
 }
 

@@ -22,6 +22,20 @@ test('placement skips excluded hosts and uses avoided ones only as a last resort
   assert.equal((placeVm({ vm: 'a', memoryBytes: 2048 * MiB, avoid: ['h1'] }, hosts) as { host: string }).host, 'h1');
 });
 
+test('placement prefers a host with an idle restore shell of the VM\'s configuration, among those that fit and are not avoided', () => {
+  const warm = { ...host('h1', 1000), shells: [{ key: 'm512M-k', idle: 1 }, { key: 'm256M-k', idle: 2 }] };
+  const hosts = [warm, host('h2', 3000)];
+  assert.equal((placeVm({ vm: 'a', memoryBytes: 512 * MiB, shellKey: 'm512M-k' }, hosts) as { host: string }).host, 'h1');
+  // Another configuration's shells do not count; without a key the most room wins as before.
+  assert.equal((placeVm({ vm: 'a', memoryBytes: 512 * MiB, shellKey: 'm1G-k' }, hosts) as { host: string }).host, 'h2');
+  assert.equal((placeVm({ vm: 'a', memoryBytes: 512 * MiB }, hosts) as { host: string }).host, 'h2');
+  // A shell does not make room, nor outweigh a host the VM just failed on.
+  assert.equal((placeVm({ vm: 'a', memoryBytes: 2048 * MiB, shellKey: 'm512M-k' }, hosts) as { host: string }).host, 'h2');
+  assert.equal((placeVm({ vm: 'a', memoryBytes: 512 * MiB, shellKey: 'm512M-k', avoid: ['h1'] }, hosts) as { host: string }).host, 'h2');
+  const r = placeVm({ vm: 'a', memoryBytes: 512 * MiB, shellKey: 'm256M-k' }, hosts);
+  assert.equal(r.candidates.find((c) => c.host === 'h1')?.warmShells, 2);
+});
+
 test('placement counts restores in flight and explains a refusal', () => {
   const vms = [{ state: 'restoring', host: 'h1', memoryBytes: 900 * MiB }, { state: 'protected', host: 'h1', memoryBytes: 900 * MiB }] as VmRecord[];
   const res = reservations(vms);

@@ -8,8 +8,10 @@ import type { HostRecord, VmRecord } from './cluster.js';
  * A host's free memory is what its agent last reported, minus the memory of
  * VMs already being restored onto it (their QEMU may not be counted in the
  * report yet). Among the hosts that fit, the one with the most memory left
- * wins; a host the VM just failed on (its QEMU crashed there, or a restore
- * failed there) is used only when nothing else fits.
+ * wins, except that a host with an idle restore shell of the VM's
+ * configuration comes first (the restore skips QEMU's start there); a host
+ * the VM just failed on (its QEMU crashed there, or a restore failed there)
+ * is used only when nothing else fits.
  */
 export interface PlacementRequest {
   vm: string;
@@ -20,6 +22,8 @@ export interface PlacementRequest {
   avoid?: Iterable<string>;
   /** Extra room per VM for QEMU itself. */
   headroomBytes?: number;
+  /** The VM's restore-shell key: among hosts that fit, one with an idle shell of it is preferred (no QEMU start). */
+  shellKey?: string;
 }
 
 export interface PlacementCandidate {
@@ -27,6 +31,8 @@ export interface PlacementCandidate {
   freeBytes: number;
   reservedBytes: number;
   availableBytes: number;
+  /** Idle restore shells of the VM's configuration on the host. */
+  warmShells: number;
 }
 
 export type PlacementResult =
@@ -52,10 +58,11 @@ export function placeVm(req: PlacementRequest, hosts: Iterable<HostRecord>, rese
   for (const h of hosts) {
     if (exclude.has(h.name)) continue;
     const reservedBytes = reserved.get(h.name) ?? 0;
-    candidates.push({ host: h.name, freeBytes: h.freeMemoryBytes, reservedBytes, availableBytes: h.freeMemoryBytes - reservedBytes });
+    const warmShells = req.shellKey ? (h.shells ?? []).filter((s) => s.key === req.shellKey).reduce((n, s) => n + s.idle, 0) : 0;
+    candidates.push({ host: h.name, freeBytes: h.freeMemoryBytes, reservedBytes, availableBytes: h.freeMemoryBytes - reservedBytes, warmShells });
   }
   const fits = candidates.filter((c) => c.availableBytes >= need);
-  fits.sort((a, b) => Number(avoid.has(a.host)) - Number(avoid.has(b.host)) || b.availableBytes - a.availableBytes || a.host.localeCompare(b.host));
+  fits.sort((a, b) => Number(avoid.has(a.host)) - Number(avoid.has(b.host)) || Number(b.warmShells > 0) - Number(a.warmShells > 0) || b.availableBytes - a.availableBytes || a.host.localeCompare(b.host));
   if (fits.length > 0) return { ok: true, host: fits[0]!.host, candidates };
   const mib = (n: number) => `${Math.round(n / 1024 / 1024)} MiB`;
   const reason = candidates.length === 0

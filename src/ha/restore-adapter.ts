@@ -8,7 +8,7 @@ export type { ProtectRequest } from '../checkpoint/index.js';
 export type RestoreRequest = RestoreOptions & { newGeneration: number };
 
 /** What the agent reads of a restore's result. */
-export type RestoreOutcome = Pick<RestoreResult, 'vm' | 'generation'> & Partial<Pick<RestoreResult, 'epoch'>> & {
+export type RestoreOutcome = Pick<RestoreResult, 'vm' | 'generation'> & Partial<Pick<RestoreResult, 'epoch' | 'shell'>> & {
   timings?: Partial<RestoreTimings>;
   /** Network mode: memory still streaming; protection must wait for it. */
   pager?: Pick<NetworkPager, 'done'>;

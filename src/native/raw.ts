@@ -111,6 +111,10 @@ export interface RawAddon {
   scanWritten(pagemapFd: number, start: number, end: number, vecLen?: number): ScanResult;
   /** General PAGEMAP_SCAN with the same loop (until walk_end == end) and result shape as scanWritten. */
   scanPages(pagemapFd: number, start: number, end: number, spec: ScanSpec, vecLen?: number): ScanResult;
+  /** scanWritten over [offset, length] ranges relative to start (ascending): only they are walked. */
+  scanWrittenIn(pagemapFd: number, start: number, ranges: Float64Array, vecLen?: number): ScanResult;
+  /** Pages written in the ranges (relative to start), nothing re-protected. */
+  countWrittenIn(pagemapFd: number, start: number, ranges: Float64Array): ScanResult;
 
   // memory
   /** MAP_SHARED mapping of fd as an external Buffer (finalizer munmaps). Read-only unless writable. */
@@ -123,6 +127,11 @@ export interface RawAddon {
   copyRuns(src: Buffer, runs: Float64Array, dst: Buffer, dstOffset?: number, maxThreads?: number): number;
   /** lseek SEEK_DATA / SEEK_HOLE; -1 when nothing at or after offset (ENXIO). */
   lseek(fd: number, offset: number, whence: 'data' | 'hole'): number;
+  /**
+   * `known` [offset, length] runs (relative to base, within size) plus the chunk-aligned chunks of the gaps
+   * between them where SEEK_DATA finds data now; merged, ascending. Never SEEK_HOLE (it walks data on shmem).
+   */
+  extendDataRuns(fd: number, base: number, size: number, known: Float64Array, chunk: number): Float64Array;
   /** flock(2) with LOCK_NB: true when taken, false when a conflicting lock is held elsewhere. */
   flock(fd: number, mode: 'ex' | 'sh' | 'un'): boolean;
   /**

@@ -1,5 +1,5 @@
 // Tap devices on a host bridge, made and removed with iproute2.
-import { execFile } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { NetError } from '../errors.js';
 
@@ -19,9 +19,25 @@ function ip(args: string[]): Promise<{ code: number; stderr: string }> {
   });
 }
 
-/** Whether a network interface of that name exists in this network namespace. */
+/**
+ * Whether a network interface of that name exists in this process's network
+ * namespace. /proc/self/net follows the process's namespace; /sys/class/net
+ * shows the namespace sysfs was mounted in, so a process that entered a host's
+ * namespace with `nsenter --net` would see the root namespace's links there.
+ */
 export function linkExists(name: string): boolean {
-  return fs.existsSync(`/sys/class/net/${name}`);
+  try {
+    return fs.readFileSync('/proc/self/net/dev', 'utf8').split('\n').some((l) => l.trimStart().startsWith(`${name}:`));
+  } catch {
+    return fs.existsSync(`/sys/class/net/${name}`);
+  }
+}
+
+/** The kind of a link in this network namespace ("bridge", "tun", "veth", ...; "" if it has none), from `ip -d link`. */
+function linkKind(name: string): string {
+  const r = spawnSync('ip', ['-o', '-d', 'link', 'show', 'dev', name], { encoding: 'utf8' });
+  // `ip -d` prints the kind right after the link's flags line, e.g. "... \    bridge forward_delay ..." or "tun type tap".
+  return /\\\s+(bridge|tun|veth|dummy|vlan|macvlan|vxlan)\b/.exec(r.stdout ?? '')?.[1] ?? '';
 }
 
 /** PIDs holding `/dev/net/tun` open on `tap` (tun's fdinfo names the interface). */
@@ -60,7 +76,7 @@ export function assertBridge(req: Pick<TapRequest, 'owner' | 'bridge'>): void {
   if (!linkExists(req.bridge)) {
     throw new NetError('HYDRA_NET_BRIDGE_MISSING', `${req.owner}: bridge "${req.bridge}" does not exist on this host (create it: ip link add ${req.bridge} type bridge && ip link set ${req.bridge} up)`);
   }
-  if (!fs.existsSync(`/sys/class/net/${req.bridge}/bridge`)) {
+  if (linkKind(req.bridge) !== 'bridge') {
     throw new NetError('HYDRA_NET_BRIDGE_MISSING', `${req.owner}: "${req.bridge}" exists on this host but is not a bridge`);
   }
 }
@@ -87,7 +103,7 @@ export async function createTap(req: TapRequest): Promise<void> {
     if (holders.length > 0) {
       throw new NetError('HYDRA_NET_TAP_BUSY', `${req.owner}: tap "${req.tap}" is in use by process ${holders.join(', ')} (another VM?)`);
     }
-    if (!fs.existsSync(`/sys/class/net/${req.tap}/tun_flags`)) {
+    if (linkKind(req.tap) !== 'tun') {
       throw new NetError('HYDRA_NET_TAP_BUSY', `${req.owner}: "${req.tap}" exists on this host and is not a tap device`);
     }
     const del = await ip(['link', 'del', req.tap]);

@@ -17,7 +17,7 @@ import {
 } from './frames.js';
 import {
   FEATURE_HOT, batchRuns, challengeSchema, committedSchema, decodeHot, decodeJson, decodePages, encodeJson, encodeRunTable, errorSchema, metaReplySchema, welcomeSchema,
-  type CheckpointKind, type HotRegion, type PageRun, type Role, type StoreMeta, type Welcome,
+  type CheckpointKind, type DecodedPages, type HotRegion, type PageRun, type Role, type StoreMeta, type Welcome,
 } from './messages.js';
 import { TLS_CA_ENV, clientTlsFromEnv, loadCa, tlsFailure, type StoreTlsClientOptions } from './tls.js';
 
@@ -55,6 +55,8 @@ interface Pending {
 }
 
 const MAX_READ_REQUEST = 32 * 1024 * 1024;
+/** Socket read buffer of a plain TCP connection. */
+const READ_BUFFER = 256 * 1024;
 /** Longest gap between frames the client sends once connected (PING fills it); also capped at a third of the store's idle timeout. */
 const KEEPALIVE_MS = 5000;
 
@@ -96,13 +98,16 @@ export class StoreClient {
     const host = m[1] ?? m[2]!;
     const port = Number(m[3]);
     const tlsOpts = opts.tls === undefined ? clientTlsFromEnv() : opts.tls;
+    // Plain TCP reads into one reused buffer (the frame decoder copies what it keeps): no allocation per socket read.
+    const reader: { client?: StoreClient } = {};
     const sock = tlsOpts
       ? tls.connect({ host, port, ca: loadCa(tlsOpts.ca), ...(tlsOpts.servername ? { servername: tlsOpts.servername } : net.isIP(host) ? {} : { servername: host }) })
-      : net.connect({ host, port });
+      : net.connect({ host, port, onread: { buffer: Buffer.allocUnsafeSlow(READ_BUFFER), callback: (n: number, buf: Uint8Array) => { reader.client?.onData(Buffer.from(buf.buffer, buf.byteOffset, n)); return true; } } });
     sock.setNoDelay(true);
     // The kernel notices a vanished store host even while no request is outstanding.
     sock.setKeepAlive(true, KEEPALIVE_MS);
     const client = new StoreClient(sock, opts);
+    reader.client = client;
     const timer = setTimeout(() => {
       client.shutdown(new StoreError('HYDRA_STORE_TIMEOUT', `connecting to store ${opts.address} (vm ${opts.vm}): no answer within ${timeoutMs} ms`));
       sock.destroy();
@@ -336,28 +341,49 @@ export class StoreClient {
    * `epoch`: refused (HYDRA_STORE_EPOCH_MOVED) unless that epoch is still the committed one.
    * `pin`: the connection's later reads serve this generation and epoch only, or are refused.
    */
-  async getMeta(generation?: number, opts: { epoch?: number; pin?: boolean } = {}): Promise<StoreMeta | null> {
-    const q = { ...(generation !== undefined ? { generation } : {}), ...(opts.epoch !== undefined ? { epoch: opts.epoch } : {}), ...(opts.pin ? { pin: true } : {}) };
+  async getMeta(generation?: number, opts: { epoch?: number; pin?: boolean; applied?: boolean } = {}): Promise<StoreMeta | null> {
+    const q = { ...(generation !== undefined ? { generation } : {}), ...(opts.epoch !== undefined ? { epoch: opts.epoch } : {}), ...(opts.pin ? { pin: true } : {}), ...(opts.applied ? { applied: true } : {}) };
     const [f] = await this.request(FrameType.GET_META, encodeJson(q), FrameType.META, 'GET_META');
     return decodeJson(FrameType.META, f!.payload, metaReplySchema).meta as StoreMeta | null;
   }
 
   /** Read runs of the committed image; returns their bytes contiguous, in run order. */
   async readPages(runs: PageRun[]): Promise<Buffer> {
+    const pieces = await this.readPageFrames(runs);
+    return pieces.length === 1 ? pieces[0]!.data : Buffer.concat(pieces.map((p) => p.data));
+  }
+
+  /**
+   * Read runs of the committed image without copying: the reply frames' run
+   * tables and data, as views into the buffers the frames were received in,
+   * in request order. The runs must cover exactly what was asked (checked).
+   * Requests beyond MAX_READ_REQUEST are split and sent back to back.
+   */
+  async readPageFrames(runs: readonly PageRun[]): Promise<DecodedPages[]> {
     let total = 0;
     for (const r of runs) total += r.length;
-    const out = Buffer.allocUnsafe(total);
-    let pos = 0;
-    for (const req of batchRuns(runs, null, MAX_READ_REQUEST)) {
-      const frames = await this.request(FrameType.READ_PAGES, encodeRunTable(req.runs), FrameType.PAGES, 'READ_PAGES');
+    const replies = [...batchRuns(runs, null, MAX_READ_REQUEST)].map((req) => this.request(FrameType.READ_PAGES, encodeRunTable(req.runs), FrameType.PAGES, 'READ_PAGES'));
+    const out: DecodedPages[] = [];
+    let got = 0;
+    for (const frames of await Promise.all(replies)) {
       for (const f of frames) {
-        const { data } = decodePages(f.payload);
-        data.copy(out, pos);
-        pos += data.length;
+        const d = decodePages(f.payload);
+        got += d.data.length;
+        out.push(d);
       }
     }
-    if (pos !== total) throw new ProtocolError('HYDRA_PROTOCOL_SHORT_REPLY', `READ_PAGES returned ${pos} of ${total} bytes`);
+    if (got !== total) throw new ProtocolError('HYDRA_PROTOCOL_SHORT_REPLY', `READ_PAGES to store ${this.opts.address} returned ${got} of ${total} bytes`);
     return out;
+  }
+
+  /** Give the buffers of replies from readPageFrames() back once their pages are placed: the next replies reuse them. */
+  recycle(pages: readonly DecodedPages[]): void {
+    for (const p of pages) this.decoder.recycle(p.data);
+  }
+
+  /** The store this client talks to ('host:port'). */
+  get address(): string {
+    return this.opts.address;
   }
 
   /** The committed device state (verified against meta's sha256 by the store); with `epoch`, of that epoch or refused. */

@@ -20,7 +20,7 @@
  * CRC and the tag are checked before a frame is handed on. A decoding error is
  * fatal to the connection: the stream cannot be resynchronised.
  */
-import { createHmac, timingSafeEqual } from 'node:crypto';
+import { createHmac, timingSafeEqual, type Hmac } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { ProtocolError } from '../errors.js';
 
@@ -91,6 +91,19 @@ export class FrameMac {
     const h = createHmac('sha256', this.key).update(seq).update(header);
     for (const p of parts) h.update(p);
     return h.digest().subarray(0, FRAME_TAG_SIZE);
+  }
+
+  /** Start the tag of the next frame over its header (the payload follows in pieces through update()); advances the sequence. */
+  begin(header: Buffer): Hmac {
+    const seq = Buffer.allocUnsafe(8);
+    seq.writeBigUInt64BE(this.seq++);
+    return createHmac('sha256', this.key).update(seq).update(header);
+  }
+
+  /** Whether a tag started with begin() and fed the whole payload matches the received one. */
+  static matches(h: Hmac, tag: Buffer): boolean {
+    const expected = h.digest().subarray(0, FRAME_TAG_SIZE);
+    return tag.length === expected.length && timingSafeEqual(tag, expected);
   }
 
   /** Check a received frame's tag against the next sequence number; advances it. */
@@ -168,6 +181,11 @@ export interface FrameDecoderOptions {
   acceptVersion?: number;
 }
 
+/** Payloads from POOL_MIN to POOL_BUFFER bytes (page replies) are assembled in recyclable buffers; POOL_KEEP kept spare. */
+const POOL_MIN = 1024 * 1024;
+const POOL_BUFFER = MAX_PAGES_DATA + 64 * 1024;
+const POOL_KEEP = 8;
+
 /** Tag checking of received frames (set once the session keys are known). */
 export interface ReceiveMac {
   mac: FrameMac;
@@ -177,20 +195,54 @@ export interface ReceiveMac {
 
 /**
  * Incremental frame decoder: push() socket chunks, get whole frames back.
- * Holds at most one partial frame (bounded by maxPayload + header).
+ * Each frame's payload is assembled in its own buffer as the bytes arrive,
+ * and its CRC and tag are computed piece by piece on the way, while each
+ * piece is still in the cache: the payload is touched once, and no socket
+ * chunk is kept after push() returns. Holds at most one partial frame
+ * (bounded by maxPayload + header + tag).
  */
 export class FrameDecoder {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  private readonly headBuf = Buffer.allocUnsafe(FRAME_HEADER_SIZE);
+  private headFill = 0;
   private header: { version: number; type: number; flags: number; length: number; crc: number; raw: Buffer } | null = null;
+  private body: Buffer | null = null;
+  private bodyFill = 0;
+  private bodyCrc = 0;
+  private bodyMac: Hmac | null = null;
+  private readonly tagBuf = Buffer.allocUnsafe(FRAME_TAG_SIZE);
+  private tagFill = 0;
   private maxPayload: number;
   private version: number;
   private failed = false;
   private recv: ReceiveMac | null = null;
+  /** Payload buffers handed back by the consumer (recycle()), for the next large frames. */
+  private readonly spare: ArrayBuffer[] = [];
+  private readonly pooled = new WeakSet<ArrayBuffer>();
 
   constructor(opts: FrameDecoderOptions = {}) {
     this.maxPayload = opts.maxPayload ?? MAX_FRAME_PAYLOAD;
     this.version = opts.acceptVersion ?? PROTOCOL_VERSION;
+  }
+
+  /**
+   * Hand back the memory of a received payload (or a view into it) that the
+   * consumer is done with: the next large frame is assembled in it instead of
+   * a new allocation. Only for payloads nothing refers to any more.
+   */
+  recycle(view: Uint8Array): void {
+    const ab = view.buffer as ArrayBuffer;
+    if (this.pooled.has(ab) && this.spare.length < POOL_KEEP && !this.spare.includes(ab)) this.spare.push(ab);
+  }
+
+  private payloadBuffer(length: number): Buffer {
+    if (length === 0) return Buffer.alloc(0);
+    if (length < POOL_MIN || length > POOL_BUFFER) return Buffer.allocUnsafe(length);
+    let ab = this.spare.pop();
+    if (!ab) {
+      ab = new ArrayBuffer(POOL_BUFFER);
+      this.pooled.add(ab);
+    }
+    return Buffer.from(ab, 0, length);
   }
 
   setVersion(v: number): void {
@@ -209,81 +261,97 @@ export class FrameDecoder {
 
   /** Bytes held waiting for the rest of a frame. */
   get pendingBytes(): number {
-    return this.buffered;
+    return this.headFill + this.bodyFill + this.tagFill + (this.header ? FRAME_HEADER_SIZE : 0);
   }
 
   /** True while a frame was started but not completed (a torn frame if the stream ends now). */
   get midFrame(): boolean {
-    return this.buffered > 0 || this.header !== null;
+    return this.headFill > 0 || this.header !== null;
   }
 
   /** Feed bytes; returns the complete frames they finish. Throws ProtocolError on bad input. */
   push(chunk: Buffer): Frame[] {
     if (this.failed) throw new ProtocolError('HYDRA_PROTOCOL_DECODER_FAILED', 'frame decoder already failed; the connection must be closed');
-    if (chunk.length > 0) {
-      this.chunks.push(chunk);
-      this.buffered += chunk.length;
-    }
     const out: Frame[] = [];
+    let pos = 0;
     try {
-      for (;;) {
+      while (pos < chunk.length || (this.header !== null && this.frameDone())) {
         if (this.header === null) {
-          if (this.buffered < FRAME_HEADER_SIZE) break;
-          const h = this.take(FRAME_HEADER_SIZE);
-          this.header = parseHeader(h, this.maxPayload, this.version);
+          const k = Math.min(FRAME_HEADER_SIZE - this.headFill, chunk.length - pos);
+          chunk.copy(this.headBuf, this.headFill, pos, pos + k);
+          this.headFill += k;
+          pos += k;
+          if (this.headFill < FRAME_HEADER_SIZE) break;
+          this.headFill = 0;
+          this.startFrame(parseHeader(this.headBuf, this.maxPayload, this.version));
+          continue;
         }
-        const tagged = (this.header.flags & FrameFlag.MAC) !== 0;
-        if (this.buffered < this.header.length + (tagged ? FRAME_TAG_SIZE : 0)) break;
-        const payload = this.take(this.header.length);
-        const crc = crc32(payload);
-        const name = frameTypeName(this.header.type);
-        if (crc !== this.header.crc) {
-          throw new ProtocolError('HYDRA_PROTOCOL_BAD_CRC', `${name} frame payload crc32 ${hex(crc)} != header crc32 ${hex(this.header.crc)} (${this.header.length} bytes)`);
+        const h = this.header;
+        if (this.bodyFill < h.length) {
+          const k = Math.min(h.length - this.bodyFill, chunk.length - pos);
+          const piece = chunk.subarray(pos, pos + k);
+          piece.copy(this.body!, this.bodyFill);
+          this.bodyCrc = crc32(piece, this.bodyCrc);
+          this.bodyMac?.update(piece);
+          this.bodyFill += k;
+          pos += k;
         }
-        let authenticated = false;
-        if (tagged) {
-          const tag = this.take(FRAME_TAG_SIZE);
-          if (!this.recv) throw new ProtocolError('HYDRA_PROTOCOL_UNEXPECTED', `${name} frame carries a tag before the session keys exist (during the handshake)`);
-          const seq = this.recv.mac.sequence;
-          if (!this.recv.mac.verify(this.header.raw, payload, tag)) {
-            throw new ProtocolError('HYDRA_PROTOCOL_BAD_MAC', `${name} frame #${seq} from ${this.recv.peer} fails its tag check (altered, replayed, reordered, or not from the session's peer)`);
-          }
-          authenticated = true;
+        const tagged = (h.flags & FrameFlag.MAC) !== 0;
+        if (this.bodyFill === h.length && tagged && this.tagFill < FRAME_TAG_SIZE) {
+          const k = Math.min(FRAME_TAG_SIZE - this.tagFill, chunk.length - pos);
+          chunk.copy(this.tagBuf, this.tagFill, pos, pos + k);
+          this.tagFill += k;
+          pos += k;
         }
-        out.push({ version: this.header.version, type: this.header.type as FrameType, flags: this.header.flags, payload, crc, authenticated });
-        this.header = null;
+        if (!this.frameDone()) break;
+        out.push(this.finishFrame());
       }
     } catch (err) {
       this.failed = true;
-      this.chunks = [];
-      this.buffered = 0;
+      this.header = null;
+      this.body = null;
+      this.bodyMac = null;
       throw err;
     }
     return out;
   }
 
-  private take(n: number): Buffer {
-    if (n === 0) return Buffer.alloc(0);
-    const first = this.chunks[0]!;
-    if (first.length >= n) {
-      const out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      this.buffered -= n;
-      return out;
+  private frameDone(): boolean {
+    const h = this.header!;
+    return this.bodyFill === h.length && ((h.flags & FrameFlag.MAC) === 0 || this.tagFill === FRAME_TAG_SIZE);
+  }
+
+  private startFrame(h: NonNullable<FrameDecoder['header']>): void {
+    this.header = h;
+    this.body = this.payloadBuffer(h.length);
+    this.bodyFill = 0;
+    this.bodyCrc = 0;
+    this.tagFill = 0;
+    // The tag's sequence number is taken when the frame starts: frames of a connection arrive whole and in order.
+    this.bodyMac = (h.flags & FrameFlag.MAC) !== 0 && this.recv ? this.recv.mac.begin(h.raw) : null;
+  }
+
+  private finishFrame(): Frame {
+    const h = this.header!;
+    const payload = this.body!;
+    const crc = h.length === 0 ? crc32(payload) : this.bodyCrc;
+    const name = frameTypeName(h.type);
+    if (crc !== h.crc) {
+      throw new ProtocolError('HYDRA_PROTOCOL_BAD_CRC', `${name} frame payload crc32 ${hex(crc)} != header crc32 ${hex(h.crc)} (${h.length} bytes)`);
     }
-    const out = Buffer.allocUnsafe(n);
-    let off = 0;
-    while (off < n) {
-      const c = this.chunks[0]!;
-      const k = Math.min(c.length, n - off);
-      c.copy(out, off, 0, k);
-      off += k;
-      if (k === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(k);
+    let authenticated = false;
+    if ((h.flags & FrameFlag.MAC) !== 0) {
+      if (!this.recv || !this.bodyMac) throw new ProtocolError('HYDRA_PROTOCOL_UNEXPECTED', `${name} frame carries a tag before the session keys exist (during the handshake)`);
+      const seq = this.recv.mac.sequence - 1n;
+      if (!FrameMac.matches(this.bodyMac, this.tagBuf)) {
+        throw new ProtocolError('HYDRA_PROTOCOL_BAD_MAC', `${name} frame #${seq} from ${this.recv.peer} fails its tag check (altered, replayed, reordered, or not from the session's peer)`);
+      }
+      authenticated = true;
     }
-    this.buffered -= n;
-    return out;
+    this.header = null;
+    this.body = null;
+    this.bodyMac = null;
+    return { version: h.version, type: h.type as FrameType, flags: h.flags, payload, crc, authenticated };
   }
 }
 

@@ -89,7 +89,8 @@ export const errorSchema = z.object({
  * returned: every later READ_PAGES and GET_DEVSTATE on it is refused once that
  * generation's committed epoch moves, so a reader never mixes two epochs.
  */
-export const getMetaSchema = z.object({ generation: u32.optional(), epoch: u32.optional(), pin: z.boolean().optional() });
+/** GET_META: `applied` waits until the committed epoch is in the image file too (readers of the file itself). */
+export const getMetaSchema = z.object({ generation: u32.optional(), epoch: u32.optional(), pin: z.boolean().optional(), applied: z.boolean().optional() });
 /** GET_DEVSTATE: `epoch` refuses the reply unless the committed epoch is that one (a pinned connection implies it). */
 export const getDevstateSchema = z.object({ generation: u32.optional(), epoch: u32.optional() });
 export const abortSchema = z.object({});

@@ -17,13 +17,14 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { StoreError } from '../errors.js';
-import { decodePages, type Begin, type StoreMeta } from '../protocol/index.js';
+import { decodePages, type Begin, type PageRun, type StoreMeta } from '../protocol/index.js';
 import { pwriteAll, step } from './fsutil.js';
-import type { GenerationImage } from './generation-image.js';
+import type { GenerationImage, PendingEpoch } from './generation-image.js';
 import { writeRuns, checkRuns } from './image.js';
 import { RecordType, type JournalWriter } from './journal.js';
 import { writeMeta } from './meta.js';
-import { MAX_EPOCH_STATS, META_FILE } from './recovery.js';
+import { MAX_EPOCH_STATS, META_FILE, devstateFileName } from './recovery.js';
+import { countRegions, heatEpoch } from './heat.js';
 
 export interface CommitResult {
   epoch: number;
@@ -56,6 +57,8 @@ export class Checkpoint {
   private done = false;
   private readonly journal: JournalWriter | null;
   private readonly direct: DirectTarget | null;
+  /** Journal mode: the received bodies, kept until the apply is done (served to readers meanwhile, see PendingEpoch). */
+  private readonly received: { pages: { runs: PageRun[]; data: Buffer }[]; devstate: Buffer[] } = { pages: [], devstate: [] };
 
   constructor(private readonly g: GenerationImage, b: Begin, private readonly pageSize: number, target: { journal: JournalWriter } | DirectTarget) {
     this.epoch = b.epoch;
@@ -75,15 +78,19 @@ export class Checkpoint {
     this.check();
     const { runs, data } = decodePages(payload);
     checkRuns(runs, this.ramSize, this.pageSize, `VM ${this.g.vm} checkpoint ${this.epoch}`);
-    if (this.journal) await this.journal.append(RecordType.PAGES, payload, crc);
-    else await writeRuns(this.direct!.mfh, this.direct!.memoryPath, runs, data, this.g.store.faults, 'full-write');
+    if (this.journal) {
+      await this.journal.append(RecordType.PAGES, payload, crc);
+      this.received.pages.push({ runs, data });
+    } else await writeRuns(this.direct!.mfh, this.direct!.memoryPath, runs, data, this.g.store.faults, 'full-write');
     this.bytes += data.length;
   }
 
   async addDeviceState(chunk: Buffer, crc: number): Promise<void> {
     this.check();
-    if (this.journal) await this.journal.append(RecordType.DEVSTATE, chunk, crc);
-    else await pwriteAll(this.direct!.dfh, chunk, this.dsSize, this.direct!.dsPath, this.g.store.faults, 'devstate-write');
+    if (this.journal) {
+      await this.journal.append(RecordType.DEVSTATE, chunk, crc);
+      this.received.devstate.push(chunk);
+    } else await pwriteAll(this.direct!.dfh, chunk, this.dsSize, this.direct!.dsPath, this.g.store.faults, 'devstate-write');
     this.dsHash.update(chunk);
     this.dsSize += chunk.length;
   }
@@ -116,22 +123,27 @@ export class Checkpoint {
         const journal = this.journal;
         let journalled!: () => void;
         const ended = new Promise<void>((resolve) => (journalled = resolve));
-        const applied = g.lock.run(async () => {
-          this.check();
-          await g.checkUnfenced();
-          this.done = true;
-          await g.store.faults.delay('commit-before-end');
-          const end = await journal.end({ pages, bytes: this.bytes, devstateSize: this.dsSize, devstateSha256: dsSha });
-          const journalMs = performance.now() - t0;
-          // Durable now (recovery would replay it). Apply under the same lock: every reader
-          // and every registration queued from here on sees this epoch, never the image while it changes.
-          try {
+        const applied = (async () => {
+          const end = await g.lock.run(async () => {
+            this.check();
             await g.checkUnfenced();
-          } catch (err) {
-            // Fenced by another process between the check and END: the epoch must never be replayed.
-            await g.resetJournal();
-            throw err;
-          }
+            this.done = true;
+            await g.store.faults.delay('commit-before-end');
+            const end = await journal.end({ pages, bytes: this.bytes, devstateSize: this.dsSize, devstateSha256: dsSha });
+            // Durable now (recovery would replay it).
+            try {
+              await g.checkUnfenced();
+            } catch (err) {
+              // Fenced by another process between the check and END: the epoch must never be replayed.
+              await g.resetJournal();
+              throw err;
+            }
+            // Committed: from here every reader and registration sees this epoch, served from
+            // what was received plus the image, without waiting for the apply below.
+            g.pending = this.pendingEpoch(g.meta!, dsSha);
+            return end;
+          });
+          const journalMs = performance.now() - t0;
           journalled();
           await g.store.faults.delay('commit-before-apply');
           const ta = performance.now();
@@ -142,7 +154,7 @@ export class Checkpoint {
           if (last) last.applyMs = Math.round(ms * 10) / 10; // in-memory; persisted with the next meta write
           g.store.metrics?.applySeconds.observe(ms / 1000);
           g.log.debug({ epoch: this.epoch, pages, journalMs: Math.round(journalMs), applyMs: Math.round(ms), phases: r.phases }, 'checkpoint applied');
-        });
+        })();
         // The commit itself awaits `applied` (or the next BEGIN does, through the lock); this only records that it settled.
         g.pendingApply = applied.catch(() => undefined);
         await Promise.race([ended, applied]);
@@ -164,6 +176,31 @@ export class Checkpoint {
     m?.committedEpoch.set({ vm: g.vm }, this.epoch);
     g.log.debug({ epoch: this.epoch, kind: this.kind, pages, ms: Math.round(applyMs) }, 'checkpoint durable');
     return { epoch: this.epoch, durableAt: Date.now(), applyMs, pages, bytes: this.bytes };
+  }
+
+  /** This epoch as readers see it until the apply is done: the meta the apply will write, the received bodies. */
+  private pendingEpoch(prev: StoreMeta, dsSha: string): PendingEpoch {
+    const pages = new Map<number, Buffer>();
+    for (const { runs, data } of this.received.pages) {
+      let pos = 0;
+      for (const r of runs) {
+        for (let off = 0; off < r.length; off += this.pageSize) pages.set((r.offset + off) / this.pageSize, data.subarray(pos + off, pos + off + this.pageSize));
+        pos += r.length;
+      }
+    }
+    const now = new Date().toISOString();
+    const meta: StoreMeta = {
+      ...prev,
+      committedEpoch: this.epoch,
+      devstate: { file: devstateFileName(this.epoch), size: this.dsSize, sha256: dsSha },
+      disks: this.disks ?? prev.disks,
+      config: this.config !== undefined ? this.config : prev.config,
+      committedAt: now,
+      epochs: [...prev.epochs, { epoch: this.epoch, kind: this.kind, pages: this.bytes / this.pageSize, bytes: this.bytes, committedAt: now, applyMs: 0 }].slice(-MAX_EPOCH_STATS),
+    };
+    const counts = new Map<number, number>();
+    for (const { runs } of this.received.pages) countRegions(runs, this.pageSize, counts);
+    return { meta, devstate: Buffer.concat(this.received.devstate), pages, heat: heatEpoch(this.epoch, counts) };
   }
 
   private async commitDirect(dsSha: string): Promise<void> {

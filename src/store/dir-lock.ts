@@ -20,8 +20,15 @@ export class DirLock {
 
   /** The exclusive lock a read-write store holds for its whole life. Throws HYDRA_STORE_DIR_BUSY naming the holder. */
   static async exclusive(dir: string): Promise<DirLock> {
-    const l = await DirLock.tryTake(dir, 'ex');
+    const l = await DirLock.tryExclusive(dir);
     if (!l) throw new StoreError('HYDRA_STORE_DIR_BUSY', `store directory ${dir} is already open read-write or being read by ${await holder(dir)} (${path.join(dir, LOCK_FILE)}); only one store may serve a directory`);
+    return l;
+  }
+
+  /** The exclusive lock if it is free now (a standby store polls with this), else null. */
+  static async tryExclusive(dir: string): Promise<DirLock | null> {
+    const l = await DirLock.tryTake(dir, 'ex');
+    if (!l) return null;
     try {
       await step('write', l.file, () => writeFilePrivate(l.file, `${process.pid} ${os.hostname()} ${new Date().toISOString()}\n`));
     } catch (err) {
@@ -67,7 +74,8 @@ export class DirLock {
   }
 }
 
-async function holder(dir: string): Promise<string> {
+/** Who holds the lock, as its holder wrote it (for messages only). */
+export async function holder(dir: string): Promise<string> {
   try {
     const [pid, host, since] = (await fs.readFile(path.join(dir, LOCK_FILE), 'utf8')).trim().split(/\s+/);
     return pid ? `process ${pid} on host ${host ?? '?'}${since ? ` (since ${since})` : ''}` : 'an offline reader';

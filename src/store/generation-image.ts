@@ -9,7 +9,7 @@ import type { Begin, HotRegion, PageRun, StoreMeta } from '../protocol/index.js'
 import { Checkpoint } from './checkpoint.js';
 import { Mutex, openPrivate, step } from './fsutil.js';
 import { checkRuns, createImage, readRuns } from './image.js';
-import { loadHeat, scoreHeat } from './heat.js';
+import { HEAT_EPOCHS, loadHeat, scoreHeat, type HeatEpoch } from './heat.js';
 import { JOURNAL_HEADER_SIZE, JournalWriter } from './journal.js';
 import { readMeta } from './meta.js';
 import { JOURNAL_FILE, MEMORY_FILE, META_FILE, applyJournalCheckpoint, devstateFileName, recoverGeneration, waitNoApplying } from './recovery.js';
@@ -26,6 +26,22 @@ export interface StableImage {
   devstatePath: string;
 }
 
+/**
+ * The newest committed epoch while its apply still runs: acknowledged (its
+ * journal END is durable) but not yet in the image. Readers are served its
+ * meta, its device state and its pages from memory (the bodies the checkpoint
+ * journalled) and every other page from the image, which this apply does not
+ * touch: a restore right after a commit never waits for the apply.
+ */
+export interface PendingEpoch {
+  meta: StoreMeta;
+  devstate: Buffer;
+  /** Page index -> its bytes (one page). */
+  pages: Map<number, Buffer>;
+  /** Its regions' write counts, as the apply will record them in heat.bin. */
+  heat: HeatEpoch;
+}
+
 /** One generation of one VM: committed image, lock, at most one checkpoint in progress. */
 export class GenerationImage {
   meta: StoreMeta | null = null;
@@ -35,8 +51,12 @@ export class GenerationImage {
   private needsRecovery: Error | null = null;
   private journal: JournalWriter | null = null;
   current: Checkpoint | null = null;
+  /** The committed image's read handle (readHandle), with the meta it was opened for. */
+  private reader: { meta: StoreMeta; path: string; fh: fs.FileHandle } | null = null;
   /** The apply of the last journalled commit (settled: never rejects). */
   pendingApply: Promise<void> = Promise.resolve();
+  /** Set from the journal END until the apply has put the epoch into the image (see PendingEpoch). */
+  pending: PendingEpoch | null = null;
   /** Set once a newer generation was registered by this store: no checkpoint of this one begins or commits again. */
   private fencedBy: number | null = null;
   readonly log: Logger;
@@ -83,20 +103,35 @@ export class GenerationImage {
    * with HYDRA_STORE_NO_IMAGE when the generation has no committed checkpoint.
    */
   async withStableImage<T>(fn: (img: StableImage) => Promise<T>): Promise<T> {
-    return this.lock.run(async () => {
-      await this.ensureRecovered();
-      if (!this.meta) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${this.vm} generation ${this.generation} has no committed checkpoint yet`);
-      const meta = this.meta;
-      return fn({ meta, genDir: this.dir, memoryPath: path.join(this.dir, meta.memoryFile), devstatePath: path.join(this.dir, meta.devstate.file) });
-    });
+    // The image file must hold the newest committed epoch: wait for a pending apply (and any that follows).
+    for (;;) {
+      await this.pendingApply;
+      const r = await this.lock.run(async () => {
+        if (this.pending && !this.needsRecovery) return { again: true as const };
+        await this.ensureRecovered();
+        if (!this.meta) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${this.vm} generation ${this.generation} has no committed checkpoint yet`);
+        const meta = this.meta;
+        return { value: await fn({ meta, genDir: this.dir, memoryPath: path.join(this.dir, meta.memoryFile), devstatePath: path.join(this.dir, meta.devstate.file) }) };
+      });
+      if (!('again' in r)) return r.value;
+    }
   }
 
   /** The committed meta (null if none), after any pending recovery. */
   async committedMeta(): Promise<StoreMeta | null> {
     return this.lock.run(async () => {
       await this.ensureRecovered();
-      return this.meta;
+      return this.pending?.meta ?? this.meta;
     });
+  }
+
+  /** The committed meta once it is in the image too (readers of the image file itself, e.g. a file-mode restore). */
+  async appliedMeta(epoch?: number): Promise<StoreMeta | null> {
+    for (;;) {
+      await this.pendingApply;
+      const m = await this.metaAt(epoch);
+      if (!this.pending) return m;
+    }
   }
 
   /**
@@ -108,7 +143,10 @@ export class GenerationImage {
     return this.lock.run(async () => {
       if (!this.meta) return [];
       const epochs = await loadHeat(this.dir, this.log);
-      return scoreHeat(epochs, { upToEpoch: this.meta.committedEpoch, ...(limit !== undefined ? { limit } : {}) });
+      // A pending epoch's heat is not in heat.bin yet: its own counts stand in for it.
+      const p = this.pending;
+      const all = p ? [...epochs.filter((e) => e.epoch < p.heat.epoch), p.heat].slice(-HEAT_EPOCHS) : epochs;
+      return scoreHeat(all, { upToEpoch: p?.meta.committedEpoch ?? this.meta.committedEpoch, ...(limit !== undefined ? { limit } : {}) });
     });
   }
 
@@ -135,6 +173,8 @@ export class GenerationImage {
   /** Start a checkpoint. Aborts an unfinished one. */
   async begin(b: Begin): Promise<Checkpoint> {
     if (this.current) await this.current.abort('superseded by a new BEGIN');
+    // The previous epoch must be in the image (and in `meta`) before the next one begins.
+    await this.pendingApply;
     await this.checkUnfenced();
     if (b.epoch > MAX_U32) throw new StoreError('HYDRA_STORE_EPOCH_MISMATCH', `VM ${this.vm} generation ${this.generation}: checkpoint epoch ${b.epoch} exceeds ${MAX_U32}`);
     await this.lock.run(() => this.ensureRecovered());
@@ -182,7 +222,15 @@ export class GenerationImage {
     return new Checkpoint(this, b, pageSize, { journal: j });
   }
 
-  /** Apply the journalled checkpoint (called by Checkpoint.commit with the lock). */
+  /**
+   * Apply the journalled checkpoint (called by Checkpoint.commit once its END is
+   * durable and `pending` is set; not under the lock, so readers and a
+   * registration never wait for it). Serialised with the next checkpoint by
+   * `pendingApply`. A newer generation registered by this store after END does
+   * not stop it: the epoch is committed, and every reader of this store sees it
+   * the same way before and after (PendingEpoch). A fence on disk this store
+   * did not write (another process) still stops it before the image changes.
+   */
   async applyJournalled(j: JournalWriter, cp: Checkpoint, end: Awaited<ReturnType<JournalWriter['end']>>): Promise<{ pages: number; bytes: number; phases: Record<string, number> }> {
     const prev = this.meta!;
     try {
@@ -191,21 +239,35 @@ export class GenerationImage {
         end,
         records: [...j.records],
         disks: cp.disks,
-      }, this.store.faults, () => this.checkUnfenced());
+      }, this.store.faults, () => (this.fencedBy !== null ? Promise.resolve() : this.store.checkFence(this.vm, this.generation)));
+      // One step: from here readers find this epoch in the image.
       this.meta = r.meta;
+      this.pending = null;
       return r;
     } catch (err) {
       // The image may now hold part of this epoch: keep the journal, exclude readers until replayed.
       this.needsRecovery = err as Error;
+      this.pending = null;
       this.log.error({ epoch: cp.epoch, err: (err as Error).message }, 'apply failed after the journal was durable; the journal is kept and will be replayed');
       throw new StoreError('HYDRA_STORE_APPLY_FAILED', `VM ${this.vm} generation ${this.generation}: checkpoint ${cp.epoch} is journalled but applying it failed (${(err as Error).message}); the store will complete it from the journal before serving this generation again`, { cause: err });
     }
+  }
+
+  /** A newer generation is being registered by this store (set before its fence is written). */
+  markFenced(by: number): void {
+    this.fencedBy = Math.max(this.fencedBy ?? 0, by);
   }
 
   async close(): Promise<void> {
     // Closing: an abort that fails leaves files recovery removes.
     if (this.current) await this.current.abort('store closing').catch(() => undefined);
     await this.pendingApply;
+    await this.lock.run(async () => {
+      const r = this.reader;
+      this.reader = null;
+      // A read-only handle: closing it cannot lose data.
+      if (r) await r.fh.close().catch(() => undefined);
+    });
     if (this.journal) await this.journal.close();
     this.journal = null;
   }
@@ -221,20 +283,62 @@ export class GenerationImage {
   }
 
   /**
-   * Read runs of the committed image. With `epoch` (a pinned reader), refused with
-   * HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
+   * Read runs of the committed image (into `into` when it is large enough). With `epoch`
+   * (a pinned reader), refused with HYDRA_STORE_EPOCH_MOVED unless the committed epoch still is that one.
    */
-  async readPages(runs: readonly PageRun[], epoch?: number): Promise<Buffer> {
+  async readPages(runs: readonly PageRun[], epoch?: number, into?: Buffer): Promise<Buffer> {
+    const pending = await this.lock.run(async () => (this.needsRecovery ? null : this.pending));
+    if (pending) return this.readPendingPages(pending, runs, epoch);
     return this.withStableImage(async (img) => {
       this.checkEpoch(img.meta, epoch, 'READ_PAGES');
       checkRuns(runs, img.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
-      const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
-      try {
-        return await readRuns(fh, img.memoryPath, runs);
-      } finally {
-        await fh.close();
-      }
+      return readRuns(await this.readHandle(img), img.memoryPath, runs, into);
     });
+  }
+
+  /**
+   * The committed image opened for reading, kept open across reads: a restore
+   * pages a whole image in MiB-sized requests, and an open + close per request
+   * cost as much CPU as the read. Reopened whenever the committed meta changed
+   * (a commit may name a new image file); called inside withStableImage only.
+   */
+  private async readHandle(img: StableImage): Promise<fs.FileHandle> {
+    const cached = this.reader;
+    if (cached && cached.meta === img.meta && cached.path === img.memoryPath) return cached.fh;
+    this.reader = null;
+    // Replaced: a reader still holding the old handle has finished (the lock is held), so closing is safe.
+    if (cached) await cached.fh.close().catch(() => undefined);
+    const fh = await step('open', img.memoryPath, () => fs.open(img.memoryPath, 'r'));
+    this.reader = { meta: img.meta, path: img.memoryPath, fh };
+    return fh;
+  }
+
+  /**
+   * Pages of a pending epoch: the image for every page, then this epoch's own
+   * pages over them. The apply writes only this epoch's pages, so the image
+   * pages read here are the committed ones whether the apply got to them or not.
+   */
+  private async readPendingPages(p: PendingEpoch, runs: readonly PageRun[], epoch: number | undefined): Promise<Buffer> {
+    this.checkEpoch(p.meta, epoch, 'READ_PAGES');
+    checkRuns(runs, p.meta.ramSize, 1, `read of VM ${this.vm} generation ${this.generation}`);
+    const memoryPath = path.join(this.dir, p.meta.memoryFile);
+    const fh = await step('open', memoryPath, () => fs.open(memoryPath, 'r'));
+    let out: Buffer;
+    try {
+      out = await readRuns(fh, memoryPath, runs);
+    } finally {
+      await fh.close();
+    }
+    const ps = p.meta.pageSize;
+    let pos = 0;
+    for (const r of runs) {
+      for (let off = r.offset; off < r.offset + r.length; off += ps) {
+        const page = p.pages.get(off / ps);
+        if (page) page.copy(out, pos + (off - r.offset));
+      }
+      pos += r.length;
+    }
+    return out;
   }
 
   private checkEpoch(meta: StoreMeta, epoch: number | undefined, what: string): void {
@@ -247,6 +351,10 @@ export class GenerationImage {
   async metaAt(epoch?: number): Promise<StoreMeta | null> {
     return this.lock.run(async () => {
       await this.ensureRecovered();
+      if (this.pending) {
+        if (epoch !== undefined) this.checkEpoch(this.pending.meta, epoch, 'GET_META');
+        return this.pending.meta;
+      }
       if (this.meta && epoch !== undefined) this.checkEpoch(this.meta, epoch, 'GET_META');
       if (!this.meta && epoch !== undefined) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${this.vm} generation ${this.generation} has no committed checkpoint (epoch ${epoch} asked)`);
       return this.meta;
@@ -255,6 +363,11 @@ export class GenerationImage {
 
   /** The committed device state, checked against meta; refused when `epoch` is given and differs. */
   async readDeviceState(epoch?: number): Promise<Buffer> {
+    const pending = await this.lock.run(async () => (this.needsRecovery ? null : this.pending));
+    if (pending) {
+      this.checkEpoch(pending.meta, epoch, 'GET_DEVSTATE');
+      return pending.devstate;
+    }
     return this.withStableImage(async (img) => {
       this.checkEpoch(img.meta, epoch, 'GET_DEVSTATE');
       const buf = await step('read', img.devstatePath, () => fs.readFile(img.devstatePath));

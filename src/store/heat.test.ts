@@ -97,6 +97,8 @@ test('GET_HOT returns the regions written most in the last epochs, hottest first
   assert.deepEqual(await c.getHotRegions(1), expected, 'explicit generation');
   assert.deepEqual(await c.getHotRegions(1, 2), expected.slice(0, 2), 'limit');
   await c.close();
+  // heat.bin is written by the apply, which follows the acknowledgement (GET_HOT served the pending epoch from memory).
+  await (await s.store.gen('hotvm', 1)).pendingApply;
   const genDir = path.join(s.store.dir, 'vms', 'hotvm', 'gen-1');
   assert.ok(fs.existsSync(path.join(genDir, HEAT_FILE)));
   assert.deepEqual(decodeHeat(fs.readFileSync(path.join(genDir, HEAT_FILE))).map((e) => e.epoch), [2, 3, 4, 5, 6]);
@@ -128,6 +130,7 @@ test('the heat record is bounded to the last HEAT_EPOCHS epochs', async () => {
   assert.deepEqual(order(hot), [11, 10, 9, 8, 7, 6, 5, 4]);
   assert.deepEqual(hot.map((h) => h.score), [8, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625]);
   await c.close();
+  await (await s.store.gen('bounded', 1)).pendingApply;
   const file = path.join(s.store.dir, 'vms', 'bounded', 'gen-1', HEAT_FILE);
   const rec = decodeHeat(fs.readFileSync(file));
   assert.deepEqual(rec.map((e) => e.epoch), [6, 7, 8, 9, 10, 11, 12, 13]);
@@ -141,6 +144,8 @@ test('a corrupt or unwritable heat record is ignored: commits, GET_HOT and recov
   await incremental(c, 2, [inRegion(1, 4)]);
   await incremental(c, 3, [inRegion(2, 4)]);
   assert.deepEqual(order(await c.getHotRegions()), [2, 1]);
+  // The file is the apply's to write, after the acknowledgement: let it finish before touching the file.
+  await (await s.store.gen('corrupt', 1)).pendingApply;
   const genDir = path.join(s.store.dir, 'vms', 'corrupt', 'gen-1');
   const file = path.join(genDir, HEAT_FILE);
 
@@ -153,6 +158,7 @@ test('a corrupt or unwritable heat record is ignored: commits, GET_HOT and recov
   assert.deepEqual(order(await c.getHotRegions()), [5]);
 
   // Garbage, then a restart (recovery): still no error anywhere.
+  await (await s.store.gen('corrupt', 1)).pendingApply;
   fs.writeFileSync(file, 'not a heat record');
   await c.close();
   await s.close();
@@ -165,6 +171,7 @@ test('a corrupt or unwritable heat record is ignored: commits, GET_HOT and recov
   fs.rmSync(file);
   fs.mkdirSync(file);
   await incremental(c2, 5, [inRegion(6, 4)]);
+  await (await s2.store.gen('corrupt', 1)).pendingApply;
   assert.equal((await c2.getMeta())?.committedEpoch, 5);
   assert.deepEqual(await c2.getHotRegions(), []);
   assert.deepEqual(fs.readdirSync(genDir).filter((n) => n.includes('.tmp')), [], 'no temp file left behind');

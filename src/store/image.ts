@@ -83,11 +83,11 @@ export async function writeRuns(fh: fs.FileHandle, file: string, runs: readonly 
   if (failed) throw failed.reason;
 }
 
-/** Read runs into one contiguous buffer (zeros past EOF). */
-export async function readRuns(fh: fs.FileHandle, file: string, runs: readonly PageRun[]): Promise<Buffer> {
+/** Read runs into one contiguous buffer (zeros past EOF): `into` when given (at least as large), else a new one. */
+export async function readRuns(fh: fs.FileHandle, file: string, runs: readonly PageRun[], into?: Buffer): Promise<Buffer> {
   let total = 0;
   for (const r of runs) total += r.length;
-  const out = Buffer.allocUnsafe(total);
+  const out = into && into.length >= total ? into.subarray(0, total) : Buffer.allocUnsafe(total);
   let pos = 0;
   for (const r of runs) {
     await preadAll(fh, out.subarray(pos, pos + r.length), r.offset, file);

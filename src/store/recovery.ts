@@ -262,6 +262,12 @@ export async function waitNoApplying(dir: string, timeoutMs = 30_000): Promise<'
       return 'clear';
     }
     const pid = Number(text.split(' ')[0]);
+    // Empty or partial: the store is writing the marker right now (it is not written atomically).
+    if (!Number.isInteger(pid) || pid <= 0) {
+      if (Date.now() > deadline) return 'stale';
+      await sleep(10);
+      continue;
+    }
     if (!pidAlive(pid)) return 'stale'; // left by a crashed store: only its recovery (journal replay) may clear it
     if (Date.now() > deadline) throw new StoreError('HYDRA_STORE_BUSY', `${dir}: a checkpoint is still being applied by process ${pid} after ${timeoutMs} ms`);
     await sleep(10);

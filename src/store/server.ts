@@ -28,6 +28,7 @@ import { storeMetrics } from './metrics.js';
 import { Store } from './store.js';
 import type { Checkpoint } from './checkpoint.js';
 import type { GenerationImage } from './generation-image.js';
+import type { DirLock } from './dir-lock.js';
 
 /** Largest READ_PAGES request served in one reply (the reply is read under the lock, then sent). */
 export const MAX_READ_BYTES = 32 * 1024 * 1024;
@@ -56,6 +57,14 @@ export interface StoreServerOptions {
   idleTimeoutMs?: number;
   /** Serve TLS only, with this certificate and key. */
   tls?: StoreTlsServerOptions;
+  /** The directory's exclusive lock, already taken by the caller (a standby that waited for it); default: taken here. */
+  lock?: DirLock;
+  /**
+   * Asked at every BEGIN and COMMIT: null while this store may write, else
+   * why not (a cluster store whose etcd lease may be expiring). A reason
+   * fences the store at once, as fence() does.
+   */
+  mayWrite?: () => string | null;
 }
 
 export const DEFAULT_IDLE_TIMEOUT_MS = 20_000;
@@ -72,12 +81,22 @@ interface ServerContext {
   /** The authenticated checkpointer connection of each "vm generation". */
   checkpointers: Map<string, Connection>;
   log: Logger;
+  /** Set once the store may no longer write (it lost its cluster lease): BEGIN and COMMIT are refused with this error. */
+  fenced: StoreError | null;
+  fence: (reason: string) => void;
+  mayWrite: (() => string | null) | undefined;
 }
 
 export interface StoreServer {
   /** 'host:port' actually bound. */
   address: string;
   store: Store;
+  /**
+   * Stop writing at once: every BEGIN and COMMIT from now on is refused with
+   * HYDRA_STORE_NOT_ACTIVE (`reason` in the message). close() then ends the
+   * connections and releases the directory.
+   */
+  fence(reason: string): void;
   close(): Promise<void>;
 }
 
@@ -93,7 +112,7 @@ export function parseAddress(addr: string): { host: string; port: number } {
 export async function startStoreServer(opts: StoreServerOptions): Promise<StoreServer> {
   if (!opts.secret) throw new StoreError('HYDRA_STORE_NO_SECRET', 'the store needs the cluster shared secret');
   const faults = new FaultInjector(opts.faultInjection ?? process.env.HYDRAVM_STORE_CRASH_AT, opts.delayInjection ?? process.env.HYDRAVM_STORE_DELAY);
-  const store = await Store.open(opts.dir, { faults, metrics: storeMetrics(opts.metricsRegistry), ...(opts.commitAck ? { commitAck: opts.commitAck } : {}) });
+  const store = await Store.open(opts.dir, { faults, metrics: storeMetrics(opts.metricsRegistry), ...(opts.commitAck ? { commitAck: opts.commitAck } : {}), ...(opts.lock ? { lock: opts.lock } : {}) });
   liveStores.set(store.dir, store);
   const slog = rootLog.child({ component: 'store', dir: store.dir });
   if (faults.enabled) slog.warn({ spec: opts.faultInjection ?? process.env.HYDRAVM_STORE_CRASH_AT }, 'crash injection enabled');
@@ -106,7 +125,12 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
   const maxPending = opts.maxPendingHandshakes ?? DEFAULT_MAX_PENDING_HANDSHAKES;
   const ctx: ServerContext = {
     store, secret: opts.secret, handshakeMs: opts.handshakeTimeoutMs ?? 10_000, idleMs: opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
-    pending: new Set(), checkpointers: new Map(), log: slog,
+    pending: new Set(), checkpointers: new Map(), log: slog, fenced: null, mayWrite: opts.mayWrite,
+    fence(reason: string) {
+      if (ctx.fenced) return;
+      ctx.fenced = new StoreError('HYDRA_STORE_NOT_ACTIVE', `the store serving ${store.dir} no longer accepts checkpoints: ${reason}; find the active store and reconnect`);
+      slog.warn({ reason }, 'store fenced: refusing every BEGIN and COMMIT');
+    },
   };
   const conns = new Set<Connection>();
   let evicted = 0;
@@ -143,6 +167,7 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<StoreS
   return {
     address,
     store,
+    fence: ctx.fence,
     async close() {
       if (closed) return;
       closed = true;
@@ -178,6 +203,12 @@ class Connection {
   private cp: Checkpoint | null = null;
   /** A reader's pin (GET_META with pin): its reads serve this generation at this epoch, or are refused. */
   private pinned: { gen: GenerationImage; epoch: number } | null = null;
+  /**
+   * Page buffers of READ_PAGES replies whose bytes the kernel has taken: a
+   * restore pages a whole image in 8 MiB requests, and a fresh buffer per
+   * request made the store spend a fifth of its time collecting garbage.
+   */
+  private readonly readBufs: Buffer[] = [];
   /** Error that ended the current checkpoint early (sent unsolicited); data frames are ignored until BEGIN. */
   private cpFailed: HydraError | null = null;
   private readonly timer: NodeJS.Timeout;
@@ -266,12 +297,23 @@ class Connection {
   }
 
   /** Send a frame (tagged once the peer authenticated); resolves when the socket accepted it without exceeding its buffer (drain). */
-  private async send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
+  private send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
+    return this.sendParts(type, [payload], flags, crc);
+  }
+
+  /**
+   * send() of a payload given in parts (page data goes out without being
+   * copied behind its run table); `written` runs once the socket has passed
+   * every byte to the kernel (not at all if the connection dies first).
+   */
+  private async sendParts(type: FrameType, payload: Buffer[], flags = 0, crc?: number, written?: () => void): Promise<void> {
     if (this.sock.destroyed) return;
-    const parts = encodeFrameParts(type, [payload], { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
+    const parts = encodeFrameParts(type, payload, { flags, version: this.version, ...(crc !== undefined ? { crc } : {}), ...(this.sendMac ? { mac: this.sendMac } : {}) });
     this.sock.cork();
     let ok = true;
-    for (const p of parts) ok = this.sock.write(p);
+    parts.forEach((p, i) => {
+      ok = i === parts.length - 1 && written ? this.sock.write(p, (err) => { if (!err) written(); }) : this.sock.write(p);
+    });
     this.sock.uncork();
     if (!ok) await waitDrain(this.sock);
   }
@@ -425,6 +467,8 @@ class Connection {
         this.requireCheckpointer(f);
         this.cpFailed = null;
         try {
+          this.checkMayWrite();
+          if (this.ctx.fenced) throw this.ctx.fenced;
           await this.ctx.store.checkFence(h.vm, h.generation);
           this.cp = await this.gen!.begin(b);
         } catch (err) {
@@ -469,6 +513,12 @@ class Connection {
         if (!this.cp) return this.replyError(new StoreError('HYDRA_STORE_NO_CHECKPOINT', 'COMMIT without BEGIN'));
         const cp = this.cp;
         this.cp = null;
+        this.checkMayWrite();
+        if (this.ctx.fenced) {
+          // Nothing of it reached the journal's END: discarding it leaves the last committed epoch as it was.
+          await cp.abort('the store was fenced').catch((err) => this.log.warn({ err: (err as Error).message }, 'abort failed'));
+          return this.replyError(this.ctx.fenced);
+        }
         try {
           const r = await cp.commit();
           return this.send(FrameType.COMMITTED, encodeJson({ epoch: r.epoch, durableAt: r.durableAt, applyMs: r.applyMs, bytes: r.bytes, pages: r.pages }));
@@ -488,7 +538,7 @@ class Connection {
         const q = decodeJson(f.type, f.payload, getMetaSchema);
         try {
           const g = await this.readerGen(q.generation);
-          const meta = g ? await g.metaAt(q.epoch) : null;
+          const meta = g ? await (q.applied ? g.appliedMeta(q.epoch) : g.metaAt(q.epoch)) : null;
           if (q.pin) {
             if (!g || !meta) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image to pin${q.generation ? ` in generation ${q.generation}` : ''}`);
             this.pinned = { gen: g, epoch: meta.committedEpoch };
@@ -516,21 +566,28 @@ class Connection {
       case FrameType.READ_PAGES: {
         const { runs } = decodePages(f.payload, false);
         let data: Buffer;
+        const buf = this.readBuffer();
         try {
           let total = 0;
           for (const r of runs) total += r.length;
           if (total > MAX_READ_BYTES) throw new StoreError('HYDRA_STORE_READ_TOO_LARGE', `READ_PAGES of ${total} bytes exceeds ${MAX_READ_BYTES} per request`);
           const g = this.pinned?.gen ?? (await this.readerGen(undefined));
           if (!g) throw new StoreError('HYDRA_STORE_NO_IMAGE', `VM ${h.vm} has no committed image`);
-          data = await g.readPages(runs, this.pinned?.epoch);
+          data = await g.readPages(runs, this.pinned?.epoch, total <= buf.length ? buf : undefined);
         } catch (err) {
+          this.readBufs.push(buf);
           return this.replyError(err);
         }
         const batches = [...batchRuns(runs, data, MAX_PAGES_DATA)];
-        if (batches.length === 0) return this.send(FrameType.PAGES, encodeRunTable([]));
+        if (batches.length === 0) {
+          this.readBufs.push(buf);
+          return this.send(FrameType.PAGES, encodeRunTable([]));
+        }
         for (let i = 0; i < batches.length; i++) {
           const b = batches[i]!;
-          await this.send(FrameType.PAGES, Buffer.concat([encodeRunTable(b.runs), b.data!]), i < batches.length - 1 ? FrameFlag.MORE : 0);
+          const last = i === batches.length - 1;
+          // The buffer is reused only once the socket has handed its last byte to the kernel.
+          await this.sendParts(FrameType.PAGES, [encodeRunTable(b.runs), b.data!], last ? 0 : FrameFlag.MORE, undefined, last ? () => this.readBufs.push(buf) : undefined);
         }
         return;
       }
@@ -555,9 +612,21 @@ class Connection {
     }
   }
 
+  /** A reply buffer of MAX_PAGES_DATA bytes (larger requests get their own); at most 4 kept per connection. */
+  private readBuffer(): Buffer {
+    if (this.readBufs.length > 4) this.readBufs.length = 4;
+    return this.readBufs.pop() ?? Buffer.allocUnsafeSlow(MAX_PAGES_DATA);
+  }
+
   private async readerGen(generation: number | undefined): Promise<GenerationImage | null> {
     if (generation === undefined || generation === this.gen?.generation) return this.gen;
     return this.ctx.store.gen(this.hello!.vm, generation);
+  }
+
+  /** Fence the store now if it may no longer write (checked here, not only by its owner's timer). */
+  private checkMayWrite(): void {
+    const why = this.ctx.mayWrite?.();
+    if (why) this.ctx.fence(why);
   }
 
   private requireCheckpointer(f: Frame): void {

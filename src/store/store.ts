@@ -150,8 +150,10 @@ export class Store {
           const gi = await p.catch(() => null);
           if (gi) older.push(gi);
         }
-        const fence = () => writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() });
-        // Take every older generation's lock (waiting for its apply), then write the fence inside all of them.
+        // Marked first: an apply of an epoch committed before this fence must not mistake it for another process's.
+        const fence = () => { for (const gi of older) gi.markFenced(generation); return writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() }); };
+        // Take every older generation's lock (waiting for a journal END in flight, not for the apply
+        // after it: that epoch is committed, and readers see it), then write the fence inside all of them.
         const underLocks = (i: number): Promise<void> => (i === older.length ? fence() : older[i]!.lock.run(() => underLocks(i + 1)));
         await underLocks(0);
         for (const gi of older) await gi.fenced(generation);

@@ -329,8 +329,11 @@ export class CowTracker {
  * sync uffd that QEMU (the shim) still holds: the guest's next write to a
  * protected grain would wait forever. This takes that uffd and unregisters
  * the RAM range, which wakes every waiting writer. Returns true if it did.
+ * alsoAsync: also unregister an async write-protect registration left by a
+ * killed basic checkpointer (it blocks nothing, but a new tracker on another
+ * uffd would find the range busy). Only when no checkpointer of the VM lives.
  */
-export function releaseOrphanedCow(qemuPid: number): boolean {
+export function releaseOrphanedCow(qemuPid: number, opts: { alsoAsync?: boolean } = {}): boolean {
   const native = loadNative() as Native;
   const C = native.constants;
   let uffds;
@@ -339,7 +342,9 @@ export function releaseOrphanedCow(qemuPid: number): boolean {
   } catch {
     return false; // QEMU gone: nothing is blocked
   }
-  const sync = uffds.filter((u) => u.features > 0 && (u.features & UFFD_FEATURE_INITIALIZED) !== 0 && (u.features & C.UFFD_FEATURE_WP_UNPOPULATED) !== 0 && (u.features & C.UFFD_FEATURE_WP_ASYNC) === 0);
+  // Write-protect uffds only (WP_UNPOPULATED): never a restore's missing-page uffd, whose pages would read as zeros.
+  const wp = (f: number) => f > 0 && (f & UFFD_FEATURE_INITIALIZED) !== 0 && (f & C.UFFD_FEATURE_WP_UNPOPULATED) !== 0;
+  const sync = uffds.filter((u) => wp(u.features) && ((u.features & C.UFFD_FEATURE_WP_ASYNC) === 0 || opts.alsoAsync));
   if (sync.length === 0) return false;
   const mapping = findGuestRam(qemuPid);
   const pidfd = openPidfd(qemuPid, native);

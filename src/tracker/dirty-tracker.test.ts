@@ -177,6 +177,31 @@ describe('DirtyTracker', () => {
     }
   });
 
+  it('walks only the populated 2 MiB chunks of RAM, and finds writes into chunks populated since the last collect', async () => {
+    const pages = 262144; // 1 GiB of memfd, sparse
+    const MB2 = 2 * 1024 * 1024;
+    const d = await dirtier(pages);
+    const t = await attach(d.pid);
+    assert.deepEqual(t.collect(), []);
+    assert.equal(t.scannedBytes, 0, 'nothing populated: nothing to walk');
+    await d.write(10, 4, 1, 1);
+    await d.write(200000, 1, 1, 1);
+    assert.deepEqual(t.collect(), runsOf([10, 11, 12, 13, 200000]));
+    assert.equal(t.scannedBytes, 2 * MB2, 'two chunks walked, not 1 GiB');
+    // A new chunk, a known one, the last page of RAM, and a run across a chunk boundary.
+    await d.write(100000, 2, 1, 2);
+    await d.write(11, 1, 1, 2);
+    await d.write(pages - 1, 1, 1, 2);
+    await d.write(511, 3, 1, 2); // pages 511..513: chunk 0 and chunk 1
+    assert.deepEqual(t.collect(), runsOf([11, 100000, 100001, pages - 1, 511, 512, 513]));
+    assert.equal(t.scannedBytes, 5 * MB2, 'chunks 0 and 1, and the three new ones');
+    assert.deepEqual(t.collect(), []);
+    // peekWrittenBytes sees new chunks too (and re-protects nothing).
+    await d.write(150000, 3, 1, 3);
+    assert.equal(t.peekWrittenBytes(), 3 * PAGE);
+    assert.deepEqual(t.collect(), runsOf([150000, 150001, 150002]));
+  });
+
   it('populatedRuns() lists only touched pages; staging is pre-faulted and writable', async () => {
     const d = await dirtier(4096);
     const t = await attach(d.pid);

@@ -9,6 +9,10 @@
  *   const runs = t.collect();                        // written since last collect, re-armed
  *   const n = t.copyRuns(runs, staging);             // packed into staging
  *
+ * collect() walks only the 2 MiB chunks of the RAM file that hold data
+ * (shared mappings): a page never populated was never written, so its cost
+ * follows what the guest touched, not the RAM size.
+ *
  * Offsets are byte offsets into the RAM block (= into the memfd), page aligned;
  * they are not guest-physical addresses (q35 splits RAM around the PCI hole).
  *
@@ -34,6 +38,9 @@ import type { RawAddon } from '../native/index.js';
 import { processStartTime, type GuestRamMapping, type GuestRamSelector } from './guest-ram.js';
 import { errnoCode, errnoText, processGoneError } from './uffd.js';
 import { UffdSession } from './uffd-session.js';
+
+/** Granule of the populated-range bookkeeping: one SEEK_DATA per new chunk, a scan of at most one chunk of holes around data. */
+const POPULATED_CHUNK = 2 * 1024 * 1024;
 
 export interface DirtyRun {
   /** Byte offset into guest RAM, page aligned. */
@@ -66,6 +73,12 @@ export class DirtyTracker {
   readonly #native: RawAddon;
   readonly #pagemapFd: number;
   readonly #ram: Buffer | undefined;
+  /**
+   * Shared RAM: the runs of the RAM file that may hold data (2 MiB chunks),
+   * grown at each scan. A page never populated cannot have been written, so
+   * the scans walk only these, not all of RAM.
+   */
+  #populated: Float64Array | undefined;
   #closed = false;
 
   private constructor(session: UffdSession, pagemapFd: number, ram: Buffer | undefined) {
@@ -78,6 +91,7 @@ export class DirtyTracker {
     this.pageSize = session.native.pageSize;
     this.#ram = ram;
     this.#pagemapFd = pagemapFd;
+    if (ram) this.#populated = new Float64Array(0);
   }
 
   /**
@@ -230,7 +244,10 @@ export class DirtyTracker {
     const t0 = performance.now();
     let res;
     try {
-      res = this.#native.scanWritten(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, vecLen);
+      const ranges = this.#scanRanges();
+      res = ranges
+        ? this.#native.scanWrittenIn(this.#pagemapFd, this.ramStart, ranges, vecLen)
+        : this.#native.scanWritten(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, vecLen);
     } catch (err) {
       throw this.#runtimeError('PAGEMAP_SCAN', err);
     }
@@ -240,6 +257,37 @@ export class DirtyTracker {
     }
     this.lastCollect = { scanCalls: res.calls, pages: res.pages, runs: res.runs.length / 2, ms: performance.now() - t0 };
     return res.runs;
+  }
+
+  /**
+   * Shared RAM: the chunks of the RAM file that may hold data, grown by what
+   * was populated since the last call (SEEK_DATA in the gaps only). A written
+   * page is a populated one (the write allocates it in the file before it
+   * lands), so the pages outside were not written. Private mappings: undefined
+   * (their writes live outside the file), scan everything.
+   */
+  #scanRanges(): Float64Array | undefined {
+    if (!this.#populated) return undefined;
+    this.#populated = this.#native.extendDataRuns(this.#session.ramFd, this.mapping.fileOffset, this.ramSize, this.#populated, POPULATED_CHUNK);
+    return this.#populated;
+  }
+
+  /** Bytes of RAM the scans walk (all of RAM for a private mapping). */
+  get scannedBytes(): number {
+    if (!this.#populated) return this.ramSize;
+    let n = 0;
+    for (let i = 1; i < this.#populated.length; i += 2) n += this.#populated[i]!;
+    return n;
+  }
+
+  /** Bring the populated chunks up to date while the VM runs, so the pause finds few new ones. */
+  refreshPopulated(): void {
+    this.#check('refreshPopulated');
+    try {
+      this.#scanRanges();
+    } catch (err) {
+      throw this.#runtimeError('lseek(SEEK_DATA) of the RAM file', err);
+    }
   }
 
   #runtimeError(step: string, err: unknown): TrackerError {
@@ -267,7 +315,10 @@ export class DirtyTracker {
     this.#check('peekWrittenBytes');
     const C = this.#native.constants;
     try {
-      const res = this.#native.scanPages(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, { categoryMask: C.PAGE_IS_WRITTEN, returnMask: C.PAGE_IS_WRITTEN });
+      const ranges = this.#scanRanges();
+      const res = ranges
+        ? this.#native.countWrittenIn(this.#pagemapFd, this.ramStart, ranges)
+        : this.#native.scanPages(this.#pagemapFd, this.ramStart, this.ramStart + this.ramSize, { categoryMask: C.PAGE_IS_WRITTEN, returnMask: C.PAGE_IS_WRITTEN });
       return res.pages * this.pageSize;
     } catch (err) {
       throw this.#runtimeError('PAGEMAP_SCAN (peek)', err);

@@ -12,7 +12,8 @@ import { Dirtier, PAGE, ensureNativeBuilt } from '../../test/fixtures/dirtier.js
 import { haveQemu, ramBlockHva, startMiniVm, type MiniVm } from '../../test/support/mini-qemu.js';
 import { TrackerError } from '../errors.js';
 import { loadNative } from '../native/index.js';
-import { DirtyTracker, findGuestRam, type DirtyRun } from './index.js';
+import { CowTracker, DirtyTracker, findGuestRam, type DirtyRun } from './index.js';
+import { listUffds, openPidfd } from './uffd.js';
 import { tmpDir } from '../../test/support/tmp.js';
 
 const dir = tmpDir('private-ram');
@@ -28,6 +29,18 @@ after(async () => {
   await Promise.all(vms.map((v) => v.kill()));
   rmSync(dir, { recursive: true, force: true });
 });
+
+async function expectTrackerErrorAsync(p: Promise<unknown>, code: string, mentions: RegExp): Promise<void> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(err instanceof TrackerError, `expected TrackerError ${code}, got ${String(err)}`);
+    assert.equal(err.code, code, err.message);
+    assert.match(err.message, mentions);
+    return;
+  }
+  assert.fail(`expected TrackerError ${code}, nothing thrown`);
+}
 
 /** A sparse file of `size` bytes with `fill(offset)` content in the given [offset, length) regions, holes elsewhere. */
 function makeImage(name: string, size: number, regions: DirtyRun[], fill: (pageOffset: number) => Buffer): string {
@@ -179,6 +192,37 @@ describe('DirtyTracker on a private file mapping (dirtier fixture)', () => {
 });
 
 const skipQemu = haveQemu() ? false : 'qemu-system-x86_64 not installed';
+
+describe('copy-on-write on a private file mapping (why a file-mode restore is checkpointed in basic mode)', () => {
+  it('the kernel refuses sync write-protect there (only async, which cannot hold a write), and CowTracker says so', async () => {
+    const pages = 256;
+    const file = makeImage('cow-private.img', pages * PAGE, [{ offset: 0, length: pages * PAGE }], filePage);
+    const d = await Dirtier.start(pages, { privateFile: file });
+    live.push(d);
+    await expectTrackerErrorAsync(CowTracker.attach(d.pid, { grain: 64 * 1024, stagingBytes: 1024 * 1024 }), 'HYDRA_TRACKER_COW_UNSUPPORTED', /private mapping .*cow-private\.img.*protect it without --cow/);
+    // The kernel's own answer, on one of the shim's fresh uffds: UFFDIO_API without WP_ASYNC, then REGISTER in WP mode.
+    const native = loadNative();
+    const C = native.constants;
+    const m = findGuestRam(d.pid);
+    const pidfd = openPidfd(d.pid, native);
+    const fd = native.pidfdGetfd(pidfd, listUffds(d.pid).find((u) => u.features === 0)!.targetFd);
+    try {
+      native.uffdApi(fd, C.UFFD_FEATURE_WP_UNPOPULATED | C.UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+      let err: unknown;
+      try {
+        native.uffdRegister(fd, m.start, m.size, C.UFFDIO_REGISTER_MODE_WP);
+        native.uffdUnregister(fd, m.start, m.size);
+      } catch (e) {
+        err = e;
+      }
+      assert.ok(err, 'this kernel registered sync write-protect on a private file mapping: file-mode restores could now keep copy-on-write (lift the fallback in cow-mode.ts)');
+      assert.match(String((err as Error).message), /EINVAL|Invalid argument/);
+    } finally {
+      native.close(fd);
+      native.close(pidfd);
+    }
+  });
+});
 
 describe('DirtyTracker on a real QEMU with RAM = private file mapping (file-mode restore)', { skip: skipQemu }, () => {
   it('attaches, tracks SeaBIOS writes, copies exactly what QEMU holds, populatedRuns covers file data and hole writes', async () => {

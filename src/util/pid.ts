@@ -37,3 +37,23 @@ export function procStartTime(pid: number | undefined | null): string | undefine
     return undefined;
   }
 }
+
+/**
+ * SIGKILL `pid` if it is still the process that started at `startTime`, and
+ * wait (blocking, up to `waitMs`) until it can run no more code. True once it
+ * is gone (or was another process already).
+ */
+export function killRecordedAndWait(pid: number, startTime: string | undefined, waitMs = 2000): boolean {
+  if (procStartTime(pid) !== startTime) return true;
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return !pidAlive(pid);
+  }
+  const until = Date.now() + waitMs;
+  while (Date.now() < until) {
+    if (!pidAlive(pid) || procStartTime(pid) !== startTime) return true;
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
+  }
+  return false;
+}

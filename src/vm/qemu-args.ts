@@ -32,9 +32,22 @@ export interface QemuLaunchOptions {
   diskFiles?: string[];
   /** Where this VM's frozen disk layers live (set by a restore, so later protections keep one root). */
   layerDir?: string;
+  /**
+   * A restore shell: each disk is a throttle filter without limits (node diskN, the device's drive) over an
+   * empty null-co node of this virtual size, swapped for the restore overlay at hand-off.
+   */
+  placeholderDisks?: number[];
 }
 
+/** The (limitless) throttle group of a restore shell's disk filters. */
+export const SHELL_THROTTLE_GROUP = 'hvshell';
+
+/** The node a restore shell's disk N holds until hand-off (see restore/shell-handoff.ts). */
+export const placeholderNode = (i: number): string => `disk${i}-hold`;
+
 export const RAM_BACKEND_ID = 'ram0';
+/** The serial console's chardev (a restore shell re-points it at the adopting VM's log). */
+export const SERIAL_CHARDEV = 'serial0';
 
 /**
  * The QEMU command line for a VM. Primary and restored VMs must present the
@@ -59,8 +72,8 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
     // The RTC follows the VM's clock: a stopped VM's device state is then the
     // same whenever it is saved, and the guest never reads the RTC after boot.
     '-rtc', 'base=utc,clock=vm',
-    '-chardev', `file,id=serial0,path=${paths.serialLog},append=on${paths.serialIn ? `,input-path=${paths.serialIn}` : ''}`,
-    '-serial', 'chardev:serial0',
+    '-chardev', `file,id=${SERIAL_CHARDEV},path=${paths.serialLog},append=on${paths.serialIn ? `,input-path=${paths.serialIn}` : ''}`,
+    '-serial', `chardev:${SERIAL_CHARDEV}`,
     '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
     '-qmp', `unix:${paths.supervisorQmpSocket},server=on,wait=off`,
     '-qmp', `unix:${paths.hydraQmpSocket},server=on,wait=off`,
@@ -68,7 +81,18 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
     '-append', spec.cmdline,
   ];
   if (spec.initrd) args.push('-initrd', spec.initrd);
-  const diskFiles = opts.diskFiles ?? spec.disks.map((d) => d.path);
+  // The device only names its drive, so a filter can stand in for the qcow2 node until
+  // blockdev-reopen points it at the real overlay; the guest sees the same virtio-blk device.
+  // A throttle node without limits is a true filter: block jobs see through it to the qcow2 chain.
+  if ((opts.placeholderDisks ?? []).length > 0) args.push('-object', `throttle-group,id=${SHELL_THROTTLE_GROUP}`);
+  (opts.placeholderDisks ?? []).forEach((size, i) => {
+    args.push(
+      '-blockdev', `driver=null-co,node-name=${placeholderNode(i)},size=${size}`,
+      '-blockdev', `driver=throttle,throttle-group=${SHELL_THROTTLE_GROUP},file=${placeholderNode(i)},node-name=disk${i}`,
+      '-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}`,
+    );
+  });
+  const diskFiles = opts.placeholderDisks ? [] : opts.diskFiles ?? spec.disks.map((d) => d.path);
   diskFiles.forEach((file, i) => {
     args.push(
       '-blockdev', `driver=file,filename=${file},node-name=disk${i}-file,cache.direct=off`,

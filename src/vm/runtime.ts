@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { vmDir, vmsDir } from '../config/paths.js';
+import { shellsDir, vmDir, vmsDir } from '../config/paths.js';
 import type { QemuRuntimePaths } from './qemu-args.js';
 import type { ProcessIdentity } from '../native/index.js';
 import { pidAlive } from '../util/pid.js';
@@ -32,12 +32,21 @@ export interface VmPaths extends QemuRuntimePaths {
   watchdog: string;
   /** Names the copy-on-write checkpointer holding guest RAM write-protected (see cow-guard.ts). */
   cowGuard: string;
+  pauseGuard: string;
   /** The serial console's input (a FIFO the supervisor holds open; see serial.ts). */
   serialIn: string;
 }
 
 export function vmPaths(name: string): VmPaths {
-  const dir = vmDir(name);
+  return pathsIn(vmDir(name));
+}
+
+/** A restore shell's runtime files: the same layout as a VM's, under HOME/shells/ID/. */
+export function shellPaths(id: string): VmPaths {
+  return pathsIn(path.join(shellsDir(), id));
+}
+
+function pathsIn(dir: string): VmPaths {
   return {
     dir,
     spec: path.join(dir, 'spec.json'),
@@ -51,6 +60,7 @@ export function vmPaths(name: string): VmPaths {
     supervisorLog: path.join(dir, 'supervisor.log'),
     watchdog: path.join(dir, 'watchdog.json'),
     cowGuard: path.join(dir, 'cow-guard.json'),
+    pauseGuard: path.join(dir, 'pause-guard.json'),
     serialIn: path.join(dir, 'serial.in'),
   };
 }
@@ -79,6 +89,12 @@ export interface VmState {
   /** Set when the supervisor killed QEMU itself because its watchdog starved: why, and when. */
   selfFenced?: string;
   selfFencedAt?: string;
+  /** Set when this QEMU was a pre-started restore shell the VM was restored into: the shell's id. */
+  shell?: string;
+  /** A restore shell only: the device configuration it accepts (src/vm/shell.ts). */
+  shellKey?: string;
+  /** A restore shell only: the process whose death ends the idle shell (its host agent or test). */
+  ownerPid?: number;
 }
 
 export function readState(name: string): VmState | undefined {
@@ -89,9 +105,17 @@ export function readState(name: string): VmState | undefined {
   }
 }
 
-export function writeState(state: VmState): void {
+export function writeState(state: VmState, file = vmPaths(state.name).state): void {
   // Not fsynced: it describes live processes, and the supervisor rewrites it on every transition.
-  writeFileAtomicSync(vmPaths(state.name).state, JSON.stringify(state, null, 2) + '\n', { durable: false });
+  writeFileAtomicSync(file, JSON.stringify(state, null, 2) + '\n', { durable: false });
+}
+
+export function readStateAt(file: string): VmState | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as VmState;
+  } catch {
+    return undefined;
+  }
 }
 
 /** A VM counts as live while its supervisor or its QEMU process exists. */

@@ -5,10 +5,14 @@ import { shimPath } from '../config/paths.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { buildQemuArgs, type QemuLaunchOptions } from './qemu-args.js';
-import { vmPaths, writeState, readState, removeStaleSockets, type VmState } from './runtime.js';
+import { vmPaths, shellPaths, writeState, readStateAt, removeStaleSockets, type VmPaths, type VmState } from './runtime.js';
+import { moveShellFiles, SERIAL_CHARDEV } from './shell-files.js';
+import { pidAlive } from '../util/pid.js';
 import { procStartTime } from '../util/pid.js';
+import { VmError } from '../errors.js';
 import { guardWithWatchdog, type WatchdogGuard } from './watchdog.js';
 import { guardCowProtection } from './cow-guard.js';
+import { guardCheckpointPause } from './pause-guard.js';
 import type { VmSpec } from './spec.js';
 import { releaseNics } from './nics.js';
 
@@ -17,7 +21,12 @@ export interface LaunchFile {
   spec: VmSpec;
   launch: QemuLaunchOptions;
   qemuBinary: string;
+  /** A restore shell: the device configuration it accepts and the process whose death ends it while idle. */
+  shell?: { key: string; ownerPid: number };
 }
+
+/** Whom a supervisor serves: a VM, or a restore shell waiting for one (HOME/shells/ID). */
+export type SupervisorTarget = { vm: string } | { shell: string };
 
 /**
  * The VM supervisor: one detached process per VM that owns its QEMU. It exists
@@ -32,14 +41,17 @@ export interface LaunchFile {
  * generation), the supervisor SIGKILLs QEMU by itself and records why. It
  * does not depend on the agent being alive to do so.
  */
-export async function runSupervisor(name: string): Promise<void> {
-  const paths = vmPaths(name);
-  const logger = vmLog(name);
+export async function runSupervisor(target: SupervisorTarget): Promise<void> {
+  const shellId = 'shell' in target ? target.shell : undefined;
+  let name = 'vm' in target ? target.vm : `shell-${target.shell}`;
+  let paths: VmPaths = shellId ? shellPaths(shellId) : vmPaths(name);
+  let logger = shellId ? vmLog(name).child({ shell: shellId }) : vmLog(name);
   const launchFile = JSON.parse(fs.readFileSync(paths.spec, 'utf8')) as LaunchFile;
-  const { spec, launch } = launchFile;
-  removeStaleSockets(name);
+  let { spec } = launchFile;
+  const { launch } = launchFile;
+  for (const f of [paths.qmpSocket, paths.supervisorQmpSocket, paths.hydraQmpSocket, paths.controlSocket]) fs.rmSync(f, { force: true });
 
-  const state: VmState = {
+  let state: VmState = {
     name,
     lifecycle: 'starting',
     supervisorPid: process.pid,
@@ -47,11 +59,14 @@ export async function runSupervisor(name: string): Promise<void> {
     accel: launch.accel,
     memoryBytes: spec.memoryBytes,
     startedAt: new Date().toISOString(),
+    ...(launchFile.shell ? { shellKey: launchFile.shell.key, ownerPid: launchFile.shell.ownerPid } : {}),
   };
-  const save = () => writeState(state);
+  const save = () => writeState(state, paths.state);
+  /** Idle restore shell (no VM adopted it yet). */
+  let idleShell = shellId !== undefined;
 
   const qemuErr = fs.openSync(paths.qemuLog, 'a');
-  const serialIn = openSerialInput(paths.serialIn);
+  let serialIn = shellId ? undefined : openSerialInput(paths.serialIn);
   const args = buildQemuArgs(spec, serialIn === undefined ? { ...paths, serialIn: undefined } : paths, launch);
   logger.info({ qemu: launchFile.qemuBinary, args }, 'starting QEMU');
   let qemu: ChildProcess;
@@ -107,21 +122,32 @@ export async function runSupervisor(name: string): Promise<void> {
   save();
 
   // From QEMU's first moment: a restore's QEMU must die too if the agent goes silent.
-  const watchdog: WatchdogGuard = guardWithWatchdog(paths.watchdog, (reason) => {
-    if (qemuExited) return;
-    selfFenced = reason;
-    qemu.kill('SIGKILL');
-    state.selfFenced = reason;
-    state.selfFencedAt = new Date().toISOString();
-    logger.error({ reason }, 'watchdog starved: QEMU killed (self-fence)');
-    save();
-  });
-
-  // A record left by a checkpointer of an earlier QEMU does not apply to this one.
-  fs.rmSync(paths.cowGuard, { force: true });
-  const cowGuard = guardCowProtection(paths.cowGuard, () => (qemuExited ? undefined : qemu.pid), logger);
-
+  // A shell guards nothing until a VM adopts it; then it guards that VM's files.
+  let watchdog: WatchdogGuard | undefined;
+  let cowGuard: { stop(): void } | undefined;
+  let pauseGuard: { stop(): void } | undefined;
   let qmp: QmpClient | undefined;
+  const guard = () => {
+    watchdog = guardWithWatchdog(paths.watchdog, (reason) => {
+      if (qemuExited) return;
+      selfFenced = reason;
+      qemu.kill('SIGKILL');
+      state.selfFenced = reason;
+      state.selfFencedAt = new Date().toISOString();
+      logger.error({ reason }, 'watchdog starved: QEMU killed (self-fence)');
+      save();
+    });
+    // A record left by a checkpointer of an earlier QEMU does not apply to this one.
+    fs.rmSync(paths.cowGuard, { force: true });
+    cowGuard = guardCowProtection(paths.cowGuard, () => (qemuExited ? undefined : qemu.pid), logger);
+    fs.rmSync(paths.pauseGuard, { force: true });
+    pauseGuard = guardCheckpointPause(paths.pauseGuard, async () => {
+      if (!qmp || qmp.closed || qemuExited) throw new VmError('HYDRA_VM_QMP_UNAVAILABLE', `VM ${name}: QEMU's monitor is not connected`);
+      await qmp.execute('cont', undefined, { timeoutMs: 2000 });
+    }, logger);
+  };
+  if (!idleShell) guard();
+
   try {
     qmp = await connectWhenReady(paths.supervisorQmpSocket, { label: `VM ${name}`, deadlineMs: 15_000, isAlive: () => !qemuExited });
     const status = await qmp.execute<{ status: string }>('query-status');
@@ -137,6 +163,41 @@ export async function runSupervisor(name: string): Promise<void> {
     }
   }
 
+  /**
+   * A VM adopts this idle shell: its runtime files move into the VM's directory (the
+   * sockets keep their listeners across a rename), the serial console is re-pointed at
+   * the VM's log, and from then on this supervisor is the VM's, guards included.
+   * The caller has written the VM's spec.json there and holds the VM's start lock.
+   */
+  const adopt = async (vm: string): Promise<VmState> => {
+    if (!idleShell || qemuExited || stopping || state.lifecycle !== 'running' || !qmp) {
+      throw new VmError('HYDRA_VM_SHELL_BUSY', `restore shell ${shellId} cannot be adopted by VM "${vm}": it is ${qemuExited ? 'dead' : idleShell ? state.lifecycle : 'already adopted'}`);
+    }
+    idleShell = false;
+    const to = vmPaths(vm);
+    const adopted = JSON.parse(fs.readFileSync(to.spec, 'utf8')) as LaunchFile;
+    moveShellFiles(paths, to);
+    const input = openSerialInput(to.serialIn);
+    await qmp.execute('chardev-change', {
+      id: SERIAL_CHARDEV,
+      backend: { type: 'file', data: { out: to.serialLog, append: true, ...(input !== undefined ? { in: to.serialIn } : {}) } },
+    });
+    if (serialIn !== undefined) fs.closeSync(serialIn);
+    serialIn = input;
+    const from = paths.dir;
+    name = vm;
+    paths = to;
+    spec = adopted.spec;
+    logger = vmLog(vm).child({ shell: shellId });
+    state = { ...state, name: vm, memoryBytes: spec.memoryBytes, startedAt: new Date().toISOString(), shell: shellId, shellKey: undefined, ownerPid: undefined };
+    save();
+    guard();
+    // What is left of the shell's directory (its old state and spec) describes nothing any more.
+    fs.rmSync(from, { recursive: true, force: true });
+    logger.info({ qemuPid: qemu.pid }, 'restore shell adopted');
+    return state;
+  };
+
   const stop = async () => {
     if (stopping || qemuExited) return;
     stopping = true;
@@ -148,6 +209,13 @@ export async function runSupervisor(name: string): Promise<void> {
     await exited;
     clearTimeout(timer);
   };
+  // An idle shell whose owner died has nobody to hand it to, and must not outlive it.
+  const ownerWatch = launchFile.shell ? setInterval(() => {
+    if (idleShell && !pidAlive(launchFile.shell!.ownerPid)) {
+      logger.info({ ownerPid: launchFile.shell!.ownerPid }, 'owner of the idle restore shell is gone: stopping it');
+      void stop();
+    }
+  }, 500) : undefined;
   process.on('SIGTERM', () => void stop());
   process.on('SIGINT', () => void stop());
 
@@ -164,7 +232,13 @@ export async function runSupervisor(name: string): Promise<void> {
         } catch {
           run = undefined;
         }
-        reply(200, { ...readState(name), runState: run });
+        reply(200, { ...readStateAt(paths.state), runState: run });
+      } else if (req.method === 'POST' && req.url?.startsWith('/adopt/')) {
+        try {
+          reply(200, await adopt(decodeURIComponent(req.url.slice('/adopt/'.length))));
+        } catch (err) {
+          reply(409, { error: (err as Error).message, code: (err as { code?: string }).code });
+        }
       } else if (req.method === 'POST' && req.url === '/stop') {
         await stop();
         reply(200, { stopped: true });
@@ -178,12 +252,22 @@ export async function runSupervisor(name: string): Promise<void> {
   }
 
   await exited;
-  watchdog.stop();
-  cowGuard.stop();
+  watchdog?.stop();
+  cowGuard?.stop();
+  pauseGuard?.stop();
+  if (ownerWatch) clearInterval(ownerWatch);
   if (serialIn !== undefined) fs.closeSync(serialIn);
   qmp?.close();
   control.close();
   control.closeAllConnections();
+  if (idleShell) {
+    // A shell that never served a VM leaves nothing behind but its final state (read by its pool).
+    for (const f of [paths.qmpSocket, paths.supervisorQmpSocket, paths.hydraQmpSocket, paths.controlSocket]) fs.rmSync(f, { force: true });
+    save();
+    logger.info({ lifecycle: state.lifecycle, reason: state.reason }, 'restore shell ended');
+    fs.closeSync(qemuErr);
+    return;
+  }
   removeStaleSockets(name);
   // Before the final state: whoever sees the VM ended may create the same taps at once (a restore).
   await releaseNics(spec).catch((err: unknown) => logger.warn({ err }, 'removing the VM\'s taps failed'));

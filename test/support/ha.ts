@@ -223,6 +223,17 @@ export async function partitionableProxy(target: string): Promise<Partitionable>
 /** The live QEMU processes of VM `vm` whose command line mentions a path under `root` (any host's home), from /proc. */
 export function liveQemusOf(vm: string, root: string): number[] {
   const out: number[] = [];
+  // A VM restored into a restore shell runs in a QEMU started as `-name shell-ID`: its state.json names it.
+  const adopted = new Set<number>();
+  const homes = [root, ...(fs.existsSync(path.join(root, 'hosts')) ? fs.readdirSync(path.join(root, 'hosts')).map((h) => path.join(root, 'hosts', h)) : [])];
+  for (const home of homes) {
+    try {
+      const st = JSON.parse(fs.readFileSync(path.join(home, 'vms', vm, 'state.json'), 'utf8')) as { shell?: string; qemuPid?: number };
+      if (st.shell && st.qemuPid) adopted.add(st.qemuPid);
+    } catch {
+      // no state there
+    }
+  }
   for (const d of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(d)) continue;
     let args: string[];
@@ -232,7 +243,8 @@ export function liveQemusOf(vm: string, root: string): number[] {
       continue;
     }
     const i = args.indexOf('-name');
-    if (i < 0 || args[i + 1] !== `${vm},debug-threads=on` || !args.some((a) => a.includes(root))) continue;
+    const named = args[i + 1] === `${vm},debug-threads=on` || (adopted.has(Number(d)) && /^shell-/.test(args[i + 1] ?? ''));
+    if (i < 0 || !named || !args.some((a) => a.includes(root))) continue;
     if (pidAliveNotZombie(Number(d))) out.push(Number(d));
   }
   return out;

@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync, spawn } from 'node:child_process';
 import { cliEntry } from '../../src/config/paths.js';
+import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnStore, type StoreProcess } from '../../src/store/index.js';
 import { countViolations, readSerial, requestFullVerify, type FullVerify } from '../../src/vm/index.js';
@@ -20,10 +21,11 @@ export interface Lab {
   cleanup(): void;
 }
 
-export function makeLab(prefix: string): Lab {
+/** `opts.env`: extra environment for every command the lab runs (and the VMs' supervisors they start). */
+export function makeLab(prefix: string, opts: { env?: NodeJS.ProcessEnv } = {}): Lab {
   // Short path: unix socket paths are limited to 108 bytes.
   const home = fs.mkdtempSync(path.join('/tmp', `hv-${prefix}-`));
-  const env = { ...process.env, HYDRAVM_HOME: home, HYDRAVM_SECRET: 'test-secret-0123456789abcdef' };
+  const env = { ...process.env, ...opts.env, HYDRAVM_HOME: home, HYDRAVM_SECRET: 'test-secret-0123456789abcdef' };
   // Library calls made by the test itself see the same home (each test file is its own process).
   process.env.HYDRAVM_HOME = home;
   process.env.HYDRAVM_SECRET = env.HYDRAVM_SECRET;
@@ -93,6 +95,32 @@ export { until } from './until.js';
 /** A checkpoint store started through the CLI, as a user would. */
 export function startStore(lab: Lab, dir: string, port = 0): Promise<StoreProcess> {
   return spawnStore({ dir, listen: `127.0.0.1:${port}`, env: lab.env });
+}
+
+/**
+ * The usual set-up of a test file: one lab and one store, started before the
+ * file's tests and stopped (and the lab removed) after them. `store.address`
+ * is valid inside the tests. `beforeStop` runs first in the teardown.
+ */
+export function labWithStore(prefix: string, opts: { env?: NodeJS.ProcessEnv; beforeStop?: () => Promise<void> } = {}): { lab: Lab; storeDir: string; store: { readonly address: string } } {
+  const lab = makeLab(prefix, opts);
+  const storeDir = path.join(lab.home, 'store');
+  let proc: StoreProcess | undefined;
+  before(async () => {
+    proc = await startStore(lab, storeDir);
+  });
+  after(async () => {
+    await opts.beforeStop?.();
+    await proc?.stop();
+    lab.cleanup();
+  });
+  const store = {
+    get address(): string {
+      if (!proc) throw new Error(`the store of lab ${prefix} is not running (used outside a test?)`);
+      return proc.address;
+    },
+  };
+  return { lab, storeDir, store };
 }
 
 export function readJson<T>(file: string): T | undefined {
