@@ -23,7 +23,9 @@ export async function benchEnv(prefix: string): Promise<BenchEnv> {
     store,
     async close() {
       await store.stop();
-      fs.rmSync(home, { recursive: true, force: true });
+      // HYDRAVM_BENCH_KEEP=1 keeps the logs, serial consoles and store of a run to look into.
+      if (process.env.HYDRAVM_BENCH_KEEP === '1') process.stderr.write(`bench: kept ${home}\n`);
+      else fs.rmSync(home, { recursive: true, force: true });
     },
   };
 }

@@ -13,12 +13,12 @@ export function registerEvalCommands(bench: Command): void {
     .option('--only <parts>', 'comma-separated parts: size, vms, baseline, overhead, paper')
     .option('--out <dir>', 'output directory', path.join('bench', 'results', 'eval'))
     .option('--sizes <gb>', 'VM sizes in GB for the size part (default 0.5,1,2,4; --quick 0.5)')
-    .option('--vms <n>', 'VM counts per store (default 1,2,4; --quick 1)')
+    .option('--vms <n>', 'VM counts per store (default 1,2,4,8; --quick 1)')
     .option('--baseline-sizes <gb>', 'guest sizes for QEMU full save/restore (default 0.5,1; --quick 0.5)')
     .option('--repeats <n>', 'QEMU full restores per size and cache state (default 3; --quick 1)')
-    .option('--rounds <n>', 'protect/kill/restore rounds per VM size (default 2; --quick 1)')
-    .option('--checkpoints <n>', 'incremental checkpoints per protection in the size part (default 10; --quick 3)')
-    .option('--window <s>', 'seconds per measuring window (default 30; --quick 8)')
+    .option('--rounds <n>', 'protect/kill/restore rounds per VM size (default 1; --quick 1)')
+    .option('--checkpoints <n>', 'incremental checkpoints per protection in the size part (default 6; --quick 3)')
+    .option('--window <s>', 'seconds per measuring window (default 15; --quick 8)')
     .action(async (o: { quick: boolean; only?: string; out: string; sizes?: string; vms?: string; baselineSizes?: string; repeats?: string; rounds?: string; checkpoints?: string; window?: string }) => {
       const { runEval, parseOnly } = await import('../bench/index.js');
       const only = parseOnly(list(o.only));
@@ -31,6 +31,19 @@ export function registerEvalCommands(bench: Command): void {
       process.stdout.write(`evaluation ${doc.parts.map((p) => `${p.id}: ${p.status}`).join(', ')} in ${(doc.durationS / 60).toFixed(1)} min\n`);
       process.stdout.write(`written: ${files.join(', ')}\n`);
       if (doc.parts.some((p) => p.status === 'failed')) process.exitCode = 1;
+    });
+
+  bench.command('eval-merge')
+    .description('one evaluation from several runs\' JSON (each part from the last run that measured it; every run listed): JSON, Markdown and plots')
+    .argument('<json...>', 'evaluation results, in order')
+    .option('--out <dir>', 'output directory', path.join('bench', 'results', 'eval'))
+    .action(async (files: string[], o: { out: string }) => {
+      const { readEvalDocument, mergeEvalDocuments, renderReport } = await import('../bench/index.js');
+      const { writeResults } = await import('../bench/harness.js');
+      const doc = mergeEvalDocuments(files.map((f) => readEvalDocument(f)));
+      const r = renderReport(doc);
+      const written = writeResults(o.out, 'eval', doc, r.markdown, r.charts);
+      process.stdout.write(`merged ${files.length} runs (${doc.parts.map((p) => p.id).join(', ')}): ${written.join(', ')}\n`);
     });
 
   bench.command('eval-page')

@@ -11,16 +11,18 @@ export function registerImageCommands(program: Command): void {
     .argument('<distribution>', 'only "debian"')
     .option('--size <size>', 'root file system size', '4G')
     .option('--packages <list>', 'comma-separated workload packages (default: redis-server), e.g. redis-server,gcc,make,ffmpeg')
-    .option('--name <name>', 'name specs refer to as image:NAME/... (default: the distribution)')
+    .option('--workloads', 'add the benchmark workloads: gcc, make, ffmpeg, Lua\'s C source from Debian\'s source archive, a test video, and a runner that starts hydra.workload=compile|transcode (kernel command line) at boot and prints "hydra-workload:" progress lines on the serial console; default name debian-workloads, packages only these unless --packages adds more')
+    .option('--name <name>', 'name specs refer to as image:NAME/... (default: debian, or debian-workloads with --workloads)')
     .option('--force', 'rebuild even if a cached build exists')
     .option('--json', 'print the result as JSON')
-    .action(async (distribution: string, opts: { size: string; packages?: string; name?: string; force?: boolean; json?: boolean }) => {
+    .action(async (distribution: string, opts: { size: string; packages?: string; workloads?: boolean; name?: string; force?: boolean; json?: boolean }) => {
       if (distribution !== 'debian') throw new ImageError('HYDRA_IMAGE_BAD_ARGS', `image build: unknown distribution "${distribution}" (only "debian")`);
       const { buildDebianImage } = await import('../image/index.js');
       const img = await buildDebianImage({
         name: opts.name,
         size: opts.size,
         packages: opts.packages === undefined ? undefined : opts.packages.split(','),
+        workloads: opts.workloads,
         force: opts.force,
         log: (m) => process.stderr.write(`${m}\n`),
       });

@@ -17,14 +17,25 @@ export const DEFAULT_SIZE = '4G';
 /** What every image has besides the workload packages: an init, a network stack, the kernel's initramfs tool. */
 const BASE_PACKAGES = ['systemd-sysv', 'udev', 'dbus', 'iproute2', 'procps', 'e2fsprogs', 'initramfs-tools'];
 const HOOKS = ['guest/debian/essential-hook.sh', 'guest/debian/customize-hook.sh'];
+/**
+ * A workload image (`--workloads`) adds the benchmark runner (hydra.workload= on the kernel
+ * command line), the compiler and ffmpeg its two jobs use, and the compile job's C source
+ * from Debian's source archive; its hook runs before the common one, which drops apt's lists.
+ */
+const WORKLOAD_HOOK = 'guest/debian/workloads/customize-hook.sh';
+const WORKLOAD_FILES = [WORKLOAD_HOOK, 'guest/debian/workloads/hydra-workload', 'guest/debian/workloads/hydra-workload.service', 'guest/debian/workloads/compile.sh', 'guest/debian/workloads/transcode.sh'];
+export const WORKLOAD_PACKAGES = ['gcc', 'make', 'libc6-dev', 'ffmpeg'];
+export const WORKLOAD_IMAGE = 'debian-workloads';
 /** The kernel command line an image boots with; a spec adds `ip=` for a static address. */
 export const DEBIAN_CMDLINE = 'console=ttyS0 root=/dev/vda rw net.ifnames=0';
 
 export interface BuildImageOptions {
-  /** Name of the link under the images directory (default "debian"): specs say image:NAME/... */
+  /** Name of the link under the images directory (default "debian", "debian-workloads" with `workloads`): specs say image:NAME/... */
   name?: string;
   size?: string;
   packages?: string[];
+  /** Add the benchmark workloads (runner, gcc, make, Lua source, ffmpeg and its input video). */
+  workloads?: boolean;
   force?: boolean;
   log?: (msg: string) => void;
 }
@@ -51,6 +62,8 @@ export interface ImageInfo {
   distribution: 'debian';
   suite: string;
   packages: string[];
+  /** Whether the image carries the benchmark workloads (hydra.workload=compile|transcode). */
+  workloads?: boolean;
   sizeBytes: number;
   kernelPackage: string;
   mirrors: string[];
@@ -63,7 +76,7 @@ export interface ImageInfo {
 const PKG_RE = /^[a-z0-9][a-z0-9+.-]+$/;
 
 function checkArgs(opts: BuildImageOptions): { name: string; sizeBytes: number; packages: string[] } {
-  const name = opts.name ?? 'debian';
+  const name = opts.name ?? (opts.workloads ? WORKLOAD_IMAGE : 'debian');
   if (!/^[a-z0-9][a-z0-9_.-]{0,31}$/i.test(name) || name.includes('..')) throw new ImageError('HYDRA_IMAGE_BAD_ARGS', `image name "${name}" is not valid (letters, digits, "-", "_", ".")`);
   let sizeBytes: number;
   try {
@@ -85,9 +98,9 @@ async function kernelPackage(): Promise<string> {
   return cached || resolveKernelPackage();
 }
 
-async function hooksHash(): Promise<string> {
+async function hooksHash(files: string[]): Promise<string> {
   const h = createHash('sha256');
-  for (const rel of HOOKS) {
+  for (const rel of files) {
     const file = path.join(packageRoot, rel);
     const data = await fs.readFile(file).catch((err: Error) => {
       throw new ImageError('HYDRA_IMAGE_BUILD_FAILED', `reading the image hook ${file} failed: ${err.message}`, { cause: err });
@@ -160,16 +173,33 @@ async function linkName(name: string, dir: string): Promise<void> {
  * hook scripts; a finished build is never changed (the qcow2 is read-only),
  * VMs put their own overlay on it.
  */
+/** What identifies a build: its arguments checked, the mirror, the kernel, and the cache key over all of them. */
+async function resolveBuild(opts: BuildImageOptions) {
+  const { name, sizeBytes, packages } = checkArgs({ ...opts, packages: opts.workloads ? [...(opts.packages ?? []), ...WORKLOAD_PACKAGES] : opts.packages });
+  const workloads = opts.workloads === true;
+  // The compile job's source comes from the same mirror's source archive.
+  const sources = hostDebianSources({ withSource: workloads });
+  const kpkg = await kernelPackage();
+  const hooks = await hooksHash(workloads ? [...HOOKS, ...WORKLOAD_FILES] : HOOKS);
+  // A plain image's key has no workloads field, so images built before it existed stay cached.
+  const key = createHash('sha256')
+    .update(JSON.stringify({ recipe: RECIPE_VERSION, packages, sizeBytes, kpkg, suite: sources.suite, sources: sources.text, hooks, ...(workloads ? { workloads } : {}) }))
+    .digest('hex').slice(0, 12);
+  return { name, sizeBytes, packages, workloads, sources, kpkg, key, dir: path.join(imagesDir(), `debian-${key}`) };
+}
+
+/** The image `buildDebianImage(opts)` would return, if it is already built (nothing is built or linked). */
+export async function findDebianImage(opts: BuildImageOptions = {}): Promise<BuiltImage | undefined> {
+  const b = await resolveBuild(opts);
+  const info = await readInfo(b.dir);
+  if (!info || !(await exists(path.join(b.dir, 'root.qcow2')))) return undefined;
+  return describe(b.name, b.dir, b.key, false, info);
+}
+
 export async function buildDebianImage(opts: BuildImageOptions = {}): Promise<BuiltImage> {
   const log = opts.log ?? (() => {});
-  const { name, sizeBytes, packages } = checkArgs(opts);
-  const sources = hostDebianSources();
-  const kpkg = await kernelPackage();
-  const key = createHash('sha256')
-    .update(JSON.stringify({ recipe: RECIPE_VERSION, packages, sizeBytes, kpkg, suite: sources.suite, sources: sources.text, hooks: await hooksHash() }))
-    .digest('hex').slice(0, 12);
+  const { name, sizeBytes, packages, workloads, sources, kpkg, key, dir } = await resolveBuild(opts);
   const root = imagesDir();
-  const dir = path.join(root, `debian-${key}`);
   await fs.mkdir(root, { recursive: true }).catch((err: Error) => {
     throw new ImageError('HYDRA_IMAGE_BUILD_FAILED', `creating ${root} failed: ${err.message}`, { cause: err });
   });
@@ -213,6 +243,7 @@ export async function buildDebianImage(opts: BuildImageOptions = {}): Promise<Bu
         '--aptopt=APT::Install-Recommends "false"',
         `--include=${include.join(',')}`,
         `--essential-hook=${path.join(packageRoot, HOOKS[0]!)} "$1"`,
+        ...(workloads ? [`--customize-hook=${path.join(packageRoot, WORKLOAD_HOOK)} "$1"`] : []),
         `--customize-hook=${path.join(packageRoot, HOOKS[1]!)} "$1"`,
         sources.suite, tree, sourcesFile,
       ], (l) => { if (/^I: /.test(l)) log(`image: mmdebstrap: ${l.slice(3)}`); }));
@@ -236,7 +267,7 @@ export async function buildDebianImage(opts: BuildImageOptions = {}): Promise<Bu
       await fs.chmod(tmp, 0o755);
 
       const info: ImageInfo = {
-        recipe: RECIPE_VERSION, distribution: 'debian', suite: sources.suite, packages, sizeBytes, kernelPackage: kpkg,
+        recipe: RECIPE_VERSION, distribution: 'debian', suite: sources.suite, packages, ...(workloads ? { workloads } : {}), sizeBytes, kernelPackage: kpkg,
         mirrors: sources.uris, cmdline: DEBIAN_CMDLINE, builtAt: new Date().toISOString(),
         buildSeconds: Math.round(performance.now() - t0) / 1000, steps,
       };

@@ -23,6 +23,11 @@ test('the guest comes from this host\'s Debian mirror only: its release, -update
   assert.ok(s.uris.length > 0);
   for (const uri of s.uris) assert.match(uri, /\/debian(-security)?\/?$/);
   assert.doesNotMatch(s.text, /backports/);
+  assert.doesNotMatch(s.text, /deb-src/);
+  // The workload image also reads the same archives' sources (for the compile job's C code).
+  const src = hostDebianSources({ withSource: true });
+  assert.equal(src.text.replace(/Types: deb deb-src/g, 'Types: deb'), s.text);
+  assert.match(src.text, /^Types: deb deb-src$/m);
   for (const line of s.text.split('\n').filter((l) => l.startsWith('Suites:'))) {
     for (const suite of line.slice(7).trim().split(/\s+/)) assert.ok([s.suite, `${s.suite}-updates`, `${s.suite}-security`].includes(suite), suite);
   }
@@ -39,4 +44,5 @@ test('bad build arguments are refused before anything is downloaded', async () =
   await bad({ size: 'big' }, /--size: "big" is not a size/);
   await bad({ packages: ['redis-server', 'Bad Name'] }, /--packages: "Bad Name" is not a Debian package name/);
   await bad({ name: '../x' }, /image name "\.\.\/x" is not valid/);
+  await bad({ workloads: true, packages: ['ffmpeg', 'no_such!'] }, /--packages: "no_such!" is not a Debian package name/);
 });

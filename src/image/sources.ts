@@ -44,8 +44,9 @@ function deb822Stanzas(text: string): Map<string, string>[] {
  * files and one-line sources.list entries), restricted to the host's release
  * and its -updates/-security suites: the guest comes from the same mirror and
  * from nothing else. Backports and third-party repositories are left out.
+ * `withSource` adds the source archive (deb-src) of the same suites.
  */
-export function hostDebianSources(): DebianSources {
+export function hostDebianSources(opts: { withSource?: boolean } = {}): DebianSources {
   const suite = hostSuite();
   const wanted = new Set([suite, `${suite}-updates`, `${suite}-security`]);
   const out: string[] = [];
@@ -55,7 +56,7 @@ export function hostDebianSources(): DebianSources {
     const keep = suites.filter((s) => wanted.has(s));
     if (!isDebianArchive(uri) || keep.length === 0) return;
     uris.add(uri);
-    out.push([`Types: deb`, `URIs: ${uri}`, `Suites: ${keep.join(' ')}`, `Components: main`, ...(signedBy ? [`Signed-By: ${signedBy}`] : [])].join('\n'));
+    out.push([`Types: deb${opts.withSource ? ' deb-src' : ''}`, `URIs: ${uri}`, `Suites: ${keep.join(' ')}`, `Components: main`, ...(signedBy ? [`Signed-By: ${signedBy}`] : [])].join('\n'));
   };
   const dir = path.join(APT_DIR, 'sources.list.d');
   const files = [path.join(APT_DIR, 'sources.list'), ...(fs.existsSync(dir) ? fs.readdirSync(dir).sort().map((f) => path.join(dir, f)) : [])];

@@ -4,7 +4,7 @@ import { cliEntry } from '../../config/paths.js';
 import type { Capabilities } from './types.js';
 
 export const WAITING_DEBIAN = 'the Debian guest image (`hydravm image build debian`, specs with `root:` and `nics:`)';
-export const WAITING_WORKLOADS = 'a workload runner in the Debian image (`hydra.workload=<id>` on the kernel command line, progress lines on the serial console; gcc, make, BusyBox source and ffmpeg installed)';
+export const WAITING_WORKLOADS = 'the workload image (`hydravm image build debian --workloads`: a runner started by `hydra.workload=<id>` on the kernel command line, gcc, make, Lua source, ffmpeg)';
 export const WAITING_COW = 'copy-on-write checkpoints (`hydravm protect --cow`)';
 
 /** `hydravm <args> --help` of this very build: exit 0 and its text. */

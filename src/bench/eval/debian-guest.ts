@@ -1,40 +1,52 @@
-// Driving a Debian workload VM: its spec, and the timestamped `hydra-workload:` lines its runner prints on the serial console.
+// Driving a workload VM of the Debian workload image: its spec, and the timestamped `hydra-workload:` lines its runner prints on the serial console.
 import fs from 'node:fs';
+import path from 'node:path';
 import { validateSpec, type VmSpec, vmPaths } from '../../vm/index.js';
+import { DEBIAN_CMDLINE, type BuiltImage } from '../../image/index.js';
 import { BenchError } from '../../errors.js';
 import { sleep } from '../../util/sleep.js';
 import type { DebianWorkload } from './workloads.js';
 
 /**
- * The workload VM: the Debian image as its root disk, no NIC (the workload
- * needs none), the workload chosen on the kernel command line. The script
- * travels base64-encoded so the image's runner needs no copy of it.
+ * The workload VM: a fresh overlay on the image's root disk (in `dir`), no
+ * NIC (the jobs need none), the job chosen on the kernel command line.
+ * Absolute paths into the build, so a later build under the same name
+ * cannot change what a run boots.
  */
-export function debianSpec(name: string, w: DebianWorkload): VmSpec {
-  const script = Buffer.from(w.script).toString('base64');
+export function debianSpec(name: string, img: BuiltImage, w: DebianWorkload, scale: number, dir: string, runs = 1): VmSpec {
+  const root = path.join(dir, `${name}-root.qcow2`);
+  fs.rmSync(root, { force: true });
   return validateSpec({
-    name, memory: `${w.memoryMb}M`, vcpus: 1, accel: 'auto', root: 'debian', nics: [],
-    cmdline: `console=ttyS0 hydra.workload=${w.id} hydra.script=${script}`,
-  }, process.cwd(), `bench eval spec for ${name}`);
+    name, memory: `${w.memoryMb}M`, vcpus: 1, accel: 'auto',
+    kernel: img.vmlinux ?? img.kernel, initrd: img.initrd,
+    cmdline: `${DEBIAN_CMDLINE} quiet hydra.workload=${w.id} hydra.scale=${scale}${runs > 1 ? ` hydra.runs=${runs}` : ''}`,
+    root: { path: root, base: img.root },
+  }, dir, `bench eval spec for ${name}`);
 }
 
 export interface WorkloadLine {
+  /** performance.now() when the harness saw the line (polled every 20 ms). */
   t: number;
-  kind: 'start' | 'progress' | 'done';
-  done?: number;
-  total?: number;
+  kind: 'ready' | 'start' | 'step' | 'done';
+  /** The run of the job in this boot (1 without hydra.runs); step lines belong to the last start. */
+  run: number;
+  step?: number;
+  of?: number;
   seconds?: number;
   status?: number;
 }
 
-/** Follows a VM's serial log and timestamps each `hydra-workload:` line as it appears (polled every 20 ms). */
+/** Follows a VM's serial log and timestamps each `hydra-workload:` line as it appears. */
 export class WorkloadWatch {
   readonly lines: WorkloadLine[] = [];
   private pos = 0;
   private partial = '';
+  private error: string | undefined;
+  private run = 1;
   private readonly timer: NodeJS.Timeout;
 
   constructor(private readonly vm: string) {
+    fs.rmSync(vmPaths(vm).serialLog, { force: true });
     this.timer = setInterval(() => this.poll(), 20);
   }
 
@@ -54,16 +66,33 @@ export class WorkloadWatch {
     this.partial = parts.pop() ?? '';
     for (const line of parts) {
       let m: RegExpExecArray | null;
-      if (/hydra-workload: start/.test(line)) this.lines.push({ t, kind: 'start' });
-      else if ((m = /hydra-workload: progress=(\d+)\/(\d+)/.exec(line))) this.lines.push({ t, kind: 'progress', done: Number(m[1]), total: Number(m[2]) });
-      else if ((m = /hydra-workload: done .*seconds=([\d.]+) status=(\d+)/.exec(line))) this.lines.push({ t, kind: 'done', seconds: Number(m[1]), status: Number(m[2]) });
+      // systemd may echo a line twice on the console (its own copy and the kernel's): keep the first.
+      if ((m = /hydra-workload: ready name=\S+ run=(\d+)/.exec(line))) this.push({ t, kind: 'ready', run: Number(m[1]) });
+      else if ((m = /hydra-workload: start name=\S+ run=(\d+)/.exec(line))) this.push({ t, kind: 'start', run: (this.run = Number(m[1])) });
+      else if ((m = /hydra-workload: name=\S+ step=(\d+) of=(\d+)/.exec(line))) this.push({ t, kind: 'step', run: this.run, step: Number(m[1]), of: Number(m[2]) });
+      else if ((m = /hydra-workload: done name=\S+ run=(\d+) seconds=([\d.]+) status=(\d+)/.exec(line))) this.push({ t, kind: 'done', run: Number(m[1]), seconds: Number(m[2]), status: Number(m[3]) });
+      else if ((m = /hydra-workload: error .*/.exec(line))) this.error ??= m[0];
     }
   }
 
-  /** Fraction done by the last progress line (0 before any). */
-  fraction(): number {
-    const p = [...this.lines].reverse().find((l) => l.kind === 'progress');
-    return p && p.total ? p.done! / p.total : 0;
+  private push(l: WorkloadLine): void {
+    if (!this.lines.some((x) => x.kind === l.kind && x.run === l.run && x.step === l.step)) this.lines.push(l);
+  }
+
+  /** Fraction of run `run` done by the last step line seen at or before `t` (0 before any). */
+  fractionAt(t: number, run = 1): number {
+    const l = [...this.lines].reverse().find((x) => x.kind === 'step' && x.run === run && x.t <= t);
+    return l && l.of ? l.step! / l.of : 0;
+  }
+
+  /** When the first step line of run `run` at or beyond `fraction` of the job was seen. */
+  timeOf(fraction: number, run = 1): number | undefined {
+    return this.lines.find((l) => l.kind === 'step' && l.run === run && l.of! > 0 && l.step! / l.of! >= fraction)?.t;
+  }
+
+  /** [seconds since the start line, fraction done] at each step line of run `run`. */
+  timeline(run: number, startT: number): [number, number][] {
+    return this.lines.filter((l) => l.kind === 'step' && l.run === run).map((l) => [(l.t - startT) / 1000, l.step! / l.of!]);
   }
 
   async until(what: string, pred: (w: WorkloadWatch) => WorkloadLine | undefined | false, timeoutMs: number): Promise<WorkloadLine> {
@@ -71,15 +100,20 @@ export class WorkloadWatch {
     for (;;) {
       this.poll();
       const l = pred(this);
-      if (l) return l;
+      if (l) {
+        if (l.kind === 'done' && l.status !== 0) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${this.vm}: the workload failed (exit status ${l.status}; see ${vmPaths(this.vm).serialLog})`);
+        return l;
+      }
+      if (this.error) throw new BenchError('HYDRA_BENCH_NO_PROGRESS', `VM ${this.vm}: the workload runner refused: ${this.error}`);
       if (performance.now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `VM ${this.vm}: timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what} (see ${vmPaths(this.vm).serialLog})`);
       await sleep(50);
     }
   }
 
-  started = (timeoutMs: number) => this.until('the workload to start', (w) => w.lines.find((l) => l.kind === 'start'), timeoutMs);
-  finished = (timeoutMs: number) => this.until('the workload to finish', (w) => w.lines.find((l) => l.kind === 'done'), timeoutMs);
-  reached = (fraction: number, timeoutMs: number) => this.until(`${Math.round(fraction * 100)} % of the workload`, (w) => w.lines.find((l) => l.kind === 'progress' && l.total! > 0 && l.done! / l.total! >= fraction), timeoutMs);
+  ready = (run: number, timeoutMs: number) => this.until(`the workload runner to be ready for run ${run}`, (w) => w.lines.find((l) => l.kind === 'ready' && l.run === run), timeoutMs);
+  started = (timeoutMs: number, run = 1) => this.until(`run ${run} of the workload to start`, (w) => w.lines.find((l) => l.kind === 'start' && l.run === run), timeoutMs);
+  finished = (timeoutMs: number, run = 1, after = 0) => this.until(`run ${run} of the workload to finish`, (w) => w.lines.find((l) => l.kind === 'done' && l.run === run && l.t > after), timeoutMs);
+  reached = (fraction: number, timeoutMs: number, run = 1) => this.until(`${Math.round(fraction * 100)} % of run ${run} of the workload`, (w) => w.lines.find((l) => l.kind === 'step' && l.run === run && l.of! > 0 && l.step! / l.of! >= fraction), timeoutMs);
 
   close(): void {
     clearInterval(this.timer);

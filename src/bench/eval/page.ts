@@ -7,6 +7,8 @@ import { sizePart } from './parts/size.js';
 import { vmsPart } from './parts/vms.js';
 import { baselinePart } from './parts/baseline.js';
 import { overheadPart } from './parts/overhead.js';
+import { paperPart } from './parts/paper.js';
+import type { Part } from './part.js';
 import type { EvalDocument } from './types.js';
 
 const peakLoad = (doc: EvalDocument) => Math.max(...doc.parts.flatMap((p) => [p.load.start.loadavg[0] ?? 0, p.load.end.loadavg[0] ?? 0]));
@@ -21,7 +23,14 @@ function loadWords(doc: EvalDocument): string {
 
 function plannedMinutes(quick: boolean): number {
   const o = defaultOptions(quick);
-  return [sizePart, vmsPart, baselinePart, overheadPart].reduce((s, p) => { const x = p.plan(o, { debianImage: false, debianWorkloads: false, cow: false, modes: ['basic'] }); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
+  const caps = { debianImage: true, debianWorkloads: true, cow: true, modes: ['basic', 'cow'] as ('basic' | 'cow')[] };
+  return [sizePart, vmsPart, baselinePart, overheadPart, paperPart].reduce((s, p) => { const x = (p as Part).plan(o, caps); return s + (x.weights ?? Array<number>(x.samples).fill(1)).reduce((a, b) => a + b, 0) * x.estimateS; }, 0) / 60;
+}
+
+function durationWords(doc: EvalDocument): string {
+  const loaded = peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : '';
+  if (!doc.runs || doc.runs.length < 2) return `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${loaded}.`;
+  return `The results below come from ${doc.runs.length} runs, ${doc.runs.map((r) => `\`${r.command.join(' ')}\` (${(r.durationS / 60).toFixed(1)} min${r.unfinished?.length ? `, stopped before ${r.unfinished.join(', ')}` : ''})`).join(' and ')}, ${(doc.durationS / 60).toFixed(1)} min of wall time in all${loaded}; where they overlapped they shared the cores (the load columns show it).`;
 }
 
 /** What the page says about 8 GB VMs and 8 VMs per store: measured, failed, or left out, and why. */
@@ -60,32 +69,36 @@ export function renderPage(doc: EvalDocument | null, source: string): string {
     '',
     'Run as root (the cold-cache baseline writes `/proc/sys/vm/drop_caches`) on a machine as quiet as you can get: every part records the load average at its start and end, and the report shows it. Options: `--sizes 0.5,1,2,4,8` (GB), `--vms 1,2,4,8`, `--baseline-sizes`, `--repeats`, `--rounds`, `--checkpoints`, `--window`.',
     '',
-    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min without the Debian workloads (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? `The run below (\`${doc.command.join(' ')}\`) took ${(doc.durationS / 60).toFixed(1)} min${peakLoad(doc) > doc.environment.machine.cores ? ' on a loaded host' : ''}.` : ''}`,
+    `Duration: \`--quick\` is planned at ~${plannedMinutes(true).toFixed(0)} min and the full run at ~${plannedMinutes(false).toFixed(0)} min on a quiet host (planned from per-sample estimates; the progress display replaces them with measured times as it goes). ${doc ? durationWords(doc) : ''}`,
     '',
     largest(doc),
     '',
     '## Method',
     '',
-    '- **Guest now:** the memcheck test guest (busybox initramfs; memcheck writes pages at a set rate and verifies them). "Fully populated" means memcheck over all RAM but 8 % + 112 MB (kernel, initramfs, page structs); it writes every page before its first progress line.',
+    '- **Guests:** the scaling, memory-cost, baseline and overhead parts use the memcheck test guest (busybox initramfs; memcheck writes pages at a set rate and verifies them), whose dirty rate and working set can be set exactly; "fully populated" means memcheck over all RAM but 8 % + 112 MB (kernel, initramfs, page structs), every page written before its first progress line. The paper\'s figures use its own two workloads in a Debian guest (below).',
     '- **Scaling with VM size** (0.5, 1, 2, 4 GB): per size, rounds of protect (every 1 s, dirtying 32 MB/s) → incremental checkpoints → stop checkpointing → SIGKILL of QEMU → slim restore in network mode with prefetch. Full checkpoint = the initial copy while the VM runs; pause = QMP `stop` to `cont`; restore = QEMU spawn → running; memory complete = running → the pager holding every page.',
-    '- **VMs per store** (1, 2, 4): 512 MB guests, memcheck 64 MB at 16 MB/s, protected every 1 s to one store process; commit latency and achieved interval from each checkpoint\'s record, store RSS and CPU from `/proc/<pid>/status` and `/proc/<pid>/stat` over the window.',
+    '- **VMs per store** (1, 2, 4, 8): 512 MB guests, memcheck 64 MB at 16 MB/s, protected every 1 s to one store process; commit latency and achieved interval from each checkpoint\'s record, store RSS and CPU from `/proc/<pid>/status` and `/proc/<pid>/stat` over the window.',
     '- **Growth:** a least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero, else the slope per GB or per VM.',
     '- **Memory cost:** the anonymous RSS of the store and of the VM\'s checkpointer (max over the protected window) against one full copy of the VM\'s RAM, which a standby-VM design reserves on another host. Both designs need a failure detector (our HA agent), so it is left out of both sides.',
     '- **Baselines:** QEMU `migrate` to `file:` and `-incoming` on the same fully populated guest, n ≥ 3 per size and cache state; cold = `sync; echo 3 > /proc/sys/vm/drop_caches`, verified with `fincore`; protection overhead = memcheck steps/s of the same VM unprotected and protected, alternating.',
-    '- **Copy-on-write:** the overhead part measures it as a protection mode beside basic whenever `hydravm protect --cow` exists (`cow: {}` vs `cow: false` in the protect request); a run without it says the CoW rows wait. The run below records which modes it had.',
+    '- **Copy-on-write:** the overhead part and Figures 2-3 measure it as a protection mode beside basic (`cow: {}` vs `cow: false` in the protect request, whatever the spec says).',
     '',
     '## The paper\'s workloads (Debian guest)',
     '',
-    'Figures 2-4 and Table II run the paper\'s own two workloads inside the Debian guest, at intervals of 1, 2, 5 and 10 s, basic and CoW: Figure 2 the pause per phase, Figure 3 the run time protected / unprotected and checkpoints per second of run, Figure 4 the fail-over split, Table II the last 50 % of each workload after a slim restore (file, network, network without prefetch) against the same VM never failed. The harness (`src/bench/eval/parts/paper.ts`) waits for `hydravm image build debian` and for a workload runner in that image (not part of it yet). The runner starts the workload named by `hydra.workload=<id>` (script in `hydra.script=<base64>`) and prints `hydra-workload: start`, `progress=<done>/<total>` and `done seconds=<s> status=<rc>` on the serial console.',
+    'Figures 2-4 and Table II run the paper\'s own two workloads inside a Debian guest (512 MB, 1 vCPU): Figure 2 the pause per phase and Figure 3 the run time protected / unprotected with the level of protection (checkpoints per second of run), at intervals of 1, 2, 5 and 10 s, basic and CoW; Figure 4 the fail-over time split and Table II the last 50 % of each job after a slim restore (file, network, network without prefetch) against the same job never failed. Harness: `src/bench/eval/parts/paper.ts`.',
     '',
-    ...DEBIAN_WORKLOADS.map((w) => `- **${w.id}** (the paper's ${w.paper}): ${w.title}; needs ${w.packages.join(', ')}.`),
+    'The guest is the workload image, `hydravm image build debian --workloads` (a full `bench eval` builds it when it is not cached; `--quick` only uses a cached one): gcc, make and ffmpeg from Debian\'s packages, Lua\'s C source from Debian\'s source archive (`apt-get source lua5.4` at build time), an H.264 test video made at build time with `ffmpeg -f lavfi -i testsrc`, and a runner (`guest/debian/workloads/`) that a systemd unit starts at boot when the kernel command line says `hydra.workload=<id>`; it runs the job in a RAM directory and prints `hydra-workload: start name=<id>`, `hydra-workload: name=<id> step=<n> of=<total>` and `hydra-workload: done name=<id> seconds=<s> status=<rc>` on the serial console. `hydra.scale=<n>` sizes the job.',
+    '',
+    ...DEBIAN_WORKLOADS.map((w) => `- **${w.id}** (the paper's ${w.paper}): ${w.title}; scale ${w.scale} (--quick ${w.quickScale}), one step per ${w.step}, about ${w.expectedS} s unprotected under TCG.`),
+    '',
+    'Scaled to TCG: the paper\'s kernel compile ran ~400 s and its transcode ~220 s on hardware; a Linux kernel build under TCG would take hours, so the compile is a smaller real C code base and the transcode a shorter clip, each tens of seconds.',
     '',
   ];
   if (!doc) {
     out.push('## Results', '', `No complete evaluation run is recorded in this repository yet (looked for ${source}). Run \`./hydravm bench eval\` and then \`./hydravm bench eval-page\` to fill this section with tables and plots; nothing here is typed by hand.`, '');
     return out.join('\n');
   }
-  const report = renderReport(doc).markdown.replace(/^# .*\n/, '').replace(/^## /gm, '### ').replace(/`([a-z0-9-]+\.svg)`/g, '[`$1`](../bench/results/eval/$1)');
+  const report = renderReport(doc).markdown.replace(/^# .*\n/, '').replace(/^(##+) /gm, '#$1 ').replace(/`([a-z0-9-]+\.svg)`/g, '[`$1`](../bench/results/eval/$1)');
   out.push('## Results', '', `From \`${source}\`${doc.quick ? ' (a --quick run: smallest sizes, one sample; not the full evaluation)' : ''}. Load conditions: ${loadWords(doc)}; the load average at the start and end of each part is in the table below and in each section.`, '', report);
   return out.join('\n');
 }

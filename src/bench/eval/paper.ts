@@ -35,6 +35,26 @@ export const PAPER: Record<string, PaperRow> = {
     key: 'overhead', what: 'workload overhead, checkpoint every 2 s', paper: '< 13 % kernel compile, < 4 % video transcode',
     why: 'memcheck writes memory without pause over 64 MB, a worst case for dirty tracking that a compile or a transcode is not, and every checkpoint copy competes with the TCG vCPU thread for the 2 host cores; the paper ran a PV guest on its own cores.',
   },
+  fig2: {
+    key: 'fig2', what: 'Figure 2: pause per checkpoint, kernel compile', paper: 'basic ~70-80 ms, growing with the interval (mapping the dirty pages + copying them); mapping all of RAM once at start cuts it 41-46 %; CoW ~5-7 ms, flat across intervals',
+    why: 'the paper\'s pause mapped and copied dirty pages of a PV domain from Dom0; ours stops QEMU, scans the dirty set with PAGEMAP_SCAN over all guest RAM and copies into a pre-faulted buffer (basic), or only re-arms write protection (CoW), with the TCG vCPU and the copy threads sharing 2 cores.',
+  },
+  fig3: {
+    key: 'fig3', what: 'Figure 3: workload slowdown while protected', paper: 'kernel compile < 13 %, video transcode < 4 % at every interval (2-10 s), basic and CoW; level of protection e.g. 75 checkpoints in 392 s = 0.19 per second (compile, every 2 s, disk)',
+    why: 'under TCG the guest runs 10-30 times slower than on hardware, so a job dirties memory more slowly per second of wall time but every pause and every copy thread takes a larger share of the same 2 cores; the paper\'s Dom0 daemon had cores of its own.',
+  },
+  fig4: {
+    key: 'fig4', what: 'Figure 4: fail-over time at 50 % of the job', paper: '< 1.6 s (mean of 3); slim restore about a third, over 60 % in Xen creating the domain and reconnecting devices; ~1033-1135 page-table pages (~4 MB) loaded',
+    why: 'our split has no domain builder: a new QEMU process starts, loads only the device state, and the guest resumes with its memory fetched on demand; detection here is the local supervisor seeing QEMU die, not a heartbeat timeout.',
+  },
+  table2: {
+    key: 'table2', what: 'Table II: last 50 % after a slim restore vs never failed', paper: 'on-demand fetching "does not introduce a prohibitive overhead"; ~30,000 pages (~128 MB) fetched over a kernel compile; SSD no faster than disk (the table\'s figures are not legible in our copy of the paper)',
+    why: 'in network mode a pager fetches each missing page over TCP from the store on its first touch while a background prefetch fills the rest, so the slowdown lasts until memory is complete (seconds on 512 MB, not the job\'s whole second half; without prefetch every first touch waits); in file mode guest RAM is a private mapping of the image file, paged in by the kernel.',
+  },
+  reboot: {
+    key: 'reboot', what: 'reboot of the VM instead (restart-based HA)', paper: 'not measured; restart-based HA "take[s] significantly longer than HydraVM" and loses the application state',
+    why: 'a reboot runs firmware, kernel and systemd to a service again (here under TCG, where every instruction of it is emulated) and the job starts over, while a slim restore resumes the job where its last checkpoint left it.',
+  },
   memory: {
     key: 'memory', what: 'memory reserved elsewhere while protected', paper: 'none beyond the image on storage (the paper\'s claim; no standby VM)',
     why: 'both keep the VM\'s memory on storage; the store process keeps only protocol buffers and the journal index in RAM, and the checkpointer on the VM\'s host its staging buffer.',

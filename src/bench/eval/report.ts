@@ -9,6 +9,7 @@ import type { SizeSample } from './parts/size.js';
 import type { VmsSample } from './parts/vms.js';
 import type { BaselineSample } from './parts/baseline.js';
 import type { OverheadSample } from './parts/overhead.js';
+import type { PaperSample, UnprotectedSample, ProtectedSample, FailoverSample, PausePhases } from './parts/paper.js';
 
 const f = (v: number | null | undefined, d = 1) => (v === null || v === undefined || !Number.isFinite(v) ? '-' : v.toFixed(d));
 const med = (xs: (number | null | undefined)[]) => summary(xs.filter((v): v is number => typeof v === 'number' && Number.isFinite(v))).median;
@@ -29,6 +30,13 @@ function statusBlock(p: PartResult): string[] {
   for (const e of p.errors ?? []) out.push(`- **not measured:** ${e.what} — ${e.error}`);
   if (p.errors?.length) out.push('');
   return out;
+}
+
+/** A warning when the host's load changed a lot while a part stepped through its configurations one after another. */
+function loadDrift(p: PartResult, what: string, first: string): string[] {
+  const a = p.load.start.loadavg[0] ?? 0, b = p.load.end.loadavg[0] ?? 0;
+  if (Math.max(a, b) < 4 || Math.max(a, b) < 1.5 * Math.min(a, b)) return [];
+  return [`**Caution:** the 1-minute load went from ${a} to ${b} during this part, which measured its ${what} one after another, so ${first} ran on a ${a > b ? 'busier' : 'quieter'} host than the later ones: a trend in the numbers below may be the load's rather than the ${what}'.`, ''];
 }
 
 export interface Rendered {
@@ -61,6 +69,7 @@ function sizeSection(p: PartResult<SizeSample>, r: Rendered): string[] {
     { key: 'memory-complete', what: 'memory complete after running (network)', unit: 'ms', pts: s.map((x) => ({ x: x.sizeGb, y: x.restore?.completeAfterRunningMs })) },
   ];
   out.push('', `Growth with VM size (least-squares line over every raw sample; "flat" when the slope is within two standard errors of zero)${Number(p.config.rounds) === 1 ? '. This run took one round per size, so full checkpoint, restore and memory-complete fits rest on one point per size: read them as indicative' : ''}:`, '');
+  out.push(...loadDrift(p, 'sizes', 'the smaller sizes'));
   for (const se of series) {
     const fit = fitOf(se.pts, se.unit, 'GB');
     r.fits.push({ what: `${se.what} vs VM size`, fit });
@@ -109,6 +118,7 @@ function vmsSection(p: PartResult<VmsSample>, r: Rendered, cores: number): strin
     { key: 'store-rss', what: 'store RSS', unit: 'MB', pts: s.map((x) => ({ x: x.vms, y: x.storeRssMb })) },
     { key: 'store-cpu', what: 'store CPU', unit: '% of a core', pts: s.map((x) => ({ x: x.vms, y: x.storeCpuPct })) },
   ];
+  out.push('', ...loadDrift(p, 'VM counts', 'the smaller counts'));
   out.push('', 'Growth with the number of VMs (least-squares line; store RSS and CPU have one sample per count):', '');
   for (const se of series) {
     const fit = fitOf(se.pts, se.unit, 'VM');
@@ -175,13 +185,86 @@ function overheadSection(p: PartResult<OverheadSample>, r: Rendered): string[] {
   return out;
 }
 
-function paperSection(p: PartResult): string[] {
-  const cfg = p.config as { workloads?: { id: string; title: string; paper: string }[]; intervalsS?: number[] };
+const pct = (a: number | null | undefined, b: number | null | undefined) => (a && b ? (a / b - 1) * 100 : null);
+function warmBaseline(unprot: UnprotectedSample[], w: string): number | null {
+  const mine = unprot.filter((x) => x.workload === w);
+  const warm = mine.filter((x) => x.run !== 1);
+  return med((warm.length ? warm : mine).map((x) => x.runS));
+}
+
+function paperSection(p: PartResult<PaperSample>, r: Rendered): string[] {
+  const cfg = p.config as { workloads?: { id: string; title: string; paper: string; scale: number; step: string }[]; intervalsS?: number[]; failoverIntervalS?: number; image?: string };
   const out = [`## The paper's Figures 2-4 and Table II on its own workloads`, '', ...statusBlock(p)];
-  out.push('Workloads (inside the Debian guest, 512 MB, scaled to TCG):', '');
-  for (const w of cfg.workloads ?? []) out.push(`- **${w.id}**: ${w.title} (the paper's ${w.paper})`);
-  out.push('', `Intervals: ${(cfg.intervalsS ?? []).join(', ')} s. Harness: \`src/bench/eval/parts/paper.ts\`.`, '');
-  if (p.samples.length) out.push('Samples recorded: ' + p.samples.length + ' (see the JSON).', '');
+  out.push(`${loadLine(p)}. Each run boots a fresh 512 MB, 1-vCPU Debian guest (an overlay on the workload image${cfg.image ? `, ${cfg.image}` : ''}); its runner starts the job at boot (\`hydra.workload=<id> hydra.scale=<n>\`) and prints a line per step on the serial console, which the harness timestamps. A protected run is protected at the runner's gate, so the initial full copy is over before the job starts (column "full copy before start"). Run time is the host's time from the job's start line to its done line.`, '');
+  for (const w of cfg.workloads ?? []) out.push(`- **${w.id}** (the paper's ${w.paper}): ${w.title}; scale ${w.scale}, one step per ${w.step}.`);
+  out.push('');
+  const la = p.load.start.loadavg[0] ?? 0, lb = p.load.end.loadavg[0] ?? 0;
+  if (Math.max(la, lb) >= 4 && Math.max(la, lb) >= 1.5 * Math.min(la, lb)) {
+    out.push(`**Caution:** the 1-minute load went from ${la} to ${lb} during this part, which runs its workloads one after another (${(cfg.workloads ?? []).map((w) => w.id).join(', then ')}), so the first ran on a ${la > lb ? 'busier' : 'quieter'} host than the last. Every comparison across runs here (Figure 3's overhead against the unprotected run, Table II's remaining time against the never-failed run) carries that noise: an overhead or slowdown below zero is the load's, not the protection's.`, '');
+  }
+  const s = p.samples;
+  const unprot = s.filter((x): x is UnprotectedSample => x.figure === 'unprotected');
+  const prot = s.filter((x): x is ProtectedSample => x.figure === 'protected');
+  const fo = s.filter((x): x is FailoverSample => x.figure === 'failover');
+  // Figure 3's baseline: the warm unprotected runs of the boot the protected runs share (the first run of a boot is cold).
+  const base = (w: string) => warmBaseline(unprot, w);
+  const workloads = [...new Set(s.map((x) => x.workload))];
+  if (unprot.length) {
+    out.push('### Unprotected runs', '', 'The protected runs of a workload share one boot with its unprotected runs (the job runs once per run, in a fresh RAM directory; the runner waits at a gate between runs while the harness protects or unprotects the VM). Run 1 of a boot meets a cold page cache, as the fail-over runs\' single-run boots do: it is Table II\'s never-failed reference. The later unprotected runs, warm like the protected runs after them, are Figure 3\'s baseline (their median).', '');
+    out.push('| workload | run in boot | boot → runner ready | run time | last 50 % |', '|---|---|---|---|---|');
+    for (const x of unprot) out.push(`| ${x.workload} | ${x.run} | ${x.bootS === null ? '-' : `${f(x.bootS)} s`} | ${f(x.runS)} s | ${f(x.lastHalfS)} s |`);
+    out.push('');
+  }
+  if (prot.length || fo.some((x) => x.pauses.length)) {
+    out.push('### Figure 2: pause per checkpoint and its phases', '', 'Medians over the incremental checkpoints taken while the job ran. Phases: stop = QMP `stop` answered; collect = finding the dirty pages (basic: PAGEMAP_SCAN; CoW: re-arming write protection); copy = copying them (basic: inside the pause; CoW: after `cont` while the guest runs, so outside the pause); device = QEMU saving the device state (overlaps collect and copy); disk = freezing the root disk\'s qcow2 layer; cont = QMP `cont` answered.', '');
+    out.push('| workload | mode | interval | checkpoints | pause median | pause p99 | stop | collect | copy | device | disk | cont | MB per ckpt | paper |', '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
+    const rows = [...prot.map((x) => ({ w: x.workload, mode: x.mode, iv: `${x.intervalS} s`, pauses: x.pauses })), ...fo.filter((x) => x.pauses.length).map((x) => ({ w: x.workload, mode: 'basic' as const, iv: `${x.intervalS} s (fail-over run, ${x.config}, to the kill)`, pauses: x.pauses }))];
+    for (const x of rows) {
+      const q = (k: keyof PausePhases) => f(med(x.pauses.map((h) => h[k] as number)));
+      out.push(`| ${x.w} | ${x.mode} | ${x.iv} | ${x.pauses.length} | ${q('pauseMs')} ms | ${f(summary(x.pauses.map((h) => h.pauseMs)).p99)} ms | ${q('stopMs')} | ${q('collectMs')} | ${q('copyMs')} | ${q('devstateMs')} | ${q('diskMs')} | ${q('contMs')} | ${f(med(x.pauses.map((h) => h.bytes / 2 ** 20)))} | ${x.w === 'compile' ? (x.mode === 'cow' ? '~5-7 ms (CoW)' : '~70-80 ms (basic)') : 'not shown (Figure 2 is the compile)'} |`);
+    }
+    for (const w of workloads) {
+      const xs = prot.filter((x) => x.workload === w);
+      if (!xs.length) continue;
+      const phase = (k: keyof PausePhases) => xs.map((x) => med(x.pauses.map((h) => h[k] as number)));
+      r.charts[`paper-fig2-${w}.svg`] = barChart({ title: `Figure 2 (${w}): pause per checkpoint, medians by phase`, unit: 'ms', categories: xs.map((x) => `${x.mode} ${x.intervalS} s`), series: [{ name: 'pause', values: phase('pauseMs') }, { name: 'collect', values: phase('collectMs') }, { name: 'copy', values: phase('copyMs') }, { name: 'device state', values: phase('devstateMs') }, { name: 'disk', values: phase('diskMs') }] });
+    }
+    out.push('', `Plots: ${workloads.filter((w) => prot.some((x) => x.workload === w)).map((w) => `\`paper-fig2-${w}.svg\``).join(', ') || '-'}.`, '', `Why it differs from the paper: ${PAPER.fig2!.why}`, '');
+  }
+  if (prot.length) {
+    out.push('### Figure 3: workload overhead and level of protection', '', 'Overhead = protected run time / the median warm unprotected run time of the same boot - 1 (one run per mode and interval). Level of protection = incremental checkpoints taken per second of the job\'s run, the paper\'s measure (it counts 1 per second as 100 %).', '');
+    out.push('| workload | mode | interval | run time | unprotected | overhead | checkpoints | level of protection | full copy before start | paper |', '|---|---|---|---|---|---|---|---|---|---|');
+    for (const x of prot) out.push(`| ${x.workload} | ${x.mode} | ${x.intervalS} s | ${f(x.runS)} s | ${f(base(x.workload))} s | ${f(pct(x.runS, base(x.workload)))} % | ${x.checkpoints} | ${f(x.checkpointsPerS, 2)} /s | ${x.protectedBeforeStart ? 'yes' : 'no'} | ${x.workload === 'compile' ? '< 13 %' : '< 4 %'} |`);
+    for (const w of workloads) {
+      const xs = prot.filter((x) => x.workload === w);
+      if (!xs.length) continue;
+      const ivs = [...new Set(xs.map((x) => x.intervalS))].sort((a, b) => a - b);
+      const modes = [...new Set(xs.map((x) => x.mode))];
+      r.charts[`paper-fig3-${w}.svg`] = barChart({ title: `Figure 3 (${w}): slowdown while protected`, unit: '% over unprotected', categories: ivs.map((i) => `every ${i} s`), series: modes.map((m) => ({ name: m, values: ivs.map((i) => pct(xs.find((x) => x.mode === m && x.intervalS === i)?.runS, base(w))) })) });
+    }
+    out.push('', `Plots: ${workloads.filter((w) => prot.some((x) => x.workload === w)).map((w) => `\`paper-fig3-${w}.svg\``).join(', ')}.`, '', `Why it differs from the paper: ${PAPER.fig3!.why}`, '');
+  }
+  if (fo.length) {
+    out.push('### Figure 4: fail-over time split', '', `Protected every ${cfg.failoverIntervalS ?? 2} s (basic); once the job is past 50 % and a checkpoint begun after that has committed, checkpointing stops and QEMU is SIGKILLed. detect = kill → the VM's supervisor records the crash; supervisor gone = kill → it has exited; restore called = kill → the restore begins (the harness also waits for the dead VM's checkpointer to exit); then the restore: prepare (image metadata, device state, disk overlays), start (the VM's supervisor and QEMU, to QEMU waiting for its state), pager + QMP (the network pager taking over guest RAM, connecting to QMP), device load (\`migrate-incoming\` of the device state) and \`cont\`; QEMU spawn → running is the same span from QEMU's own start. All in ms.`, '');
+    out.push('| workload | restore | detect | supervisor gone | restore called | prepare | start | pager + QMP | device load + cont | QEMU spawn → running | restore → running | kill → running | paper |', '|---|---|---|---|---|---|---|---|---|---|---|---|---|');
+    for (const x of fo) {
+      const t = x.timings;
+      out.push(`| ${x.workload} | ${x.config} | ${f(x.detectMs, 0)} | ${f(x.supervisorGoneMs, 0)} | ${f(x.restoreCalledMs, 0)} | ${f(t.prepareMs, 0)} | ${f(t.spawnMs, 0)} | ${f(t.launchToRunningMs - t.spawnMs - t.deviceLoadMs, 0)} | ${f(t.deviceLoadMs, 0)} | ${f(t.spawnToRunningMs, 0)} | ${f(t.totalMs, 0)} | ${f(x.killToRunningMs, 0)} | < 1.6 s |`);
+    }
+    r.charts['paper-fig4.svg'] = barChart({ title: 'Figure 4: fail-over time split', unit: 'ms', categories: fo.map((x) => `${x.workload} ${x.config}`), series: [
+      { name: 'until the restore is called', values: fo.map((x) => x.restoreCalledMs) },
+      { name: 'prepare', values: fo.map((x) => x.timings.prepareMs) },
+      { name: 'start (supervisor, QEMU)', values: fo.map((x) => x.timings.spawnMs) },
+      { name: 'pager + QMP', values: fo.map((x) => x.timings.launchToRunningMs - x.timings.spawnMs - x.timings.deviceLoadMs) },
+      { name: 'device load + cont', values: fo.map((x) => x.timings.deviceLoadMs) },
+      { name: 'kill → running', values: fo.map((x) => x.killToRunningMs) },
+    ] });
+    out.push('', 'Plot: `paper-fig4.svg`.', '', `Why it differs from the paper: ${PAPER.fig4!.why}`, '');
+    out.push('### Table II: the last 50 % after a slim restore', '', 'Remaining = from the restored guest running to the job\'s done line; never failed = the unprotected run\'s time from the same fraction of the job (the restored checkpoint\'s) to its end. Memory complete = from running until the pager held every page (network mode; "-" when not within the job).', '');
+    out.push('| workload | restore | resumed at | remaining | never failed | slowdown | memory complete | pages fetched on fault / prefetched | paper |', '|---|---|---|---|---|---|---|---|---|');
+    for (const x of fo) out.push(`| ${x.workload} | ${x.config} | ${f(x.resumedAt * 100, 0)} % | ${f(x.remainingS)} s | ${f(x.referenceS)} s | ${f(pct(x.remainingS, x.referenceS))} % | ${x.memoryCompleteMs === null ? '-' : `${f(x.memoryCompleteMs / 1000)} s`} | ${x.faultPages ?? '-'} / ${x.prefetchedPages ?? '-'} | not prohibitive (figures not legible) |`);
+    out.push('', `Why it differs from the paper: ${PAPER.table2!.why}`, '');
+  }
   return out;
 }
 
@@ -205,6 +288,24 @@ function comparisonTable(doc: EvalDocument): string[] {
     ['fullRestore', coldGb1.length ? `${range(coldGb1.map((x) => x.spawnToRunningMs))} ms QEMU full restore, ${coldGb} GB fully populated, cold cache` : '-', PAPER.fullRestore!.why],
     ['overhead', basicPct.length ? `${range(basicPct, 1)} % (basic; memcheck unthrottled, every 2 s; median (min-max) of rounds)` : '-', PAPER.overhead!.why],
   ];
+  // The paper's own workloads, when this run had them.
+  const paper = part<PaperSample>(doc, 'paper');
+  const ps = paper?.samples ?? [];
+  const prot = ps.filter((x): x is ProtectedSample => x.figure === 'protected');
+  const fo = ps.filter((x): x is FailoverSample => x.figure === 'failover');
+  const unprotRun = (w: string) => warmBaseline(ps.filter((x): x is UnprotectedSample => x.figure === 'unprotected'), w);
+  if (prot.length || fo.length) {
+    const at2 = (w: string, m: string) => prot.find((x) => x.workload === w && x.mode === m && x.intervalS === 2);
+    const pauseOf = (x: ProtectedSample | undefined) => (x ? `${f(med(x.pauses.map((h) => h.pauseMs)))} ms` : '-');
+    rows.push(['fig2', `compile every 2 s: basic ${pauseOf(at2('compile', 'basic'))}, CoW ${pauseOf(at2('compile', 'cow'))} (median)`, PAPER.fig2!.why]);
+    const ov = (w: string) => prot.filter((x) => x.workload === w).map((x) => pct(x.runS, unprotRun(w)));
+    rows.push(['fig3', ['compile', 'transcode'].map((w) => `${w} ${range(ov(w), 1)} %`).join('; ') + ' (median (min-max) over intervals 1-10 s and modes; one run each)', PAPER.fig3!.why]);
+    const net = fo.filter((x) => x.config === 'network');
+    rows.push(['fig4', net.length ? `${net.map((x) => `${x.workload} ${f(x.killToRunningMs, 0)} ms`).join(', ')} QEMU death → running (network), of which ${net.map((x) => f(x.restoreCalledMs, 0)).join(', ')} ms before the restore began (the harness waits for the dead VM's checkpointer to exit) and ${net.map((x) => f(x.timings.totalMs, 0)).join(', ')} ms the restore itself` : '-', PAPER.fig4!.why]);
+    const boots = ps.filter((x): x is UnprotectedSample => x.figure === 'unprotected' && x.bootS !== null).map((x) => x.bootS! * 1000);
+    if (boots.length) rows.push(['reboot', `${range(boots)} ms from QEMU start to the Debian guest's first service (the workload runner) ready, against ${range(fo.map((x) => x.killToRunningMs))} ms fail-over QEMU death → running`, PAPER.reboot!.why]);
+    rows.push(['table2', fo.length ? fo.map((x) => `${x.workload} ${x.config} ${f(pct(x.remainingS, x.referenceS))} %`).join('; ') + ' slower than never failed' : '-', PAPER.table2!.why]);
+  }
   return [
     `## Beside the paper`, '', `Paper: ${PAPER_SETUP}. Ours: this run (${doc.environment.accel.toUpperCase()}, ${doc.environment.machine.cores} cores).`, '',
     '| what | HydraVM (this run) | paper | why they differ |', '|---|---|---|---|',
@@ -217,11 +318,13 @@ export function renderReport(doc: EvalDocument): Rendered {
   const e = doc.environment;
   const out: string[] = [
     `# HydraVM evaluation${doc.quick ? ' (--quick)' : ''}`, '',
-    `Run ${doc.startedAt} → ${doc.finishedAt} (${(doc.durationS / 60).toFixed(1)} min): \`${doc.command.join(' ')}\`.`, '',
+    ...(doc.runs && doc.runs.length > 1
+      ? [`Merged from ${doc.runs.length} runs (${doc.startedAt} → ${doc.finishedAt}, ${(doc.durationS / 60).toFixed(1)} min of wall time; a run that overlapped another shared the 2 cores with it, see the load columns):`, '', ...doc.runs.map((x) => `- \`${x.command.join(' ')}\`: ${x.startedAt} → ${x.finishedAt} (${(x.durationS / 60).toFixed(1)} min), parts ${x.parts.join(', ')}${x.unfinished?.length ? `; stopped before ${x.unfinished.join(', ')}` : ''}, commit ${x.commit.slice(0, 12)}.`), '']
+      : [`Run ${doc.startedAt} → ${doc.finishedAt} (${(doc.durationS / 60).toFixed(1)} min): \`${doc.command.join(' ')}\`.${doc.unfinished?.length ? ` **The run stopped before its parts ${doc.unfinished.join(', ')}: they are not in this file.**` : ''}`, '']),
     `Machine: ${e.machine.cpuModel}, ${e.machine.cores} cores, ${e.machine.memGiB} GiB, Linux ${e.machine.kernel}; ${e.qemu.version}; accelerator ${e.accel}; commit ${e.git.commit.slice(0, 12)}${e.git.dirty ? ' (with uncommitted changes)' : ''} on ${e.git.branch}; Node ${e.node}.`, '',
     `Protection modes measured: ${doc.capabilities.modes.join(', ')}${doc.capabilities.cow ? '' : ' (copy-on-write waits for `hydravm protect --cow`)'}; Debian guest image: ${doc.capabilities.debianImage ? 'available' : 'not yet (`hydravm image build` is absent)'}; its workload runner: ${doc.capabilities.debianWorkloads ? 'available' : 'not yet'}.`, '',
-    '| part | status | duration | load average at start → end (1 min) |', '|---|---|---|---|',
-    ...doc.parts.map((p) => `| ${p.title} | ${p.status}${p.waitingFor ? ` (for ${p.waitingFor.join(', ')})` : ''} | ${p.durationS.toFixed(0)} s | ${p.load.start.loadavg[0]} → ${p.load.end.loadavg[0]} |`), '',
+    '| part | status | started | duration | load average at start → end (1 min) |', '|---|---|---|---|---|',
+    ...doc.parts.map((p) => `| ${p.title} | ${p.status}${p.waitingFor ? ` (for ${p.waitingFor.join(', ')})` : ''} | ${p.startedAt.slice(11, 19)} | ${p.durationS.toFixed(0)} s | ${p.load.start.loadavg[0]} → ${p.load.end.loadavg[0]} |`), '',
   ];
   const size = part<SizeSample>(doc, 'size');
   if (doc.parts.some((p) => p.id !== 'paper' && p.status === 'done')) out.push(...comparisonTable(doc));
@@ -232,8 +335,8 @@ export function renderReport(doc: EvalDocument): Rendered {
   if (base) out.push(...baselineSection(base, size, r));
   const over = part<OverheadSample>(doc, 'overhead');
   if (over) out.push(...overheadSection(over, r));
-  const paper = part(doc, 'paper');
-  if (paper) out.push(...paperSection(paper));
+  const paper = part<PaperSample>(doc, 'paper');
+  if (paper) out.push(...paperSection(paper, r));
   r.markdown = out.join('\n') + '\n';
   return r;
 }

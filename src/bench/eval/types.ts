@@ -49,6 +49,20 @@ export interface EvalDocument {
   environment: Environment;
   capabilities: Capabilities;
   parts: PartResult[];
+  /** Parts not run yet: present only in the file a run writes between parts (a run stopped early leaves it). */
+  unfinished?: PartId[];
+  /** A document merged from several runs (`bench eval-merge`): each run, and the parts taken from it. */
+  runs?: EvalRun[];
+}
+
+export interface EvalRun {
+  command: string[];
+  startedAt: string;
+  finishedAt: string;
+  durationS: number;
+  commit: string;
+  parts: PartId[];
+  unfinished?: PartId[];
 }
 
 export interface Capabilities {

@@ -91,7 +91,8 @@ export const baselinePart: Part<BaselineSample> = {
         const fileMb = fs.statSync(saveFile).size / 2 ** 20;
         await stopVm(name);
         // The same arguments as the primary, incoming; QEMU's own stream carries the configuration section.
-        const args = buildQemuArgs(spec, paths, { accel: chooseAccel(spec.accel, name), incomingDefer: true });
+        // No console input FIFO: QEMU's open of it for reading would wait for a writer, which only a VM's supervisor provides.
+        const args = buildQemuArgs(spec, { ...paths, serialIn: undefined }, { accel: chooseAccel(spec.accel, name), incomingDefer: true });
         const gi = args.indexOf('migration.send-configuration=off');
         if (gi > 0) args.splice(gi - 1, 2);
         for (let repeat = 1; repeat <= opts.baselineRepeats; repeat++) {
