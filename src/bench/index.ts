@@ -8,3 +8,4 @@ export { runProtocolBench, type ProtocolBenchOptions } from './protocol-bench.js
 export { RedisWatcher, summarizeWatch, lossReport, lastAcked, readWatchLog, type WatcherOptions, type WatchRecord, type WatchSummary, type LossReport } from './redis-watcher.js';
 export { RespConnection, redisOnce, type RespValue } from './resp.js';
 export { runEval, readEvalDocument, renderPage, renderReport, parseOnly, mergeEvalDocuments } from './eval/index.js';
+export { writeResults } from './harness.js';

@@ -39,7 +39,7 @@ export function registerEvalCommands(bench: Command): void {
     .option('--out <dir>', 'output directory', path.join('bench', 'results', 'eval'))
     .action(async (files: string[], o: { out: string }) => {
       const { readEvalDocument, mergeEvalDocuments, renderReport } = await import('../bench/index.js');
-      const { writeResults } = await import('../bench/harness.js');
+      const { writeResults } = await import('../bench/index.js');
       const doc = mergeEvalDocuments(files.map((f) => readEvalDocument(f)));
       const r = renderReport(doc);
       const written = writeResults(o.out, 'eval', doc, r.markdown, r.charts);

@@ -156,7 +156,7 @@ async function sequenceRuns(env: BenchEnv, img: BuiltImage, w: DebianWorkload, s
           } catch (err) {
             // The VM is fine, only this run is not measured: the job still runs (the gate must open) and the boot goes on.
             protectError = err as Error;
-            await unprotectVm(run.name).catch(() => undefined);
+            await unprotectVm(run.name).catch(() => undefined); // a half-started protection, if any: its own error is the one kept
           }
         }
         const protectedAt = performance.now();
