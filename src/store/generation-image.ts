@@ -258,16 +258,19 @@ export class GenerationImage {
     this.fencedBy = Math.max(this.fencedBy ?? 0, by);
   }
 
-  async close(): Promise<void> {
+  /** `opts.locked`: the caller already holds this generation's lock (dropping it), which is not re-entrant. */
+  async close(opts: { locked?: boolean } = {}): Promise<void> {
     // Closing: an abort that fails leaves files recovery removes.
     if (this.current) await this.current.abort('store closing').catch(() => undefined);
     await this.pendingApply;
-    await this.lock.run(async () => {
+    const closeReader = async () => {
       const r = this.reader;
       this.reader = null;
       // A read-only handle: closing it cannot lose data.
       if (r) await r.fh.close().catch(() => undefined);
-    });
+    };
+    if (opts.locked) await closeReader();
+    else await this.lock.run(closeReader);
     if (this.journal) await this.journal.close();
     this.journal = null;
   }

@@ -280,7 +280,7 @@ export class Store {
       // A generation that failed to open has no files open: drop it directly.
       const g = await p.catch(() => null);
       if (g) return g.lock.run(async () => {
-        await g.close();
+        await g.close({ locked: true });
         await drop();
       });
     }
