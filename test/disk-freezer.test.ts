@@ -320,7 +320,7 @@ test('a full layer filesystem fails prepare clearly, the committed layer stays i
   await writeEpoch(vm, 1);
   const id1 = await fz.freeze(1);
   fz.committed(1);
-  await sleep(50); // the scheduled prepare of the next overlay ran
+  await fz.prepare(); // the next overlay exists before the filesystem fills (a loaded host may not have run the scheduled one yet)
   // Fill the filesystem.
   const filler = path.join(small, 'filler');
   const fd = fs.openSync(filler, 'w');
