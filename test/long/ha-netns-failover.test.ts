@@ -21,13 +21,13 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * sees no violation, and `cluster down` removes every namespace, link and
  * process.
  */
-const PREFIX = 'hv9n-';
+const PREFIX = 'hv9f-';
 const lab = makeLab('nsfo');
 let cluster: EmbeddedCluster;
 const vm = 'nsvm';
 
 before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: '198.18.100.0/24', env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
+  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: '198.18.101.0/24', env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
 });
 after(async () => {
   await cluster?.stop();
@@ -62,20 +62,20 @@ test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail o
   const members = await cluster.cluster.etcd.cluster.memberList({ linearizable: true });
   assert.equal(members.members.length, 3, JSON.stringify(members.members));
   assert.deepEqual(members.members.map((m) => m.name).sort(), ['host1', 'host2', 'host3'], 'every member started (a member not started yet has no name)');
-  assert.deepEqual(members.members.map((m) => m.clientURLs[0]).sort(), ['http://198.18.100.11:2379', 'http://198.18.100.12:2379', 'http://198.18.100.13:2379']);
+  assert.deepEqual(members.members.map((m) => m.clientURLs[0]).sort(), ['http://198.18.101.11:2379', 'http://198.18.101.12:2379', 'http://198.18.101.13:2379']);
   for (const h of cluster.hosts) {
     assert.ok(processInNetns(h.pid, h.netns!), `agent of ${h.host} runs in ${h.netns}`);
     const m = cluster.etcdMembers!.find((x) => x.netns === h.netns)!;
     assert.ok(processInNetns(m.pid, h.netns!), `etcd member of ${h.host} runs in ${h.netns}`);
   }
-  assert.ok(processInNetns(cluster.store!.pid, 'hv9n-host1'), 'the store runs in host1');
+  assert.ok(processInNetns(cluster.store!.pid, `${PREFIX}host1`), 'the store runs in host1');
 
   // The VM starts in host1's namespace, as `hydravm vm start` run there would.
   const spec = lab.writeSpec(vm, {});
-  const r = spawnSync(inNetns('hv9n-host1')[0]!, [...inNetns('hv9n-host1').slice(1), process.execPath, cliEntry, 'vm', 'start', spec], { env: { ...lab.env, HYDRAVM_HOME: hostOf('host1').home }, encoding: 'utf8', timeout: 120_000 });
+  const r = spawnSync(inNetns(`${PREFIX}host1`)[0]!, [...inNetns(`${PREFIX}host1`).slice(1), process.execPath, cliEntry, 'vm', 'start', spec], { env: { ...lab.env, HYDRAVM_HOME: hostOf('host1').home }, encoding: 'utf8', timeout: 120_000 });
   assert.equal(r.status, 0, r.stderr);
   const qemu1 = withHome('host1', () => readState(vm))!.qemuPid!;
-  assert.ok(processInNetns(qemu1, 'hv9n-host1'), 'QEMU runs in host1');
+  assert.ok(processInNetns(qemu1, `${PREFIX}host1`), 'QEMU runs in host1');
   await waitForMemcheckStep(serialOn('host1'), 1, 60_000);
   const rec = await protectInCluster(cluster.cluster, { vm, host: 'host1', store: cluster.store!.address, mode: 'network', intervalMs: 1000 }, { timeoutMs: 120_000 });
   await until('three commits on host1', () => (withHome('host1', () => readProtection(vm))?.committedEpoch ?? 0) >= 3, 90_000);

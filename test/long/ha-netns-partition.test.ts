@@ -21,13 +21,13 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * Then the etcd member of another host is killed: nothing is fenced, and
  * a QEMU death is still failed over by the two members left.
  */
-const PREFIX = 'hv9n-';
+const PREFIX = 'hv9p-';
 const lab = makeLab('nspt');
 let cluster: EmbeddedCluster;
 const vm = 'nspvm';
 
 before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: '198.18.100.0/24', env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
+  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: '198.18.102.0/24', env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
 });
 after(async () => {
   if (cluster?.netns) for (const h of cluster.netns.hosts) try { setHostLink(cluster.netns, h.host, true); } catch { /* the cluster may be gone already */ }
