@@ -10,7 +10,7 @@ import { shimPath } from '../config/paths.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { protectVm, unprotectVm, readProtection } from '../checkpoint/index.js';
 import { restoreVm, type RestoreMode } from '../restore/index.js';
-import { benchEnv, fmt, writeResults, sleep, type BenchEnv } from './harness.js';
+import { benchEnv, fmt, writeResults, sleep, waitFor, type BenchEnv } from './harness.js';
 import { analyseFailover } from './failover-analysis.js';
 import type { FailoverBenchOptions, QemuBaseline, RunResult } from './failover-results.js';
 import { renderFailover } from './failover-report.js';
@@ -44,14 +44,6 @@ function makeSpec(name: string, opts: FailoverBenchOptions): VmSpec {
   }, process.cwd(), 'bench spec');
 }
 
-async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pollMs: number): Promise<number> {
-  const deadline = now() + timeoutMs;
-  for (;;) {
-    if (pred()) return now();
-    if (now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(pollMs);
-  }
-}
 
 async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: RestoreMode, prefetch: boolean, idx: number, warm = false): Promise<RunResult> {
   const name = `fo-${mode}${mode === 'network' && !prefetch ? '-nopf' : ''}${warm ? '-warm' : ''}-${idx}`;

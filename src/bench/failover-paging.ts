@@ -8,7 +8,7 @@ import { protectVm, unprotectVm, readProtection } from '../checkpoint/index.js';
 import { restoreVm } from '../restore/index.js';
 import { StoreClient, MAX_PAGES_DATA } from '../protocol/index.js';
 import { BenchError } from '../errors.js';
-import { fmt, sleep, type BenchEnv } from './harness.js';
+import { fmt, sleep, waitFor, type BenchEnv } from './harness.js';
 import { boot } from './serial-watch.js';
 
 export interface PagingBenchOptions {
@@ -80,14 +80,6 @@ function makeSpec(name: string, memory: string, opts: PagingBenchOptions): VmSpe
   }, process.cwd(), 'bench spec');
 }
 
-async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pollMs: number): Promise<number> {
-  const deadline = now() + timeoutMs;
-  for (;;) {
-    if (pred()) return now();
-    if (now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(pollMs);
-  }
-}
 
 /** memcheck steps/s of a freshly booted, unprotected VM that never fails. */
 async function baselineRate(memory: string, opts: PagingBenchOptions): Promise<number | null> {

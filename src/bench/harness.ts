@@ -1,4 +1,6 @@
 import fs from 'node:fs';
+import { BenchError } from '../errors.js';
+import { sleep as sleepMs } from '../util/sleep.js';
 import path from 'node:path';
 import { spawnStore, type StoreProcess } from '../store/index.js';
 import { quantile } from '../checkpoint/index.js';
@@ -64,3 +66,13 @@ export function writeResults(outDir: string, name: string, json: unknown, markdo
 }
 
 export { sleep } from '../util/sleep.js';
+
+/** Poll `pred` every `pollMs` until it holds (returns performance.now() then) or `timeoutMs` passes. */
+export async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pollMs = 20): Promise<number> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    if (pred()) return performance.now();
+    if (performance.now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleepMs(pollMs);
+  }
+}

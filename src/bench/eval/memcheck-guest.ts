@@ -4,6 +4,7 @@ import { validateSpec, type VmSpec, startVm, stopVm, vmPaths, readState, isLive,
 import { restoreVm, type RestoreResult } from '../../restore/index.js';
 import { BenchError } from '../../errors.js';
 import { sleep } from '../../util/sleep.js';
+import { waitFor } from '../harness.js';
 
 /**
  * memcheck's working set for a fully populated guest of `memoryMb`: all RAM
@@ -72,15 +73,6 @@ export async function stepsPerSecond(name: string, seconds: number): Promise<num
   const tb = performance.now();
   if (a.step === null || b.step === null) return null;
   return (b.step - a.step) / ((tb - ta) / 1000);
-}
-
-export async function waitFor(what: string, pred: () => boolean, timeoutMs: number, pollMs = 20): Promise<number> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    if (pred()) return performance.now();
-    if (performance.now() > deadline) throw new BenchError('HYDRA_BENCH_TIMEOUT', `timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what}`);
-    await sleep(pollMs);
-  }
 }
 
 export interface FailAndRestore {

@@ -5,10 +5,10 @@ import { startVm, readState, isLive, typeOnConsole, vmPaths } from '../../../vm/
 import { buildDebianImage, findDebianImage, type BuiltImage } from '../../../image/index.js';
 import { BenchError } from '../../../errors.js';
 import { pidAlive } from '../../../util/pid.js';
-import { benchEnv, type BenchEnv } from '../../harness.js';
+import { benchEnv, waitFor, type BenchEnv } from '../../harness.js';
 import { debianSpec, WorkloadWatch, type WorkloadLine } from '../debian-guest.js';
 import { DEBIAN_WORKLOADS, TRANSCODE, missing, NEED_TEXT, type DebianWorkload, type Need } from '../workloads.js';
-import { stopQuietly, waitFor } from '../memcheck-guest.js';
+import { stopQuietly } from '../memcheck-guest.js';
 import type { Part, PartContext } from '../part.js';
 
 export const PAPER_INTERVALS_S = [1, 2, 5, 10];

@@ -1,9 +1,9 @@
 // Scaling with VM size: full checkpoint, pause at a fixed dirty rate, restore spawn → running, memory complete; and the memory held elsewhere.
 import { protectVm, unprotectVm, readProtection, readCheckpointHistory } from '../../../checkpoint/index.js';
-import { benchEnv } from '../../harness.js';
+import { benchEnv, waitFor } from '../../harness.js';
 import { BenchError } from '../../../errors.js';
 import { sleep } from '../../../util/sleep.js';
-import { bootMemcheck, fullWorkingSetMb, killAndRestore, stopQuietly, waitFor } from '../memcheck-guest.js';
+import { bootMemcheck, fullWorkingSetMb, killAndRestore, stopQuietly } from '../memcheck-guest.js';
 import { ProcSampler } from '../proc-stats.js';
 import type { Part } from '../part.js';
 import type { RestoreResult } from '../../../restore/index.js';
