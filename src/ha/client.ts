@@ -82,7 +82,7 @@ export async function waitForVm(cluster: Cluster, vm: string, pred: (v: VmRecord
     } catch {
       /* etcd hiccup: keep polling */
     }
-    if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `VM "${vm}": condition not reached within ${timeoutMs} ms (last: ${last ? `${last.state} on ${last.host} gen ${last.generation}` : 'no record'})`);
+    if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `VM "${vm}": condition not reached within ${timeoutMs} ms (last: ${last ? `${last.state} on ${last.host} gen ${last.generation}${last.reason ? `: ${last.reason}` : ''}` : 'no record'})`);
     await sleep(20);
   }
 }

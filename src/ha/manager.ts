@@ -19,6 +19,11 @@ import { sleep } from '../util/sleep.js';
  *  - its agent reported its QEMU dead (state `crashed`), or
  *  - its host's lease expired (/hydravm/hosts/HOST deleted), or
  *  - a restore failed (state `restore-failed`) or hangs past `restoreTimeoutMs`.
+ * A VM is given up (`lost`) only when there is no image to restore. Restores
+ * that keep failing are retried for as long as a live host has room: after
+ * `maxAttempts` in a row, with a growing pause between attempts (a fault of
+ * the store or the network outlives a quick burst of retries; giving up would
+ * leave a restorable VM down for good), and the record says why.
  * It then picks a live host with enough free memory (placement.ts), and in ONE
  * transaction that compares the VM record's and the generation counter's mod
  * revisions: raises the generation, points the VM record at the new host
@@ -37,8 +42,11 @@ export interface ManagerOptions {
   /** Full reconciliation period (watches trigger one at once anyway). */
   reconcileMs?: number;
   restoreTimeoutMs?: number;
-  /** Restores of one VM in a row before it is given up. */
+  /** Failed restores of one VM in a row after which the next attempts back off (see retryDelayMs). */
   maxAttempts?: number;
+  /** Pause before the first backed-off attempt; it doubles with each further failure, up to `maxRetryDelayMs`. */
+  retryDelayMs?: number;
+  maxRetryDelayMs?: number;
   headroomBytes?: number;
   /**
    * After a host's lease expiry is observed, wait this long before restoring
@@ -50,12 +58,27 @@ export interface ManagerOptions {
 }
 
 export const DEFAULT_FENCE_MARGIN_MS = 500;
+export const DEFAULT_MAX_ATTEMPTS = 5;
+export const DEFAULT_RETRY_DELAY_MS = 2000;
+export const DEFAULT_MAX_RETRY_DELAY_MS = 60_000;
+
+/**
+ * How long to wait before restoring again a VM whose last `attempts` restores
+ * in a row failed: nothing before `maxAttempts`, then `retryDelayMs`,
+ * doubling up to `maxRetryDelayMs`.
+ */
+export function retryDelay(attempts: number, opts: Pick<ManagerOptions, 'maxAttempts' | 'retryDelayMs' | 'maxRetryDelayMs'> = {}): number {
+  const over = attempts - (opts.maxAttempts ?? DEFAULT_MAX_ATTEMPTS);
+  if (over < 0) return 0;
+  return Math.min(opts.maxRetryDelayMs ?? DEFAULT_MAX_RETRY_DELAY_MS, (opts.retryDelayMs ?? DEFAULT_RETRY_DELAY_MS) * 2 ** Math.min(over, 30));
+}
 
 export interface ManagerEvents {
   elected: [{ id: string }];
   deposed: [{ id: string; reason: string }];
   assigned: [{ vm: string; host: string; generation: number; cause: FailoverTiming['cause'] }];
   'no-capacity': [{ vm: string; reason: string }];
+  'retry-later': [{ vm: string; attempts: number; delayMs: number; reason: string }];
   lost: [{ vm: string; reason: string }];
 }
 
@@ -75,6 +98,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   /** Monotonic time each dead host's expiry was first observed (the fencing margin counts from here). */
   private hostLostMono = new Map<string, number>();
   private marginTimer: NodeJS.Timeout | undefined;
+  /** Backed-off VMs: when (monotonic) the failed restore was first seen, keyed by VM and generation. */
+  private failedSeen = new Map<string, number>();
   private lastNoCapacity = new Map<string, { reason: string; at: number }>();
   private lastPrune = 0;
 
@@ -248,6 +273,11 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const reserved = reservations([...vms.values()].map((v) => v.value));
     const now = Date.now();
     for (const h of [...this.hostLostMono.keys()]) if (hosts.has(h)) this.hostLostMono.delete(h);
+    for (const k of [...this.failedSeen.keys()]) {
+      const at = k.lastIndexOf('@');
+      const cur = vms.get(k.slice(0, at))?.value;
+      if (!cur || cur.state !== 'restore-failed' || String(cur.generation) !== k.slice(at + 1)) this.failedSeen.delete(k);
+    }
     for (const v of vms.values()) {
       const r = v.value;
       const alive = hosts.has(r.host);
@@ -260,6 +290,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
         if (!alive && !this.fenceMarginPassed(r.host)) continue;
         await this.failover(v, 'host-lost', hosts, reserved);
       } else if (r.state === 'restore-failed') {
+        if (!(await this.retryDue(v))) continue;
         await this.failover(v, 'restore-failed', hosts, reserved);
       } else if (r.state === 'restoring' && now - r.updatedAt > (this.opts.restoreTimeoutMs ?? 120_000)) {
         await this.failover({ ...v, value: { ...r, failedHosts: [...new Set([...(r.failedHosts ?? []), r.host])] } }, 'restore-failed', hosts, reserved);
@@ -296,6 +327,45 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     return false;
   }
 
+  /**
+   * May the manager restore this failed VM again now? Yes before `maxAttempts`
+   * failures in a row; after that once the back-off since the failure was
+   * first seen (by this manager: a new one waits the whole pause, the
+   * conservative side) has passed; the periodic reconcile comes back for it.
+   * The first time, the record's reason says how often and why it failed, and
+   * when the next attempt comes.
+   */
+  private async retryDue(v: Versioned<VmRecord>): Promise<boolean> {
+    const r = v.value;
+    const delayMs = retryDelay(r.attempts ?? 0, this.opts);
+    if (delayMs === 0) return true;
+    const key = `${r.name}@${r.generation}`;
+    const now = monoNow();
+    const seen = this.failedSeen.get(key);
+    if (seen === undefined) {
+      this.failedSeen.set(key, now);
+      const prefix = `${r.attempts} restores in a row failed`;
+      // A record this manager (or one before it) already annotated keeps its reason.
+      if (r.reason?.startsWith(prefix)) return false;
+      const reason = `${prefix} (last: ${r.reason ?? 'no reason recorded'}); next attempt in ${Math.round(delayMs / 1000)} s`;
+      this.log.error({ vm: r.name, attempts: r.attempts, delayMs, last: r.reason }, 'restores keep failing: backing off');
+      const lk = this.leaderKey!;
+      await this.cluster.etcd
+        .if(keys.vm(r.name), 'Mod', '==', v.modRevision)
+        .and(lk.key, 'Create', '==', lk.createRevision)
+        .then(this.cluster.etcd.put(keys.vm(r.name)).value(JSON.stringify({ ...r, reason, updatedAt: Date.now() } satisfies VmRecord)))
+        .commit()
+        // Only the reason shown to users: a failed write (record changed, etcd away) changes no decision.
+        .catch(() => undefined);
+      // Events are an advisory log for `cluster status`; the record's reason says the same.
+      await this.cluster.addEvent({ kind: 'retry-later', vm: r.name, message: reason }).catch(() => undefined);
+      this.emit('retry-later', { vm: r.name, attempts: r.attempts ?? 0, delayMs, reason });
+      this.again = true;
+      return false;
+    }
+    return now - seen >= delayMs;
+  }
+
   private async markLost(v: Versioned<VmRecord>, reason: string): Promise<void> {
     const lk = this.leaderKey!;
     const r = await this.cluster.etcd
@@ -316,8 +386,6 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const lk = this.leaderKey;
     if (!lk) return;
     if (r.imageGeneration === undefined) return this.markLost(v, `VM "${r.name}" failed (${cause}) before its first checkpoint was committed: no image to restore`);
-    const maxAttempts = this.opts.maxAttempts ?? 5;
-    if ((r.attempts ?? 0) >= maxAttempts) return this.markLost(v, `VM "${r.name}": ${r.attempts} restores in a row failed (last: ${r.reason ?? cause})`);
 
     const sawAt = Date.now();
     const placement = placeVm(
