@@ -21,13 +21,15 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * sees no violation, and `cluster down` removes every namespace, link and
  * process.
  */
-const PREFIX = 'hv9f-';
+// Overridable, so runs beside other namespaced clusters on this machine take their own names and addresses.
+const PREFIX = process.env.HYDRAVM_TEST_NETNS_PREFIX ?? 'hv9f-';
+const SUBNET = process.env.HYDRAVM_TEST_NETNS_SUBNET ?? '198.18.101.0/24';
 const lab = makeLab('nsfo');
 let cluster: EmbeddedCluster;
 const vm = 'nsvm';
 
 before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: '198.18.101.0/24', env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
+  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: SUBNET, env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
 });
 after(async () => {
   await cluster?.stop();
@@ -62,7 +64,7 @@ test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail o
   const members = await cluster.cluster.etcd.cluster.memberList({ linearizable: true });
   assert.equal(members.members.length, 3, JSON.stringify(members.members));
   assert.deepEqual(members.members.map((m) => m.name).sort(), ['host1', 'host2', 'host3'], 'every member started (a member not started yet has no name)');
-  assert.deepEqual(members.members.map((m) => m.clientURLs[0]).sort(), ['http://198.18.101.11:2379', 'http://198.18.101.12:2379', 'http://198.18.101.13:2379']);
+  assert.deepEqual(members.members.map((m) => m.clientURLs[0]).sort(), [11, 12, 13].map((i) => `http://${SUBNET.replace(/0\/24$/, String(i))}:2379`));
   for (const h of cluster.hosts) {
     assert.ok(processInNetns(h.pid, h.netns!), `agent of ${h.host} runs in ${h.netns}`);
     const m = cluster.etcdMembers!.find((x) => x.netns === h.netns)!;

@@ -21,13 +21,15 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * Then the etcd member of another host is killed: nothing is fenced, and
  * a QEMU death is still failed over by the two members left.
  */
-const PREFIX = 'hv9p-';
+// Overridable, so runs beside other namespaced clusters on this machine take their own names and addresses.
+const PREFIX = process.env.HYDRAVM_TEST_NETNS_PREFIX ?? 'hv9p-';
+const SUBNET = process.env.HYDRAVM_TEST_NETNS_SUBNET ?? '198.18.102.0/24';
 const lab = makeLab('nspt');
 let cluster: EmbeddedCluster;
 const vm = 'nspvm';
 
 before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: '198.18.102.0/24', env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
+  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: SUBNET, env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
 });
 after(async () => {
   if (cluster?.netns) for (const h of cluster.netns.hosts) try { setHostLink(cluster.netns, h.host, true); } catch { /* the cluster may be gone already */ }

@@ -21,8 +21,9 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * killed and the fail-over restore reads from the new store: memcheck
  * verifies every page.
  */
-const PREFIX = 'h9s-';
-const SUBNET = '198.18.97.0/24';
+// Overridable, so runs beside other namespaced clusters on this machine take their own names and addresses.
+const PREFIX = process.env.HYDRAVM_TEST_NETNS_PREFIX ?? 'h9s-';
+const SUBNET = process.env.HYDRAVM_TEST_NETNS_SUBNET ?? '198.18.97.0/24';
 const lab = makeLab('nssf');
 let cluster: EmbeddedCluster;
 const vm = 'nssf';
@@ -54,7 +55,7 @@ test('namespaced cluster: the store host dies, a standby store in another namesp
   for (const s of stores) assert.ok(processInNetns(s.pid, s.netns!), `${s.name} runs in ${s.netns}`);
   const initial = (await clusterStatus(cluster.cluster)).stores;
   assert.equal(initial.active?.name, 'store-host1');
-  assert.equal(initial.active?.address, '198.18.97.11:7000');
+  assert.equal(initial.active?.address, `${SUBNET.replace(/0\/24$/, '11')}:7000`);
 
   const spec = lab.writeSpec(vm, {});
   const r = spawnSync(inNetns(`${PREFIX}host2`)[0]!, [...inNetns(`${PREFIX}host2`).slice(1), process.execPath, cliEntry, 'vm', 'start', spec], { env: { ...lab.env, HYDRAVM_HOME: hostOf('host2').home }, encoding: 'utf8', timeout: 120_000 });
