@@ -10,6 +10,7 @@ import { findEtcd } from '../src/ha/etcd-process.js';
 import { GiB, alive, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, partitionableProxy, quiet, registerVm, until } from './support/ha.js';
 import { sleep } from '../src/util/sleep.js';
 import type { RestoreFn } from '../src/ha/restore-adapter.js';
+import { protectInCluster } from '../src/ha/client.js';
 
 /**
  * Failure detection and fail-over against a real etcd (one per test). VMs are
@@ -378,6 +379,32 @@ test('restores that keep failing are retried with a growing pause, never given u
     }, 10_000);
     assert.equal(done.attempts, 0);
     assert.equal(done.reason, undefined);
+  } finally {
+    await lab.cleanup();
+  }
+});
+
+test('a VM whose MAC another managed VM has is not protected: the agent refuses naming both VMs, and a VM with its own MAC is protected', { skip }, async () => {
+  const lab = await etcdLab('macs');
+  try {
+    const h1 = await inProcessAgent(lab, 'h1');
+    const h2 = await inProcessAgent(lab, 'h2');
+    const withNic = (home: string, name: string, mac: string) => {
+      fakeVm(home, name, 0, home === h1.home ? 'h1' : 'h2', 128 << 20, false);
+      fs.writeFileSync(path.join(home, 'vms', name, 'spec.json'), JSON.stringify({ spec: { name, nics: [{ mac, bridge: 'br0', tap: `${name}-0`, model: 'virtio-net-pci' }] }, launch: {} }));
+    };
+    withNic(h1.home, 'web1', '52:54:00:AA:00:01');
+    withNic(h2.home, 'web2', '52:54:00:aa:00:01');
+    withNic(h2.home, 'web3', '52:54:00:aa:00:03');
+    const one = await protectInCluster(lab.cluster, { vm: 'web1', host: 'h1', store: '127.0.0.1:1', intervalMs: 1000 }, { timeoutMs: 10_000 });
+    assert.deepEqual(one.macs, ['52:54:00:aa:00:01'], 'the record carries the MAC, lower-cased');
+    await assert.rejects(protectInCluster(lab.cluster, { vm: 'web2', host: 'h2', store: '127.0.0.1:1', intervalMs: 1000 }, { timeoutMs: 10_000 }),
+      (err: Error) => /MAC 52:54:00:aa:00:01 is already used by VM "web1" of this cluster \(on host h1, protected\)/.test(err.message));
+    const two = (await lab.cluster.vm('web2'))!.value;
+    assert.equal(two.state, 'unprotected');
+    assert.match(two.reason!, /HYDRA_NET_MAC_CLASH|already used by VM "web1"/);
+    const three = await protectInCluster(lab.cluster, { vm: 'web3', host: 'h2', store: '127.0.0.1:1', intervalMs: 1000 }, { timeoutMs: 10_000 });
+    assert.equal(three.state, 'protected');
   } finally {
     await lab.cleanup();
   }

@@ -4,7 +4,8 @@ import { localShellConfig } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
 import { keys, type Assignment, type Versioned, type VmRecord } from './cluster.js';
 import { fenceLocalVm } from './fence.js';
-import { readLocalVm, writeHaLocal } from './local-vm.js';
+import { localMacs, readLocalVm, writeHaLocal } from './local-vm.js';
+import { NetError } from '../errors.js';
 import type { ProtectFn, RestoreFn, RestoreOutcome, StoreGenerationFn } from './restore-adapter.js';
 import { isClusterStore, storeAddress } from './store-discovery.js';
 
@@ -191,6 +192,8 @@ export class AssignmentRunner {
     if (!local?.live || local.state?.lifecycle !== 'running') return fail(`VM "${a.vm}" is not running on host ${host}`);
     let generation = cur.value.generation;
     try {
+      const macs = localMacs(home, a.vm);
+      if (macs.length > 0) assertNoMacClash(a.vm, macs, await cluster.vms());
       // Higher than anything etcd or the store has seen: the store fences older generations.
       const target = await this.protectTarget(a.store);
       const storeNext = await opts.storeGeneration(a.vm, target.store, opts.secretFile);
@@ -200,7 +203,7 @@ export class AssignmentRunner {
       const st = await opts.protect({ ...target, vm: a.vm, intervalMs: a.intervalMs, generation, secretFile: opts.secretFile, ...(a.cow ? { cow: a.cow } : {}) });
       await cluster.updateVm(a.vm, (c) =>
         c.host === host && c.generation === generation && c.state === 'protecting'
-          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined, shellConfig: localShellConfig(a.vm) }
+          ? { ...c, state: 'protected', imageGeneration: st.generation ?? generation, attempts: 0, reason: undefined, shellConfig: localShellConfig(a.vm), ...(macs.length > 0 ? { macs } : {}) }
           : undefined,
       () => [cluster.etcd.delete().key(k)]);
       core.log.info({ vm: a.vm, generation }, 'VM protected');
@@ -209,5 +212,22 @@ export class AssignmentRunner {
       await fail(`protecting failed: ${(err as Error).message}`);
     }
     void modRevision;
+  }
+}
+
+/**
+ * The hosts' VM bridges are one layer-2 segment (a VM keeps its address on
+ * whichever host it is restored), so two VMs of the cluster with one MAC would
+ * take each other's traffic wherever they run, and a fail-over onto the other's
+ * host would be refused there. A VM whose MAC another managed VM already has
+ * (one that may run: not stopped, not lost) is not protected.
+ */
+function assertNoMacClash(vm: string, macs: string[], records: Map<string, Versioned<VmRecord>>): void {
+  for (const [name, { value: r }] of records) {
+    if (name === vm || r.state === 'stopped' || r.state === 'lost') continue;
+    const shared = macs.find((m) => r.macs?.includes(m));
+    if (shared) {
+      throw new NetError('HYDRA_NET_MAC_CLASH', `VM "${vm}": MAC ${shared} is already used by VM "${name}" of this cluster (on host ${r.host}, ${r.state}); the hosts' bridges are one segment, so give each VM its own MAC`);
+    }
   }
 }

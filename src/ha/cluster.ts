@@ -113,6 +113,8 @@ export interface VmRecord {
   memoryBytes?: number;
   /** The restore-shell configuration the VM needs (set when protected; absent for VMs no shell can take). */
   shellConfig?: ShellConfig;
+  /** The MACs of the VM's NICs (set when protected): the hosts' bridges form one segment, so no other VM of the cluster may use them. */
+  macs?: string[];
   state: VmHaState;
   reason?: string;
   /** Consecutive failed restores (reset once protected). */

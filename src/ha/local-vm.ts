@@ -97,6 +97,16 @@ export function removeHaLocal(home: string, vm: string): void {
   fs.rmSync(path.join(vmDirOf(home, vm), 'ha.json'), { force: true });
 }
 
+/** The MACs of a local VM's NICs, from its recorded spec (none when it has no NIC or no readable spec). */
+export function localMacs(home: string, vm: string): string[] {
+  try {
+    const launch = JSON.parse(fs.readFileSync(path.join(vmDirOf(home, vm), 'spec.json'), 'utf8')) as { spec?: { nics?: { mac?: unknown }[] } };
+    return (launch.spec?.nics ?? []).map((n) => n.mac).filter((m): m is string => typeof m === 'string').map((m) => m.toLowerCase());
+  } catch {
+    return [];
+  }
+}
+
 /** Which generation this local copy is: what the agent recorded, else what its checkpointer used. */
 export function localGeneration(v: LocalVm): number | undefined {
   return v.ha?.generation ?? v.protection?.generation;
