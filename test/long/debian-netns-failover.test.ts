@@ -80,8 +80,15 @@ function checkRestoredDisk(r: DebianNetnsRig, host: string): string {
   }
 }
 
-async function checkRestored(r: DebianNetnsRig, o: FailoverObservation, before: { runId: string; uptimeS: number }, killed: string): Promise<void> {
+/** The MACs of the VM's NICs as recorded on `host` (the restore recreates them from the image's spec). */
+function macsOn(r: DebianNetnsRig, host: string): string[] {
+  const spec = JSON.parse(fs.readFileSync(r.vmFile(host, 'spec.json'), 'utf8')) as { spec: { nics?: { mac: string }[] } };
+  return (spec.spec.nics ?? []).map((n) => n.mac);
+}
+
+async function checkRestored(r: DebianNetnsRig, o: FailoverObservation, before: { runId: string; uptimeS: number; macs: string[] }, killed: string): Promise<void> {
   assert.notEqual(o.toHost, killed, 'restored on another host');
+  assert.deepEqual(macsOn(r, o.toHost), before.macs, 'the restored NIC keeps its MAC, so the address the client knows reaches it');
   assert.notEqual(o.toHost, 'host1', 'never on the host without room for it');
   const st = r.vmState(o.toHost);
   assert.ok(st?.qemuPid && pidAlive(st.qemuPid), `QEMU runs on ${o.toHost}`);
@@ -93,6 +100,9 @@ async function checkRestored(r: DebianNetnsRig, o: FailoverObservation, before: 
   assert.ok(recs.some((x) => x.ok && x.op === 'connect' && x.t > o.killAt), 'the client reconnected');
   assert.ok(o.found >= 0, 'the client read the counter after the restore');
   assert.ok(o.ackedAtCheckpoint >= 0, `the restored checkpoint (epoch ${o.restoredEpoch}) or an earlier one of its generation is in the old host's history`);
+  // What the client saw is recorded: the outage, and the acknowledged writes the restore lost (without output commit, those after the restored checkpoint's pause).
+  assert.ok(o.longestGapMs > 0 && o.firstReplyAfterKillMs > 0 && o.connectedAfterKillMs > 0, `outage recorded: gap ${o.longestGapMs} ms, first reply ${o.firstReplyAfterKillMs} ms, connected ${o.connectedAfterKillMs} ms`);
+  assert.equal(o.lostAcked, Math.max(0, o.ackedBeforeKill - o.found), `lost acknowledged writes recorded: acknowledged ${o.ackedBeforeKill}, found ${o.found}, lost ${o.lostAcked}`);
   assert.ok(o.found >= o.ackedAtCheckpoint, `counter after restore ${o.found} >= ${o.ackedAtCheckpoint} acknowledged before the pause of epoch ${o.checkpointEpoch} (restored: ${o.restoredEpoch})`);
   const later = recs.filter((x) => x.ok && x.op === 'incr' && x.t > o.killAt).map((x) => x.value!);
   assert.ok(later.length > 1 && later[0]! > o.found && later.at(-1)! > later[0]!, `the counter goes on from the value found (${o.found} -> ${later[0]} ... ${later.at(-1)})`);
@@ -115,7 +125,9 @@ test('Debian VM with redis on a 3-host namespaced cluster: QEMU death and host d
   assert.equal(members.members.length, 3);
 
   await r.protect();
-  const info0 = await redisInfo(r);
+  const macs = macsOn(r, 'host2');
+  assert.equal(macs.length, 1, 'one NIC');
+  const info0 = { ...(await redisInfo(r)), macs };
 
   // 1. QEMU dies.
   const q = await r.failover('qemu');
@@ -124,7 +136,7 @@ test('Debian VM with redis on a 3-host namespaced cluster: QEMU death and host d
   await checkRestored(r, q, info0, 'host2');
 
   // 2. The whole host dies: its link, agent, supervisor, QEMU, checkpointer and etcd member at once.
-  const info1 = await redisInfo(r);
+  const info1 = { ...(await redisInfo(r)), macs };
   const victim = q.toHost;
   const inVictim = netnsPids(r.host(victim).netns!);
   const member = r.cluster.etcdMembers!.find((m) => m.netns === r.host(victim).netns)!;
