@@ -10,7 +10,8 @@ export interface ShellPoolOptions {
   max?: number;
   /**
    * Configurations to keep warm. Default: those of the VMs this host may
-   * receive (every VM record with a shell configuration whose VM runs elsewhere).
+   * receive (every VM record with a shell configuration whose VM runs
+   * elsewhere, or is being restored here).
    */
   configs?: ShellConfig[];
 }
@@ -48,7 +49,9 @@ export class ShellPool {
     if (this.opts.configs) return this.opts.configs;
     const count = new Map<string, { config: ShellConfig; n: number }>();
     for (const r of records) {
-      if (!r.shellConfig || r.host === host || r.state === 'lost') continue;
+      // A VM being restored here still wants its shell: the restore is about to adopt it
+      // (stopping it now would turn the restore cold, or kill the QEMU in the middle of its adoption).
+      if (!r.shellConfig || (r.host === host && r.state !== 'restoring') || r.state === 'lost') continue;
       const k = shellKey(r.shellConfig);
       const e = count.get(k) ?? { config: r.shellConfig, n: 0 };
       e.n++;
