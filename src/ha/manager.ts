@@ -61,6 +61,8 @@ export const DEFAULT_FENCE_MARGIN_MS = 500;
 export const DEFAULT_MAX_ATTEMPTS = 5;
 export const DEFAULT_RETRY_DELAY_MS = 2000;
 export const DEFAULT_MAX_RETRY_DELAY_MS = 60_000;
+/** States whose next restore waits out the back-off once restores keep failing. */
+const BACKED_OFF = new Set<VmRecord['state']>(['restore-failed', 'crashed']);
 
 /**
  * How long to wait before restoring again a VM whose last `attempts` restores
@@ -276,7 +278,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     for (const k of [...this.failedSeen.keys()]) {
       const at = k.lastIndexOf('@');
       const cur = vms.get(k.slice(0, at))?.value;
-      if (!cur || cur.state !== 'restore-failed' || String(cur.generation) !== k.slice(at + 1)) this.failedSeen.delete(k);
+      if (!cur || !BACKED_OFF.has(cur.state) || String(cur.generation) !== k.slice(at + 1)) this.failedSeen.delete(k);
     }
     for (const v of vms.values()) {
       const r = v.value;
@@ -285,6 +287,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
         if (!this.fenceMarginPassed(r.host)) continue;
         await this.failover(v, 'host-lost', hosts, reserved);
       } else if (r.state === 'crashed') {
+        // A restored copy that dies before it is protected counts as a failed restore.
+        if (!(await this.retryDue(v))) continue;
         await this.failover(v, 'qemu-died', hosts, reserved);
       } else if (r.state === 'host-lost') {
         if (!alive && !this.fenceMarginPassed(r.host)) continue;
