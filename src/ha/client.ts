@@ -1,7 +1,7 @@
 import { Cluster, keys, ON_HOST, FAILOVER_PENDING, type Assignment, type ClusterEvent, type FailoverTiming, type HostRecord, type KnownHost, type RestoreMode, type VmRecord } from './cluster.js';
 import { HaError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
-import { listStores, type StoreList } from './store-discovery.js';
+import { CLUSTER_STORE, isClusterStore, listStores, type StoreList } from './store-discovery.js';
 
 /**
  * What users, the demo and the bench do with a cluster: put a VM under HA,
@@ -33,6 +33,7 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
     throw new HaError('HYDRA_HA_VM_MANAGED', `VM "${req.vm}" is already managed by the cluster (host ${cur.value.host}, state ${cur.value.state}); \`hydravm cluster forget ${req.vm}\` first`);
   }
   if (req.mode === 'file' && !req.storeDir) throw new HaError('HYDRA_HA_BAD_REQUEST', `VM "${req.vm}": file-mode restores need the store directory as the hosts see it (storeDir)`);
+  const store = await followedStore(cluster, req.store);
   const hosts = await cluster.hosts();
   if (!hosts.has(req.host)) throw new HaError('HYDRA_HA_NO_HOST', `host "${req.host}" has no live agent (known: ${[...hosts.keys()].join(', ') || 'none'})`);
   const counter = await cluster.generationCounter(req.vm);
@@ -41,7 +42,7 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
     name: req.vm,
     host: req.host,
     generation: counter.value,
-    store: req.store,
+    store,
     storeDir: req.storeDir,
     mode: req.mode ?? 'network',
     intervalMs: req.intervalMs ?? 2000,
@@ -49,7 +50,7 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
     state: 'protecting',
     updatedAt: now,
   };
-  const assignment: Assignment = { kind: 'protect', vm: req.vm, host: req.host, generation: 0, store: req.store, storeDir: req.storeDir, mode: record.mode, intervalMs: record.intervalMs, ...(req.cow ? { cow: req.cow } : {}), createdAt: now, by: 'cli' };
+  const assignment: Assignment = { kind: 'protect', vm: req.vm, host: req.host, generation: 0, store, storeDir: req.storeDir, mode: record.mode, intervalMs: record.intervalMs, ...(req.cow ? { cow: req.cow } : {}), createdAt: now, by: 'cli' };
   const r = await e
     .if(keys.vm(req.vm), 'Mod', '==', cur?.modRevision ?? '0')
     .then(e.put(keys.vm(req.vm)).value(JSON.stringify(record)), e.put(keys.assignment(req.host, req.vm)).value(JSON.stringify(assignment)))
@@ -59,6 +60,22 @@ export async function protectInCluster(cluster: Cluster, req: ProtectInClusterRe
   const done = await waitForVm(cluster, req.vm, (v) => v.state !== 'protecting', opts.timeoutMs ?? 300_000);
   if (done.state !== 'protected') throw new HaError('HYDRA_HA_PROTECT_FAILED', `VM "${req.vm}" could not be protected on ${req.host}: ${done.reason ?? done.state}`);
   return done;
+}
+
+/**
+ * The store a VM is protected with. The address of one of the cluster's own
+ * stores (registered in etcd as active or standby) becomes `cluster`: that
+ * address belongs to one store process, which serves only while it holds the
+ * directory's lock. Once a standby takes the directory over (the store lost
+ * its etcd lease, e.g. for an etcd leader election longer than its margin, or
+ * died), the address serves nothing, and every restore and checkpoint of a VM
+ * pinned to it would fail for good. Any other address is kept as given.
+ */
+export async function followedStore(cluster: Cluster, store: string): Promise<string> {
+  if (isClusterStore(store)) return store;
+  const list = await listStores(cluster);
+  const ours = [list.active, ...list.standbys].some((s) => s?.address === store);
+  return ours ? CLUSTER_STORE : store;
 }
 
 /** Take a VM out of the cluster (it keeps running, unguarded). The generation counter stays. */

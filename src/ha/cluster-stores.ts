@@ -29,6 +29,8 @@ export interface SpawnClusterStore {
   secretFile: string;
   env: NodeJS.ProcessEnv;
   netns?: string;
+  /** The store's etcd lease TTL (default: the store's own, 3 s). */
+  leaseTtlSec?: number;
 }
 
 /** Start `hydravm store --etcd ... --standby` for `host`, detached, with a pid file and a log in the cluster directory. */
@@ -37,7 +39,7 @@ export function spawnClusterStore(dir: string, s: SpawnClusterStore): ClusterSto
   const log = path.join(dir, 'logs', `${name}.log`);
   const pidFile = path.join(dir, 'run', `${name}.pid`);
   fs.mkdirSync(s.storeDir, { recursive: true });
-  const args = ['store', '--dir', s.storeDir, '--listen', s.listen, '--secret-file', s.secretFile, '--etcd', s.etcdUrl, '--standby', '--name', name];
+  const args = ['store', '--dir', s.storeDir, '--listen', s.listen, '--secret-file', s.secretFile, '--etcd', s.etcdUrl, '--standby', '--name', name, ...(s.leaseTtlSec ? ['--lease-ttl', String(s.leaseTtlSec)] : [])];
   const argv = [...(s.netns ? inNetns(s.netns) : []), process.execPath, cliEntry, ...args];
   const fd = fs.openSync(log, 'a');
   const child = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ['ignore', fd, fd], env: s.env });

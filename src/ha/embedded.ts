@@ -206,13 +206,13 @@ export async function startEmbeddedCluster(opts: EmbeddedClusterOptions = {}): P
  * becomes active, then the others, which wait as standbys. Records them in
  * cluster.json before waiting, so a failed start is still cleaned up.
  */
-export async function startStores(info: EmbeddedClusterInfo, hosts: { host: string; listen: string; netns?: string; etcdUrl?: string }[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<void> {
+export async function startStores(info: EmbeddedClusterInfo, hosts: { host: string; listen: string; netns?: string; etcdUrl?: string; leaseTtlSec?: number }[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<void> {
   const storeDir = path.join(info.dir, 'shared', 'store');
   const cluster = new Cluster(info.etcdUrl);
   try {
     info.stores = [];
     for (const [i, h] of hosts.entries()) {
-      info.stores.push(spawnClusterStore(info.dir, { host: h.host, storeDir, listen: h.listen, etcdUrl: h.etcdUrl ?? info.etcdUrl, secretFile: info.secretFile, env, ...(h.netns ? { netns: h.netns } : {}) }));
+      info.stores.push(spawnClusterStore(info.dir, { host: h.host, storeDir, listen: h.listen, etcdUrl: h.etcdUrl ?? info.etcdUrl, secretFile: info.secretFile, env, ...(h.netns ? { netns: h.netns } : {}), ...(h.leaseTtlSec ? { leaseTtlSec: h.leaseTtlSec } : {}) }));
       fs.writeFileSync(path.join(info.dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
       if (i === 0) {
         const list = await waitStoresRegistered(cluster, info.stores, timeoutMs);
@@ -239,7 +239,9 @@ export function restartDaemon(dir: string, name: string, env: NodeJS.ProcessEnv 
   if (store) {
     // A store comes back as a standby (it always runs with --standby) and serves once it takes the directory's lock.
     if (pidAlive(store.pid)) throw new HaError('HYDRA_HA_SPAWN', `daemon "${name}" still runs (pid ${store.pid})`);
-    const d = spawnClusterStore(dir, { host: store.host, storeDir: store.dir, listen: store.listen, etcdUrl: store.args?.[store.args.indexOf('--etcd') + 1] ?? info.etcdUrl, secretFile: info.secretFile, env: { ...process.env, ...env }, ...(store.netns ? { netns: store.netns } : {}) });
+    const arg = (flag: string) => (store.args?.includes(flag) ? store.args[store.args.indexOf(flag) + 1] : undefined);
+    const ttl = Number(arg('--lease-ttl'));
+    const d = spawnClusterStore(dir, { host: store.host, storeDir: store.dir, listen: store.listen, etcdUrl: arg('--etcd') ?? info.etcdUrl, secretFile: info.secretFile, env: { ...process.env, ...env }, ...(store.netns ? { netns: store.netns } : {}), ...(ttl > 0 ? { leaseTtlSec: ttl } : {}) });
     Object.assign(store, d);
     fs.writeFileSync(path.join(dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
     return d;

@@ -52,13 +52,21 @@ const STORE_PORT = 7000;
  * Several members elect a leader, and on this loaded 2-core machine a
  * 300 ms election timeout made the leader step down now and then: each
  * election left every agent ~1 s without acknowledged keepalives, and with
- * a 1 s lease they self-fenced healthy VMs. Members get 100 / 1000 ms, and
- * the lease 3 s, so one election (spurious or after a member's death) fits
- * inside a lease.
+ * a 1 s lease they self-fenced healthy VMs. Members get 100 / 1000 ms.
+ *
+ * The leases (agents' and stores') must outlast the loss of the leader
+ * member (its host partitioned or dead): measured here, no keepalive was
+ * acknowledged for 2.0-2.9 s after it (the randomised election timeout of
+ * 1-2 s, then about a second before the new leader renews leases), and the
+ * newest acknowledged keepalive may be a keepalive interval (TTL/3) older
+ * than that. With 3 s leases the VMs' watchdogs (TTL - 250 ms) killed
+ * healthy VMs and the active store fenced itself (TTL - 500 ms) at such an
+ * election. 5 s leases leave 3.1 s (agents) and 2.8 s (stores) past the
+ * keepalive interval; a host's death is noticed 2 s later in exchange.
  */
 export const MEMBER_HEARTBEAT_MS = 100;
 export const MEMBER_ELECTION_MS = 1000;
-export const NETNS_LEASE_TTL_SEC = 3;
+export const NETNS_LEASE_TTL_SEC = 5;
 
 function writeInfo(info: EmbeddedClusterInfo): void {
   fs.writeFileSync(path.join(info.dir, 'cluster.json'), JSON.stringify(info, null, 2) + '\n');
@@ -140,7 +148,7 @@ export async function startNetnsCluster(opts: NetnsClusterOptions = {}): Promise
     await waitEtcdHealthy(members, timeoutMs);
 
     // A store per host on the shared directory, each on its own host's etcd member (as the agents): host1's is active.
-    await startStores(info, layout.hosts.map((h) => ({ host: h.host, listen: `${h.address}:${STORE_PORT}`, netns: h.netns, etcdUrl: memberUrl(h.address) })), baseEnv, timeoutMs);
+    await startStores(info, layout.hosts.map((h) => ({ host: h.host, listen: `${h.address}:${STORE_PORT}`, netns: h.netns, etcdUrl: memberUrl(h.address), leaseTtlSec: ttl })), baseEnv, timeoutMs);
 
     info.manager = spawnDaemon(dir, 'manager', ['manager', '--etcd', info.etcdUrl, '--id', 'manager-1'], baseEnv);
     writeInfo(info);
