@@ -10,7 +10,7 @@ import { findEtcd } from '../src/ha/etcd-process.js';
 import { GiB, alive, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, partitionableProxy, quiet, registerVm, until } from './support/ha.js';
 import { sleep } from '../src/util/sleep.js';
 import type { RestoreFn } from '../src/ha/restore-adapter.js';
-import { protectInCluster } from '../src/ha/client.js';
+import { followedStore, protectInCluster } from '../src/ha/client.js';
 
 /**
  * Failure detection and fail-over against a real etcd (one per test). VMs are
@@ -405,6 +405,25 @@ test('a VM whose MAC another managed VM has is not protected: the agent refuses 
     assert.match(two.reason!, /HYDRA_NET_MAC_CLASH|already used by VM "web1"/);
     const three = await protectInCluster(lab.cluster, { vm: 'web3', host: 'h2', store: '127.0.0.1:1', intervalMs: 1000 }, { timeoutMs: 10_000 });
     assert.equal(three.state, 'protected');
+  } finally {
+    await lab.cleanup();
+  }
+});
+
+test('protecting with the address of one of the cluster\'s stores records `cluster`: the VM follows the active store across a takeover', { skip }, async () => {
+  const lab = await etcdLab('follow');
+  try {
+    const rec = (name: string, address: string, role: 'active' | 'standby') => JSON.stringify({ name, address, dir: '/s', pid: 1, host: 'x', role, since: 0, leaseId: '1' });
+    await lab.cluster.etcd.put(keys.storeActive).value(rec('store-host1', '198.18.130.11:7000', 'active'));
+    await lab.cluster.etcd.put(keys.storeStandby('store-host2')).value(rec('store-host2', '198.18.130.12:7000', 'standby'));
+    assert.equal(await followedStore(lab.cluster, '198.18.130.11:7000'), 'cluster', 'the active store\'s address');
+    assert.equal(await followedStore(lab.cluster, '198.18.130.12:7000'), 'cluster', 'a standby\'s address');
+    assert.equal(await followedStore(lab.cluster, '127.0.0.1:7780'), '127.0.0.1:7780', 'a store outside the cluster is kept');
+    assert.equal(await followedStore(lab.cluster, 'cluster'), 'cluster');
+    const h1 = await inProcessAgent(lab, 'h1');
+    fakeVm(h1.home, 'pinned', 0, 'h1', 128 << 20, false);
+    const r = await protectInCluster(lab.cluster, { vm: 'pinned', host: 'h1', store: '198.18.130.11:7000', intervalMs: 1000 }, { timeoutMs: 10_000 });
+    assert.equal(r.store, 'cluster');
   } finally {
     await lab.cleanup();
   }
