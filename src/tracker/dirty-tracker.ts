@@ -366,6 +366,19 @@ export class DirtyTracker {
   }
 
   /**
+   * Give a staging buffer's memory back now instead of at the next GC: a
+   * replaced gigabyte-sized buffer would otherwise stay resident for as long
+   * as the heap stays small. The Buffer must not be used afterwards.
+   */
+  releaseStaging(buf: Buffer): void {
+    try {
+      this.#native.releaseMapping(buf);
+    } catch {
+      /* not an addon mapping or already gone: the finalizer unmaps it */
+    }
+  }
+
+  /**
    * Runs of guest RAM that hold pages at all (SEEK_DATA/SEEK_HOLE on the RAM
    * file). Holes read as zeros; copying only these keeps a full checkpoint
    * from allocating the guest's untouched memory.
