@@ -168,9 +168,10 @@ export class CowCheckpointer extends CheckpointLoop<CowTracker> {
       const tc = performance.now();
       if (ack.epoch !== epoch) throw new CheckpointError('HYDRA_CKPT_EPOCH_MISMATCH', `VM ${this.opts.vm}: store acknowledged epoch ${ack.epoch}, expected ${epoch}`);
       this.freezer?.committed(epoch);
-      // A ring that holds the next dirty set keeps guest writes from waiting on the store.
+      // A ring that holds the next dirty set keeps guest writes from waiting on the store. Not sized
+      // after the full checkpoint's closing pause: that one holds the writes of the whole bulk copy.
       const cap = Math.min(this.cow.stagingCapBytes ?? 1024 ** 3, this.tracker.ramSize);
-      if (copied > this.tracker.staging.length * 0.75 && this.tracker.staging.length < cap) {
+      if (kind === 'incremental' && copied > this.tracker.staging.length * 0.75 && this.tracker.staging.length < cap) {
         const MB2 = 2 * 1024 * 1024;
         const size = Math.min(cap, Math.max(this.tracker.staging.length * 2, Math.ceil((copied * 1.5) / MB2) * MB2));
         this.log.info({ from: this.tracker.staging.length, to: size }, 'growing the copy-on-write staging ring');
