@@ -47,6 +47,8 @@ export abstract class CheckpointLoop<T extends LoopTracker> {
   protected qemuStartTime: number | undefined;
   readonly status: ProtectionStatus;
   private wake: (() => void) | undefined;
+  /** QEMU's QMP connection closed (QEMU exited): set at once, so a sleeping loop ends now, not at its next checkpoint. */
+  private qmpLost: Error | undefined;
 
   /** A failure of this mode's own that ends a connection but not protection. */
   protected abstract readonly retriedCode: CheckpointCode;
@@ -125,6 +127,10 @@ export abstract class CheckpointLoop<T extends LoopTracker> {
     this.tracker = await this.attach();
     try {
       this.qmp = await connectWhenReady(this.opts.qmpSocket, { label: `VM ${vm}`, deadlineMs: 5000 });
+      this.qmp.on('closed', (err: Error) => {
+        this.qmpLost = err;
+        this.wake?.();
+      });
       if (this.opts.disks && this.opts.disks.paths.length > 0) {
         // Shares the checkpointer's QMP connection: a QMP monitor serves one client.
         this.freezer = await DiskFreezer.open({ vm, qmp: this.qmp, disks: this.opts.disks.paths, layerDir: this.opts.disks.layerDir });
@@ -141,6 +147,7 @@ export abstract class CheckpointLoop<T extends LoopTracker> {
           while (!this.stopped) {
             const wait = this.lastStart === null ? 0 : this.lastStart + this.opts.intervalMs - Date.now();
             await this.sleep(wait);
+            if (this.qmpLost) throw this.qmpLost;
             if (this.stopped) break;
             await this.incremental(this.status.committedEpoch + 1);
           }
@@ -152,6 +159,7 @@ export abstract class CheckpointLoop<T extends LoopTracker> {
           await this.client?.close().catch(() => undefined);
           this.client = undefined;
           await this.sleep(backoff);
+          if (this.qmpLost) throw this.qmpLost;
           backoff = Math.min(backoff * 2, 5000);
         }
       }
