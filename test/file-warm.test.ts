@@ -44,7 +44,7 @@ test('file-mode restore reads the image into the page cache in the background, a
 
   const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'file', '--store-dir', storeDir]);
   assert.equal(r.code, 0, r.stderr);
-  assert.match(r.stdout, /image file cached after \d+ ms: \d+ MB/);
+  assert.match(r.stdout, /image file cached after [\d.]+ ms: \d+ MB/);
   const cached = cachedBytes(image);
   assert.ok(cached >= populated * 0.95, `after warming, ${cached} of ${populated} populated bytes are cached`);
 
