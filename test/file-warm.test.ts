@@ -16,9 +16,12 @@ const protection = (vm: string) => readJson<{ committedEpoch: number; generation
 /** Bytes of the file in this host's page cache (util-linux fincore). */
 const cachedBytes = (file: string) => Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
 
-test('file-mode restore reads the image into the page cache in the background, and the guest continues with its memory intact', async () => {
-  const vm = 'fwarm1';
-  // 160 MB filled once, then rewritten slowly: after the restore the guest itself touches little of it.
+/**
+ * A protected memcheck VM over 160 MB (filled once, then rewritten slowly, so after a restore the guest itself
+ * touches little of it), its QEMU killed, its image dropped from this host's page cache as if the host had
+ * never read it (shared storage seen from another host).
+ */
+async function killedWithColdImage(vm: string): Promise<{ image: string; populated: number; killedAt: number }> {
   const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=160 memcheck.rate=4' });
   assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
   await waitForMemcheckStep(serialOf(vm), 2, 120_000);
@@ -26,22 +29,27 @@ test('file-mode restore reads the image into the page cache in the background, a
   assert.equal(p.code, 0, p.stderr);
   await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
   const killedAt = fs.statSync(serialOf(vm)).size;
-  const st = readJson<{ qemuPid: number }>(path.join(lab.home, 'vms', vm, 'state.json'))!;
-  process.kill(st.qemuPid, 'SIGKILL');
+  process.kill(readJson<{ qemuPid: number }>(path.join(lab.home, 'vms', vm, 'state.json'))!.qemuPid, 'SIGKILL');
   await until('checkpointer gone', () => !pidAlive(protection(vm)!.pid), 20_000);
-
   const image = path.join(storeDir, 'vms', vm, `gen-${protection(vm)!.generation}`, 'memory.img');
   const fd = fs.openSync(image, 'r');
-  const populated = populatedRunsOf(loadNative(), fd, 0, fs.fstatSync(fd).size).reduce((s, r) => s + r.length, 0);
-  // As if this host had never read the file (shared storage seen from another host). The store may still be
-  // applying the last checkpoint (dirty pages stay): drop until the cache holds well under half of it.
-  await until('image out of the page cache', () => {
-    loadNative().dropFileCache(fd);
-    return cachedBytes(image) < populated * 0.3;
-  }, 30_000);
-  fs.closeSync(fd);
-  assert.ok(populated > 150 * 2 ** 20, `the image holds the guest's 160 MB (${populated} bytes populated)`);
+  try {
+    const populated = populatedRunsOf(loadNative(), fd, 0, fs.fstatSync(fd).size).reduce((s, r) => s + r.length, 0);
+    assert.ok(populated > 150 * 2 ** 20, `the image holds the guest's 160 MB (${populated} bytes populated)`);
+    // The store may still be applying the last checkpoint (its dirty pages stay): drop until well under half is cached.
+    await until('image out of the page cache', () => {
+      loadNative().dropFileCache(fd);
+      return cachedBytes(image) < populated * 0.3;
+    }, 30_000);
+    return { image, populated, killedAt };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
 
+test('file-mode restore reads the image into the page cache in the background, and the guest continues with its memory intact', async () => {
+  const vm = 'fwarm1';
+  const { image, populated, killedAt } = await killedWithColdImage(vm);
   const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'file', '--store-dir', storeDir]);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /image file cached after [\d.]+ ms: \d+ MB/);
@@ -57,22 +65,7 @@ test('file-mode restore reads the image into the page cache in the background, a
 
 test('file-mode restore with --no-prefetch leaves the image to the guest\'s own faults', async () => {
   const vm = 'fwarm2';
-  const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=160 memcheck.rate=4' });
-  assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
-  await waitForMemcheckStep(serialOf(vm), 2, 120_000);
-  assert.equal((await lab.cliAsync(['protect', vm, '--store', store.address, '--interval', '1s'])).code, 0);
-  await until('epoch 3', () => (protection(vm)?.committedEpoch ?? 0) >= 3, 60_000);
-  const killedAt = fs.statSync(serialOf(vm)).size;
-  process.kill(readJson<{ qemuPid: number }>(path.join(lab.home, 'vms', vm, 'state.json'))!.qemuPid, 'SIGKILL');
-  await until('checkpointer gone', () => !pidAlive(protection(vm)!.pid), 20_000);
-  const image = path.join(storeDir, 'vms', vm, `gen-${protection(vm)!.generation}`, 'memory.img');
-  const fd = fs.openSync(image, 'r');
-  const populated = populatedRunsOf(loadNative(), fd, 0, fs.fstatSync(fd).size).reduce((s, r) => s + r.length, 0);
-  await until('image out of the page cache', () => {
-    loadNative().dropFileCache(fd);
-    return cachedBytes(image) < populated * 0.3;
-  }, 30_000);
-  fs.closeSync(fd);
+  const { image, populated, killedAt } = await killedWithColdImage(vm);
   const r = await lab.cliAsync(['restore', vm, '--store', store.address, '--mode', 'file', '--store-dir', storeDir, '--no-prefetch']);
   assert.equal(r.code, 0, r.stderr);
   assert.doesNotMatch(r.stdout, /image file cached/);
