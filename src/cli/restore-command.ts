@@ -47,7 +47,7 @@ export function registerRestoreCommand(program: Command): void {
       if (r.pager) {
         // Keep serving memory until it is complete; the VM needs this process until then.
         const stats = await r.pager.done;
-        process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched\n`);
+        process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched, ${stats.zeroPagesFilled} of them zeros the image holds no data for (not fetched)\n`);
       }
       if (r.warmer) {
         // The warming lives in this process: wait for it (the VM itself does not need it).

@@ -274,8 +274,14 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         const more = prefetch && background !== client
           ? await Promise.all(Array.from({ length: Math.max(0, (paging.streams ?? DEFAULT_STREAMS) - 1) }, () => connect.to(opts.store)))
           : [];
+        // Pages the image holds no data for are zeros: the pager fills them itself instead of streaming them.
+        const dataRuns = await client.getDataRuns().catch((err: Error) => {
+          log.info({ err: err.message }, 'no data runs from the store: every page is streamed');
+          return undefined;
+        });
         const started = await NetworkPager.start({
           vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background: [background, ...more], meta, prefetch, hotOffsets, onProgress: opts.onProgress,
+          ...(dataRuns ? { dataRuns } : {}),
           ...(reconnect ? { reconnect } : {}),
           ...(paging.reconnectMs !== undefined ? { reconnectMs: paging.reconnectMs } : {}),
           ...(paging.batchBytes !== undefined ? { batchBytes: paging.batchBytes } : {}),
@@ -289,7 +295,9 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         started.done.finally(() => Promise.all([client, background, ...started.connections()].map((c) => c.close())).catch(() => undefined)).catch(() => undefined);
       } else if (shell.used) {
         const src = await FilePageSource.open(memoryPath!);
-        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
+        const { fileDataRuns } = await import('../store/index.js');
+        const dataRuns = fileDataRuns(memoryPath!, meta.ramSize, meta.pageSize);
+        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch, hotOffsets, onProgress: opts.onProgress, dataRuns });
         // Closing the image once every page is in (or the pager gave up) is cleanup.
         pager.done.finally(() => src.close()).catch(() => undefined);
       }
