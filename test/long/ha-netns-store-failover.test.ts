@@ -81,7 +81,8 @@ test('namespaced cluster: the store host dies, a standby store in another namesp
   }, RESUME_BOUND_MS);
   t.diagnostic(`store host killed at epoch ${atKill}: ${active.name} active after ${takeoverMs} ms, epoch ${resumed.committedEpoch} committed to it after ${Date.now() - killedAt} ms (bound ${RESUME_BOUND_MS} ms)`);
 
-  // QEMU dies: restored on host3 (host1 is dead) from the new store.
+  // QEMU dies: restored on host3 (host1 is dead, once its lease has expired) from the new store.
+  await until('host1 seen dead by the cluster', async () => !(await cluster.cluster.hosts().catch(() => new Map([['host1', null]]))).has('host1'), 30_000);
   const offset = fs.existsSync(serialOn('host3')) ? fs.statSync(serialOn('host3')).size : 0;
   process.kill(st.qemuPid!, 'SIGKILL');
   const fo = await waitForFailover(cluster.cluster, vm, rec.generation, { timeoutMs: 120_000 });
