@@ -62,7 +62,10 @@ const STORE_PORT = 7000;
  * than that. With 3 s leases the VMs' watchdogs (TTL - 250 ms) killed
  * healthy VMs and the active store fenced itself (TTL - 500 ms) at such an
  * election. 5 s leases leave 3.1 s (agents) and 2.8 s (stores) past the
- * keepalive interval; a host's death is noticed 2 s later in exchange.
+ * keepalive interval (1.7 s); a host's death is noticed 2 s later in
+ * exchange. An election can still outlast a store's margin (once in four
+ * leader losses here): the store then hands the directory to a standby, and
+ * VMs protected with store `cluster` follow it.
  */
 export const MEMBER_HEARTBEAT_MS = 100;
 export const MEMBER_ELECTION_MS = 1000;
