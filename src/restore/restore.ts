@@ -172,7 +172,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     const accel = chooseAccel(checked.spec.accel, checked.spec.name);
     const wantShell = (opts.shell ?? 'auto') === 'auto';
     if (wantShell && meta.disks.length === 0 && !opts.diskFiles) {
-      earlyHandoff = startHandoff(opts, checked.spec, accel, [], [], checked.layerDir);
+      earlyHandoff = startHandoff(opts, checked.spec, accel, [], [], checked.layerDir, checked.nicPorts);
       // Awaited below (or in the finally); this only keeps an early rejection from being unhandled.
       earlyHandoff.catch(() => undefined);
     }
@@ -224,7 +224,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     let state: VmState | undefined;
     let adoptMs: number | undefined;
     if (wantShell) {
-      const h = await (earlyHandoff ?? startHandoff(opts, spec, accel, diskFiles, diskSizes, layerDir ?? checked.layerDir));
+      const h = await (earlyHandoff ?? startHandoff(opts, spec, accel, diskFiles, diskSizes, layerDir ?? checked.layerDir, checked.nicPorts));
       earlyHandoff = undefined;
       if ('reason' in h) shell = { used: false, ...(h.key ? { key: h.key } : {}), reason: h.reason };
       else {
@@ -242,6 +242,8 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
           incomingDefer: true,
           diskFiles,
           layerDir: layerDir ?? checked.layerDir,
+          // The source's NIC layout: the device state only loads into the same PCI topology.
+          nicPorts: checked.nicPorts,
         },
       });
     }
@@ -367,11 +369,11 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
  * Never throws: a refusal or a failure after adoption (whose QEMU is stopped
  * here) comes back as the reason for a cold start.
  */
-async function startHandoff(opts: RestoreOptions, spec: VmSpec, accel: Accel, diskFiles: string[] | undefined, diskSizes: number[] | undefined, layerDir: string | undefined): Promise<(Handoff & { key: string; ms: number }) | { reason: string; key?: string }> {
-  const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes) : { reason: 'disk overlays given by the caller (sizes unknown)' };
+async function startHandoff(opts: RestoreOptions, spec: VmSpec, accel: Accel, diskFiles: string[] | undefined, diskSizes: number[] | undefined, layerDir: string | undefined, nicPorts: boolean): Promise<(Handoff & { key: string; ms: number }) | { reason: string; key?: string }> {
+  const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes, nicPorts) : { reason: 'disk overlays given by the caller (sizes unknown)' };
   if ('reason' in cfg) return { reason: cfg.reason };
   const key = shellKey(cfg.config);
-  const launch: QemuLaunchOptions = { accel, ram: { kind: 'memfd' }, incomingDefer: true, ...(diskFiles ? { diskFiles } : {}), ...(layerDir ? { layerDir } : {}) };
+  const launch: QemuLaunchOptions = { accel, ram: { kind: 'memfd' }, incomingDefer: true, nicPorts: true, ...(diskFiles ? { diskFiles } : {}), ...(layerDir ? { layerDir } : {}) };
   const t0 = performance.now();
   try {
     const h = await handOff(spec, launch, key, diskFiles ?? []);
