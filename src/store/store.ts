@@ -4,7 +4,7 @@ import path from 'node:path';
 import { StoreError } from '../errors.js';
 import { vmLog } from '../util/log.js';
 import { noFaults, type FaultInjector } from './faults.js';
-import { DIR_MODE, Mutex, fsyncDir, mkdirDurable, mkdirPrivate, step } from './fsutil.js';
+import { DIR_MODE, Mutex, fsyncDir, mkdirOnce, mkdirPrivate, step } from './fsutil.js';
 import { DirLock } from './dir-lock.js';
 import { MAX_U32, staleGeneration } from './fencing.js';
 
@@ -141,7 +141,11 @@ export class Store {
       const highest = await this.highestGeneration(vm);
       if (generation < highest) throw staleGeneration(vm, generation, highest);
       await mkdirPrivate(this.vmDir(vm));
-      await mkdirDurable(this.genDir(vm, generation));
+      // The new generation's directory and the fence sit in the same directory: the fence's own
+      // directory fsync (writeFence: temp file fsync, rename, directory fsync) makes both entries
+      // durable, one journal commit fewer on the restore's path than a separate fsync per entry.
+      const created = await mkdirOnce(this.genDir(vm, generation));
+      if (generation === highest && created) await fsyncDir(this.vmDir(vm));
       if (generation > highest) {
         const older: GenerationImage[] = [];
         for (const [g, p] of s.gens) {
