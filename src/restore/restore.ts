@@ -118,16 +118,34 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
   // Fence first, before a single byte of the image is read: once generation g+1 is
   // registered the store refuses every commit of older incarnations and has waited
   // for the one in flight, so the epoch read below can no longer move.
-  const newGeneration = opts.newGeneration ?? (await nextGenerationAt(opts).catch((err: unknown) => { throw unreachable(err); }));
-  if (!Number.isInteger(newGeneration) || newGeneration < 1 || newGeneration > 0xffffffff) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${newGeneration} is outside 1..${0xffffffff}`);
-  const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: newGeneration, role: 'checkpointer' })
-    .catch((err: unknown) => { throw err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION' ? err : unreachable(err); });
-  await fence.close();
-  const tFence = performance.now();
-  await hooks.afterFence?.();
-
-  const client = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
+  const openReader = () => StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
     .catch((err: unknown) => { throw unreachable(err); });
+  // With the generation named, the reader's connection is bound to it whatever commits meanwhile, and
+  // reads nothing before the fence: its handshake runs beside the fence's. Without, the store binds it
+  // to the newest committed generation when it connects, which must be after the fence.
+  let readerP = opts.generation !== undefined ? openReader() : undefined;
+  // Awaited below; this only keeps a rejection while the fence runs from being unhandled.
+  readerP?.catch(() => undefined);
+  let newGeneration: number;
+  let tFence: number;
+  try {
+    newGeneration = opts.newGeneration ?? (await nextGenerationAt(opts).catch((err: unknown) => { throw unreachable(err); }));
+    if (!Number.isInteger(newGeneration) || newGeneration < 1 || newGeneration > 0xffffffff) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${newGeneration} is outside 1..${0xffffffff}`);
+    const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: newGeneration, role: 'checkpointer' })
+      .catch((err: unknown) => { throw err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION' ? err : unreachable(err); });
+    // The WELCOME came after the registration was durable: the fence holds. Its connection's
+    // end is not waited for (a round trip), and a failed close changes nothing.
+    void fence.close().catch(() => undefined);
+    tFence = performance.now();
+    await hooks.afterFence?.();
+  } catch (err) {
+    // The fence's error is the one to report; the reader opened beside it is closed (its own failure is moot).
+    const r = await readerP?.catch(() => undefined);
+    void r?.close().catch(() => undefined);
+    throw err;
+  }
+  const client = await (readerP ?? openReader());
+  readerP = undefined;
   let keepClient = false;
   let devstateFile: string | undefined;
   /** Started early, consumed once QEMU is there; whatever is left unconsumed is undone in `finally`. */
@@ -394,11 +412,9 @@ export interface RestoreTestHooks {
 /** The store's highest generation for the VM plus one. */
 async function nextGenerationAt(opts: RestoreOptions): Promise<number> {
   const c = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: 0, role: 'reader' });
-  try {
-    return c.welcome.highestGeneration + 1;
-  } finally {
-    await c.close();
-  }
+  // Only the WELCOME was needed: its connection's end is not waited for, and a failed close changes nothing.
+  void c.close().catch(() => undefined);
+  return c.welcome.highestGeneration + 1;
 }
 
 /** Poll the incoming migration (events need a capability; polling is simpler and just as fast here). */
