@@ -426,6 +426,7 @@ export interface RestoreTestHooks {
 
 /** The heat record's region offsets (advisory: none on any error). */
 async function hotRegionsOf(client: StoreClient, meta: StoreMeta): Promise<number[]> {
+  // Advisory: the heat record only orders the prefetch; without it everything streams in address order.
   const regions = await client.getHotRegions(meta.generation, 65536).catch(() => []);
   return regions.map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize);
 }
