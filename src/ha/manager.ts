@@ -394,6 +394,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const [registered, vms, verdicts] = await Promise.all([this.cluster.hosts(), this.cluster.vms(), this.cluster.etcd.getAll().prefix(keys.hostDeadPrefix).exec()]);
     const before = this.dead;
     this.dead = new Map(verdicts.kvs.map((kv) => [kv.key.toString().slice(keys.hostDeadPrefix.length), kv.mod_revision]));
+    // A verdict written after this read (seen by its watch or written here) stands.
+    for (const [h, rev] of before) if (Number(rev) > Number(verdicts.header.revision)) this.dead.set(h, rev);
     for (const [h, rev] of this.dead) this.sawVerdict(h, rev);
     // Cleared before its watch event came: the heartbeat clock restarts here too.
     for (const h of before.keys()) if (!this.dead.has(h)) this.verdictCleared(h);
