@@ -192,7 +192,7 @@ export interface FailoverTiming {
   cause: 'qemu-died' | 'host-lost' | 'restore-failed' | 'stale';
   /** QEMU's exit as the supervisor recorded it (crash), or the last sign of life. */
   failedAt?: number;
-  /** When the agent (crash) or the manager (lease expiry) noticed the failure. */
+  /** When the agent (crash) or the manager (host-dead verdict, or lease expiry) noticed the failure. */
   detectedAt: number;
   /** When the manager saw it. */
   managerSawAt?: number;
