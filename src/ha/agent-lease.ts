@@ -269,10 +269,8 @@ export class AgentLease {
     this.deadRevision = revision;
     const reason = `the manager declared host ${this.core.host} dead (no heartbeat seen for the TTL)`;
     this.core.log.error({ revision }, 'host declared dead: revoking every guarded VM');
-    void this.revive(revision, reason).catch((err: Error) => {
-      // register() below starts over from a fresh lease and clears the verdict on its way.
-      this.core.log.warn({ err: err.message }, 'cannot clear the host-dead verdict yet');
-    });
+    // revive() retries etcd by itself; it only ends early when the agent stops.
+    void this.revive(revision, reason).catch((err: Error) => this.core.log.warn({ err: err.message }, 'host-dead verdict not cleared'));
   }
 
   /**
@@ -291,20 +289,29 @@ export class AgentLease {
     try {
       this.opts.onDeclaredDead?.(reason);
       while (this.core.running()) {
-        if (await this.opts.readyToRevive?.() ?? true) break;
+        try {
+          if (await this.opts.readyToRevive?.() ?? true) break;
+        } catch (err) {
+          this.core.log.warn({ err: (err as Error).message }, 'cannot fence the old incarnation yet');
+        }
         await sleep(100);
       }
-      if (!this.core.running()) throw new HaError('HYDRA_HA_STOPPED', 'agent stopped');
       const e = this.core.cluster.etcd;
       const key = keys.hostDead(this.core.host);
       let rev = revision;
       for (;;) {
-        const res = await e.if(key, 'Mod', '==', rev).then(e.delete().key(key)).else(e.get(key)).commit();
-        if (res.succeeded) break;
-        const kv = res.responses[0]?.response_range?.kvs[0];
-        if (!kv) break;
-        // A newer verdict (a manager that saw no heartbeat since): the VMs are dead already; clear that one.
-        rev = kv.mod_revision;
+        if (!this.core.running()) throw new HaError('HYDRA_HA_STOPPED', 'agent stopped');
+        try {
+          const res = await e.if(key, 'Mod', '==', rev).then(e.delete().key(key)).else(e.get(key)).commit();
+          if (res.succeeded) break;
+          const kv = res.responses[0]?.response_range?.kvs[0];
+          if (!kv) break;
+          // A newer verdict (a manager that saw no heartbeat since): the VMs are dead already; clear that one.
+          rev = kv.mod_revision;
+        } catch (err) {
+          this.core.log.warn({ err: (err as Error).message }, 'cannot clear the host-dead verdict yet; retrying');
+          await sleep(200);
+        }
       }
       this.core.log.warn({ revision }, 'host-dead verdict cleared: every VM of the old incarnation is dead');
       this.core.emit('revived', { revision });
