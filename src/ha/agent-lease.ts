@@ -183,10 +183,11 @@ export class AgentLease {
     this.lease = lease;
     this.leaseId = id;
     // The grant is a proof only once a heartbeat lands after it (a verdict left from before is cleared first).
-    let beat = await this.writeHeartbeat(id);
+    const ttlMs = Math.min(this.opts.ttlSec, this.grantedTtlSec) * 1000;
+    let beat = await this.writeHeartbeat(id, ttlMs);
     if (!beat.ok) {
       await this.revive(beat.deadRevision);
-      beat = await this.writeHeartbeat(id);
+      beat = await this.writeHeartbeat(id, ttlMs);
     }
     if (!beat.ok) {
       this.lease = undefined;
@@ -194,7 +195,7 @@ export class AgentLease {
       throw new HaError('HYDRA_HA_HOST_DEAD', `host ${core.host} is declared dead again (host-dead revision ${beat.deadRevision}) while registering`);
     }
     this.leaseOk = true;
-    this.proven({ mono: sentMono, wall: sentAt, ttlMs: this.opts.ttlSec * 1000 });
+    this.proven({ mono: sentMono, wall: sentAt, ttlMs });
     this.lastHostReport = '';
     await this.reportHost(true);
     await core.cluster.etcd.put(keys.knownHost(core.host)).value(JSON.stringify({ name: core.host, address: this.opts.address ?? os.hostname(), home: core.home, registeredAt: Date.now() }));
@@ -229,7 +230,7 @@ export class AgentLease {
         const id = this.leaseId;
         if (!this.lease || !id || this.deadRevision !== undefined || !this.core.running()) return;
         try {
-          const beat = await this.writeHeartbeat(id);
+          const beat = await this.writeHeartbeat(id, next.ttlMs);
           if (beat.ok) this.proven(next);
           else this.declaredDeadBy(beat.deadRevision);
         } catch (err) {
@@ -248,11 +249,12 @@ export class AgentLease {
    * host-dead/HOST does not exist. Either it commits before the manager's
    * verdict, whose transaction compares this key's revision and so fails,
    * or after it, and then it does not commit: no proof follows a verdict.
+   * `ttlMs` is the TTL of the proof it carries: the manager waits that long.
    */
-  private async writeHeartbeat(leaseId: string): Promise<{ ok: true } | { ok: false; deadRevision: string }> {
+  private async writeHeartbeat(leaseId: string, ttlMs: number): Promise<{ ok: true } | { ok: false; deadRevision: string }> {
     const e = this.core.cluster.etcd;
     const host = this.core.host;
-    const hb: Heartbeat = { host, ttlMs: Math.min(this.opts.ttlSec, this.grantedTtlSec) * 1000, agentPid: process.pid, at: Date.now(), seq: ++this.heartbeatSeq };
+    const hb: Heartbeat = { host, ttlMs, agentPid: process.pid, at: Date.now(), seq: ++this.heartbeatSeq };
     const res = await e
       .if(keys.hostDead(host), 'Create', '==', 0)
       .then(e.put(keys.heartbeat(host)).value(JSON.stringify(hb)).lease(leaseId))
