@@ -88,6 +88,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   private dead = new Map<string, string>();
   private beatTimer: NodeJS.Timeout | undefined;
   private declaring = false;
+  /** After a failed verdict transaction (etcd away), not before this monotonic time: no busy loop on a refused connection. */
+  private beatRetryMono = 0;
   private lastNoCapacity = new Map<string, { reason: string; at: number }>();
   private lastPrune = 0;
 
@@ -301,6 +303,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     let next = Infinity;
     for (const [host, b] of this.beats) if (!this.dead.has(host)) next = Math.min(next, b.seenMono + b.ttlMs);
     if (next === Infinity) return;
+    next = Math.max(next, this.beatRetryMono);
     this.beatTimer = setTimeout(() => void this.declareSilentHosts(), Math.max(0, Math.ceil(next - monoNow())));
   }
 
@@ -359,6 +362,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     } catch (err) {
       // etcd unreachable or slow: the next timer tries again (the lease expiry stays the backstop).
       this.log.warn({ host, err: (err as Error).message }, 'cannot declare the host dead yet');
+      this.beatRetryMono = monoNow() + 200;
     }
   }
 
