@@ -105,7 +105,12 @@ async function agentProcess(lab: EtcdLab, host: string): Promise<{ child: ChildP
     }
   });
   const log = () => fs.readFileSync(logFile, 'utf8');
-  await until(`agent ${host} registered`, async () => (await lab.cluster.etcd.get(keys.heartbeat(host)).exec()).kvs[0], 30_000).catch((err) => {
+  // This process's own heartbeat (an earlier agent's may still sit on its unexpired lease).
+  const mine = async () => {
+    const kv = (await lab.cluster.etcd.get(keys.heartbeat(host)).exec()).kvs[0];
+    return kv && (JSON.parse(kv.value.toString()) as Heartbeat).agentPid === child.pid;
+  };
+  await until(`agent ${host} registered`, mine, 30_000).catch((err) => {
     throw new Error(`${(err as Error).message}; agent log: ${log().slice(-2000)}`);
   });
   return { child, home, log };
