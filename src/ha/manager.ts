@@ -79,6 +79,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   /** Monotonic time each dead host's expiry was first observed (the fencing margin counts from here). */
   private hostLostMono = new Map<string, number>();
   private marginTimer: NodeJS.Timeout | undefined;
+  /** When marginTimer fires (monotonic): an earlier margin replaces it. */
+  private marginDue = Infinity;
   /**
    * Each host's newest heartbeat revision this manager saw, and when it saw
    * it on its own clocks: the host is declared dead ttlMs after `seenMono`.
@@ -247,6 +249,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     if (this.timer) clearInterval(this.timer);
     if (this.marginTimer) clearTimeout(this.marginTimer);
     this.marginTimer = undefined;
+    this.marginDue = Infinity;
     if (this.beatTimer) clearTimeout(this.beatTimer);
     this.beatTimer = undefined;
     // A later term starts its heartbeat clocks from its own first observations.
@@ -452,9 +455,12 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     }
     const left = lost + (this.opts.fenceMarginMs ?? DEFAULT_FENCE_MARGIN_MS) - now;
     if (left <= 0) return true;
-    if (!this.marginTimer) {
+    if (!this.marginTimer || now + left < this.marginDue) {
+      if (this.marginTimer) clearTimeout(this.marginTimer);
+      this.marginDue = now + left;
       this.marginTimer = setTimeout(() => {
         this.marginTimer = undefined;
+        this.marginDue = Infinity;
         void this.reconcile();
       }, Math.ceil(left) + 5);
     }
