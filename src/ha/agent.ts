@@ -255,9 +255,9 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     return { kind: 'none' };
   }
 
-  /** Local VMs this host's agent guarded (or may have) that still live. */
+  /** Local VMs under HA here (guarded, or due to die) that still live: what a verdict may see restored elsewhere. */
   private oldIncarnation(): LocalVm[] {
-    return listLocalVms(this.home).filter((v) => v.live && v.ha?.host === this.host);
+    return listLocalVms(this.home).filter((v) => v.live && v.ha?.host === this.host && this.watchdogVerdict(v).kind !== 'none');
   }
 
   /**
