@@ -270,7 +270,6 @@ export class AgentLease {
     if (this.deadRevision !== undefined) return;
     this.deadRevision = revision;
     const reason = `the manager declared host ${this.core.host} dead (no heartbeat seen for the TTL)`;
-    this.core.log.error({ revision }, 'host declared dead: revoking every guarded VM');
     // revive() retries etcd by itself; it only ends early when the agent stops.
     void this.revive(revision, reason).catch((err: Error) => this.core.log.warn({ err: err.message }, 'host-dead verdict not cleared'));
   }
@@ -288,6 +287,7 @@ export class AgentLease {
     }
     this.reviving = true;
     this.deadRevision ??= revision;
+    this.core.log.error({ revision }, 'host declared dead: revoking every guarded VM');
     try {
       this.opts.onDeclaredDead?.(reason);
       while (this.core.running()) {
