@@ -182,12 +182,18 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const w1 = await this.cluster.etcd.watch().prefix(keys.hostsPrefix).create();
     w1.on('delete', (kv) => {
       const host = kv.key.toString().slice(keys.hostsPrefix.length);
-      this.hostLostAt.set(host, Date.now());
+      // The first sign counts (a verdict may have come before the expiry).
+      if (!this.hostLostAt.has(host)) this.hostLostAt.set(host, Date.now());
       if (!this.hostLostMono.has(host)) this.hostLostMono.set(host, monoNow());
       this.log.warn({ host }, 'host lease expired');
       trigger();
     });
-    w1.on('put', trigger);
+    w1.on('put', (kv) => {
+      // Registered again and not held dead: a later death counts afresh.
+      const host = kv.key.toString().slice(keys.hostsPrefix.length);
+      if (!this.dead.has(host)) this.forgetLoss(host);
+      trigger();
+    });
     w1.on('connected', trigger);
     w1.on('error', () => undefined);
     const w2 = await this.cluster.etcd.watch().prefix(keys.vmsPrefix).create();
@@ -293,9 +299,16 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   /** The host's agent cleared its verdict (its old VMs are dead): its heartbeat clock restarts now. */
   private verdictCleared(host: string): void {
     this.dead.delete(host);
+    this.forgetLoss(host);
     const b = this.beats.get(host);
     if (b) this.beats.set(host, { ...b, seenMono: monoNow(), seenAt: Date.now() });
     this.armBeatTimer();
+  }
+
+  /** The host is back: its next death is timed from its own first sign. */
+  private forgetLoss(host: string): void {
+    this.hostLostMono.delete(host);
+    this.hostLostAt.delete(host);
   }
 
   /** Wake up when the next live host's heartbeat is a TTL old. */
@@ -346,10 +359,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
         .else(e.get(keys.heartbeat(host)), e.get(keys.hostDead(host)))
         .commit();
       if (res.succeeded) {
-        // The fencing margin counts from the answer, not the request: later is the safe side.
+        // Unless the lease's expiry was seen first (its own margin already runs), the margin counts from the answer, not the request: later is the safe side.
         this.sawVerdict(host, res.header.revision);
-        this.hostLostMono.set(host, monoNow());
-        this.hostLostAt.set(host, Date.now());
         this.log.warn({ host, silentMs: Math.round(monoNow() - b.seenMono), ttlMs: b.ttlMs }, 'host declared dead: no heartbeat for the TTL');
         // Events are an advisory log for `cluster status`; the verdict is the key itself.
         await this.cluster.addEvent({ kind: 'host-dead', host, message: `no heartbeat from host ${host} for ${b.ttlMs} ms: declared dead` }).catch(() => undefined);
