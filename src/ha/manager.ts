@@ -186,6 +186,8 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       if (!this.hostLostAt.has(host)) this.hostLostAt.set(host, Date.now());
       if (!this.hostLostMono.has(host)) this.hostLostMono.set(host, monoNow());
       this.log.warn({ host }, 'host lease expired');
+      // The verdict follows the expiry too, so a returning agent always meets (and clears) one.
+      void this.declareDead(host, { revision: '0', seenMono: monoNow(), seenAt: Date.now(), ttlMs: 0 });
       trigger();
     });
     w1.on('put', (kv) => {
@@ -340,7 +342,9 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
 
   /**
    * The verdict: create host-dead/HOST only if the heartbeat is still at the
-   * revision seen a TTL ago (and this manager still leads). A heartbeat that
+   * revision seen a TTL ago (and this manager still leads); after a lease
+   * expiry (revision '0'), only if no heartbeat exists (none can commit on
+   * an expired lease, and a new lease's heartbeat makes it fail). A heartbeat that
    * landed meanwhile makes it fail; one sent after it cannot land (the
    * agent's transaction requires the verdict absent), so the agent's last
    * proof is older than what was seen, and its watchdogs expire before now.
@@ -352,7 +356,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const verdict: HostDead = { host, by: this.id, heartbeatRevision: b.revision, heartbeatSeenAt: b.seenAt, heartbeatSeenMono: b.seenMono, at: Date.now(), atMono: monoNow(), ttlMs: b.ttlMs };
     try {
       const res = await e
-        .if(keys.heartbeat(host), 'Mod', '==', b.revision)
+        .if(keys.heartbeat(host), b.revision === '0' ? 'Create' : 'Mod', '==', b.revision === '0' ? 0 : b.revision)
         .and(keys.hostDead(host), 'Create', '==', 0)
         .and(lk.key, 'Create', '==', lk.createRevision)
         .then(e.put(keys.hostDead(host)).value(JSON.stringify(verdict)))
@@ -361,15 +365,17 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       if (res.succeeded) {
         // Unless the lease's expiry was seen first (its own margin already runs), the margin counts from the answer, not the request: later is the safe side.
         this.sawVerdict(host, res.header.revision);
-        this.log.warn({ host, silentMs: Math.round(monoNow() - b.seenMono), ttlMs: b.ttlMs }, 'host declared dead: no heartbeat for the TTL');
+        const why = b.revision === '0' ? 'its lease expired' : `no heartbeat for ${b.ttlMs} ms`;
+        this.log.warn({ host, silentMs: Math.round(monoNow() - b.seenMono), ttlMs: b.ttlMs }, `host declared dead: ${why}`);
         // Events are an advisory log for `cluster status`; the verdict is the key itself.
-        await this.cluster.addEvent({ kind: 'host-dead', host, message: `no heartbeat from host ${host} for ${b.ttlMs} ms: declared dead` }).catch(() => undefined);
+        await this.cluster.addEvent({ kind: 'host-dead', host, message: `host ${host} declared dead: ${why}` }).catch(() => undefined);
         void this.reconcile();
         return;
       }
       const hb = res.responses[0]?.response_range?.kvs[0];
       const dead = res.responses[1]?.response_range?.kvs[0];
       if (dead) this.sawVerdict(host, dead.mod_revision);
+      if (b.revision === '0') return;
       if (!hb) this.beats.delete(host);
       // A heartbeat the watch has not delivered yet: it counts from now.
       else this.sawHeartbeat(host, hb.mod_revision, hb.value.toString());
