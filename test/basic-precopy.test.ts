@@ -41,3 +41,27 @@ test('basic mode: dirty sets beyond the staging cap go out in pre-copy rounds wh
   await unprotectVm(vm);
   assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
 });
+
+test('basic mode: the staging buffer is sized by the interval, not by the full checkpoint, and shrinks back when the guest goes quiet', async () => {
+  const vm = 'prec2';
+  const spec = lab.writeSpec(vm, { cmdline: 'console=ttyS0 quiet hydra.run=memcheck memcheck.mb=48 memcheck.rate=0' });
+  assert.equal(lab.cli(['vm', 'start', spec]).code, 0);
+  await waitForMemcheckStep(path.join(lab.home, 'vms', vm, 'serial.log'), 1, 120_000);
+  const start = 4 << 20;
+  await protectVm({ vm, store: store.address, intervalMs: 250, generation: 1, stagingBytes: start, stagingCapBytes: 32 << 20 });
+  await until('staging grown by the interval', () => readCheckpointHistory(vm).some((h) => h.kind === 'incremental' && (h.stagingBytes ?? 0) > start), 90_000);
+  const full = readCheckpointHistory(vm).find((h) => h.kind === 'full');
+  assert.ok(full, 'a full checkpoint is in the history');
+  // The guest rewrote far more than 4 MiB during the full copy: that alone must not have grown the buffer.
+  assert.equal(full.stagingBytes, start, 'the full checkpoint left the staging buffer at its first size');
+  const qmp = await QmpClient.connect(path.join(lab.home, 'vms', vm, 'qmp.sock'));
+  await qmp.execute('stop');
+  await until('staging back to its first size while the guest is quiet', () => {
+    const last = readCheckpointHistory(vm).at(-1);
+    return last?.kind === 'incremental' && last.stagingBytes === start;
+  }, 60_000);
+  await qmp.execute('cont');
+  qmp.close();
+  await unprotectVm(vm);
+  assert.equal(lab.cli(['vm', 'stop', vm]).code, 0);
+});

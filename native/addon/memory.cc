@@ -11,9 +11,11 @@
 #include "common.h"
 
 #include <limits.h>
+#include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <mutex>
 #include <unordered_map>
@@ -321,6 +323,71 @@ Napi::Value Flock(const Napi::CallbackInfo &info) {
   return Napi::Boolean::New(env, true);
 }
 
+// warmFileRuns(fd, runs) -> Promise<bytes>: brings each [offset, length] run of
+// the file into the page cache, in the threadpool: readahead is asked for the
+// run (POSIX_FADV_WILLNEED), then the run is read through a small scratch
+// buffer so the promise resolves only once the pages are cached. A restored
+// VM on a private mapping of the file then takes minor faults only.
+class WarmFileWorker : public Napi::AsyncWorker {
+ public:
+  WarmFileWorker(Napi::Env env, int fd, std::vector<double> runs)
+      : Napi::AsyncWorker(env), d_(Napi::Promise::Deferred::New(env)), fd_(fd), runs_(std::move(runs)) {}
+  Napi::Promise Promise() { return d_.Promise(); }
+
+  void Execute() override {
+    std::vector<char> scratch(1 << 20);
+    for (size_t i = 0; i + 1 < runs_.size(); i += 2) {
+      off_t off = (off_t)runs_[i];
+      size_t len = (size_t)runs_[i + 1];
+      posix_fadvise(fd_, off, (off_t)len, POSIX_FADV_WILLNEED);  // a hint: failure only loses the readahead
+      size_t done = 0;
+      while (done < len) {
+        ssize_t r = pread(fd_, scratch.data(), std::min(scratch.size(), len - done), off + (off_t)done);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) { err_ = errno; return; }
+        if (r == 0) return;  // past the end: nothing more to cache
+        done += (size_t)r;
+        bytes_ += (double)r;
+      }
+    }
+  }
+  void OnOK() override {
+    if (err_) d_.Reject(ErrnoError(Env(), "pread", err_).Value());
+    else d_.Resolve(Napi::Number::New(Env(), bytes_));
+  }
+  void OnError(const Napi::Error &e) override { d_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred d_;
+  int fd_;
+  std::vector<double> runs_;
+  double bytes_ = 0;
+  int err_ = 0;
+};
+
+Napi::Value WarmFileRuns(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) ThrowType(env, "runs must be a Float64Array");
+  Napi::Float64Array a = info[1].As<Napi::Float64Array>();
+  if (a.ElementLength() % 2) ThrowType(env, "runs must hold [offset, length] pairs");
+  std::vector<double> runs(a.Data(), a.Data() + a.ElementLength());
+  for (double v : runs) if (!(v >= 0) || v > 9007199254740991.0) ThrowType(env, "runs must be non-negative integers");
+  auto *w = new WarmFileWorker(env, fd, std::move(runs));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+// dropFileCache(fd): POSIX_FADV_DONTNEED over the whole file (clean pages leave the page cache).
+Napi::Value DropFileCache(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  int r = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  if (r != 0) ThrowErrno(env, "posix_fadvise(DONTNEED)", r);
+  return env.Undefined();
+}
+
 // Address of a Buffer's first byte (diagnostics and tests).
 Napi::Value BufferAddress(const Napi::CallbackInfo &info) {
   Napi::Buffer<uint8_t> b = ArgBuffer(info, 0, "buffer");
@@ -339,6 +406,8 @@ void InitMemory(Napi::Env env, Napi::Object exports) {
   exports.Set("flock", Napi::Function::New(env, Flock));
   exports.Set("processReadRuns", Napi::Function::New(env, ProcessReadRuns));
   exports.Set("bufferAddress", Napi::Function::New(env, BufferAddress));
+  exports.Set("warmFileRuns", Napi::Function::New(env, WarmFileRuns));
+  exports.Set("dropFileCache", Napi::Function::New(env, DropFileCache));
 }
 
 }  // namespace hydra

@@ -11,6 +11,7 @@ import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { protectVm, unprotectVm, readProtection } from '../checkpoint/index.js';
 import { restoreVm, type RestoreMode } from '../restore/index.js';
 import { benchEnv, fmt, writeResults, sleep, waitFor, type BenchEnv } from './harness.js';
+import { within } from '../util/sleep.js';
 import { analyseFailover } from './failover-analysis.js';
 import type { FailoverBenchOptions, QemuBaseline, RunResult } from './failover-results.js';
 import { renderFailover } from './failover-report.js';
@@ -87,7 +88,7 @@ async function runFailover(env: BenchEnv, opts: FailoverBenchOptions, mode: Rest
     if (r.pager) {
       if (prefetch) {
         // The pager's own stats (read next) show whether it completed; the bench goes on either way.
-        await Promise.race([r.pager.done.catch(() => undefined), sleep(30_000)]);
+        await within(r.pager.done.catch(() => undefined), 30_000);
       } else {
         const stopAt = tRun + opts.noPrefetchS * 1000;
         if (now() < stopAt) await sleep(stopAt - now());

@@ -9,6 +9,7 @@ import { restoreVm } from '../restore/index.js';
 import { StoreClient, MAX_PAGES_DATA } from '../protocol/index.js';
 import { BenchError } from '../errors.js';
 import { fmt, sleep, waitFor, type BenchEnv } from './harness.js';
+import { within } from '../util/sleep.js';
 import { boot } from './serial-watch.js';
 
 export interface PagingBenchOptions {
@@ -192,7 +193,7 @@ async function pagingRun(env: BenchEnv, memory: string, control: string, baselin
     });
     const tRun = tCall + r.timings.totalMs;
     let tComplete: number | null = null;
-    const stats = await Promise.race([r.pager!.done.then((s) => { tComplete = now(); return s; }), sleep(180_000).then(() => null)]);
+    const stats = (await within(r.pager!.done.then((s) => { tComplete = now(); return s; }), 180_000)) ?? null;
     const cpu1 = { self: selfCpuMs(), store: processCpuMs(env.store.proc.pid!) };
     if (!stats) opts.log(`[${name}] memory not complete after 180 s`);
     const s = r.pager!.stats;

@@ -1,4 +1,5 @@
 // Which checkpoint mode a protection request gets, and clean-up after a killed copy-on-write checkpointer.
+import { constants as bufferConstants } from 'node:buffer';
 import { findGuestRam, releaseOrphanedCow } from '../tracker/index.js';
 import { readState, isLive, type LaunchFile } from '../vm/index.js';
 import { vmLog } from '../util/log.js';
@@ -19,6 +20,15 @@ export { CowCheckpointer } from './cow-checkpointer.js';
 export const COW_PRIVATE_RAM_REASON = 'guest RAM is a private mapping of the image file (a file-mode restore): the kernel offers only async write-protect there, which cannot hold a write until its page is copied; restore in network mode to keep copy-on-write';
 
 /**
+ * Why a VM with more guest RAM than one Node Buffer can view is checkpointed
+ * in basic mode: the copy-on-write copier works on one mapping of all of RAM.
+ * Basic mode maps RAM in parts and has no such limit.
+ */
+export function cowTooLargeReason(bytes: number): string {
+  return `guest RAM is ${(bytes / 2 ** 30).toFixed(1)} GiB; copy-on-write checkpoints support up to ${(bufferConstants.MAX_LENGTH / 2 ** 30).toFixed(0)} GiB (one mapping of all of RAM): basic checkpoints have no such limit`;
+}
+
+/**
  * Copy-on-write settings for a request (`settings`), or none for basic mode;
  * `refused` says why copy-on-write was asked for and not given. The request
  * wins over the VM's spec.
@@ -27,9 +37,15 @@ export function cowSettings(req: { vm: string; cow?: false | { grain?: number; s
   const fromSpec = config.spec.protection;
   if (req.cow === false) return {};
   if (req.cow === undefined && !fromSpec?.cow) return {};
-  if (findGuestRam(qemuPid).kind !== 'shared') {
+  const ram = findGuestRam(qemuPid);
+  if (ram.kind !== 'shared') {
     vmLog(req.vm).warn({ reason: COW_PRIVATE_RAM_REASON }, 'copy-on-write asked for: using basic checkpoints');
     return { refused: COW_PRIVATE_RAM_REASON };
+  }
+  if (ram.size > bufferConstants.MAX_LENGTH) {
+    const reason = cowTooLargeReason(ram.size);
+    vmLog(req.vm).warn({ reason }, 'copy-on-write asked for: using basic checkpoints');
+    return { refused: reason };
   }
   const r = req.cow ?? {};
   return {

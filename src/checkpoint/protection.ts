@@ -7,11 +7,13 @@ import { CheckpointError, VmNotFoundError } from '../errors.js';
 import { vmPaths, readState, isLive, type LaunchFile } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { vmLog } from '../util/log.js';
-import { Checkpointer, type CheckpointerOptions } from './checkpointer.js';
+import { Checkpointer } from './checkpointer.js';
+import type { CheckpointerOptions } from './checkpointer-options.js';
 import { CowCheckpointer, cowSettings, releaseCowOf } from './cow-mode.js';
 import type { CheckpointStats, ProtectionStatus } from './stats.js';
 import { sleep } from '../util/sleep.js';
 import { writeFileAtomicSync } from '../util/atomic-write.js';
+import { lastLines } from '../util/log-tail.js';
 
 /**
  * Protection of one VM runs in its own detached process (like the VM's
@@ -134,7 +136,7 @@ export async function protectVm(req: ProtectRequest, onProgress?: (s: Protection
       while (pidAlive(child.pid) && Date.now() < exitBy) await sleep(20);
       throw new CheckpointError('HYDRA_CKPT_FAILED', `protecting VM "${req.vm}" failed: ${s.reason} (see ${f.log})`);
     }
-    if (!pidAlive(child.pid)) throw new CheckpointError('HYDRA_CKPT_FAILED', `checkpointer of VM "${req.vm}" exited during start (see ${f.log})`);
+    if (!pidAlive(child.pid)) throw new CheckpointError('HYDRA_CKPT_FAILED', `checkpointer of VM "${req.vm}" exited during start (see ${f.log}): ${lastLines(f.log)}`);
     if (Date.now() > deadline) {
       process.kill(child.pid!, 'SIGTERM');
       throw new CheckpointError('HYDRA_CKPT_TIMEOUT', `VM "${req.vm}": initial checkpoint not committed within ${timeoutMs / 1000} s (see ${f.log})`);

@@ -12,11 +12,11 @@ export function registerEvalCommands(bench: Command): void {
     .option('--quick', 'smallest sizes, one sample (< 5 min)', false)
     .option('--only <parts>', 'comma-separated parts: size, vms, baseline, overhead, paper')
     .option('--out <dir>', 'output directory', path.join('bench', 'results', 'eval'))
-    .option('--sizes <gb>', 'VM sizes in GB for the size part (default 0.5,1,2,4; --quick 0.5)')
+    .option('--sizes <gb>', 'VM sizes in GB for the size part (default 0.5,1,2,4,8; --quick 0.5)')
     .option('--vms <n>', 'VM counts per store (default 1,2,4,8; --quick 1)')
     .option('--baseline-sizes <gb>', 'guest sizes for QEMU full save/restore (default 0.5,1; --quick 0.5)')
     .option('--repeats <n>', 'QEMU full restores per size and cache state (default 3; --quick 1)')
-    .option('--rounds <n>', 'protect/kill/restore rounds per VM size (default 1; --quick 1)')
+    .option('--rounds <n>', 'protect/kill/restore rounds per VM size (default 2; --quick 1)')
     .option('--checkpoints <n>', 'incremental checkpoints per protection in the size part (default 6; --quick 3)')
     .option('--window <s>', 'seconds per measuring window (default 15; --quick 8)')
     .action(async (o: { quick: boolean; only?: string; out: string; sizes?: string; vms?: string; baselineSizes?: string; repeats?: string; rounds?: string; checkpoints?: string; window?: string }) => {

@@ -52,3 +52,5 @@ try {
     process.exitCode = 70;
   }
 }
+// HYDRAVM_DEBUG_HANDLES=1: after a command returns, say what still keeps the process alive (leak hunting).
+if (process.env.HYDRAVM_DEBUG_HANDLES) setTimeout(() => process.stderr.write(`hydravm: still active: ${process.getActiveResourcesInfo().join(', ')}\n`), 2000).unref();

@@ -12,7 +12,7 @@ export function registerRestoreCommand(program: Command): void {
     .option('--mode <mode>', 'file: map the image file (needs --store-dir); network: fetch pages from the store', 'network')
     .option('--store-dir <dir>', 'file mode: the store directory as this host sees it')
     .option('--generation <n>', 'image generation to restore (default: newest)')
-    .option('--no-prefetch', 'network mode: only fetch pages the guest faults on')
+    .option('--no-prefetch', 'network mode: only fetch pages the guest faults on; file mode: do not read the image into the page cache in the background')
     .option('--standby-store <addr>', 'network mode: another store serving the same image, asked when the store fails while memory is paged in (repeatable; the VM is stopped when none answers within 30 s)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--page-rate <MBps>', 'network mode: upper bound of the background page stream in MB/s (default: none; faults are never limited)')
     .option('--page-streams <n>', 'network mode: connections streaming the image in the background', '2')
@@ -47,7 +47,13 @@ export function registerRestoreCommand(program: Command): void {
       if (r.pager) {
         // Keep serving memory until it is complete; the VM needs this process until then.
         const stats = await r.pager.done;
-        process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched\n`);
+        process.stdout.write(`memory complete after ${ms(stats.completeMs ?? 0)}: ${stats.faults} faults served, ${stats.pagesPrefetched} pages prefetched, ${stats.zeroPagesFilled} of them zeros the image holds no data for (not fetched)\n`);
+      }
+      if (r.warmer) {
+        // The warming lives in this process: wait for it (the VM itself does not need it).
+        const stats = await r.warmer.done;
+        if (stats.completeMs !== null) process.stdout.write(`image file cached after ${ms(stats.completeMs)}: ${(stats.bytesWarmed / 2 ** 20).toFixed(0)} MB (guest memory faults are minor from here)
+`);
       }
       if (opts.protect) {
         const { protectVm } = await import('../checkpoint/index.js');

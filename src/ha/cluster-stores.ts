@@ -11,6 +11,7 @@ import type { DaemonInfo } from './embedded.js';
 import { stopPid } from './etcd-process.js';
 import { inNetns } from './netns.js';
 import { listStores, type StoreList } from './store-discovery.js';
+import { lastLines } from '../util/log-tail.js';
 
 export interface ClusterStoreInfo extends DaemonInfo {
   /** The host it runs on (its name in etcd is store-HOST). */
@@ -57,7 +58,7 @@ export async function waitStoresRegistered(cluster: Cluster, stores: ClusterStor
     const names = new Set([list?.active?.name, ...(list?.standbys ?? []).map((s) => s.name)]);
     if (list?.active && stores.every((s) => names.has(s.name))) return list;
     for (const s of stores) {
-      if (!pidAlive(s.pid)) throw new HaError('HYDRA_HA_SPAWN', `checkpoint store ${s.name} exited during start (see ${s.log}): ${tail(s.log)}`);
+      if (!pidAlive(s.pid)) throw new HaError('HYDRA_HA_SPAWN', `checkpoint store ${s.name} exited during start (see ${s.log}): ${lastLines(s.log)}`);
     }
     if (Date.now() > deadline) throw new HaError('HYDRA_HA_TIMEOUT', `checkpoint stores not registered in etcd within ${timeoutMs / 1000} s (active: ${list?.active?.name ?? 'none'}; logs ${stores.map((s) => s.log).join(', ')})`);
     await sleep(100);
@@ -68,12 +69,4 @@ export async function waitStoresRegistered(cluster: Cluster, stores: ClusterStor
 export async function stopClusterStores(stores: ClusterStoreInfo[]): Promise<void> {
   await Promise.all(stores.map((s) => stopPid(s.pid, 3000, { cmdline: ['store', '--dir', s.dir] })));
   for (const s of stores) fs.rmSync(s.pidFile, { force: true });
-}
-
-function tail(file: string): string {
-  try {
-    return fs.readFileSync(file, 'utf8').trim().split('\n').slice(-3).join(' | ');
-  } catch {
-    return '';
-  }
 }

@@ -8,6 +8,7 @@ import { killProcess, type ProcessIdentity } from '../vm/index.js';
 import { pidAlive } from '../util/pid.js';
 import { sleep } from '../util/sleep.js';
 import { inNetns } from './netns.js';
+import { lastLines } from '../util/log-tail.js';
 
 /**
  * A single local etcd member for the embedded mode (demo, tests, one-machine
@@ -210,13 +211,5 @@ export async function waitEtcdHealthy(members: EtcdProcess[], timeoutMs = 30_000
     if (dead) throw new HaError('HYDRA_ETCD_FAILED', `etcd member at ${dead.url} exited during start (see ${dead.logFile}): ${lastLines(dead.logFile)}`);
     if (Date.now() > deadline) throw new HaError('HYDRA_ETCD_FAILED', `etcd members ${sick.map((m) => m.url).join(', ')} not healthy within ${timeoutMs / 1000} s (see ${sick.map((m) => m.logFile).join(', ')})`);
     await sleep(100);
-  }
-}
-
-function lastLines(file: string, n = 3): string {
-  try {
-    return fs.readFileSync(file, 'utf8').trim().split('\n').slice(-n).join(' | ');
-  } catch {
-    return '(no log)';
   }
 }

@@ -132,6 +132,10 @@ export interface RawAddon {
    * between them where SEEK_DATA finds data now; merged, ascending. Never SEEK_HOLE (it walks data on shmem).
    */
   extendDataRuns(fd: number, base: number, size: number, known: Float64Array, chunk: number): Float64Array;
+  /** Each [offset, length] run of the file into the page cache (readahead, then read), in the threadpool; resolves with the bytes cached. */
+  warmFileRuns(fd: number, runs: Float64Array): Promise<number>;
+  /** POSIX_FADV_DONTNEED over the whole file: its clean pages leave the page cache. */
+  dropFileCache(fd: number): void;
   /** flock(2) with LOCK_NB: true when taken, false when a conflicting lock is held elsewhere. */
   flock(fd: number, mode: 'ex' | 'sh' | 'un'): boolean;
   /**

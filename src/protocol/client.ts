@@ -16,7 +16,7 @@ import {
   FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, MAX_PAGES_DATA, MAX_PREAUTH_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName, type Frame,
 } from './frames.js';
 import {
-  FEATURE_HOT, batchRuns, challengeSchema, committedSchema, decodeHot, decodeJson, decodePages, encodeJson, encodeRunTable, errorSchema, metaReplySchema, welcomeSchema,
+  FEATURE_HOT, FEATURE_DATA_RUNS, batchRuns, challengeSchema, committedSchema, decodeHot, decodeJson, decodePages, encodeJson, encodeRunTable, errorSchema, metaReplySchema, welcomeSchema,
   type CheckpointKind, type DecodedPages, type HotRegion, type PageRun, type Role, type StoreMeta, type Welcome,
 } from './messages.js';
 import { TLS_CA_ENV, clientTlsFromEnv, loadCa, tlsFailure, type StoreTlsClientOptions } from './tls.js';
@@ -406,6 +406,20 @@ export class StoreClient {
     const q = { ...(generation !== undefined ? { generation } : {}), ...(limit !== undefined ? { limit } : {}) };
     const frames = await this.request(FrameType.GET_HOT, encodeJson(q), FrameType.HOT, 'GET_HOT');
     return frames.flatMap((f) => decodeHot(f.payload));
+  }
+
+  /**
+   * The runs of the pinned image that may hold non-zero bytes (every other
+   * page of it reads as zeros), ascending. A reader must have pinned an epoch
+   * (getMeta with pin). Rejects with HYDRA_STORE_UNSUPPORTED, without sending
+   * anything, when the store's WELCOME lacks the "data-runs" feature.
+   */
+  async getDataRuns(): Promise<PageRun[]> {
+    if (!this.welcome.features?.includes(FEATURE_DATA_RUNS)) {
+      throw new StoreError('HYDRA_STORE_UNSUPPORTED', `store ${this.opts.address} does not serve GET_DATA_RUNS (an older store): every page is streamed`);
+    }
+    const frames = await this.request(FrameType.GET_DATA_RUNS, encodeJson({}), FrameType.DATA_RUNS, 'GET_DATA_RUNS');
+    return frames.flatMap((f) => decodePages(f.payload, false).runs);
   }
 
   async close(): Promise<void> {

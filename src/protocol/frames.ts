@@ -67,6 +67,9 @@ export enum FrameType {
   /** Keepalive from the client; the store answers PONG. Both are tagged like any frame after the handshake. */
   PING = 20,
   PONG = 21,
+  /** Reader request for the runs of the pinned image that hold data (only to a store whose WELCOME lists "data-runs"). */
+  GET_DATA_RUNS = 22,
+  DATA_RUNS = 23,
 }
 
 export enum FrameFlag {

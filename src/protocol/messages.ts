@@ -7,6 +7,9 @@
  *     N x { u64 BE offset, u32 BE length }   (12 bytes each)
  *     data: the runs' bytes, contiguous, in run order (PAGES only; sum of lengths)
  *   DEVSTATE payload: raw device-state bytes; FrameFlag.MORE on all chunks but the last.
+ *   DATA_RUNS payload: a READ_PAGES-style run table (no data): the runs of the
+ *     pinned image that may hold non-zero bytes, ascending, each at most 1 GiB;
+ *     FrameFlag.MORE on all frames but the last (at most MAX_DATA_RUNS_PER_FRAME runs each).
  *   HOT payload:
  *     u32 BE  region count N
  *     N x { u64 BE offset, f64 BE score }    (16 bytes each; hottest first)
@@ -99,6 +102,14 @@ export const getHotSchema = z.object({ generation: u32.optional(), limit: u32.op
 
 /** WELCOME feature name of stores that serve GET_HOT. */
 export const FEATURE_HOT = 'hot';
+/** GET_DATA_RUNS: for this connection's pinned generation and epoch. */
+export const getDataRunsSchema = z.object({});
+/** WELCOME feature name of stores that serve GET_DATA_RUNS. */
+export const FEATURE_DATA_RUNS = 'data-runs';
+/** Runs per DATA_RUNS frame (6 MiB of table); a longer list continues in further frames with MORE. */
+export const MAX_DATA_RUNS_PER_FRAME = 512 * 1024;
+/** Longest run in a DATA_RUNS table (the table's length field is 32 bits). */
+export const MAX_DATA_RUN_BYTES = 1024 * 1024 * 1024;
 
 export const epochStatSchema = z.object({
   epoch: u32,

@@ -46,6 +46,8 @@ export interface PagerStats {
   throttledMs: number;
   /** Lowest rate the guard set, bytes/s (null: never engaged). */
   guardMinBytesPerS: number | null;
+  /** Pages filled with zeros here because the image holds no data for them (never fetched). */
+  zeroPagesFilled: number;
 }
 
 /**
@@ -83,6 +85,12 @@ export interface PagerOptions {
   prefetch: boolean;
   /** Page offsets to prefetch first, e.g. the pages the VM wrote most before it failed. */
   hotOffsets?: number[];
+  /**
+   * The image's runs that may hold data (the store's data runs of the pinned
+   * epoch); every other page is zeros and is filled here without a fetch.
+   * Absent: every page is fetched.
+   */
+  dataRuns?: PageRun[];
   /** Background request size in bytes (default DEFAULT_BATCH_BYTES). */
   batchBytes?: number;
   /** Upper bound of the background stream, bytes per second (0 or absent: unlimited). Faults are never limited. */
@@ -127,6 +135,8 @@ export class NetworkPager {
   private readonly opts: PagerOptions;
   private readonly handler: MissingPageHandler;
   private readonly page: Uint8Array;
+  /** Per page, 1 when the image holds no data for it (zeros, filled without a fetch); null: fetch every page. */
+  private readonly zero: Uint8Array | null;
   private readonly t0 = performance.now();
   private tStream = 0;
   private stopped = false;
@@ -157,13 +167,14 @@ export class NetworkPager {
     this.log = vmLog(opts.vm);
     const pages = opts.meta.ramSize / PAGE;
     this.page = new Uint8Array(pages);
+    this.zero = opts.dataRuns ? zeroMap(pages, opts.dataRuns) : null;
     for (const off of opts.hotOffsets ?? []) this.priority.push(off);
     this.urgent = { client: opts.urgent, replacing: null };
     this.background = (Array.isArray(opts.background) ? opts.background : [opts.background]).map((client) => (client === opts.urgent ? this.urgent : { client, replacing: null }));
     this.batch = Math.max(PAGE, Math.floor((opts.batchBytes ?? DEFAULT_BATCH_BYTES) / PAGE) * PAGE);
     this.stats = {
       faults: 0, faultPagesFetched: 0, pagesPrefetched: 0, bytesFetched: 0, pagesTotal: pages, pagesPresent: 0,
-      completeMs: null, streamMs: null, maxFaultMs: 0, prefetch: opts.prefetch, streams: this.background.length, reconnects: 0, throttledMs: 0, guardMinBytesPerS: null,
+      completeMs: null, streamMs: null, maxFaultMs: 0, prefetch: opts.prefetch, streams: this.background.length, reconnects: 0, throttledMs: 0, guardMinBytesPerS: null, zeroPagesFilled: 0,
     };
     this.done = new Promise((resolve, reject) => { this.resolveDone = resolve; this.rejectDone = reject; });
     // Callers await `done` for the outcome; this only keeps an unawaited rejection from being unhandled.
@@ -422,13 +433,38 @@ export class NetworkPager {
    * pages filled.
    */
   private async fetchAndFill(conn: Conn, runs: PageRun[]): Promise<number> {
+    let zeroFilled = 0;
+    if (this.zero) {
+      const split = splitByZero(this.zero, runs);
+      zeroFilled = this.fillZeros(split.zero);
+      runs = split.data;
+      if (runs.length === 0) return zeroFilled;
+    }
     const { client, replies } = await this.fetch(conn, runs);
     try {
-      return this.fill(runs, replies);
+      return zeroFilled + this.fill(runs, replies);
     } finally {
       // Placed (or dropped): the reply buffers take the next replies.
       client.recycle?.(replies);
     }
+  }
+
+  /** Pages the image holds no data for: zeros from one shared buffer, no fetch. */
+  private fillZeros(runs: PageRun[]): number {
+    if (this.finished || runs.length === 0) return 0;
+    const zeros = zeroBuffer();
+    let filled = 0;
+    for (const r of runs) {
+      for (let off = r.offset; off < r.offset + r.length; off += zeros.length) {
+        const len = Math.min(zeros.length, r.offset + r.length - off);
+        this.handler.fill(off, zeros, 0, len);
+      }
+      this.page.fill(PRESENT, r.offset / PAGE, (r.offset + r.length) / PAGE);
+      filled += r.length / PAGE;
+    }
+    this.stats.zeroPagesFilled += filled;
+    this.stats.pagesPresent += filled;
+    return filled;
   }
 
   private fill(runs: PageRun[], replies: DecodedPages[]): number {
@@ -549,4 +585,35 @@ function checkReply(vm: string, asked: readonly PageRun[], replies: readonly Dec
     }
   }
   if (left > 0 || i < asked.length - 1) throw new RestoreError('HYDRA_RESTORE_PAGE_FETCH', `VM "${vm}": the store's reply misses asked pages`);
+}
+
+let zeros: Buffer | undefined;
+/** 2 MiB of zeros, shared by every pager of the process (only ever read). */
+function zeroBuffer(): Buffer {
+  zeros ??= Buffer.alloc(2 * 1024 * 1024);
+  return zeros;
+}
+
+/** 1 for every page outside the data runs. */
+function zeroMap(pages: number, dataRuns: readonly PageRun[]): Uint8Array {
+  const z = new Uint8Array(pages).fill(1);
+  for (const r of dataRuns) z.fill(0, Math.floor(r.offset / PAGE), Math.min(pages, Math.ceil((r.offset + r.length) / PAGE)));
+  return z;
+}
+
+/** Split runs into the parts outside the data runs (zero) and inside them (data), in order; scans with indexOf, no per-page loop. */
+export function splitByZero(zero: Uint8Array, runs: readonly PageRun[]): { zero: PageRun[]; data: PageRun[] } {
+  const out = { zero: [] as PageRun[], data: [] as PageRun[] };
+  for (const r of runs) {
+    let p = r.offset / PAGE;
+    const end = (r.offset + r.length) / PAGE;
+    while (p < end) {
+      const isZero = zero[p] === 1;
+      let q = zero.indexOf(isZero ? 0 : 1, p);
+      if (q < 0 || q > end) q = end;
+      (isZero ? out.zero : out.data).push({ offset: p * PAGE, length: (q - p) * PAGE });
+      p = q;
+    }
+  }
+  return out;
 }

@@ -7,6 +7,7 @@ import { StoreClient, type StoreMeta } from '../protocol/index.js';
 import { startVm, stopVm, vmPaths, readState, isLive, chooseAccel, shellConfigOf, shellKey, type VmState, type VmSpec, type Accel, type QemuLaunchOptions } from '../vm/index.js';
 import { handOff, type Handoff } from './shell-handoff.js';
 import { FilePageSource } from './file-pages.js';
+import { ImageWarmer } from './image-warmer.js';
 import { connectWhenReady, type QmpClient } from '../qmp/index.js';
 import { vmLog } from '../util/log.js';
 import { DEFAULT_RECONNECT_MS, DEFAULT_STREAMS, NetworkPager, type PagerStats } from './network-pager.js';
@@ -96,6 +97,8 @@ export interface RestoreResult {
   timings: RestoreTimings;
   /** Network mode: the pager keeps serving memory after this returns. */
   pager?: NetworkPager;
+  /** File mode, cold start: the image file is being read into the page cache in the background. */
+  warmer?: ImageWarmer;
   /** Whether QMP announce-self was sent after `cont` (the VM has NICs). */
   announced: boolean;
   shell: RestoreShellUse;
@@ -271,8 +274,14 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         const more = prefetch && background !== client
           ? await Promise.all(Array.from({ length: Math.max(0, (paging.streams ?? DEFAULT_STREAMS) - 1) }, () => connect.to(opts.store)))
           : [];
+        // Pages the image holds no data for are zeros: the pager fills them itself instead of streaming them.
+        const dataRuns = await client.getDataRuns().catch((err: Error) => {
+          log.info({ err: err.message }, 'no data runs from the store: every page is streamed');
+          return undefined;
+        });
         const started = await NetworkPager.start({
           vm: opts.vm, qemuPid: state.qemuPid!, urgent: client, background: [background, ...more], meta, prefetch, hotOffsets, onProgress: opts.onProgress,
+          ...(dataRuns ? { dataRuns } : {}),
           ...(reconnect ? { reconnect } : {}),
           ...(paging.reconnectMs !== undefined ? { reconnectMs: paging.reconnectMs } : {}),
           ...(paging.batchBytes !== undefined ? { batchBytes: paging.batchBytes } : {}),
@@ -286,7 +295,9 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
         started.done.finally(() => Promise.all([client, background, ...started.connections()].map((c) => c.close())).catch(() => undefined)).catch(() => undefined);
       } else if (shell.used) {
         const src = await FilePageSource.open(memoryPath!);
-        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch, hotOffsets, onProgress: opts.onProgress });
+        const { fileDataRuns } = await import('../store/index.js');
+        const dataRuns = fileDataRuns(memoryPath!, meta.ramSize, meta.pageSize);
+        pager = await NetworkPager.start({ vm: opts.vm, qemuPid: state.qemuPid!, urgent: src, background: src, meta, prefetch, hotOffsets, onProgress: opts.onProgress, dataRuns });
         // Closing the image once every page is in (or the pager gave up) is cleanup.
         pager.done.finally(() => src.close()).catch(() => undefined);
       }
@@ -309,6 +320,10 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       const tRun = performance.now();
       pager?.startPrefetch();
       const announced = await announceSelf(qmp, spec);
+      // Cold file mode: the private mapping faults on the file; warm the file so those faults are minor.
+      const warmer = opts.mode === 'file' && !pager && prefetch && !opts.paused
+        ? ImageWarmer.start({ vm: opts.vm, file: memoryPath!, qemuPid: state.qemuPid!, hotOffsets: await hotRegionsOf(client, meta), ...(opts.onProgress ? { onProgress: opts.onProgress } : {}) })
+        : undefined;
       const timings: RestoreTimings = {
         prepareMs,
         spawnMs,
@@ -326,7 +341,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
       };
       log.info({ ...timings, generation: meta.generation, epoch: meta.committedEpoch, mode: opts.mode, shell }, 'VM restored and running');
       qmp.close();
-      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager, announced, shell };
+      const result: RestoreResult = { vm: opts.vm, mode: opts.mode, generation: meta.generation, epoch: meta.committedEpoch, newGeneration, timings, pager, ...(warmer ? { warmer } : {}), announced, shell };
       if (opts.protect) {
         // Write-protect tracking needs the range free of the pager's missing-page registration.
         if (pager) await pager.done;
@@ -387,6 +402,12 @@ async function startHandoff(opts: RestoreOptions, spec: VmSpec, accel: Accel, di
 export interface RestoreTestHooks {
   /** After the new generation is registered, before anything is read. */
   afterFence?: () => Promise<void>;
+}
+
+/** The heat record's region offsets (advisory: none on any error). */
+async function hotRegionsOf(client: StoreClient, meta: StoreMeta): Promise<number[]> {
+  const regions = await client.getHotRegions(meta.generation, 65536).catch(() => []);
+  return regions.map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize);
 }
 
 /** The store's highest generation for the VM plus one. */

@@ -15,6 +15,7 @@ import { readMeta } from './meta.js';
 import { JOURNAL_FILE, MEMORY_FILE, META_FILE, applyJournalCheckpoint, devstateFileName, recoverGeneration, waitNoApplying } from './recovery.js';
 import { MAX_U32, staleGeneration } from './fencing.js';
 import type { Store } from './store.js';
+import { fileDataRuns, unionDataRuns } from './data-runs.js';
 
 export const DEFAULT_PAGE_SIZE = 4096;
 
@@ -342,6 +343,28 @@ export class GenerationImage {
       pos += r.length;
     }
     return out;
+  }
+
+  /**
+   * The runs of the committed image that may hold non-zero bytes: the image
+   * file's data runs (a hole was never written by any checkpoint: zeros in
+   * the guest too) and, while an epoch's apply is pending, that epoch's own
+   * pages: the same sources READ_PAGES reads, so every byte it could return
+   * as non-zero lies in these runs. With `epoch` (a pinned reader), refused
+   * with HYDRA_STORE_EPOCH_MOVED unless that epoch is still the committed one.
+   */
+  async dataRuns(epoch?: number): Promise<PageRun[]> {
+    const pending = await this.lock.run(async () => (this.needsRecovery ? null : this.pending));
+    if (pending) {
+      this.checkEpoch(pending.meta, epoch, 'GET_DATA_RUNS');
+      const ps = pending.meta.pageSize;
+      const own = [...pending.pages.keys()].sort((a, b) => a - b).map((i) => ({ offset: i * ps, length: ps }));
+      return unionDataRuns(fileDataRuns(path.join(this.dir, pending.meta.memoryFile), pending.meta.ramSize, ps), own);
+    }
+    return this.withStableImage(async (img) => {
+      this.checkEpoch(img.meta, epoch, 'GET_DATA_RUNS');
+      return fileDataRuns(img.memoryPath, img.meta.ramSize, img.meta.pageSize);
+    });
   }
 
   private checkEpoch(meta: StoreMeta, epoch: number | undefined, what: string): void {

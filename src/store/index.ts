@@ -11,4 +11,5 @@ export { storeMetrics, storeRegistry, type StoreMetrics } from './metrics.js';
 export { CRASH_POINTS, FaultInjector, type CrashPoint } from './faults.js';
 export { spawnStore, type StoreProcess } from './spawn.js';
 export { DirLock, holder as lockHolder } from './dir-lock.js';
+export { fileDataRuns } from './data-runs.js';
 export type { StoreMeta } from '../protocol/index.js';

@@ -19,7 +19,7 @@ import { HydraError, ProtocolError, StoreError, isHydraCode } from '../errors.js
 import { log as rootLog } from '../util/log.js';
 import {
   FrameDecoder, FrameFlag, FrameMac, FrameType, MAX_FRAME_PAYLOAD, MAX_PAGES_DATA, MAX_PREAUTH_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrameParts, frameTypeName,
-  FEATURE_HOT, MAX_HOT_PER_FRAME, authSchema, batchRuns, beginSchema, commitSchema, decodeJson, decodePages, deriveSession, disksSchema, encodeHot, encodeJson, encodeRunTable,
+  type PageRun, FEATURE_HOT, FEATURE_DATA_RUNS, MAX_DATA_RUNS_PER_FRAME, getDataRunsSchema, MAX_HOT_PER_FRAME, authSchema, batchRuns, beginSchema, commitSchema, decodeJson, decodePages, deriveSession, disksSchema, encodeHot, encodeJson, encodeRunTable,
   getDevstateSchema, getHotSchema, getMetaSchema, helloSchema, makeNonce, proofMatches, serverTlsContext,
   type Frame, type Hello, type HotRegion, type SessionKeys, type StoreTlsServerOptions,
 } from '../protocol/index.js';
@@ -423,7 +423,7 @@ class Connection {
       committedEpoch: this.gen?.meta?.committedEpoch ?? null,
       proof: this.keys!.serverProof.toString('hex'),
       idleTimeoutMs: this.ctx.idleMs,
-      features: [FEATURE_HOT],
+      features: [FEATURE_HOT, FEATURE_DATA_RUNS],
     }));
   }
 
@@ -561,6 +561,22 @@ class Connection {
           const end = Math.min(regions.length, i + MAX_HOT_PER_FRAME);
           await this.send(FrameType.HOT, encodeHot(regions.slice(i, end)), end < regions.length ? FrameFlag.MORE : 0);
           if (end >= regions.length) return;
+        }
+      }
+      case FrameType.GET_DATA_RUNS: {
+        decodeJson(f.type, f.payload, getDataRunsSchema);
+        let runs: PageRun[];
+        try {
+          // Only for a pinned reader: the runs describe one epoch's image, which must not move under them.
+          if (!this.pinned) throw new StoreError('HYDRA_STORE_NOT_PINNED', `GET_DATA_RUNS of VM ${h.vm} needs an epoch pinned first (GET_META with pin)`);
+          runs = await this.pinned.gen.dataRuns(this.pinned.epoch);
+        } catch (err) {
+          return this.replyError(err);
+        }
+        for (let i = 0; ; i += MAX_DATA_RUNS_PER_FRAME) {
+          const end = Math.min(runs.length, i + MAX_DATA_RUNS_PER_FRAME);
+          await this.send(FrameType.DATA_RUNS, encodeRunTable(runs.slice(i, end)), end < runs.length ? FrameFlag.MORE : 0);
+          if (end >= runs.length) return;
         }
       }
       case FrameType.READ_PAGES: {

@@ -32,12 +32,12 @@
  * register any memory type; verified on a private file mapping, kernel 6.18).
  */
 import { closeSync, constants as fsConstants, openSync, readFileSync } from 'node:fs';
-import { constants as bufferConstants } from 'node:buffer';
 import { TrackerError } from '../errors.js';
 import type { RawAddon } from '../native/index.js';
 import { processStartTime, type GuestRamMapping, type GuestRamSelector } from './guest-ram.js';
 import { errnoCode, errnoText, processGoneError } from './uffd.js';
 import { UffdSession } from './uffd-session.js';
+import { RamView } from './ram-view.js';
 
 /** Granule of the populated-range bookkeeping: one SEEK_DATA per new chunk, a scan of at most one chunk of holes around data. */
 const POPULATED_CHUNK = 2 * 1024 * 1024;
@@ -72,7 +72,7 @@ export class DirtyTracker {
   readonly #session: UffdSession;
   readonly #native: RawAddon;
   readonly #pagemapFd: number;
-  readonly #ram: Buffer | undefined;
+  readonly #view: RamView | undefined;
   /**
    * Shared RAM: the runs of the RAM file that may hold data (2 MiB chunks),
    * grown at each scan. A page never populated cannot have been written, so
@@ -81,7 +81,7 @@ export class DirtyTracker {
   #populated: Float64Array | undefined;
   #closed = false;
 
-  private constructor(session: UffdSession, pagemapFd: number, ram: Buffer | undefined) {
+  private constructor(session: UffdSession, pagemapFd: number, view: RamView | undefined) {
     this.#session = session;
     this.#native = session.native;
     this.pid = session.pid;
@@ -89,9 +89,9 @@ export class DirtyTracker {
     this.ramStart = session.mapping.start;
     this.ramSize = session.mapping.size;
     this.pageSize = session.native.pageSize;
-    this.#ram = ram;
+    this.#view = view;
     this.#pagemapFd = pagemapFd;
-    if (ram) this.#populated = new Float64Array(0);
+    if (view) this.#populated = new Float64Array(0);
   }
 
   /**
@@ -100,15 +100,17 @@ export class DirtyTracker {
    * (use copyRuns()).
    */
   get ram(): Buffer {
-    if (!this.#ram) {
+    if (!this.#view) {
       throw new TrackerError('HYDRA_TRACKER_NO_RAM_VIEW', `process ${this.pid}: guest RAM is a private mapping of ${this.mapping.path}; it has no shared view (its written pages exist only in the process): use copyRuns()`);
     }
-    return this.#ram;
+    const whole = this.#view.whole();
+    if (!whole) throw new TrackerError('HYDRA_TRACKER_NO_RAM_VIEW', `process ${this.pid}: guest RAM (${this.ramSize} bytes) is mapped in ${this.#view.chunks.length} parts, more than one Buffer can view: use copyRuns()`);
+    return whole;
   }
 
-  /** True when `ram` is available (shared mapping). */
+  /** True when `ram` is available (shared mapping of at most one view chunk). */
   get hasRamView(): boolean {
-    return this.#ram !== undefined;
+    return this.#view?.whole() !== undefined;
   }
 
   /**
@@ -121,11 +123,7 @@ export class DirtyTracker {
    */
   static async attach(qemuPid: number, opts: DirtyTrackerOptions = {}): Promise<DirtyTracker> {
     const pid = qemuPid;
-    const session = UffdSession.open(pid, 'wp', opts, (m) => {
-      if (m.kind === 'shared' && m.size > bufferConstants.MAX_LENGTH) {
-        throw new TrackerError('HYDRA_TRACKER_RAM_TOO_LARGE', `guest RAM of process ${pid} is ${m.size} bytes, more than a Node Buffer can view (${bufferConstants.MAX_LENGTH})`);
-      }
-    });
+    const session = UffdSession.open(pid, 'wp', opts);
     const { native, mapping, startTime } = session;
     const C = native.constants;
     let registered = false;
@@ -168,15 +166,15 @@ export class DirtyTracker {
       if (!session.mappingUnchanged()) {
         throw new TrackerError('HYDRA_TRACKER_RANGE_CHANGED', `process ${pid}: guest RAM mapping at 0x${mapping.start.toString(16)} changed while attaching`);
       }
-      let ram: Buffer | undefined;
+      let view: RamView | undefined;
       if (mapping.kind === 'shared') {
         try {
-          ram = native.mmapFile(session.ramFd, mapping.size, mapping.fileOffset, false);
+          view = RamView.map(native, session.ramFd, mapping.fileOffset, mapping.size);
         } catch (err) {
           throw new TrackerError('HYDRA_TRACKER_MAP_FAILED', `process ${pid}: mapping its guest RAM (${mapping.size} bytes of ${mapping.path}): ${errnoText(err)}`, { cause: err });
         }
       }
-      return new DirtyTracker(session, pagemapFd, ram);
+      return new DirtyTracker(session, pagemapFd, view);
     } catch (err) {
       if (registered) {
         try { native.uffdUnregister(session.uffd, mapping.start, mapping.size); } catch { /* attach failed anyway: the process or mapping is gone */ }
@@ -340,9 +338,9 @@ export class DirtyTracker {
         flat[2 * i + 1] = runs[i]!.length;
       }
     }
-    if (this.#ram) {
+    if (this.#view) {
       try {
-        return this.#native.copyRuns(this.#ram, flat, dst, dstOffset, maxThreads);
+        return this.#view.copyRuns(flat, dst, dstOffset, maxThreads);
       } catch (err) {
         throw new TrackerError('HYDRA_TRACKER_COPY_FAILED', `process ${this.pid}: copying dirty runs: ${errnoText(err)}`, { cause: err });
       }
@@ -366,6 +364,19 @@ export class DirtyTracker {
   }
 
   /**
+   * Give a staging buffer's memory back now instead of at the next GC: a
+   * replaced gigabyte-sized buffer would otherwise stay resident for as long
+   * as the heap stays small. The Buffer must not be used afterwards.
+   */
+  releaseStaging(buf: Buffer): void {
+    try {
+      this.#native.releaseMapping(buf);
+    } catch {
+      /* not an addon mapping or already gone: the finalizer unmaps it */
+    }
+  }
+
+  /**
    * Runs of guest RAM that hold pages at all (SEEK_DATA/SEEK_HOLE on the RAM
    * file). Holes read as zeros; copying only these keeps a full checkpoint
    * from allocating the guest's untouched memory.
@@ -380,7 +391,7 @@ export class DirtyTracker {
   populatedRuns(): DirtyRun[] {
     this.#check('populatedRuns');
     const fileRuns = populatedRunsOf(this.#native, this.#session.ramFd, this.mapping.fileOffset, this.ramSize);
-    if (this.#ram) return fileRuns;
+    if (this.#view) return fileRuns;
     const C = this.#native.constants;
     const anyof = C.PAGE_IS_PRESENT | (swapActive() ? C.PAGE_IS_SWAPPED : 0);
     let res;
@@ -418,9 +429,7 @@ export class DirtyTracker {
     if (this.isAlive()) {
       try { n.uffdUnregister(this.#session.uffd, this.ramStart, this.ramSize); } catch { /* mapping gone: nothing to undo */ }
     }
-    if (this.#ram) {
-      try { n.releaseMapping(this.#ram); } catch { /* finalizer unmaps later */ }
-    }
+    this.#view?.release();
     this.#session.close();
   }
 }

@@ -15,6 +15,7 @@ import { guardCowProtection } from './cow-guard.js';
 import { guardCheckpointPause } from './pause-guard.js';
 import type { VmSpec } from './spec.js';
 import { releaseNics } from './nics.js';
+import { lastLines } from '../util/log-tail.js';
 
 /** What `vm start` (or a restore) hands to the supervisor through spec.json. */
 export interface LaunchFile {
@@ -290,14 +291,5 @@ function openSerialInput(file: string): number | undefined {
     return fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_NONBLOCK);
   } catch {
     return undefined;
-  }
-}
-
-function lastLines(file: string, n = 3): string {
-  try {
-    const lines = fs.readFileSync(file, 'utf8').trim().split('\n').filter(Boolean);
-    return lines.slice(-n).join(' | ') || '(no output)';
-  } catch {
-    return '(no output)';
   }
 }

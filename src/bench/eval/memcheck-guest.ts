@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import { validateSpec, type VmSpec, startVm, stopVm, vmPaths, readState, isLive, readSerial } from '../../vm/index.js';
 import { restoreVm, type RestoreResult } from '../../restore/index.js';
 import { BenchError } from '../../errors.js';
-import { sleep } from '../../util/sleep.js';
+import { sleep, within } from '../../util/sleep.js';
 import { waitFor } from '../harness.js';
 
 /**
@@ -94,7 +94,7 @@ export async function killAndRestore(name: string, store: string, storeDir: stri
   const tRun = tCall + restore.timings.totalMs;
   let completeAfterRunningMs: number | null = null;
   if (restore.pager) {
-    const done = await Promise.race([restore.pager.done.then(() => true, () => false), sleep(completeTimeoutMs).then(() => false)]);
+    const done = (await within(restore.pager.done.then(() => true, () => false), completeTimeoutMs)) ?? false;
     if (done && restore.pager.stats.completeMs !== null) completeAfterRunningMs = performance.now() - tRun;
   }
   return { restore, killToRunningMs: tRun - tKill, completeAfterRunningMs };

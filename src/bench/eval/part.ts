@@ -25,7 +25,7 @@ export interface EvalOptions {
 export function defaultOptions(quick: boolean): EvalOptions {
   return quick
     ? { quick, sizesGb: [0.5], vmCounts: [1], baselineSizesGb: [0.5], baselineRepeats: 1, restoreRounds: 1, checkpoints: 3, windowS: 8, overheadRounds: 1 }
-    : { quick, sizesGb: [0.5, 1, 2, 4], vmCounts: [1, 2, 4, 8], baselineSizesGb: [0.5, 1], baselineRepeats: 3, restoreRounds: 1, checkpoints: 6, windowS: 15, overheadRounds: 1 };
+    : { quick, sizesGb: [0.5, 1, 2, 4, 8], vmCounts: [1, 2, 4, 8], baselineSizesGb: [0.5, 1], baselineRepeats: 3, restoreRounds: 2, checkpoints: 6, windowS: 15, overheadRounds: 3 };
 }
 
 export interface PartContext {

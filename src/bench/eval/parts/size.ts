@@ -36,7 +36,8 @@ export const sizePart: Part<SizeSample> = {
   id: 'size',
   title: 'Scaling with VM size',
   // Filling, copying and paging memory dominate: a round costs about its size plus a constant.
-  plan: (o) => ({ samples: o.sizesGb.length * o.restoreRounds, estimateS: 60, weights: o.sizesGb.flatMap((g) => Array<number>(o.restoreRounds).fill(0.5 + g)) }),
+  // Measured here: about 15 s per round plus 9 s per GB (boot and fill, full checkpoint, restore, memory complete).
+  plan: (o) => ({ samples: o.sizesGb.length * o.restoreRounds, estimateS: 10, weights: o.sizesGb.flatMap((g) => Array<number>(o.restoreRounds).fill(1.5 + g)) }),
   async run({ opts, progress }) {
     const samples: SizeSample[] = [];
     const errors: { what: string; error: string }[] = [];
