@@ -19,8 +19,8 @@ import { sleep } from '../util/sleep.js';
  * The active manager fails a VM over when
  *  - its agent reported its QEMU dead (state `crashed`), or
  *  - its host was declared dead: the manager saw no new heartbeat from it
- *    for the TTL and wrote host-dead/HOST (heartbeat.ts of the agent's side
- *    in agent-lease.ts; the arithmetic in docs/ha.md), or
+ *    for the TTL and wrote host-dead/HOST (the agent's side is in
+ *    agent-lease.ts; the arithmetic in docs/ha.md), or
  *  - its host's lease expired (/hydravm/hosts/HOST deleted: the backstop), or
  *  - a restore failed (state `restore-failed`) or hangs past `restoreTimeoutMs`.
  * It then picks a live host with enough free memory (placement.ts), and in ONE
