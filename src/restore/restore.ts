@@ -406,6 +406,7 @@ export interface RestoreTestHooks {
 
 /** The heat record's region offsets (advisory: none on any error). */
 async function hotRegionsOf(client: StoreClient, meta: StoreMeta): Promise<number[]> {
+  // The heat record only orders the warming: without it, the file is read in address order.
   const regions = await client.getHotRegions(meta.generation, 65536).catch(() => []);
   return regions.map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize);
 }
