@@ -156,7 +156,7 @@ function showProtection(host: string, generation: number, home: string): void {
 
 function showFailover(t: FailoverTiming | undefined, killedAt: number): void {
   if (!t) return say('   (no timing recorded)');
-  const what = t.cause === 'host-lost' ? 'host loss (lease expired)' : 'QEMU death';
+  const what = t.cause === 'host-lost' ? 'host loss (no heartbeat for the TTL)' : 'QEMU death';
   say(`   ${what} detected after ${ms(t.detectedAt - killedAt)}; restored on ${t.toHost}: QEMU spawn to running ${ms(t.spawnToRunningMs)}; failure to running VM ${ms((t.runningAt ?? NaN) - killedAt)}`);
 }
 
