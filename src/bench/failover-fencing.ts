@@ -1,4 +1,4 @@
-// The fencing part of `hydravm bench failover`: agent death -> old QEMU gone, and lease expiry -> restore start, in an embedded cluster.
+// The fencing part of `hydravm bench failover`: agent death -> old QEMU gone, -> host declared dead, -> restore start, in an embedded cluster.
 import fs from 'node:fs';
 import path from 'node:path';
 import { startEmbeddedCluster, restartDaemon, readClusterInfo, protectInCluster, waitForFailover, forgetVm, DEFAULT_FENCE_MARGIN_MS } from '../ha/index.js';
@@ -15,7 +15,9 @@ export interface FencingRun {
   toHost: string;
   /** SIGKILL of the host agent until its VM's old QEMU is gone (the supervisor's watchdog). */
   agentDeathToQemuGoneMs: number;
-  /** The manager seeing the host's lease expire until the restore starts on the other host. */
+  /** SIGKILL of the agent until the manager held the host dead (its host-dead verdict, or the lease's expiry seen, whichever came first). */
+  agentDeathToDeclaredMs: number;
+  /** The manager holding the host dead until the restore starts on the other host (the fencing margin and the assignment). */
   leaseExpiryToRestoreStartMs: number;
   /** SIGKILL of the agent until the restored VM runs. */
   agentDeathToRunningMs: number;
@@ -29,7 +31,9 @@ export interface FencingResult {
   fenceMarginMs: number;
   runs: FencingRun[];
   agentDeathToQemuGone: Summary;
+  agentDeathToDeclared: Summary;
   leaseExpiryToRestoreStart: Summary;
+  agentDeathToRunning: Summary;
 }
 
 const withHome = async <T>(home: string, fn: () => Promise<T> | T): Promise<T> => {
@@ -94,12 +98,13 @@ export async function runFencingBench(env: BenchEnv, opts: FailoverBenchOptions,
         fromHost: host,
         toHost: f.record.host,
         agentDeathToQemuGoneMs: goneMs,
+        agentDeathToDeclaredMs: t.detectedAt - killedAt,
         leaseExpiryToRestoreStartMs: t.restoreStartedAt - t.detectedAt,
         agentDeathToRunningMs: t.runningAt - killedAt,
         doubles,
       };
       runs.push(run);
-      opts.log(`[fencing ${round}] agent SIGKILL -> old QEMU gone ${fmt(run.agentDeathToQemuGoneMs)} ms; lease expiry -> restore start ${fmt(run.leaseExpiryToRestoreStartMs, 0)} ms; agent death -> running ${fmt(run.agentDeathToRunningMs, 0)} ms; ${doubles} samples with two QEMUs`);
+      opts.log(`[fencing ${round}] agent SIGKILL -> old QEMU gone ${fmt(run.agentDeathToQemuGoneMs)} ms; -> host declared dead ${fmt(run.agentDeathToDeclaredMs, 0)} ms; declared dead -> restore start ${fmt(run.leaseExpiryToRestoreStartMs, 0)} ms; agent death -> running ${fmt(run.agentDeathToRunningMs, 0)} ms; ${doubles} samples with two QEMUs`);
       // The dead host comes back (its agent again), and the VM fails back to it next round.
       restartDaemon(dir, `agent-${host}`);
       record = (await waitForFailover(cluster.cluster, vm, record.generation, { timeoutMs: 180_000, until: 'protected' })).record;
@@ -117,7 +122,9 @@ export async function runFencingBench(env: BenchEnv, opts: FailoverBenchOptions,
     fenceMarginMs: DEFAULT_FENCE_MARGIN_MS,
     runs,
     agentDeathToQemuGone: summary(runs.map((r) => r.agentDeathToQemuGoneMs)),
+    agentDeathToDeclared: summary(runs.map((r) => r.agentDeathToDeclaredMs)),
     leaseExpiryToRestoreStart: summary(runs.map((r) => r.leaseExpiryToRestoreStartMs)),
+    agentDeathToRunning: summary(runs.map((r) => r.agentDeathToRunningMs)),
   };
 }
 
@@ -152,12 +159,12 @@ export function renderFencing(r: FencingResult): string[] {
   const md = [
     '## Self-fencing: agent death and the fencing margin',
     '',
-    `Two-host embedded cluster, lease TTL ${r.leaseTtlSec} s; supervisors kill QEMU ${r.watchdogMarginMs} ms before a lease proof runs out; the manager waits ${r.fenceMarginMs} ms after it sees the lease expire. The agent alone is SIGKILLed (QEMU and the checkpointer keep running).`,
+    `Two-host embedded cluster, lease TTL ${r.leaseTtlSec} s; supervisors kill QEMU ${r.watchdogMarginMs} ms before a lease proof runs out; the manager declares a host dead a TTL after its last heartbeat (or sees its lease expire) and waits ${r.fenceMarginMs} ms more before restoring. The agent alone is SIGKILLed (QEMU and the checkpointer keep running).`,
     '',
-    '| round | from → to | agent death → old QEMU gone (ms) | lease expiry seen → restore start (ms) | agent death → restored VM running (ms) | samples with two QEMUs |',
-    '|---|---|---|---|---|---|',
-    ...r.runs.map((x) => `| ${x.round} | ${x.fromHost} → ${x.toHost} | ${fmt(x.agentDeathToQemuGoneMs, 0)} | ${fmt(x.leaseExpiryToRestoreStartMs, 0)} | ${fmt(x.agentDeathToRunningMs, 0)} | ${x.doubles} |`),
-    `| median | | ${fmt(r.agentDeathToQemuGone.median, 0)} | ${fmt(r.leaseExpiryToRestoreStart.median, 0)} | | |`,
+    '| round | from → to | agent death → old QEMU gone (ms) | agent death → host declared dead (ms) | declared dead → restore start (ms) | agent death → restored VM running (ms) | samples with two QEMUs |',
+    '|---|---|---|---|---|---|---|',
+    ...r.runs.map((x) => `| ${x.round} | ${x.fromHost} → ${x.toHost} | ${fmt(x.agentDeathToQemuGoneMs, 0)} | ${fmt(x.agentDeathToDeclaredMs, 0)} | ${fmt(x.leaseExpiryToRestoreStartMs, 0)} | ${fmt(x.agentDeathToRunningMs, 0)} | ${x.doubles} |`),
+    `| median | | ${fmt(r.agentDeathToQemuGone.median, 0)} | ${fmt(r.agentDeathToDeclared.median, 0)} | ${fmt(r.leaseExpiryToRestoreStart.median, 0)} | ${fmt(r.agentDeathToRunning.median, 0)} | |`,
     '',
   ];
   return md;

@@ -92,7 +92,7 @@ export function registerBenchCommand(program: Command): void {
     .option('--interval <s>', 'checkpoint interval in seconds', '1')
     .option('--window <s>', 'seconds of memcheck progress measured before the kill and after the restore', '10')
     .option('--demand-only-seconds <s>', 'how long the pure on-demand (no prefetch) restore runs', '15')
-    .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, lease expiry -> restore start (0 = skip)', '3')
+    .option('--fencing-rounds <n>', 'agent-only failures in an embedded cluster: agent death -> old QEMU gone, -> host declared dead, -> restore start (0 = skip)', '3')
     .option('--fencing-only', 'run only the self-fencing rounds')
     .option('--paging-sizes <list>', 'network paging part: guest memory sizes, comma-separated ("none" skips it)', '512M,2G')
     .option('--paging-modes <list>', 'network paging part: stream controls to try, comma-separated: guard (the default rate control), none (unlimited), or a fixed MB/s', 'guard,none')

@@ -94,7 +94,7 @@ export function registerHaCommands(program: Command): void {
     .option('--id <id>', 'name announced in the election (default HOSTNAME:PID)')
     .option('--leader-ttl <seconds>', 'election lease TTL', '2')
     .option('--restore-timeout <duration>', 'a restore taking longer is retried elsewhere', '120s')
-    .option('--fence-margin <ms>', 'after a host\'s lease expiry is seen, wait this long before restoring its VMs elsewhere', '500')
+    .option('--fence-margin <ms>', 'after a host is declared dead (or its lease expiry is seen), wait this long before restoring its VMs elsewhere', '500')
     .action(async (opts: EtcdFlags & { id?: string; leaderTtl: string; restoreTimeout: string; fenceMargin: string }) => {
       const { FailoverManager } = await import('../ha/index.js');
       const m = new FailoverManager({

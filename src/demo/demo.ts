@@ -4,7 +4,7 @@ import { validateSpec, startVm, readState, waitForMemcheckStep, lastMemcheckProg
 import { checkSetup, runSetup } from '../setup/index.js';
 import { hydraHome } from '../config/paths.js';
 import { readProtection } from '../checkpoint/index.js';
-import { spawnStore } from '../store/index.js';
+import { spawnStore, type StoreProcess } from '../store/index.js';
 import { startEmbeddedCluster, stopEmbeddedCluster, protectInCluster, waitForFailover, type EmbeddedCluster, type FailoverTiming } from '../ha/index.js';
 import { BenchError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
@@ -45,23 +45,38 @@ export async function runDemo(opts: DemoOptions): Promise<void> {
     await runSetup({ log: (m: string) => say(`   ${m}`) });
   }
   const base = path.join(hydraHome(), 'demo');
+  const clusterDir = path.join(base, 'cluster');
   // Leftovers of an earlier demo run: none is the normal case.
-  await stopEmbeddedCluster(path.join(base, 'cluster')).catch(() => false);
+  await stopEmbeddedCluster(clusterDir).catch(() => false);
   fs.rmSync(base, { recursive: true, force: true });
   fs.mkdirSync(base, { recursive: true });
+
+  // Everything below outlives this process unless stopped (daemons and VMs are detached): a
+  // start still under way is awaited, then stopped; the cluster's stop takes the VMs with it.
+  let clusterP: Promise<EmbeddedCluster> | undefined;
+  let storeP: Promise<StoreProcess> | undefined;
+  const stopAll = async () => {
+    // A start that failed cleaned up after itself, and its error reaches the demo's own await.
+    const [c, st] = await Promise.all([clusterP?.catch(() => undefined), storeP?.catch(() => undefined)]);
+    await c?.stop();
+    await st?.stop();
+  };
+  const release = stopOnInterrupt(stopAll, `hydravm cluster down --dir ${clusterDir}`);
 
   say('== embedded cluster: etcd, a fail-over manager, host agents host1 and host2, a checkpoint store');
   // Lease TTL 2 s: the network-mode pager runs in the restoring agent's process, and on a
   // loaded machine paging in a 512 MB guest can hold its keepalives past a 1 s lease's
   // deadline, which makes the VM's watchdog (rightly) kill the restored QEMU.
-  const cluster = await startEmbeddedCluster({ dir: path.join(base, 'cluster'), hosts: 2, leaseTtlSec: 2 });
+  clusterP = startEmbeddedCluster({ dir: clusterDir, hosts: 2, leaseTtlSec: 2 });
   const storeLog = path.join(base, 'store.log');
-  const store = await spawnStore({ dir: path.join(base, 'store'), secretFile: cluster.secretFile, logFile: storeLog });
-  say(`   etcd ${cluster.etcdUrl}, store ${store.address} (log ${storeLog}), runtime in ${base}`);
-  const hostHome = (host: string) => cluster.hosts.find((h) => h.host === host)!.home;
-  const serialOn = (host: string) => path.join(hostHome(host), 'vms', 'demo', 'serial.log');
   let ok = false;
   try {
+    const cluster = await clusterP;
+    storeP = spawnStore({ dir: path.join(base, 'store'), secretFile: cluster.secretFile, logFile: storeLog });
+    const store = await storeP;
+    say(`   etcd ${cluster.etcdUrl}, store ${store.address} (log ${storeLog}), runtime in ${base}`);
+    const hostHome = (host: string) => cluster.hosts.find((h) => h.host === host)!.home;
+    const serialOn = (host: string) => path.join(hostHome(host), 'vms', 'demo', 'serial.log');
     const spec = demoSpec(opts);
     say(`== starting VM "${spec.name}" on host1 (${opts.memory}, memcheck writing ${opts.workingSetMb} MB)`);
     process.env.HYDRAVM_HOME = hostHome('host1');
@@ -103,11 +118,33 @@ export async function runDemo(opts: DemoOptions): Promise<void> {
     ok = true;
     say(`== done: the VM survived two failures with its memory intact${opts.keep ? ' (left running; `hydravm cluster down --dir ' + cluster.dir + '` stops it)' : ''}`);
   } finally {
-    if (!opts.keep || !ok) {
-      await cluster.stop();
-      await store.stop();
-    }
+    release();
+    if (!opts.keep || !ok) await stopAll();
   }
+}
+
+/**
+ * Ctrl-C (or SIGTERM) runs `stop` before the process ends, instead of ending
+ * it at once and leaving the detached daemons and VMs running. A second
+ * signal meanwhile is only acknowledged. Returns the function that removes
+ * the handlers.
+ */
+function stopOnInterrupt(stop: () => Promise<void>, fallback: string): () => void {
+  let stopping = false;
+  const handler = (signal: NodeJS.Signals) => {
+    if (stopping) return say(`   (${signal}: still stopping)`);
+    stopping = true;
+    say(`== ${signal}: stopping the demo's cluster, store and VM`);
+    void stop()
+      .catch((err: unknown) => say(`   stopping failed: ${(err as Error).message} (\`${fallback}\` stops what is left)`))
+      .finally(() => process.exit(130));
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return () => {
+    process.off('SIGINT', handler);
+    process.off('SIGTERM', handler);
+  };
 }
 
 function showProtection(host: string, generation: number, home: string): void {
@@ -119,7 +156,7 @@ function showProtection(host: string, generation: number, home: string): void {
 
 function showFailover(t: FailoverTiming | undefined, killedAt: number): void {
   if (!t) return say('   (no timing recorded)');
-  const what = t.cause === 'host-lost' ? 'host loss (lease expired)' : 'QEMU death';
+  const what = t.cause === 'host-lost' ? 'host loss (no heartbeat for the TTL)' : 'QEMU death';
   say(`   ${what} detected after ${ms(t.detectedAt - killedAt)}; restored on ${t.toHost}: QEMU spawn to running ${ms(t.spawnToRunningMs)}; failure to running VM ${ms((t.runningAt ?? NaN) - killedAt)}`);
 }
 

@@ -7,6 +7,8 @@ export interface AgentEvents {
   reported: [{ vm: string; state: string; generation: number; detectedAt: number; failedAt: number }];
   fenced: [{ vm: string; reason: string; self: boolean }];
   'self-fence': [{ silentMs: number }];
+  /** The manager's host-dead verdict on this host was cleared (every VM of the old incarnation is dead). */
+  revived: [{ revision: string }];
   restored: [{ vm: string; generation: number }];
   'restore-failed': [{ vm: string; generation: number; error: string }];
   protected: [{ vm: string; generation: number }];

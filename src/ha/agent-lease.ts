@@ -1,4 +1,4 @@
-// The agent's etcd lease: registering the host on it, reporting the host record, and self-fencing when keepalives stop.
+// The agent's etcd lease and heartbeat: registering the host, proving it alive (or learning it was declared dead), self-fencing when proofs stop.
 import fs from 'node:fs';
 import os from 'node:os';
 import type { Lease } from 'etcd3';
@@ -6,7 +6,7 @@ import { HaError } from '../errors.js';
 import { sleep } from '../util/sleep.js';
 import { monoNow } from '../vm/index.js';
 import type { AgentCore } from './agent-core.js';
-import { keys, type HostRecord } from './cluster.js';
+import { keys, type Heartbeat, type HostRecord } from './cluster.js';
 import { listLocalVms, type LocalVm } from './local-vm.js';
 
 export interface LeaseOptions {
@@ -19,10 +19,24 @@ export interface LeaseOptions {
   memoryBytes?: number;
   /**
    * etcd acknowledged a keepalive sent at monotonic time `sentMono` (or
-   * granted the lease): its expiry at etcd is at least sentMono + ttlMs.
+   * granted the lease), and after that a heartbeat committed while no
+   * host-dead verdict existed: the lease lives until at least sentMono +
+   * ttlMs, and the manager cannot declare the host dead before then either.
    * Feeds the VMs' watchdogs.
    */
   onProof?: (sentMono: number, ttlMs: number) => void;
+  /**
+   * The manager declared this host dead (host-dead/HOST exists): no proof
+   * comes until the agent clears it, and whatever this incarnation guarded
+   * may be restored elsewhere. The agent revokes and kills its VMs.
+   */
+  onDeclaredDead?: (reason: string) => void;
+  /**
+   * May the verdict be cleared now? Only once no VM this host guarded is
+   * alive (their restores elsewhere cannot meet them) and no assignment
+   * runs; the agent kills what is left and answers false until then.
+   */
+  readyToRevive?: () => Promise<boolean>;
   /** etcd says the lease is gone (expired): what it guarded may already be restored elsewhere. */
   onLost?: (reason: string) => void;
   /** Idle restore shells to report in the host record. */
@@ -57,6 +71,13 @@ export class AgentLease {
   private selfFenced = false;
   private lastHostReport = '';
   private lastHostReportAt = 0;
+  /** The host-dead verdict's mod revision while the manager holds this host dead. */
+  private deadRevision: string | undefined;
+  private reviving = false;
+  private heartbeatSeq = 0;
+  private heartbeatBusy = false;
+  /** A keepalive acknowledged while a heartbeat was in flight: its proof waits for the next heartbeat. */
+  private heartbeatPending: { mono: number; wall: number; ttlMs: number } | undefined;
 
   constructor(private readonly core: AgentCore, private readonly opts: LeaseOptions) {
     this.grantedTtlSec = opts.ttlSec;
@@ -64,7 +85,12 @@ export class AgentLease {
 
   /** etcd has acknowledged a keepalive within the TTL. */
   get connected(): boolean {
-    return this.leaseOk && Date.now() < this.fenceDeadline();
+    return this.leaseOk && this.deadRevision === undefined && Date.now() < this.fenceDeadline();
+  }
+
+  /** The manager holds this host dead and the agent has not cleared the verdict yet. */
+  get declaredDead(): boolean {
+    return this.deadRevision !== undefined;
   }
 
   private fenceDeadline(): number {
@@ -126,11 +152,9 @@ export class AgentLease {
     lease.on('keepaliveSucceeded', (res) => {
       const sent = this.fired.shift();
       if (sent !== undefined && lease === this.lease) {
-        this.ackedSendAt = Math.max(this.ackedSendAt, sent.wall);
         this.grantedTtlSec = Number(res.TTL) || this.grantedTtlSec;
-        this.opts.onProof?.(sent.mono, Math.min(this.opts.ttlSec, this.grantedTtlSec) * 1000);
-        if (this.selfFenced) core.log.info('etcd reachable again');
-        this.selfFenced = false;
+        // The keepalive alone proves nothing to the watchdogs: the heartbeat after it must land too.
+        void this.heartbeat({ mono: sent.mono, wall: sent.wall, ttlMs: Math.min(this.opts.ttlSec, this.grantedTtlSec) * 1000 });
       }
     });
     lease.on('lost', (err) => {
@@ -158,15 +182,145 @@ export class AgentLease {
     }
     this.lease = lease;
     this.leaseId = id;
+    // The grant is a proof only once a heartbeat lands after it (a verdict left from before is cleared first).
+    const ttlMs = Math.min(this.opts.ttlSec, this.grantedTtlSec) * 1000;
+    let beat = await this.writeHeartbeat(id, ttlMs);
+    if (!beat.ok) {
+      await this.revive(beat.deadRevision);
+      beat = await this.writeHeartbeat(id, ttlMs);
+    }
+    if (!beat.ok) {
+      this.lease = undefined;
+      lease.release();
+      throw new HaError('HYDRA_HA_HOST_DEAD', `host ${core.host} is declared dead again (host-dead revision ${beat.deadRevision}) while registering`);
+    }
     this.leaseOk = true;
-    this.ackedSendAt = Math.max(this.ackedSendAt, sentAt);
-    this.opts.onProof?.(sentMono, this.opts.ttlSec * 1000);
+    this.proven({ mono: sentMono, wall: sentAt, ttlMs });
     this.lastHostReport = '';
     await this.reportHost(true);
     await core.cluster.etcd.put(keys.knownHost(core.host)).value(JSON.stringify({ name: core.host, address: this.opts.address ?? os.hostname(), home: core.home, registeredAt: Date.now() }));
     core.log.info({ leaseId: id }, 'registered');
     core.emit('registered', { leaseId: id });
     void core.resync();
+  }
+
+  /** A heartbeat proved the lease at `p`: feed the watchdogs and the agent's own self-fence clock. */
+  private proven(p: { mono: number; wall: number; ttlMs: number }): void {
+    this.ackedSendAt = Math.max(this.ackedSendAt, p.wall);
+    this.opts.onProof?.(p.mono, p.ttlMs);
+    if (this.selfFenced) this.core.log.info('etcd reachable again');
+    this.selfFenced = false;
+  }
+
+  /**
+   * Write the heartbeat after an acknowledged keepalive; its success is the
+   * proof. One at a time: a keepalive acknowledged meanwhile is carried by
+   * the next heartbeat (a later heartbeat proves an earlier keepalive too).
+   */
+  private async heartbeat(p: { mono: number; wall: number; ttlMs: number }): Promise<void> {
+    if (this.heartbeatBusy) {
+      this.heartbeatPending = p;
+      return;
+    }
+    this.heartbeatBusy = true;
+    try {
+      let next: typeof p | undefined = p;
+      while (next) {
+        this.heartbeatPending = undefined;
+        const id = this.leaseId;
+        if (!this.lease || !id || this.deadRevision !== undefined || !this.core.running()) return;
+        try {
+          const beat = await this.writeHeartbeat(id, next.ttlMs);
+          if (beat.ok) this.proven(next);
+          else this.declaredDeadBy(beat.deadRevision);
+        } catch (err) {
+          // No proof from this keepalive: the watchdogs keep their older deadline, which is the safe side.
+          this.core.log.warn({ err: (err as Error).message }, 'heartbeat failed');
+        }
+        next = this.heartbeatPending;
+      }
+    } finally {
+      this.heartbeatBusy = false;
+    }
+  }
+
+  /**
+   * The heartbeat transaction: put heartbeats/HOST (on the lease) only if
+   * host-dead/HOST does not exist. Either it commits before the manager's
+   * verdict, whose transaction compares this key's revision and so fails,
+   * or after it, and then it does not commit: no proof follows a verdict.
+   * `ttlMs` is the TTL of the proof it carries: the manager waits that long.
+   */
+  private async writeHeartbeat(leaseId: string, ttlMs: number): Promise<{ ok: true } | { ok: false; deadRevision: string }> {
+    const e = this.core.cluster.etcd;
+    const host = this.core.host;
+    const hb: Heartbeat = { host, ttlMs, agentPid: process.pid, at: Date.now(), seq: ++this.heartbeatSeq };
+    const res = await e
+      .if(keys.hostDead(host), 'Create', '==', 0)
+      .then(e.put(keys.heartbeat(host)).value(JSON.stringify(hb)).lease(leaseId))
+      .else(e.get(keys.hostDead(host)))
+      .commit();
+    if (res.succeeded) return { ok: true };
+    const kv = res.responses[0]?.response_range?.kvs[0];
+    return { ok: false, deadRevision: kv?.mod_revision ?? '0' };
+  }
+
+  /** The heartbeat met a host-dead verdict: stop proving, let the agent kill its VMs, then clear it. */
+  private declaredDeadBy(revision: string): void {
+    if (this.deadRevision !== undefined) return;
+    this.deadRevision = revision;
+    const reason = `the manager declared host ${this.core.host} dead (no heartbeat seen for the TTL)`;
+    // revive() retries etcd by itself; it only ends early when the agent stops.
+    void this.revive(revision, reason).catch((err: Error) => this.core.log.warn({ err: err.message }, 'host-dead verdict not cleared'));
+  }
+
+  /**
+   * Come back from a host-dead verdict: kill every guarded VM (their
+   * watchdogs already starve), wait until none lives, then delete the
+   * verdict (only the one seen: a newer one starts over). Proofs resume
+   * with the next heartbeat.
+   */
+  private async revive(revision: string, reason = `the manager declared host ${this.core.host} dead`): Promise<void> {
+    if (this.reviving) {
+      while (this.reviving && this.core.running()) await sleep(50);
+      return;
+    }
+    this.reviving = true;
+    this.deadRevision ??= revision;
+    this.core.log.error({ revision }, 'host declared dead: revoking every guarded VM');
+    try {
+      this.opts.onDeclaredDead?.(reason);
+      while (this.core.running()) {
+        try {
+          if (await this.opts.readyToRevive?.() ?? true) break;
+        } catch (err) {
+          this.core.log.warn({ err: (err as Error).message }, 'cannot fence the old incarnation yet');
+        }
+        await sleep(100);
+      }
+      const e = this.core.cluster.etcd;
+      const key = keys.hostDead(this.core.host);
+      let rev = revision;
+      for (;;) {
+        if (!this.core.running()) throw new HaError('HYDRA_HA_STOPPED', 'agent stopped');
+        try {
+          const res = await e.if(key, 'Mod', '==', rev).then(e.delete().key(key)).else(e.get(key)).commit();
+          if (res.succeeded) break;
+          const kv = res.responses[0]?.response_range?.kvs[0];
+          if (!kv) break;
+          // A newer verdict (a manager that saw no heartbeat since): the VMs are dead already; clear that one.
+          rev = kv.mod_revision;
+        } catch (err) {
+          this.core.log.warn({ err: (err as Error).message }, 'cannot clear the host-dead verdict yet; retrying');
+          await sleep(200);
+        }
+      }
+      this.core.log.warn({ revision }, 'host-dead verdict cleared: every VM of the old incarnation is dead');
+      this.core.emit('revived', { revision });
+      this.deadRevision = undefined;
+    } finally {
+      this.reviving = false;
+    }
   }
 
   private hostRecord(): HostRecord {

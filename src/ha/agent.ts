@@ -130,6 +130,11 @@ export class HostAgent extends EventEmitter<AgentEvents> {
       marginMs: opts.fenceMarginMs ?? 150,
       onProof: (sentMono, ttlMs) => this.feeder.proven(sentMono, ttlMs),
       onLost: (reason) => this.feeder.leaseLost(reason),
+      onDeclaredDead: (reason) => {
+        this.feeder.leaseLost(reason);
+        for (const v of this.oldIncarnation()) void this.fence(v.name, reason, true);
+      },
+      readyToRevive: () => this.readyToRevive(),
       ...(opts.address !== undefined ? { address: opts.address } : {}),
       ...(opts.memoryBytes !== undefined ? { memoryBytes: opts.memoryBytes } : {}),
     });
@@ -248,6 +253,24 @@ export class HostAgent extends EventEmitter<AgentEvents> {
     if (stale) return { kind: 'revoke', reason: stale };
     if (this.guarded(v)) return { kind: 'guard' };
     return { kind: 'none' };
+  }
+
+  /** Local VMs under HA here (guarded, or due to die) that still live: what a verdict may see restored elsewhere. */
+  private oldIncarnation(): LocalVm[] {
+    return listLocalVms(this.home).filter((v) => v.live && v.ha?.host === this.host && this.watchdogVerdict(v).kind !== 'none');
+  }
+
+  /**
+   * After a host-dead verdict: may it be cleared? Only with no assignment
+   * running and every VM of this host dead (killed here if need be), so no
+   * proof after the clear can keep a copy alive that the manager is
+   * restoring elsewhere.
+   */
+  private async readyToRevive(): Promise<boolean> {
+    if (!this.assignments.idle) return false;
+    const left = this.oldIncarnation();
+    for (const v of left) await this.fence(v.name, 'the manager declared this host dead', true);
+    return this.oldIncarnation().length === 0;
   }
 
   private async fenceStale(): Promise<void> {

@@ -39,6 +39,11 @@ export class AssignmentRunner {
     return this.inflight.has(vm);
   }
 
+  /** No assignment runs. */
+  get idle(): boolean {
+    return this.inflight.size === 0;
+  }
+
   /**
    * Wait (at most `timeoutMs`) until no assignment runs: a restore in flight
    * when the agent stops would otherwise start a QEMU after the agent's last

@@ -123,7 +123,11 @@ export interface ClusterStatus {
 }
 
 export async function clusterStatus(cluster: Cluster, opts: { events?: number } = {}): Promise<ClusterStatus> {
-  const [leader, hosts, known, vms, events, stores] = await Promise.all([cluster.leader(), cluster.hosts(), cluster.knownHosts(), cluster.vms(), cluster.events(opts.events ?? 10), listStores(cluster)]);
+  const [leader, registered, known, vms, events, stores, verdicts] = await Promise.all([cluster.leader(), cluster.hosts(), cluster.knownHosts(), cluster.vms(), cluster.events(opts.events ?? 10), listStores(cluster), cluster.etcd.getAll().prefix(keys.hostDeadPrefix).keys()]);
+  // A host the manager declared dead counts as dead until its agent clears the verdict, whatever its lease says.
+  const dead = new Set(verdicts.map((k) => k.slice(keys.hostDeadPrefix.length)));
+  const hosts = new Map([...registered].filter(([h]) => !dead.has(h)));
+  for (const h of dead) if (registered.has(h) && !known.has(h)) known.set(h, { name: h, address: registered.get(h)!.address, home: registered.get(h)!.home, registeredAt: 0 });
   const all: HostStatus[] = [...hosts.values()].map((h) => ({ ...h, alive: true as const }));
   for (const k of known.values()) if (!hosts.has(k.name)) all.push({ ...k, alive: false as const });
   return {

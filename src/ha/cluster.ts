@@ -10,6 +10,12 @@ import { etcdSecurityOptions, type EtcdCredentials } from './etcd-credentials.js
  *
  *   /hydravm/hosts/HOST               HostRecord, attached to the agent's lease (TTL ~1 s):
  *                                     the key exists exactly while the host is alive
+ *   /hydravm/heartbeats/HOST          Heartbeat, on the agent's lease: rewritten after each acknowledged
+ *                                     keepalive, by a transaction that succeeds only while
+ *                                     host-dead/HOST does not exist (the agent's liveness proof)
+ *   /hydravm/host-dead/HOST           HostDead: the manager's verdict that HOST is dead, written when
+ *                                     the heartbeat stayed unchanged for the TTL; cleared by the
+ *                                     host's agent once every VM of its old incarnation is dead
  *   /hydravm/known-hosts/HOST         KnownHost: every host ever registered (no lease), so
  *                                     status can show dead hosts too
  *   /hydravm/vms/VM                   VmRecord: where the VM runs, its generation, its state
@@ -29,6 +35,10 @@ const pad = (n: number) => String(n).padStart(10, '0');
 export const keys = {
   hostsPrefix: `${PREFIX}hosts/`,
   host: (host: string) => `${PREFIX}hosts/${host}`,
+  heartbeatsPrefix: `${PREFIX}heartbeats/`,
+  heartbeat: (host: string) => `${PREFIX}heartbeats/${host}`,
+  hostDeadPrefix: `${PREFIX}host-dead/`,
+  hostDead: (host: string) => `${PREFIX}host-dead/${host}`,
   knownHostsPrefix: `${PREFIX}known-hosts/`,
   knownHost: (host: string) => `${PREFIX}known-hosts/${host}`,
   vmsPrefix: `${PREFIX}vms/`,
@@ -49,6 +59,35 @@ export const keys = {
   storeStandbyPrefix: `${PREFIX}stores/standby/`,
   storeStandby: (name: string) => `${PREFIX}stores/standby/${name}`,
 } as const;
+
+/** An agent's liveness proof (heartbeats/HOST); the manager reads only its revision and `ttlMs`. */
+export interface Heartbeat {
+  host: string;
+  /** The agent's lease TTL, ms: its VMs' watchdogs expire at most this long after the keepalive this heartbeat follows. */
+  ttlMs: number;
+  agentPid: number;
+  /** The agent's wall clock when it sent the heartbeat (informational: the manager times with its own clock). */
+  at: number;
+  /** Heartbeats this agent process has written (informational). */
+  seq: number;
+}
+
+/** The manager's verdict on a silent host (host-dead/HOST). */
+export interface HostDead {
+  host: string;
+  /** The manager that wrote it. */
+  by: string;
+  /** The heartbeat revision it compared (the newest it had seen). */
+  heartbeatRevision: string;
+  /** The manager's wall clock when it first saw that revision, and when it wrote this. */
+  heartbeatSeenAt: number;
+  at: number;
+  /** The same two moments on the manager's CLOCK_MONOTONIC (comparable only on its machine). */
+  heartbeatSeenMono: number;
+  atMono: number;
+  /** The heartbeat's TTL the manager waited out, ms. */
+  ttlMs: number;
+}
 
 export interface KnownHost {
   name: string;
@@ -155,7 +194,7 @@ export interface FailoverTiming {
   cause: 'qemu-died' | 'host-lost' | 'restore-failed' | 'stale';
   /** QEMU's exit as the supervisor recorded it (crash), or the last sign of life. */
   failedAt?: number;
-  /** When the agent (crash) or the manager (lease expiry) noticed the failure. */
+  /** When the agent (crash) or the manager (host-dead verdict, or lease expiry) noticed the failure. */
   detectedAt: number;
   /** When the manager saw it. */
   managerSawAt?: number;

@@ -11,6 +11,8 @@ import { startEtcd, stopPid } from './etcd-process.js';
 import { pidAlive } from '../util/pid.js';
 import { inNetns, removeNetns, type NetnsLayout } from './netns.js';
 import { sleep } from '../util/sleep.js';
+import { fenceLocalVm } from './fence.js';
+import { listLocalVms } from './local-vm.js';
 import { spawnClusterStore, stopClusterStores, waitStoresRegistered, type ClusterStoreInfo } from './cluster-stores.js';
 
 /**
@@ -265,6 +267,14 @@ export async function stopEmbeddedCluster(dir = defaultClusterDir()): Promise<bo
   const who = (d: DaemonInfo, fallback: string[]) => ({ cmdline: d.args?.length ? d.args : fallback });
   if (info.manager) await stopPid(info.manager.pid, 3000, who(info.manager, ['manager']));
   await Promise.all(info.hosts.map((h) => stopPid(h.pid, 5000, who(h, ['agent', '--host', h.host]))));
+  // An agent fences its guarded VMs when it stops, but not a VM it never guarded (started on the host,
+  // not yet protected), nor any when it was killed after its grace (mid-restore, a checkpointer just
+  // spawned): whatever still runs of a host's VMs, QEMU, supervisor or checkpointer, dies with the cluster.
+  for (const h of info.hosts) {
+    for (const v of listLocalVms(h.home)) {
+      if (v.live || (v.protection?.pid !== undefined && pidAlive(v.protection.pid))) await fenceLocalVm(h.home, v.name, 'cluster stopped');
+    }
+  }
   if (info.stores) await stopClusterStores(info.stores);
   else if (info.store) await stopPid(info.store.pid, 3000, { cmdline: ['store', '--dir', info.store.dir] });
   if (info.etcdMembers) await Promise.all(info.etcdMembers.map((m) => stopPid(m.pid, 3000, { cmdline: ['--data-dir', path.join(path.resolve(dir), 'etcd', m.name.replace(/^etcd-/, ''))] })));

@@ -5,7 +5,7 @@
 export { startEtcd, waitEtcdHealthy, findEtcd, freePort, etcdHealthy, type EtcdProcess, type EtcdOptions } from './etcd-process.js';
 export {
   Cluster, connectEtcd, keys, PREFIX, deriveTiming,
-  type ClusterOptions, type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned,
+  type ClusterOptions, type HostRecord, type KnownHost, type VmRecord, type VmHaState, type Assignment, type FailoverTiming, type ClusterEvent, type RestoreMode, type Versioned, type Heartbeat, type HostDead,
 } from './cluster.js';
 export { HostAgent, startAgent, type AgentOptions } from './agent.js';
 export { etcdSecurityOptions, credentialsFrom, type EtcdCredentials } from './etcd-credentials.js';

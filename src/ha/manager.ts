@@ -1,9 +1,10 @@
+// The fail-over manager: elected among many, it declares silent hosts dead and restores their VMs elsewhere.
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
 import type { Etcd3, Campaign, Watcher } from 'etcd3';
 import type { Logger } from 'pino';
 import { log as rootLog } from '../util/log.js';
-import { Cluster, type ClusterOptions, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
+import { Cluster, type ClusterOptions, FAILOVER_PENDING, ON_HOST, PREFIX, keys, type Assignment, type FailoverTiming, type Heartbeat, type HostDead, type HostRecord, type Versioned, type VmRecord } from './cluster.js';
 import { placeVm, reservations, DEFAULT_HEADROOM } from './placement.js';
 import { shellKey } from '../vm/index.js';
 import { HaError } from '../errors.js';
@@ -17,7 +18,10 @@ import { sleep } from '../util/sleep.js';
  *
  * The active manager fails a VM over when
  *  - its agent reported its QEMU dead (state `crashed`), or
- *  - its host's lease expired (/hydravm/hosts/HOST deleted), or
+ *  - its host was declared dead: the manager saw no new heartbeat from it
+ *    for the TTL and wrote host-dead/HOST (the agent's side is in
+ *    agent-lease.ts; the arithmetic in docs/ha.md), or
+ *  - its host's lease expired (/hydravm/hosts/HOST deleted: the backstop), or
  *  - a restore failed (state `restore-failed`) or hangs past `restoreTimeoutMs`.
  * A VM is given up (`lost`) only when there is no image to restore. Restores
  * that keep failing are retried for as long as a live host has room: after
@@ -102,6 +106,19 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
   private marginTimer: NodeJS.Timeout | undefined;
   /** Backed-off VMs: when (monotonic) the failed restore was first seen, keyed by VM and generation. */
   private failedSeen = new Map<string, number>();
+  /** When marginTimer fires (monotonic): an earlier margin replaces it. */
+  private marginDue = Infinity;
+  /**
+   * Each host's newest heartbeat revision this manager saw, and when it saw
+   * it on its own clocks: the host is declared dead ttlMs after `seenMono`.
+   */
+  private beats = new Map<string, { revision: string; seenMono: number; seenAt: number; ttlMs: number }>();
+  /** host-dead verdicts as last read: host → mod revision. */
+  private dead = new Map<string, string>();
+  private beatTimer: NodeJS.Timeout | undefined;
+  private declaring = false;
+  /** After a failed verdict transaction (etcd away), not before this monotonic time: no busy loop on a refused connection. */
+  private beatRetryMono = 0;
   private lastNoCapacity = new Map<string, { reason: string; at: number }>();
   private lastPrune = 0;
 
@@ -192,12 +209,20 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     const w1 = await this.cluster.etcd.watch().prefix(keys.hostsPrefix).create();
     w1.on('delete', (kv) => {
       const host = kv.key.toString().slice(keys.hostsPrefix.length);
-      this.hostLostAt.set(host, Date.now());
+      // The first sign counts (a verdict may have come before the expiry).
+      if (!this.hostLostAt.has(host)) this.hostLostAt.set(host, Date.now());
       if (!this.hostLostMono.has(host)) this.hostLostMono.set(host, monoNow());
       this.log.warn({ host }, 'host lease expired');
+      // The verdict follows the expiry too, so a returning agent always meets (and clears) one.
+      void this.declareDead(host, { revision: '0', seenMono: monoNow(), seenAt: Date.now(), ttlMs: 0 });
       trigger();
     });
-    w1.on('put', trigger);
+    w1.on('put', (kv) => {
+      // Registered again and not held dead: a later death counts afresh.
+      const host = kv.key.toString().slice(keys.hostsPrefix.length);
+      if (!this.dead.has(host)) this.forgetLoss(host);
+      trigger();
+    });
     w1.on('connected', trigger);
     w1.on('error', () => undefined);
     const w2 = await this.cluster.etcd.watch().prefix(keys.vmsPrefix).create();
@@ -211,10 +236,38 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     });
     w2.on('connected', trigger);
     w2.on('error', () => undefined);
-    this.watchers.push(w1, w2);
+    const w3 = await this.cluster.etcd.watch().prefix(keys.heartbeatsPrefix).create();
+    w3.on('put', (kv) => this.sawHeartbeat(kv.key.toString().slice(keys.heartbeatsPrefix.length), kv.mod_revision, kv.value.toString()));
+    w3.on('delete', (kv) => {
+      this.beats.delete(kv.key.toString().slice(keys.heartbeatsPrefix.length));
+      this.armBeatTimer();
+    });
+    // After a reconnection, a heartbeat missed meanwhile makes the verdict's transaction fail and is read then.
+    w3.on('error', () => undefined);
+    const w4 = await this.cluster.etcd.watch().prefix(keys.hostDeadPrefix).create();
+    w4.on('put', (kv) => {
+      this.sawVerdict(kv.key.toString().slice(keys.hostDeadPrefix.length), kv.mod_revision);
+      trigger();
+    });
+    w4.on('delete', (kv) => {
+      this.verdictCleared(kv.key.toString().slice(keys.hostDeadPrefix.length));
+      trigger();
+    });
+    w4.on('connected', trigger);
+    w4.on('error', () => undefined);
+    this.watchers.push(w1, w2, w3, w4);
+    // Every heartbeat already there counts from now: this manager never saw an older one.
+    try {
+      const [hb, dead] = await Promise.all([this.cluster.etcd.getAll().prefix(keys.heartbeatsPrefix).exec(), this.cluster.etcd.getAll().prefix(keys.hostDeadPrefix).exec()]);
+      for (const kv of dead.kvs) this.sawVerdict(kv.key.toString().slice(keys.hostDeadPrefix.length), kv.mod_revision);
+      for (const kv of hb.kvs) this.sawHeartbeat(kv.key.toString().slice(keys.heartbeatsPrefix.length), kv.mod_revision, kv.value.toString());
+    } catch (err) {
+      // Unreadable now: the watches deliver the next heartbeats, and the lease stays the backstop.
+      this.log.warn({ err: (err as Error).message }, 'cannot read heartbeats yet');
+    }
     if (!current()) {
       // Stopped or deposed while we were setting up.
-      await Promise.race([Promise.all([w1.cancel(), w2.cancel()]).catch(() => undefined), sleep(1000)]);
+      await Promise.race([Promise.all([w1.cancel(), w2.cancel(), w3.cancel(), w4.cancel()]).catch(() => undefined), sleep(1000)]);
       this.leaderKey = undefined;
       if (this.campaign === c || !this.running) {
         if (this.timer) clearInterval(this.timer);
@@ -231,6 +284,12 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     if (this.timer) clearInterval(this.timer);
     if (this.marginTimer) clearTimeout(this.marginTimer);
     this.marginTimer = undefined;
+    this.marginDue = Infinity;
+    if (this.beatTimer) clearTimeout(this.beatTimer);
+    this.beatTimer = undefined;
+    // A later term starts its heartbeat clocks from its own first observations.
+    this.beats.clear();
+    this.dead.clear();
     this.timer = undefined;
     const ws = this.watchers;
     this.watchers = [];
@@ -239,6 +298,118 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     if (was) {
       this.log.warn({ reason }, 'no longer the active manager');
       this.emit('deposed', { id: this.id, reason });
+    }
+  }
+
+  /** A heartbeat of `host` at `revision`: its TTL counts again from now (only a newer revision moves it). */
+  private sawHeartbeat(host: string, revision: string, value: string): void {
+    if (!this.leaderKey) return;
+    const prev = this.beats.get(host);
+    if (prev && Number(prev.revision) >= Number(revision)) return;
+    let ttlMs = prev?.ttlMs ?? 0;
+    try {
+      ttlMs = Number((JSON.parse(value) as Heartbeat).ttlMs) || ttlMs;
+    } catch {
+      // Not a heartbeat this version writes: keep the TTL known, if any.
+    }
+    if (!(ttlMs > 0)) return;
+    this.beats.set(host, { revision, seenMono: monoNow(), seenAt: Date.now(), ttlMs });
+    this.armBeatTimer();
+  }
+
+  /** A host-dead verdict exists (ours or found): the fencing margin counts from its first observation here. */
+  private sawVerdict(host: string, revision: string): void {
+    if (!this.leaderKey) return;
+    this.dead.set(host, revision);
+    if (!this.hostLostMono.has(host)) this.hostLostMono.set(host, monoNow());
+    if (!this.hostLostAt.has(host)) this.hostLostAt.set(host, Date.now());
+  }
+
+  /** The host's agent cleared its verdict (its old VMs are dead): its heartbeat clock restarts now. */
+  private verdictCleared(host: string): void {
+    this.dead.delete(host);
+    this.forgetLoss(host);
+    const b = this.beats.get(host);
+    if (b) this.beats.set(host, { ...b, seenMono: monoNow(), seenAt: Date.now() });
+    this.armBeatTimer();
+  }
+
+  /** The host is back: its next death is timed from its own first sign. */
+  private forgetLoss(host: string): void {
+    this.hostLostMono.delete(host);
+    this.hostLostAt.delete(host);
+  }
+
+  /** Wake up when the next live host's heartbeat is a TTL old. */
+  private armBeatTimer(): void {
+    if (!this.leaderKey) return;
+    if (this.beatTimer) clearTimeout(this.beatTimer);
+    this.beatTimer = undefined;
+    let next = Infinity;
+    for (const [host, b] of this.beats) if (!this.dead.has(host)) next = Math.min(next, b.seenMono + b.ttlMs);
+    if (next === Infinity) return;
+    next = Math.max(next, this.beatRetryMono);
+    this.beatTimer = setTimeout(() => void this.declareSilentHosts(), Math.max(0, Math.ceil(next - monoNow())));
+  }
+
+  /** Declare dead every host whose newest heartbeat this manager saw is a TTL old. */
+  private async declareSilentHosts(): Promise<void> {
+    this.beatTimer = undefined;
+    if (this.declaring || !this.leaderKey) return;
+    this.declaring = true;
+    try {
+      const now = monoNow();
+      const silent = [...this.beats].filter(([host, b]) => !this.dead.has(host) && now >= b.seenMono + b.ttlMs);
+      await Promise.all(silent.map(([host, b]) => this.declareDead(host, b)));
+    } finally {
+      this.declaring = false;
+      this.armBeatTimer();
+    }
+  }
+
+  /**
+   * The verdict: create host-dead/HOST only if the heartbeat is still at the
+   * revision seen a TTL ago (and this manager still leads); after a lease
+   * expiry (revision '0'), only if no heartbeat exists (none can commit on
+   * an expired lease, and a new lease's heartbeat makes it fail). A heartbeat that
+   * landed meanwhile makes it fail; one sent after it cannot land (the
+   * agent's transaction requires the verdict absent), so the agent's last
+   * proof is older than what was seen, and its watchdogs expire before now.
+   */
+  private async declareDead(host: string, b: { revision: string; seenMono: number; seenAt: number; ttlMs: number }): Promise<void> {
+    const lk = this.leaderKey;
+    if (!lk) return;
+    const e = this.cluster.etcd;
+    const verdict: HostDead = { host, by: this.id, heartbeatRevision: b.revision, heartbeatSeenAt: b.seenAt, heartbeatSeenMono: b.seenMono, at: Date.now(), atMono: monoNow(), ttlMs: b.ttlMs };
+    try {
+      const res = await e
+        .if(keys.heartbeat(host), b.revision === '0' ? 'Create' : 'Mod', '==', b.revision === '0' ? 0 : b.revision)
+        .and(keys.hostDead(host), 'Create', '==', 0)
+        .and(lk.key, 'Create', '==', lk.createRevision)
+        .then(e.put(keys.hostDead(host)).value(JSON.stringify(verdict)))
+        .else(e.get(keys.heartbeat(host)), e.get(keys.hostDead(host)))
+        .commit();
+      if (res.succeeded) {
+        // Unless the lease's expiry was seen first (its own margin already runs), the margin counts from the answer, not the request: later is the safe side.
+        this.sawVerdict(host, res.header.revision);
+        const why = b.revision === '0' ? 'its lease expired' : `no heartbeat for ${b.ttlMs} ms`;
+        this.log.warn({ host, silentMs: Math.round(monoNow() - b.seenMono), ttlMs: b.ttlMs }, `host declared dead: ${why}`);
+        // Events are an advisory log for `cluster status`; the verdict is the key itself.
+        await this.cluster.addEvent({ kind: 'host-dead', host, message: `host ${host} declared dead: ${why}` }).catch(() => undefined);
+        void this.reconcile();
+        return;
+      }
+      const hb = res.responses[0]?.response_range?.kvs[0];
+      const dead = res.responses[1]?.response_range?.kvs[0];
+      if (dead) this.sawVerdict(host, dead.mod_revision);
+      if (b.revision === '0') return;
+      if (!hb) this.beats.delete(host);
+      // A heartbeat the watch has not delivered yet: it counts from now.
+      else this.sawHeartbeat(host, hb.mod_revision, hb.value.toString());
+    } catch (err) {
+      // etcd unreachable or slow: the next timer tries again (the lease expiry stays the backstop).
+      this.log.warn({ host, err: (err as Error).message }, 'cannot declare the host dead yet');
+      this.beatRetryMono = monoNow() + 200;
     }
   }
 
@@ -271,10 +442,24 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       this.campaign?.emit('error', new HaError('HYDRA_HA_ELECTION_LOST', 'election key is gone'));
       return;
     }
-    const [hosts, vms] = await Promise.all([this.cluster.hosts(), this.cluster.vms()]);
+    const [registered, vms, verdicts] = await Promise.all([this.cluster.hosts(), this.cluster.vms(), this.cluster.etcd.getAll().prefix(keys.hostDeadPrefix).exec()]);
+    const before = this.dead;
+    this.dead = new Map(verdicts.kvs.map((kv) => [kv.key.toString().slice(keys.hostDeadPrefix.length), kv.mod_revision]));
+    // A verdict written after this read (seen by its watch or written here) stands.
+    for (const [h, rev] of before) if (Number(rev) > Number(verdicts.header.revision)) this.dead.set(h, rev);
+    for (const [h, rev] of this.dead) this.sawVerdict(h, rev);
+    // Cleared before its watch event came: the heartbeat clock restarts here too.
+    for (const h of before.keys()) if (!this.dead.has(h)) this.verdictCleared(h);
+    // A host declared dead is no place for a restore, whatever its lease says.
+    const hosts = new Map([...registered].filter(([h]) => !this.dead.has(h)));
     const reserved = reservations([...vms.values()].map((v) => v.value));
     const now = Date.now();
-    for (const h of [...this.hostLostMono.keys()]) if (hosts.has(h)) this.hostLostMono.delete(h);
+    for (const h of [...this.hostLostMono.keys()]) {
+      if (hosts.has(h)) {
+        this.hostLostMono.delete(h);
+        this.hostLostAt.delete(h);
+      }
+    }
     for (const k of [...this.failedSeen.keys()]) {
       const at = k.lastIndexOf('@');
       const cur = vms.get(k.slice(0, at))?.value;
@@ -322,9 +507,12 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     }
     const left = lost + (this.opts.fenceMarginMs ?? DEFAULT_FENCE_MARGIN_MS) - now;
     if (left <= 0) return true;
-    if (!this.marginTimer) {
+    if (!this.marginTimer || now + left < this.marginDue) {
+      if (this.marginTimer) clearTimeout(this.marginTimer);
+      this.marginDue = now + left;
       this.marginTimer = setTimeout(() => {
         this.marginTimer = undefined;
+        this.marginDue = Infinity;
         void this.reconcile();
       }, Math.ceil(left) + 5);
     }
@@ -474,10 +662,14 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       detectionMs: failedAt !== undefined ? detectedAt - failedAt : undefined,
     };
     const e = this.cluster.etcd;
-    const res = await e
+    const txn = e
       .if(keys.vm(r.name), 'Mod', '==', v.modRevision)
       .and(keys.generation(r.name), 'Mod', '==', counter.modRevision)
-      .and(lk.key, 'Create', '==', lk.createRevision)
+      .and(lk.key, 'Create', '==', lk.createRevision);
+    // Restoring on a verdict: only while it stands (a revived host cleared it only once its VMs were dead, but do not lean on that alone).
+    const verdict = hostLost ? this.dead.get(r.host) : undefined;
+    if (verdict !== undefined) txn.and(keys.hostDead(r.host), 'Mod', '==', verdict);
+    const res = await txn
       .then(
         e.put(keys.generation(r.name)).value(String(generation)),
         e.put(keys.vm(r.name)).value(JSON.stringify(record)),

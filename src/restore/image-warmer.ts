@@ -1,7 +1,6 @@
 // File mode's background prefetch: the restored image file is brought into the page cache, hottest regions first, while the guest runs.
 import fs from 'node:fs';
-import { loadNative } from '../native/index.js';
-import { populatedRunsOf, type DirtyRun } from '../tracker/index.js';
+import { fileDataRunsOf, warmFileRuns, type DirtyRun } from '../tracker/index.js';
 import { vmLog } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
 import { GuestDelay } from './guest-delay.js';
@@ -60,7 +59,7 @@ export class ImageWarmer {
     try {
       fd = fs.openSync(opts.file, 'r');
       const size = fs.fstatSync(fd).size;
-      return new ImageWarmer(opts, fd, warmOrder(populatedRunsOf(loadNative(), fd, 0, size), opts.hotOffsets ?? [], size));
+      return new ImageWarmer(opts, fd, warmOrder(fileDataRunsOf(fd, size), opts.hotOffsets ?? [], size));
     } catch (err) {
       if (fd >= 0) fs.closeSync(fd);
       vmLog(opts.vm).warn({ file: opts.file, err: (err as Error).message }, 'image warming not started: the guest pages its memory in on first touch');
@@ -74,7 +73,6 @@ export class ImageWarmer {
   }
 
   private async run(): Promise<ImageWarmStats> {
-    const native = loadNative();
     const t0 = performance.now();
     const delay = new GuestDelay(this.opts.qemuPid);
     const maxDelay = this.opts.maxGuestDelay ?? 0.05;
@@ -91,9 +89,7 @@ export class ImageWarmer {
           this.stats.throttledMs += performance.now() - tw;
           delay.sample();
         }
-        const flat = new Float64Array(batch.length * 2);
-        batch.forEach((r, i) => { flat[2 * i] = r.offset; flat[2 * i + 1] = r.length; });
-        this.stats.bytesWarmed += await native.warmFileRuns(this.fd, flat);
+        this.stats.bytesWarmed += await warmFileRuns(this.fd, batch);
         if (this.opts.onProgress && performance.now() - lastReport > 1000) {
           lastReport = performance.now();
           this.opts.onProgress(`VM ${this.opts.vm}: image cached ${mb(this.stats.bytesWarmed)} of ${mb(this.stats.bytesTotal)} MB`);

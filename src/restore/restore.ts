@@ -121,16 +121,34 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
   // Fence first, before a single byte of the image is read: once generation g+1 is
   // registered the store refuses every commit of older incarnations and has waited
   // for the one in flight, so the epoch read below can no longer move.
-  const newGeneration = opts.newGeneration ?? (await nextGenerationAt(opts).catch((err: unknown) => { throw unreachable(err); }));
-  if (!Number.isInteger(newGeneration) || newGeneration < 1 || newGeneration > 0xffffffff) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${newGeneration} is outside 1..${0xffffffff}`);
-  const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: newGeneration, role: 'checkpointer' })
-    .catch((err: unknown) => { throw err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION' ? err : unreachable(err); });
-  await fence.close();
-  const tFence = performance.now();
-  await hooks.afterFence?.();
-
-  const client = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
+  const openReader = () => StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: opts.generation ?? 0, role: 'reader' })
     .catch((err: unknown) => { throw unreachable(err); });
+  // With the generation named, the reader's connection is bound to it whatever commits meanwhile, and
+  // reads nothing before the fence: its handshake runs beside the fence's. Without, the store binds it
+  // to the newest committed generation when it connects, which must be after the fence.
+  let readerP = opts.generation !== undefined ? openReader() : undefined;
+  // Awaited below; this only keeps a rejection while the fence runs from being unhandled.
+  readerP?.catch(() => undefined);
+  let newGeneration: number;
+  let tFence: number;
+  try {
+    newGeneration = opts.newGeneration ?? (await nextGenerationAt(opts).catch((err: unknown) => { throw unreachable(err); }));
+    if (!Number.isInteger(newGeneration) || newGeneration < 1 || newGeneration > 0xffffffff) throw new RestoreError('HYDRA_RESTORE_BAD_ARGS', `VM "${opts.vm}": new generation ${newGeneration} is outside 1..${0xffffffff}`);
+    const fence = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: newGeneration, role: 'checkpointer' })
+      .catch((err: unknown) => { throw err instanceof HydraError && err.code === 'HYDRA_STORE_STALE_GENERATION' ? err : unreachable(err); });
+    // The WELCOME came after the registration was durable: the fence holds. Its connection's
+    // end is not waited for (a round trip), and a failed close changes nothing.
+    void fence.close().catch(() => undefined);
+    tFence = performance.now();
+    await hooks.afterFence?.();
+  } catch (err) {
+    // The fence's error is the one to report; the reader opened beside it is closed (its own failure is moot).
+    const r = await readerP?.catch(() => undefined);
+    void r?.close().catch(() => undefined);
+    throw err;
+  }
+  const client = await (readerP ?? openReader());
+  readerP = undefined;
   let keepClient = false;
   let devstateFile: string | undefined;
   /** Started early, consumed once QEMU is there; whatever is left unconsumed is undone in `finally`. */
@@ -175,7 +193,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     const accel = chooseAccel(checked.spec.accel, checked.spec.name);
     const wantShell = (opts.shell ?? 'auto') === 'auto';
     if (wantShell && meta.disks.length === 0 && !opts.diskFiles) {
-      earlyHandoff = startHandoff(opts, checked.spec, accel, [], [], checked.layerDir);
+      earlyHandoff = startHandoff(opts, checked.spec, accel, [], [], checked.layerDir, checked.nicPorts);
       // Awaited below (or in the finally); this only keeps an early rejection from being unhandled.
       earlyHandoff.catch(() => undefined);
     }
@@ -227,7 +245,7 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
     let state: VmState | undefined;
     let adoptMs: number | undefined;
     if (wantShell) {
-      const h = await (earlyHandoff ?? startHandoff(opts, spec, accel, diskFiles, diskSizes, layerDir ?? checked.layerDir));
+      const h = await (earlyHandoff ?? startHandoff(opts, spec, accel, diskFiles, diskSizes, layerDir ?? checked.layerDir, checked.nicPorts));
       earlyHandoff = undefined;
       if ('reason' in h) shell = { used: false, ...(h.key ? { key: h.key } : {}), reason: h.reason };
       else {
@@ -245,6 +263,8 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
           incomingDefer: true,
           diskFiles,
           layerDir: layerDir ?? checked.layerDir,
+          // The source's NIC layout: the device state only loads into the same PCI topology.
+          nicPorts: checked.nicPorts,
         },
       });
     }
@@ -382,11 +402,11 @@ export async function restoreVm(opts: RestoreOptions, hooks: RestoreTestHooks = 
  * Never throws: a refusal or a failure after adoption (whose QEMU is stopped
  * here) comes back as the reason for a cold start.
  */
-async function startHandoff(opts: RestoreOptions, spec: VmSpec, accel: Accel, diskFiles: string[] | undefined, diskSizes: number[] | undefined, layerDir: string | undefined): Promise<(Handoff & { key: string; ms: number }) | { reason: string; key?: string }> {
-  const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes) : { reason: 'disk overlays given by the caller (sizes unknown)' };
+async function startHandoff(opts: RestoreOptions, spec: VmSpec, accel: Accel, diskFiles: string[] | undefined, diskSizes: number[] | undefined, layerDir: string | undefined, nicPorts: boolean): Promise<(Handoff & { key: string; ms: number }) | { reason: string; key?: string }> {
+  const cfg = diskSizes ? shellConfigOf(spec, accel, diskSizes, nicPorts) : { reason: 'disk overlays given by the caller (sizes unknown)' };
   if ('reason' in cfg) return { reason: cfg.reason };
   const key = shellKey(cfg.config);
-  const launch: QemuLaunchOptions = { accel, ram: { kind: 'memfd' }, incomingDefer: true, ...(diskFiles ? { diskFiles } : {}), ...(layerDir ? { layerDir } : {}) };
+  const launch: QemuLaunchOptions = { accel, ram: { kind: 'memfd' }, incomingDefer: true, nicPorts: true, ...(diskFiles ? { diskFiles } : {}), ...(layerDir ? { layerDir } : {}) };
   const t0 = performance.now();
   try {
     const h = await handOff(spec, launch, key, diskFiles ?? []);
@@ -406,6 +426,7 @@ export interface RestoreTestHooks {
 
 /** The heat record's region offsets (advisory: none on any error). */
 async function hotRegionsOf(client: StoreClient, meta: StoreMeta): Promise<number[]> {
+  // Advisory: the heat record only orders the warming; without it the file is read in address order.
   const regions = await client.getHotRegions(meta.generation, 65536).catch(() => []);
   return regions.map((r) => r.offset).filter((o) => Number.isSafeInteger(o) && o >= 0 && o < meta.ramSize);
 }
@@ -413,11 +434,9 @@ async function hotRegionsOf(client: StoreClient, meta: StoreMeta): Promise<numbe
 /** The store's highest generation for the VM plus one. */
 async function nextGenerationAt(opts: RestoreOptions): Promise<number> {
   const c = await StoreClient.connect({ address: opts.store, secret: opts.secret, vm: opts.vm, generation: 0, role: 'reader' });
-  try {
-    return c.welcome.highestGeneration + 1;
-  } finally {
-    await c.close();
-  }
+  // Only the WELCOME was needed: its connection's end is not waited for, and a failed close changes nothing.
+  void c.close().catch(() => undefined);
+  return c.welcome.highestGeneration + 1;
 }
 
 /** Poll the incoming migration (events need a capability; polling is simpler and just as fast here). */

@@ -1,5 +1,5 @@
-// Restoring into a pre-started restore shell: adopt it, point its disks at the restore overlays.
-import { adoptShell, idleShellsFor, placeholderNode, SHELL_THROTTLE_GROUP, type QemuLaunchOptions, type VmSpec, type VmState } from '../vm/index.js';
+// Restoring into a pre-started restore shell: adopt it, point its disks at the restore overlays, plug in its NICs.
+import { adoptShell, idleShellsFor, nicDevices, placeholderNode, prepareNics, SHELL_THROTTLE_GROUP, type QemuLaunchOptions, type VmSpec, type VmState } from '../vm/index.js';
 import { connectWhenReady } from '../qmp/index.js';
 import { vmPaths } from '../vm/index.js';
 
@@ -10,12 +10,16 @@ export interface Handoff {
 
 /**
  * Take the oldest idle shell with `key` (another restore may win a race for
- * one; the next is tried) and give it the VM's disks: each restore overlay is
+ * one; the next is tried) and give it the VM's devices. Each restore overlay is
  * opened with blockdev-add (inactive, as every node is while QEMU waits for
  * its incoming state) and the throttle filter the device is attached to is
- * reopened onto it; the placeholder goes. Returns undefined, with the reason,
- * when no shell could be adopted; a failure after adoption throws (the VM's
- * QEMU is then the caller's to stop).
+ * reopened onto it; the placeholder goes. Each NIC's tap is created on its
+ * bridge, opened with netdev_add, and the device (the VM's MAC) plugged into
+ * the shell's empty root port, the slot it has at the source: the incoming
+ * device state then loads into the same device at the same address. Returns
+ * undefined, with the reason, when no shell could be adopted; a failure after
+ * adoption throws (the VM's QEMU is then the caller's to stop; its supervisor
+ * removes the taps made here).
  */
 export async function handOff(spec: VmSpec, launch: QemuLaunchOptions, key: string, diskFiles: string[]): Promise<Handoff | { reason: string }> {
   const idle = idleShellsFor(key);
@@ -33,20 +37,36 @@ export async function handOff(spec: VmSpec, launch: QemuLaunchOptions, key: stri
     }
   }
   if (!adopted) return { reason: `no restore shell could be adopted: ${refusals.join('; ')}` };
-  if (diskFiles.length > 0) {
-    const qmp = await connectWhenReady(vmPaths(spec.name).hydraQmpSocket, { label: `VM ${spec.name}`, deadlineMs: 5000 });
-    try {
-      for (let i = 0; i < diskFiles.length; i++) {
-        await qmp.execute('blockdev-add', {
-          driver: 'qcow2', 'node-name': `disk${i}-top`,
-          file: { driver: 'file', filename: diskFiles[i], 'node-name': `disk${i}-file`, cache: { direct: false } },
-        });
-      }
+  const nics = spec.nics ?? [];
+  if (diskFiles.length === 0 && nics.length === 0) return adopted;
+  // The taps are made while the monitor connects (a few `ip` runs each).
+  const taps = prepareNics(spec);
+  // Settled here so an early failure leaves no unhandled rejection; awaited below.
+  taps.catch(() => undefined);
+  // Whatever fails, the taps are settled before the caller stops the VM, so its supervisor removes all of them.
+  const settled = () => taps.then(() => undefined, () => undefined);
+  const qmp = await connectWhenReady(vmPaths(spec.name).hydraQmpSocket, { label: `VM ${spec.name}`, deadlineMs: 5000 })
+    .catch(async (err: unknown) => { await settled(); throw err; });
+  try {
+    for (let i = 0; i < diskFiles.length; i++) {
+      await qmp.execute('blockdev-add', {
+        driver: 'qcow2', 'node-name': `disk${i}-top`,
+        file: { driver: 'file', filename: diskFiles[i], 'node-name': `disk${i}-file`, cache: { direct: false } },
+      });
+    }
+    if (diskFiles.length > 0) {
       await qmp.execute('blockdev-reopen', { options: diskFiles.map((_, i) => ({ driver: 'throttle', 'node-name': `disk${i}`, 'throttle-group': SHELL_THROTTLE_GROUP, file: `disk${i}-top` })) });
       for (let i = 0; i < diskFiles.length; i++) await qmp.execute('blockdev-del', { 'node-name': placeholderNode(i) });
-    } finally {
-      qmp.close();
     }
+    await taps;
+    for (const [i, nic] of nics.entries()) {
+      const { netdev, device } = nicDevices(nic, i, true);
+      await qmp.execute('netdev_add', netdev);
+      await qmp.execute('device_add', device);
+    }
+  } finally {
+    qmp.close();
+    await settled();
   }
   return adopted;
 }

@@ -29,6 +29,8 @@ export interface ValidatedImage {
   layerDir: string | undefined;
   /** The layer directory every disk layer of the epoch lies in (`<layerDir>/<vm>`), if the epoch has disks. */
   vmLayers: string | undefined;
+  /** Whether the recorded launch puts the NICs behind root ports (the restored QEMU must do the same). */
+  nicPorts: boolean;
 }
 
 export interface ExpectedImage {
@@ -127,5 +129,5 @@ export function validateImage(meta: StoreMeta, want: ExpectedImage): ValidatedIm
       if (layerDir !== undefined && path.dirname(dir) !== layerDir) throw bad(`meta.disks.${i}`, `layer ${layer} is outside the VM's layer root ${layerDir}`);
     });
   }
-  return { spec, layerDir, vmLayers };
+  return { spec, layerDir, vmLayers, nicPorts: launchFile.launch.nicPorts === true };
 }

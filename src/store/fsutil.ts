@@ -50,8 +50,12 @@ export async function writeFilePrivate(file: string, data: string | Buffer): Pro
   }
 }
 
-export async function mkdirDurable(dir: string): Promise<void> {
-  const parent = path.dirname(dir);
+/**
+ * mkdir with the store's mode; whether it was created here (false: it
+ * existed). Not durable until its parent directory is fsynced: the caller
+ * does that.
+ */
+export async function mkdirOnce(dir: string): Promise<boolean> {
   let created = false;
   await step('mkdir', dir, async () => {
     try {
@@ -62,7 +66,7 @@ export async function mkdirDurable(dir: string): Promise<void> {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     }
   });
-  if (created) await fsyncDir(parent);
+  return created;
 }
 
 /** Write all of `buf` at `position`, crash-injectable (a due crash writes half then dies). */

@@ -201,7 +201,7 @@ test('a checkpoint replayed by recovery is recorded too', async () => {
 test('getHotRegions against a store without the feature rejects without sending anything', async () => {
   const s = await start();
   const c = await connect(s.address, 'oldstore', 1);
-  assert.deepEqual(c.welcome.features, ['hot']);
+  assert.deepEqual(c.welcome.features, ['hot', 'data-runs']);
   c.welcome.features = undefined; // what an older store's WELCOME looks like
   await assert.rejects(c.getHotRegions(), (e: unknown) => (e as { code?: string }).code === 'HYDRA_STORE_UNSUPPORTED');
   assert.equal(await c.getMeta(), null, 'the connection is still in step');

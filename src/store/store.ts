@@ -4,7 +4,7 @@ import path from 'node:path';
 import { StoreError } from '../errors.js';
 import { vmLog } from '../util/log.js';
 import { noFaults, type FaultInjector } from './faults.js';
-import { DIR_MODE, Mutex, fsyncDir, mkdirDurable, mkdirPrivate, step } from './fsutil.js';
+import { DIR_MODE, Mutex, fsyncDir, mkdirOnce, mkdirPrivate, step } from './fsutil.js';
 import { DirLock } from './dir-lock.js';
 import { MAX_U32, staleGeneration } from './fencing.js';
 
@@ -138,10 +138,15 @@ export class Store {
     }
     if (this.readOnly) throw new StoreError('HYDRA_STORE_DIR_BUSY', `store directory ${this.dir} is opened read-only; register generations through the store that serves it`);
     return s.fenceLock.run(async () => {
+      const t0 = performance.now();
       const highest = await this.highestGeneration(vm);
       if (generation < highest) throw staleGeneration(vm, generation, highest);
       await mkdirPrivate(this.vmDir(vm));
-      await mkdirDurable(this.genDir(vm, generation));
+      // The new generation's directory and the fence sit in the same directory: the fence's own
+      // directory fsync (writeFence: temp file fsync, rename, directory fsync) makes both entries
+      // durable, one journal commit fewer on the restore's path than a separate fsync per entry.
+      const created = await mkdirOnce(this.genDir(vm, generation));
+      if (generation === highest && created) await fsyncDir(this.vmDir(vm));
       if (generation > highest) {
         const older: GenerationImage[] = [];
         for (const [g, p] of s.gens) {
@@ -150,14 +155,22 @@ export class Store {
           const gi = await p.catch(() => null);
           if (gi) older.push(gi);
         }
+        // Where a slow registration spends its time (logged): older generations' locks, the fence's write, discarding their checkpoints.
+        const t = { prepared: performance.now(), locked: 0, written: 0 };
         // Marked first: an apply of an epoch committed before this fence must not mistake it for another process's.
-        const fence = () => { for (const gi of older) gi.markFenced(generation); return writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() }); };
+        const fence = async () => {
+          t.locked = performance.now();
+          for (const gi of older) gi.markFenced(generation);
+          await writeFence(path.join(this.vmDir(vm), 'fence.json'), { vm, highestGeneration: generation, updatedAt: new Date().toISOString() });
+          t.written = performance.now();
+        };
         // Take every older generation's lock (waiting for a journal END in flight, not for the apply
         // after it: that epoch is committed, and readers see it), then write the fence inside all of them.
         const underLocks = (i: number): Promise<void> => (i === older.length ? fence() : older[i]!.lock.run(() => underLocks(i + 1)));
         await underLocks(0);
         for (const gi of older) await gi.fenced(generation);
-        vmLog(vm).info({ generation, previous: highest }, 'registered new generation (older generations fenced)');
+        const ms = (a: number, b: number) => Math.round((b - a) * 10) / 10;
+        vmLog(vm).info({ generation, previous: highest, ms: ms(t0, performance.now()), prepareMs: ms(t0, t.prepared), lockWaitMs: ms(t.prepared, t.locked), fenceWriteMs: ms(t.locked, t.written), discardMs: ms(t.written, performance.now()) }, 'registered new generation (older generations fenced)');
       }
       return generation;
     });

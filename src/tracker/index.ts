@@ -1,5 +1,6 @@
 // userfaultfd on a QEMU process's guest RAM: dirty-page tracking (write-protect + PAGEMAP_SCAN) and missing-page filling (the front door of src/tracker).
 export { DirtyTracker, populatedRunsOf, unionRuns } from './dirty-tracker.js';
+export { warmFileRuns, dropFileCache, fileDataRunsOf } from './file-cache.js';
 export type { DirtyRun, DirtyTrackerOptions, CollectStats } from './dirty-tracker.js';
 export { findGuestRam, parseMaps, readMaps, sharedFileMappings, privateFileMappings, processStartTime } from './guest-ram.js';
 export type { GuestRamKind, GuestRamMapping, GuestRamSelector, MapsEntry } from './guest-ram.js';

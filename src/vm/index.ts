@@ -13,4 +13,4 @@ export type { LaunchFile } from './supervisor.js';
 export { killProcess, type ProcessIdentity } from '../native/index.js';
 export { shellKey, shellConfigOf, localShellConfig, listShells, startShell, stopShellNow, removeShell, stopAllShells, adoptShell, idleShellsFor, type ShellConfig, type ShellInfo, type AdoptResult } from './shell.js';
 export { shellPaths } from './runtime.js';
-export { placeholderNode, SHELL_THROTTLE_GROUP } from './qemu-args.js';
+export { placeholderNode, nicDevices, nicPort, SHELL_THROTTLE_GROUP } from './qemu-args.js';

@@ -116,7 +116,8 @@ export async function startVm(spec: VmSpec, opts: StartOptions = {}): Promise<Vm
 async function launchSupervisor(spec: VmSpec, accel: QemuLaunchOptions['accel'], qemuBinary: string, opts: StartOptions): Promise<VmState> {
   const paths = vmPaths(spec.name);
   {
-    const launch: QemuLaunchOptions = { accel, ...opts.launch };
+    // NICs behind root ports unless the caller says otherwise (a restore of a VM recorded with them on the root bus).
+    const launch: QemuLaunchOptions = { accel, nicPorts: true, ...opts.launch };
     const launchFile: LaunchFile = { spec, launch, qemuBinary };
     fs.writeFileSync(paths.spec, JSON.stringify(launchFile, null, 2) + '\n');
 

@@ -1,4 +1,4 @@
-import type { VmSpec } from './spec.js';
+import type { NicSpec, VmSpec } from './spec.js';
 import type { Accel } from './accel.js';
 
 /** Where the per-VM runtime files live; see src/vm/runtime.ts. */
@@ -37,6 +37,15 @@ export interface QemuLaunchOptions {
    * empty null-co node of this virtual size, swapped for the restore overlay at hand-off.
    */
   placeholderDisks?: number[];
+  /**
+   * Each NIC sits alone behind its own pcie-root-port (nicportN) instead of on
+   * the root bus, so a restore shell can plug it in at hand-off: q35's root bus
+   * takes no hot-plugged device. Every start records it; launches recorded
+   * before it existed have their NICs on the root bus and restore cold only.
+   */
+  nicPorts?: boolean;
+  /** A restore shell: this many empty NIC ports (nicPorts' layout), filled at hand-off. */
+  placeholderNics?: number;
 }
 
 /** The (limitless) throttle group of a restore shell's disk filters. */
@@ -44,6 +53,34 @@ export const SHELL_THROTTLE_GROUP = 'hvshell';
 
 /** The node a restore shell's disk N holds until hand-off (see restore/shell-handoff.ts). */
 export const placeholderNode = (i: number): string => `disk${i}-hold`;
+
+/** The root port NIC N sits behind (with `nicPorts`). */
+export const nicPort = (i: number): string => `nicport${i}`;
+
+/** The pcie-root-port behind which NIC N sits: slots after the disks, numbered like the NICs. */
+function nicPortArgs(i: number): string[] {
+  return ['-device', `pcie-root-port,id=${nicPort(i)},chassis=${i + 1},slot=${i + 1}`];
+}
+
+/**
+ * NIC N's backend and device, as QMP arguments (netdev_add, device_add): the
+ * command line is written from the same values, so a NIC plugged into a
+ * restore shell is the device a cold start would have made. Userspace
+ * virtio-net (vhost off): QEMU itself writes received packets into guest RAM,
+ * so the dirty tracker sees every write and the ring state is in QEMU's device
+ * state. No option ROM: the guest boots with -kernel.
+ */
+export function nicDevices(nic: NicSpec, i: number, ports: boolean): { netdev: { type: 'tap' } & Record<string, string | boolean>; device: { driver: string } & Record<string, string> } {
+  return {
+    netdev: { type: 'tap', id: `net${i}`, ifname: nic.tap, script: 'no', downscript: 'no', vhost: false },
+    device: { driver: nic.model, netdev: `net${i}`, mac: nic.mac, id: `vnet${i}`, romfile: '', ...(ports ? { bus: nicPort(i), addr: '0' } : {}) },
+  };
+}
+
+/** key=value options of a -netdev/-device argument (booleans as on/off). */
+function optionList(props: Record<string, string | boolean>): string[] {
+  return Object.entries(props).map(([k, v]) => `${k}=${typeof v === 'boolean' ? (v ? 'on' : 'off') : v}`);
+}
 
 export const RAM_BACKEND_ID = 'ram0';
 /** The serial console's chardev (a restore shell re-points it at the adopting VM's log). */
@@ -100,15 +137,16 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuRuntimePaths, opts: QemuL
       '-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}`,
     );
   });
-  // Userspace virtio-net (vhost=off): QEMU itself writes received packets into
-  // guest RAM, so the dirty tracker sees every write and the ring state is in
-  // QEMU's device state. No option ROM: the guest boots with -kernel.
+  // Behind root ports (nicPorts), a shell's empty ports take the same slots as a
+  // cold start's, so the device plugged in at hand-off has the source's address.
   (spec.nics ?? []).forEach((nic, i) => {
-    args.push(
-      '-netdev', `tap,id=net${i},ifname=${nic.tap},script=no,downscript=no,vhost=off`,
-      '-device', `${nic.model},netdev=net${i},mac=${nic.mac},id=vnet${i},romfile=`,
-    );
+    if (opts.nicPorts) args.push(...nicPortArgs(i));
+    const { netdev, device } = nicDevices(nic, i, opts.nicPorts === true);
+    const { type, ...netdevProps } = netdev;
+    const { driver, ...deviceProps } = device;
+    args.push('-netdev', [type, ...optionList(netdevProps)].join(','), '-device', [driver, ...optionList(deviceProps)].join(','));
   });
+  for (let i = 0; i < (opts.placeholderNics ?? 0); i++) args.push(...nicPortArgs(i));
   if (opts.incomingDefer) {
     args.push('-incoming', 'defer', '-global', 'migration.send-configuration=off');
   }

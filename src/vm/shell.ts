@@ -15,6 +15,7 @@ import type { QemuLaunchOptions } from './qemu-args.js';
 import { isLive, qemuIdentity, readState, readStateAt, removeStaleSockets, shellPaths, supervisorIdentity, vmPaths, type VmState } from './runtime.js';
 import type { LaunchFile } from './supervisor.js';
 import type { VmSpec } from './spec.js';
+import type { NicModel } from '../net/index.js';
 
 /**
  * What a shell must agree on with the VM restored into it: everything QEMU
@@ -22,8 +23,9 @@ import type { VmSpec } from './spec.js';
  * registered for missing-page faults at hand-off (file and network mode
  * alike), so it costs nothing until the guest runs; disks are raw filters over
  * placeholders of the right size, pointed at the restore overlays at hand-off.
- * NICs are not deferrable: their tap is named per VM and opened at QEMU's
- * start, so a VM with NICs always starts cold.
+ * NICs are plugged in at hand-off (the tap is the VM's, named and bridged per
+ * VM, and so is the MAC), each into an empty root port the shell holds where
+ * a cold start puts it: only their models and count are fixed in advance.
  */
 export interface ShellConfig {
   memoryBytes: number;
@@ -33,20 +35,29 @@ export interface ShellConfig {
   initrd?: string;
   /** Virtual size of each disk, in order. */
   diskSizes: number[];
+  /** The model of each NIC, in order (absent: none). */
+  nics?: NicModel[];
 }
 
 /** The key of a configuration: shells and VMs match when their keys are equal. */
 export function shellKey(c: ShellConfig): string {
   const fw = crypto.createHash('sha256').update(`${c.kernel}\0${c.initrd ?? ''}`).digest('hex').slice(0, 8);
   const disks = c.diskSizes.length > 0 ? c.diskSizes.map((s) => `${Math.round(s / 1048576)}M`).join('+') : 'none';
-  return `m${Math.round(c.memoryBytes / 1048576)}M-c${c.vcpus}-${c.accel}-d${disks}-fw${fw}`;
+  const nics = (c.nics ?? []).length > 0 ? `-n${c.nics!.join('+')}` : '';
+  return `m${Math.round(c.memoryBytes / 1048576)}M-c${c.vcpus}-${c.accel}-d${disks}${nics}-fw${fw}`;
 }
 
-/** The shell configuration a VM needs, or why no shell can take it. */
-export function shellConfigOf(spec: VmSpec, accel: Accel, diskSizes: number[]): { config: ShellConfig } | { reason: string } {
-  if ((spec.nics ?? []).length > 0) return { reason: `VM "${spec.name}" has NICs, whose taps a shell cannot open in advance` };
+/**
+ * The shell configuration a VM needs, or why no shell can take it.
+ * `nicPorts`: the VM's recorded launch puts its NICs behind root ports
+ * (launches recorded before that put them on the root bus, where nothing can
+ * be plugged in later).
+ */
+export function shellConfigOf(spec: VmSpec, accel: Accel, diskSizes: number[], nicPorts = true): { config: ShellConfig } | { reason: string } {
+  const nics = (spec.nics ?? []).map((n) => n.model);
+  if (nics.length > 0 && !nicPorts) return { reason: `VM "${spec.name}" was started with its NICs on the root PCIe bus, where a restore shell cannot plug them in` };
   if (diskSizes.length !== spec.disks.length) return { reason: `VM "${spec.name}": disk sizes unknown` };
-  return { config: { memoryBytes: spec.memoryBytes, vcpus: spec.vcpus, accel, kernel: spec.kernel, ...(spec.initrd ? { initrd: spec.initrd } : {}), diskSizes } };
+  return { config: { memoryBytes: spec.memoryBytes, vcpus: spec.vcpus, accel, kernel: spec.kernel, ...(spec.initrd ? { initrd: spec.initrd } : {}), diskSizes, ...(nics.length > 0 ? { nics } : {}) } };
 }
 
 export interface ShellInfo {
@@ -117,7 +128,7 @@ export async function startShell(config: ShellConfig, opts: { ownerPid?: number;
     name: `shell-${id}`, memoryBytes: config.memoryBytes, vcpus: config.vcpus, accel: config.accel, kernel: config.kernel,
     ...(config.initrd ? { initrd: config.initrd } : {}), cmdline: 'console=ttyS0', disks: [], nics: [],
   } as VmSpec;
-  const launch: QemuLaunchOptions = { accel: config.accel, ram: { kind: 'memfd' }, incomingDefer: true, placeholderDisks: config.diskSizes };
+  const launch: QemuLaunchOptions = { accel: config.accel, ram: { kind: 'memfd' }, incomingDefer: true, placeholderDisks: config.diskSizes, placeholderNics: (config.nics ?? []).length };
   const launchFile: LaunchFile & { shellConfig: ShellConfig; shellOwner?: string } = { spec, launch, qemuBinary, shell: { key, ownerPid: opts.ownerPid ?? process.pid }, shellConfig: config, ...(opts.owner ? { shellOwner: opts.owner } : {}) };
   fs.writeFileSync(paths.spec, JSON.stringify(launchFile, null, 2) + '\n');
   const logFd = fs.openSync(paths.supervisorLog, 'a');
@@ -253,7 +264,7 @@ export function idleShellsFor(key: string): ShellInfo[] {
 /**
  * The shell configuration of a VM running on this host, from its recorded
  * spec (disk sizes read with qemu-img), or undefined when no shell can take
- * it (NICs) or its files cannot be read.
+ * it (NICs on the root bus) or its files cannot be read.
  */
 export function localShellConfig(vm: string): ShellConfig | undefined {
   let launch: LaunchFile;
@@ -273,6 +284,6 @@ export function localShellConfig(vm: string): ShellConfig | undefined {
       return undefined;
     }
   }
-  const c = shellConfigOf(launch.spec, launch.launch.accel, sizes);
+  const c = shellConfigOf(launch.spec, launch.launch.accel, sizes, launch.launch.nicPorts === true);
   return 'config' in c ? c.config : undefined;
 }

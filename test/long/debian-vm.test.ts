@@ -9,6 +9,7 @@ import { cliEntry, imagesDir } from '../../src/config/paths.js';
 import { readWatchLog, summarizeWatch, lossReport, lastAcked, type WatchRecord } from '../../src/bench/redis-watcher.js';
 import { readCheckpointHistory } from '../../src/checkpoint/protection.js';
 import { QmpClient } from '../../src/qmp/index.js';
+import { localShellConfig, startShell, stopAllShells } from '../../src/vm/index.js';
 
 /**
  * A real Debian VM (systemd, redis-server from Debian) on a qcow2 root disk
@@ -47,6 +48,7 @@ before(async () => {
 
 after(async () => {
   if (watcher && watcher.exitCode === null) watcher.kill('SIGKILL');
+  await stopAllShells();
   await store?.stop();
   lab.cleanup();
   // A persistent tap outlives a QEMU killed by the cleanup: remove it with the bridge.
@@ -84,9 +86,13 @@ test('the Debian VM boots from its qcow2 root on the shared base and serves redi
   assert.match(fs.readFileSync(vmFile('serial.log'), 'utf8'), /Welcome to .*Debian GNU\/Linux/);
 });
 
-/** Kill QEMU shortly after a commit, restore, and check what the client sees. */
-async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promise<void> {
+/** Kill QEMU shortly after a commit, restore (into a restore shell waiting for the VM's configuration, if `warm`), and check what the client sees. */
+async function failOver(mode: 'network' | 'file', restoreArgs: string[], warm = false): Promise<void> {
   await until('three committed checkpoints', () => (protection()?.committedEpoch ?? 0) >= 3, 5 * 60_000);
+  // The shell's key comes from the running VM's recorded configuration (root disk size, the NIC's model), as an agent's pool does it.
+  const shellConfig = warm ? localShellConfig(VM) : undefined;
+  if (warm) assert.ok(shellConfig?.nics?.length === 1, 'a shell configuration with the NIC');
+  const shell = shellConfig ? await startShell(shellConfig) : undefined;
   const e = protection()!.committedEpoch;
   await until('the next commit', () => protection()!.committedEpoch > e, 60_000);
   await sleep(Math.floor(Math.random() * 800));
@@ -100,6 +106,8 @@ async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promis
   const r = await lab.cliAsync(['restore', VM, '--store', store.address, '--mode', mode, ...restoreArgs]);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, new RegExp(`VM ${VM} restored from generation (\\d+) epoch (\\d+) \\(${mode} mode\\)`));
+  if (shell) assert.match(r.stdout, new RegExp(`VM ${VM} restored into restore shell ${shell.id} `), 'the NIC was plugged into the waiting shell');
+  else assert.match(r.stdout, new RegExp(`VM ${VM} started cold`));
   assert.match(r.stdout, new RegExp(`VM ${VM} announced itself on its network \\(QMP announce-self\\)`));
   const [, gen, ep] = /generation (\d+) epoch (\d+)/.exec(r.stdout)!;
   // Our announce-self (empty id) is in QEMU's trace; QEMU's own post-load announce uses id "_".
@@ -135,13 +143,13 @@ async function failOver(mode: 'network' | 'file', restoreArgs: string[]): Promis
     + `acknowledged at the checkpoint's pause ${ackedAtCheckpoint}`);
 }
 
-test('protected, QEMU SIGKILLed, restored in network mode onto a fresh tap: announced, the client reconnects, redis keeps every write of the checkpoint', async () => {
+test('protected, QEMU SIGKILLed, restored in network mode into a restore shell onto a fresh tap: announced, the client reconnects, redis keeps every write of the checkpoint', async () => {
   const p = await lab.cliAsync(['protect', VM, '--store', store.address, '--interval', '1s']);
   assert.equal(p.code, 0, p.stderr);
-  await failOver('network', ['--protect', '--interval', '1s']);
+  await failOver('network', ['--protect', '--interval', '1s'], true);
 });
 
-test('killed again, restored in file mode: the same checks', async () => {
+test('killed again, restored in file mode, cold: the same checks', async () => {
   await until('protected again after the network restore', () => protection()?.state === 'protected' && pidAlive(protection()!.pid), 60_000);
   await failOver('file', ['--store-dir', storeDir]);
 });
