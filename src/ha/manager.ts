@@ -421,6 +421,9 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
       return;
     }
     this.reconciling = true;
+    // Every etcd call has a deadline, so a pass should never hang; if one does, say so (fail-overs wait on it).
+    const stuck = setTimeout(() => this.log.error('a reconcile pass has not finished for 20 s: fail-overs are waiting on it'), 20_000);
+    stuck.unref();
     try {
       do {
         this.again = false;
@@ -429,6 +432,7 @@ export class FailoverManager extends EventEmitter<ManagerEvents> {
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, 'reconcile failed');
     } finally {
+      clearTimeout(stuck);
       this.reconciling = false;
     }
   }
