@@ -117,7 +117,7 @@ export function registerHaCommands(program: Command): void {
     .option('--hosts <n|names>', 'number of hosts, or comma-separated names', '2')
     .option('--host-memory <size>', 'memory each host offers to VMs, e.g. 2G')
     .option('--etcd-port <port>', 'etcd client port (default: a free one)')
-    .option('--lease-ttl <seconds>', 'host lease TTL (default 1; 3 with --netns)')
+    .option('--lease-ttl <seconds>', 'host lease TTL (default 1; 5 with --netns)')
     .option('--secret-file <file>', 'cluster secret (default DIR/cluster.secret, created)')
     .option('--netns', 'each host in its own network namespace on one bridge, with its own etcd member (a 3-member etcd for 3 hosts) and its own checkpoint store (needs root)')
     .option('--no-stores', 'start no checkpoint stores (default: one per host on DIR/shared/store, the first active, the others standbys)')
