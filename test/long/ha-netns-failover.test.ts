@@ -1,15 +1,16 @@
 // Fail-over on namespaced hosts: a 3-member etcd, QEMU killed, then a whole host killed; `cluster down` leaves nothing.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, until, pidAlive } from '../support/lab.js';
+import { until, pidAlive } from '../support/lab.js';
 import { cliEntry } from '../../src/config/paths.js';
 import { startNetnsCluster, protectInCluster, waitForFailover, waitForVm, forgetVm, processInNetns, inNetns, type EmbeddedCluster } from '../../src/ha/index.js';
 import { readState } from '../../src/vm/runtime.js';
 import { readProtection } from '../../src/checkpoint/protection.js';
 import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/serial.js';
+import { netnsRig } from '../support/netns-rig.js';
 
 /**
  * `cluster up --netns`: three hosts, each a network namespace with its own
@@ -22,31 +23,12 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * process.
  */
 // Overridable, so runs beside other namespaced clusters on this machine take their own names and addresses.
-const PREFIX = process.env.HYDRAVM_TEST_NETNS_PREFIX ?? 'hv9f-';
-const SUBNET = process.env.HYDRAVM_TEST_NETNS_SUBNET ?? '198.18.101.0/24';
-const lab = makeLab('nsfo');
-let cluster: EmbeddedCluster;
 const vm = 'nsvm';
-
-before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: SUBNET, env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
-});
-after(async () => {
-  await cluster?.stop();
-  lab.cleanup();
-});
-
-const hostOf = (host: string) => cluster.hosts.find((h) => h.host === host)!;
-const serialOn = (host: string) => path.join(hostOf(host).home, 'vms', vm, 'serial.log');
-function withHome<T>(host: string, fn: () => T): T {
-  const saved = process.env.HYDRAVM_HOME;
-  process.env.HYDRAVM_HOME = hostOf(host).home;
-  try {
-    return fn();
-  } finally {
-    process.env.HYDRAVM_HOME = saved;
-  }
-}
+const rig = netnsRig('nsfo', { prefix: 'hv9f-', subnet: '198.18.101.0/24' });
+const { lab, hostOf, withHome } = rig;
+const PREFIX = rig.prefix;
+const SUBNET = rig.subnet;
+const serialOn = (host: string) => rig.serialOn(host, vm);
 const ourNetns = () => spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.startsWith(PREFIX));
 const ourLinks = () => spawnSync('ip', ['-o', 'link', 'show'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => new RegExp(`^\\d+:\\s+${PREFIX}`).test(l));
 
@@ -60,6 +42,7 @@ async function checkResumed(host: string, offset: number): Promise<void> {
 const serialSize = (host: string) => (fs.existsSync(serialOn(host)) ? fs.statSync(serialOn(host)).size : 0);
 
 test('namespaced 3-host cluster: 3-member etcd, QEMU death and host death fail over, cluster down leaves nothing', { timeout: 540_000 }, async (t) => {
+  const cluster = rig.cluster();
   // Three started members, one per namespace address; every daemon in its own namespace.
   const members = await cluster.cluster.etcd.cluster.memberList({ linearizable: true });
   assert.equal(members.members.length, 3, JSON.stringify(members.members));

@@ -1,15 +1,16 @@
 // A host partitioned on a namespaced cluster: it self-fences, the majority restores its VM, its minority etcd member accepts nothing.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, until, pidAlive } from '../support/lab.js';
+import { until, pidAlive } from '../support/lab.js';
 import { cliEntry } from '../../src/config/paths.js';
 import { startNetnsCluster, protectInCluster, waitForFailover, forgetVm, processInNetns, inNetns, setHostLink, type EmbeddedCluster } from '../../src/ha/index.js';
 import { readState } from '../../src/vm/runtime.js';
 import { readProtection } from '../../src/checkpoint/protection.js';
 import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/serial.js';
+import { netnsRig } from '../support/netns-rig.js';
 
 /**
  * host2 runs a protected memcheck VM; its veth goes down. host2's agent can
@@ -22,36 +23,15 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * a QEMU death is still failed over by the two members left.
  */
 // Overridable, so runs beside other namespaced clusters on this machine take their own names and addresses.
-const PREFIX = process.env.HYDRAVM_TEST_NETNS_PREFIX ?? 'hv9p-';
-const SUBNET = process.env.HYDRAVM_TEST_NETNS_SUBNET ?? '198.18.102.0/24';
-const lab = makeLab('nspt');
-let cluster: EmbeddedCluster;
 const vm = 'nspvm';
-
-before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: SUBNET, env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
-});
-after(async () => {
-  if (cluster?.netns) for (const h of cluster.netns.hosts) try { setHostLink(cluster.netns, h.host, true); } catch { /* the cluster may be gone already */ }
-  await cluster?.stop();
-  // HA_TEST_KEEP=DIR keeps the cluster's logs for a post-mortem.
-  if (process.env.HA_TEST_KEEP && cluster) fs.cpSync(path.join(cluster.dir, 'logs'), process.env.HA_TEST_KEEP, { recursive: true });
-  lab.cleanup();
-});
-
-const hostOf = (host: string) => cluster.hosts.find((h) => h.host === host)!;
-const serialOn = (host: string) => path.join(hostOf(host).home, 'vms', vm, 'serial.log');
-function withHome<T>(host: string, fn: () => T): T {
-  const saved = process.env.HYDRAVM_HOME;
-  process.env.HYDRAVM_HOME = hostOf(host).home;
-  try {
-    return fn();
-  } finally {
-    process.env.HYDRAVM_HOME = saved;
-  }
-}
+const rig = netnsRig('nspt', { prefix: 'hv9p-', subnet: '198.18.102.0/24' });
+const { lab, hostOf, withHome } = rig;
+const PREFIX = rig.prefix;
+const SUBNET = rig.subnet;
+const serialOn = (host: string) => rig.serialOn(host, vm);
 
 test('partitioned host: self-fence before the restore on the majority, minority member writes nothing, heal brings the host back without the VM; then one etcd member dies and fail-over still works', { timeout: 480_000 }, async (t) => {
+  const cluster = rig.cluster();
   const ns = hostOf('host2').netns!;
   const spec = lab.writeSpec(vm, {});
   const r = spawnSync(inNetns(ns)[0]!, [...inNetns(ns).slice(1), process.execPath, cliEntry, 'vm', 'start', spec], { env: { ...lab.env, HYDRAVM_HOME: hostOf('host2').home }, encoding: 'utf8', timeout: 120_000 });

@@ -1,15 +1,16 @@
 // The store host dies on namespaced hosts: a standby store in another namespace takes the shared directory over, protection resumes, a fail-over restores from it.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeLab, until, pidAlive, assertFullVerify } from '../support/lab.js';
+import { until, pidAlive, assertFullVerify } from '../support/lab.js';
 import { cliEntry } from '../../src/config/paths.js';
 import { startNetnsCluster, protectInCluster, waitForFailover, forgetVm, processInNetns, inNetns, clusterStatus, type EmbeddedCluster } from '../../src/ha/index.js';
 import { readState } from '../../src/vm/runtime.js';
 import { readProtection } from '../../src/checkpoint/protection.js';
 import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/serial.js';
+import { netnsRig } from '../support/netns-rig.js';
 
 /**
  * `cluster up --netns` runs a checkpoint store in every host's namespace on
@@ -22,34 +23,16 @@ import { waitForMemcheckStep, countViolations, readSerial } from '../../src/vm/s
  * verifies every page.
  */
 // Overridable, so runs beside other namespaced clusters on this machine take their own names and addresses.
-const PREFIX = process.env.HYDRAVM_TEST_NETNS_PREFIX ?? 'h9s-';
-const SUBNET = process.env.HYDRAVM_TEST_NETNS_SUBNET ?? '198.18.97.0/24';
-const lab = makeLab('nssf');
-let cluster: EmbeddedCluster;
 const vm = 'nssf';
+const rig = netnsRig('nssf', { prefix: 'h9s-', subnet: '198.18.97.0/24' });
+const { lab, hostOf, withHome } = rig;
+const PREFIX = rig.prefix;
+const SUBNET = rig.subnet;
+const serialOn = (host: string) => rig.serialOn(host, vm);
 const RESUME_BOUND_MS = 30_000;
 
-before(async () => {
-  cluster = await startNetnsCluster({ dir: path.join(lab.home, 'cluster'), hosts: 3, prefix: PREFIX, subnet: SUBNET, env: { HYDRAVM_SECRET: lab.env.HYDRAVM_SECRET } });
-});
-after(async () => {
-  await cluster?.stop();
-  lab.cleanup();
-});
-
-const hostOf = (host: string) => cluster.hosts.find((h) => h.host === host)!;
-const serialOn = (host: string) => path.join(hostOf(host).home, 'vms', vm, 'serial.log');
-function withHome<T>(host: string, fn: () => T): T {
-  const saved = process.env.HYDRAVM_HOME;
-  process.env.HYDRAVM_HOME = hostOf(host).home;
-  try {
-    return fn();
-  } finally {
-    process.env.HYDRAVM_HOME = saved;
-  }
-}
-
 test('namespaced cluster: the store host dies, a standby store in another namespace takes over, protection resumes, a fail-over restore from it passes memcheck', { timeout: 600_000 }, async (t) => {
+  const cluster = rig.cluster();
   const stores = cluster.stores!;
   assert.equal(stores.length, 3, 'a store per host');
   for (const s of stores) assert.ok(processInNetns(s.pid, s.netns!), `${s.name} runs in ${s.netns}`);
