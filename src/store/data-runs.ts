@@ -1,41 +1,30 @@
 // Which parts of an image file hold data: the holes read as zeros, so a restore fills those pages itself instead of streaming them.
 import fs from 'node:fs';
-import { loadNative } from '../native/index.js';
+import { fileDataRunsOf } from '../tracker/index.js';
 import { MAX_DATA_RUN_BYTES, type PageRun } from '../protocol/index.js';
 
 /**
  * The data runs of `file` within [0, size) (SEEK_DATA / SEEK_HOLE), widened
  * to whole pages, each at most MAX_DATA_RUN_BYTES. Without the native addon
- * (no lseek with SEEK_DATA from Node) the whole range counts as data: always
+ * (no lseek with SEEK_DATA from Node), or when the runs cannot be read, the whole range counts as data: always
  * correct, only slower to restore.
  */
 export function fileDataRuns(file: string, size: number, pageSize: number): PageRun[] {
-  let native: ReturnType<typeof loadNative>;
+  const fd = fs.openSync(file, 'r');
+  let data: PageRun[];
   try {
-    native = loadNative();
+    data = fileDataRunsOf(fd, size);
   } catch {
     return split([{ offset: 0, length: size }]);
-  }
-  const fd = fs.openSync(file, 'r');
-  try {
-    const out: PageRun[] = [];
-    let pos = 0;
-    while (pos < size) {
-      const data = native.lseek(fd, pos, 'data');
-      if (data < 0 || data >= size) break;
-      let hole = native.lseek(fd, data, 'hole');
-      if (hole < 0 || hole > size) hole = size;
-      const start = Math.floor(data / pageSize) * pageSize;
-      const end = Math.min(size, Math.ceil(hole / pageSize) * pageSize);
-      const last = out.at(-1);
-      if (last && last.offset + last.length >= start) last.length = Math.max(last.length, end - last.offset);
-      else out.push({ offset: start, length: end - start });
-      pos = end;
-    }
-    return split(out);
   } finally {
     fs.closeSync(fd);
   }
+  // File-system blocks may be smaller than a page: widen to whole pages (a union merges what then touches).
+  const widened = data.map((r) => {
+    const start = Math.floor(r.offset / pageSize) * pageSize;
+    return { offset: start, length: Math.min(size, Math.ceil((r.offset + r.length) / pageSize) * pageSize) - start };
+  });
+  return unionDataRuns(widened, []);
 }
 
 /** Ascending union of two ascending run lists, split into runs of at most MAX_DATA_RUN_BYTES. */

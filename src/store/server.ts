@@ -296,6 +296,15 @@ class Connection {
     }).finally(() => this.markClosed());
   }
 
+  /** A list as one reply of several frames, `perFrame` items each, MORE on all but the last (an empty list is one empty frame). */
+  private async sendInFrames<T>(type: FrameType, items: readonly T[], perFrame: number, encode: (part: readonly T[]) => Buffer): Promise<void> {
+    for (let i = 0; ; i += perFrame) {
+      const end = Math.min(items.length, i + perFrame);
+      await this.send(type, encode(items.slice(i, end)), end < items.length ? FrameFlag.MORE : 0);
+      if (end >= items.length) return;
+    }
+  }
+
   /** Send a frame (tagged once the peer authenticated); resolves when the socket accepted it without exceeding its buffer (drain). */
   private send(type: FrameType, payload: Buffer, flags = 0, crc?: number): Promise<void> {
     return this.sendParts(type, [payload], flags, crc);
@@ -557,11 +566,7 @@ class Connection {
         } catch (err) {
           return this.replyError(err);
         }
-        for (let i = 0; ; i += MAX_HOT_PER_FRAME) {
-          const end = Math.min(regions.length, i + MAX_HOT_PER_FRAME);
-          await this.send(FrameType.HOT, encodeHot(regions.slice(i, end)), end < regions.length ? FrameFlag.MORE : 0);
-          if (end >= regions.length) return;
-        }
+        return this.sendInFrames(FrameType.HOT, regions, MAX_HOT_PER_FRAME, encodeHot);
       }
       case FrameType.GET_DATA_RUNS: {
         decodeJson(f.type, f.payload, getDataRunsSchema);
@@ -573,11 +578,7 @@ class Connection {
         } catch (err) {
           return this.replyError(err);
         }
-        for (let i = 0; ; i += MAX_DATA_RUNS_PER_FRAME) {
-          const end = Math.min(runs.length, i + MAX_DATA_RUNS_PER_FRAME);
-          await this.send(FrameType.DATA_RUNS, encodeRunTable(runs.slice(i, end)), end < runs.length ? FrameFlag.MORE : 0);
-          if (end >= runs.length) return;
-        }
+        return this.sendInFrames(FrameType.DATA_RUNS, runs, MAX_DATA_RUNS_PER_FRAME, encodeRunTable);
       }
       case FrameType.READ_PAGES: {
         const { runs } = decodePages(f.payload, false);
