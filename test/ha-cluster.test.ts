@@ -6,8 +6,7 @@ import { spawn } from 'node:child_process';
 import { Cluster, keys } from '../src/ha/cluster.js';
 import { FailoverManager, assignRestore } from '../src/ha/manager.js';
 import { daemonCommand } from '../src/ha/embedded.js';
-import { findEtcd } from '../src/ha/etcd-process.js';
-import { GiB, alive, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, partitionableProxy, quiet, registerVm, until } from './support/ha.js';
+import { GiB, alive, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, partitionableProxy, quiet, registerVm, until, skipWithoutEtcd } from './support/ha.js';
 import { sleep } from '../src/util/sleep.js';
 import type { RestoreFn } from '../src/ha/restore-adapter.js';
 import { followedStore, protectInCluster } from '../src/ha/client.js';
@@ -17,13 +16,7 @@ import { followedStore, protectInCluster } from '../src/ha/client.js';
  * fake here (sleep processes + state.json as the supervisor writes it); the
  * real-QEMU path is in ha-real-vm.test.ts.
  */
-let haveEtcd = true;
-try {
-  findEtcd();
-} catch {
-  haveEtcd = false;
-}
-const skip = haveEtcd ? false : 'etcd not installed (apt-get install etcd-server etcd-client, or `hydravm setup`)';
+const skip = skipWithoutEtcd();
 
 function manager(lab: Awaited<ReturnType<typeof etcdLab>>, id: string, url = lab.etcd.url): FailoverManager {
   const m = new FailoverManager({ etcd: url, id, leaderTtlSec: 1, logger: quiet });

@@ -3,19 +3,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { FailoverManager } from '../src/ha/manager.js';
 import { protectInCluster } from '../src/ha/client.js';
-import { findEtcd } from '../src/ha/etcd-process.js';
 import type { ProtectRequest } from '../src/ha/restore-adapter.js';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GiB, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, quiet, until } from './support/ha.js';
+import { GiB, crashFakeVm, etcdLab, fakeRestore, fakeVm, inProcessAgent, quiet, until, skipWithoutEtcd } from './support/ha.js';
 
-let haveEtcd = true;
-try {
-  findEtcd();
-} catch {
-  haveEtcd = false;
-}
-const skip = haveEtcd ? false : 'etcd not installed';
+const skip = skipWithoutEtcd();
 
 test('cluster protect with copy-on-write: the agent protects with the grain asked, and the restored incarnation too', { skip }, async () => {
   const lab = await etcdLab('cow');

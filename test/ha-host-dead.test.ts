@@ -8,12 +8,11 @@ import type { IKeyValue } from 'etcd3';
 import { keys, type Heartbeat, type HostDead } from '../src/ha/cluster.js';
 import { FailoverManager } from '../src/ha/manager.js';
 import { daemonCommand } from '../src/ha/embedded.js';
-import { findEtcd } from '../src/ha/etcd-process.js';
 import { waitForFailover } from '../src/ha/client.js';
 import { procStartTime } from '../src/util/pid.js';
 import { monoNow, readWatchdogFeed, type WatchdogFeed } from '../src/vm/watchdog.js';
 import { writeHaLocal } from '../src/ha/local-vm.js';
-import { alive, etcdLab, fakeRestore, inProcessAgent, quiet, registerVm, until, writeJson, type EtcdLab } from './support/ha.js';
+import { alive, etcdLab, fakeRestore, inProcessAgent, quiet, registerVm, until, writeJson, type EtcdLab, skipWithoutEtcd } from './support/ha.js';
 import { sleep } from '../src/util/sleep.js';
 
 /**
@@ -25,13 +24,7 @@ import { sleep } from '../src/util/sleep.js';
  * each guarded by a small supervisor process running the real watchdog guard
  * (src/vm/watchdog.ts). The real-QEMU path is in ha-fencing.test.ts.
  */
-let haveEtcd = true;
-try {
-  findEtcd();
-} catch {
-  haveEtcd = false;
-}
-const skip = haveEtcd ? false : 'etcd not installed (apt-get install etcd-server etcd-client, or `hydravm setup`)';
+const skip = skipWithoutEtcd();
 
 const TTL_MS = 1000;
 const MARGIN_MS = 500;

@@ -4,10 +4,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { StoreClient } from '../src/protocol/index.js';
 import { spawnStore, type StoreProcess } from '../src/store/index.js';
-import { findEtcd } from '../src/ha/etcd-process.js';
 import { keys } from '../src/ha/cluster.js';
 import { listStores, resolveStore } from '../src/ha/store-discovery.js';
-import { etcdLab, partitionableProxy, until } from './support/ha.js';
+import { etcdLab, partitionableProxy, until, skipWithoutEtcd } from './support/ha.js';
 import { commitFullCheckpoint, prng } from './support/store-data.js';
 
 /**
@@ -18,13 +17,7 @@ import { commitFullCheckpoint, prng } from './support/store-data.js';
  * from etcd fences itself (stops committing) before its lease can expire, and
  * only then can the standby take over.
  */
-let haveEtcd = true;
-try {
-  findEtcd();
-} catch {
-  haveEtcd = false;
-}
-const skip = haveEtcd ? false : 'etcd not installed';
+const skip = skipWithoutEtcd();
 const SECRET = 'store-failover-secret-0123456789';
 const TTL = 2;
 const RAM = 1 << 20;

@@ -4,13 +4,23 @@ import net from 'node:net';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { pino } from 'pino';
-import { startEtcd, type EtcdProcess } from '../../src/ha/etcd-process.js';
+import { findEtcd, startEtcd, type EtcdProcess } from '../../src/ha/etcd-process.js';
 import { Cluster, keys, type VmRecord } from '../../src/ha/cluster.js';
 import { HostAgent, type AgentOptions } from '../../src/ha/agent.js';
 import { writeHaLocal } from '../../src/ha/local-vm.js';
 import { procStartTime } from '../../src/util/pid.js';
 import type { RestoreFn } from '../../src/ha/restore-adapter.js';
 import { tmpDir } from './tmp.js';
+
+/** The `skip` option of tests that need a real etcd: false when it is installed, else why they are skipped. */
+export function skipWithoutEtcd(): false | string {
+  try {
+    findEtcd();
+    return false;
+  } catch {
+    return 'etcd not installed (apt-get install etcd-server etcd-client, or `hydravm setup`)';
+  }
+}
 
 export { tmpDir } from './tmp.js';
 export { until } from './until.js';

@@ -6,7 +6,7 @@ import { cliEntry } from '../../src/config/paths.js';
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnStore, type StoreProcess } from '../../src/store/index.js';
-import { countViolations, readSerial, requestFullVerify, type FullVerify } from '../../src/vm/index.js';
+import { countViolations, readSerial, requestFullVerify, waitForMemcheckStep, type FullVerify } from '../../src/vm/index.js';
 
 /**
  * Each test file gets its own HYDRAVM_HOME so runs never see
@@ -144,4 +144,16 @@ export async function assertFullVerify(serialLog: string, fromOffset = 0): Promi
   assert.ok(pages > 0 && full.pages === pages, `every page verified (${full.pages} of ${pages})`);
   assert.equal(countViolations(serialLog, fromOffset), 0, readSerial(serialLog).slice(fromOffset).split('\n').filter((l) => /VIOLATION/.test(l)).slice(0, 5).join('\n'));
   return full;
+}
+
+/**
+ * After a restore: the guest's memcheck runs on from where it was (written
+ * after `killedAt` in its serial log, without rebooting) and a full
+ * verification of every page finds no violation.
+ */
+export async function assertGuestContinues(serialLog: string, killedAt: number): Promise<void> {
+  const resumed = await waitForMemcheckStep(serialLog, 1, 30_000, killedAt);
+  await waitForMemcheckStep(serialLog, resumed.step + 3, 60_000, killedAt);
+  await assertFullVerify(serialLog, killedAt);
+  assert.doesNotMatch(readSerial(serialLog).slice(killedAt), /memcheck: start/, 'the guest did not reboot');
 }
